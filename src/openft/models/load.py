@@ -1,0 +1,139 @@
+"""Load a base model and its tokenizer, converting GGUF once to a safetensors cache.
+
+transformers de-quantises a GGUF file into a normal `LlamaForCausalLM` (~30 s for
+the built-in); we then save it as safetensors under OPENFT_HOME/models/<name>, so
+every later load takes about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from openft.models.registry import BUILTINS, DEFAULT_MODEL, ModelNotFound, ModelSource, builtin_gguf_path, resolve
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: ModelSource
+    path: Path  # the safetensors directory the weights came from
+
+
+def setup_torch() -> None:
+    # Denormals slow CPU training and decoding 2-5x on this class of machine.
+    torch.set_flush_denormal(True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_builtin_tokenizer():
+    """The built-in model's tokenizer (and chat template), cached after the first read."""
+    from transformers import AutoTokenizer
+
+    src = resolve(DEFAULT_MODEL)
+    cached = src.cache_dir
+    if (cached / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(cached)
+    b = BUILTINS[DEFAULT_MODEL]
+    path = builtin_gguf_path(b)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    _normalise_tokenizer(tok)
+    return tok
+
+
+def _normalise_tokenizer(tok) -> None:
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+
+
+def materialise(source: ModelSource) -> Path:
+    """Return a local safetensors directory for `source`, converting if needed."""
+    if source.kind == "hf_dir":
+        return source.path
+    if source.kind == "hub":
+        return _from_hub(source)
+    target = source.cache_dir
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    _convert_gguf(source.path, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Converting {gguf.name} to safetensors (once; cached in {target}) ...", flush=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _normalise_tokenizer(tok)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its
+    # config without quantization_config and copy the de-quantised weights in.
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+    config.architectures = [type(loaded).__name__]
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temp dir and rename: a crash mid-conversion never leaves a cache
+    # that looks complete.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"{gguf}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _from_hub(source: ModelSource) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(source.hub_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"])
+    except Exception as e:  # noqa: BLE001 - any hub failure means the same to the user
+        raise ModelNotFound(
+            f"'{source.hub_id}' looks like a hub id, but the model hub is not reachable from this machine "
+            f"({type(e).__name__}). Use a built-in model, a local model directory or a .gguf file."
+        ) from e
+    return Path(path)
+
+
+def load_model(arg: str | ModelSource, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    setup_torch()
+    source = resolve(arg) if isinstance(arg, str) else arg
+    path = materialise(source)
+    tok = AutoTokenizer.from_pretrained(path)
+    _normalise_tokenizer(tok)
+    if getattr(tok, "chat_template", None) is None:
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tok, source=source, path=path)
+
+
+def hash_weights(path: Path) -> str:
+    """sha256 over the model's safetensors files (lineage: which exact base)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ChatML, used only when a base model ships no chat template of its own.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
