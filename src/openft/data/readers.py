@@ -1,0 +1,448 @@
+"""Read dataset files into raw records, each with the place it came from.
+
+Supported: JSON (an array of objects, or an object holding one list of objects
+such as `{"data": [...]}`), JSONL, CSV/TSV, XML and Parquet, or a folder of such
+files read as one dataset. Nothing here knows about layouts: a record is just a
+`dict`, and `layouts.py` decides what it means.
+
+Readers never raise on bad data. Every problem becomes a `Problem` naming the
+file and the line (and column where the parser tells us) or the record, and
+reading goes on where it can: one bad JSONL line costs one error, not the file.
+A user fixing a file wants the whole list at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import xml.etree.ElementTree as ET
+from bisect import bisect_right
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from openft.data.types import Location, Problem
+
+# Extension -> format. `.ndjson` is JSONL under another name; `.tsv` is CSV with tabs.
+FORMATS: dict[str, str] = {
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".xml": "xml",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+
+
+@dataclass
+class RawRecord:
+    """One record as read from the file, before any layout is applied."""
+
+    data: dict[str, Any]
+    where: Location
+
+
+@dataclass
+class ReadResult:
+    records: list[RawRecord] = field(default_factory=list)
+    errors: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    def extend(self, other: ReadResult) -> None:
+        self.records += other.records
+        self.errors += other.errors
+        self.warnings += other.warnings
+        self.files += other.files
+
+
+def read_path(path: str | Path, record_element: str | None = None) -> ReadResult:
+    """Read a file, or every supported file in a folder (sorted by name, not
+    recursive, hidden files skipped), into one `ReadResult`."""
+    p = Path(path)
+    if p.is_dir():
+        result = ReadResult()
+        entries = sorted(e for e in p.iterdir() if e.is_file() and not e.name.startswith("."))
+        supported = [e for e in entries if e.suffix.lower() in FORMATS]
+        skipped = [e.name for e in entries if e.suffix.lower() not in FORMATS]
+        if skipped:
+            result.warnings.append(Problem(
+                f"skipped {len(skipped)} file(s) that are not datasets: {', '.join(skipped[:5])}"
+                + (" ..." if len(skipped) > 5 else "")
+                + f" (supported: {', '.join(sorted(FORMATS))})",
+                file=str(p)))
+        if not supported:
+            result.errors.append(Problem(
+                f"folder holds no dataset files (supported: {', '.join(sorted(FORMATS))})",
+                file=str(p)))
+        for e in supported:
+            result.extend(read_file(e, record_element))
+        return result
+    return read_file(p, record_element)
+
+
+def read_file(path: str | Path, record_element: str | None = None) -> ReadResult:
+    """Read one file; the format comes from its extension."""
+    p = Path(path)
+    name = str(p)
+    result = ReadResult(files=[name])
+    fmt = FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        result.errors.append(Problem(
+            f"unknown file type '{p.suffix or '(no extension)'}': supported are "
+            f"{', '.join(sorted(FORMATS))}", file=name))
+        return result
+    if not p.exists():
+        result.errors.append(Problem("no such file or folder", file=name))
+        return result
+    if fmt == "parquet":
+        _read_parquet(p, result)
+        return result
+    raw = p.read_bytes()
+    if fmt == "xml":
+        _read_xml(raw, name, result, record_element)
+        return result
+    text, problem = decode_text(raw, name)
+    if problem:
+        result.errors.append(problem)
+        return result
+    if not text.strip():
+        result.errors.append(Problem("file is empty", file=name))
+        return result
+    {"json": _read_json, "jsonl": _read_jsonl, "csv": _read_csv}[fmt](
+        text, name, result, **({"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}))
+    return result
+
+
+# --------------------------------------------------------------------------- text
+
+
+def decode_text(raw: bytes, file: str) -> tuple[str, Problem | None]:
+    """Decode bytes as UTF-8 (a BOM is allowed and dropped); UTF-16 with a BOM is
+    also accepted since Windows tools write it. Anything else is an error that
+    names the first undecodable byte, so the user can find it in an editor."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    elif raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return raw.decode("utf-16"), None
+        except UnicodeDecodeError as e:
+            return "", Problem(f"file starts with a UTF-16 byte-order mark but is not valid "
+                               f"UTF-16 (byte offset {e.start})", file=file)
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1  # 1-based, in bytes
+        return "", Problem(
+            f"file is not UTF-8: byte 0x{raw[e.start]:02X} at byte offset {e.start} "
+            f"(line {line}, column {column}) cannot be decoded; re-save the file as UTF-8 "
+            "(it may be Latin-1 or Windows-1252)",
+            file=file, line=line, column=column)
+
+
+class _Lines:
+    """Maps a character offset to a 1-based line number."""
+
+    def __init__(self, text: str):
+        self.starts = [0] + [m.end() for m in re.finditer("\n", text)]
+
+    def line(self, offset: int) -> int:
+        return bisect_right(self.starts, offset)
+
+
+# --------------------------------------------------------------------------- JSON
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def _items_with_offsets(text: str, pos: int) -> list[tuple[int, Any]]:
+    """Decode the JSON array starting at `text[pos] == '['`, returning each item
+    with the offset where it starts (to report line numbers). Only called on text
+    that `json.loads` already accepted, so no error handling is needed."""
+    items: list[tuple[int, Any]] = []
+    pos = _WS.match(text, pos + 1).end()
+    if text[pos] == "]":
+        return items
+    while True:
+        value, end = _DECODER.raw_decode(text, pos)
+        items.append((pos, value))
+        pos = _WS.match(text, end).end()
+        if text[pos] == "]":
+            return items
+        pos = _WS.match(text, pos + 1).end()  # skip the comma
+
+
+def _object_member_offsets(text: str, pos: int) -> dict[str, int]:
+    """Offsets of each member value of the JSON object at `text[pos] == '{'`."""
+    out: dict[str, int] = {}
+    pos = _WS.match(text, pos + 1).end()
+    while text[pos] != "}":
+        key, end = _DECODER.raw_decode(text, pos)
+        pos = _WS.match(text, end).end() + 1  # past ':'
+        pos = _WS.match(text, pos).end()
+        out[key] = pos
+        _, end = _DECODER.raw_decode(text, pos)
+        pos = _WS.match(text, end).end()
+        if text[pos] == ",":
+            pos = _WS.match(text, pos + 1).end()
+    return out
+
+
+def _looks_like_single_conversation(obj: dict) -> bool:
+    return any(isinstance(obj.get(k), list) for k in ("messages", "conversations"))
+
+
+def _read_json(text: str, file: str, result: ReadResult) -> None:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":
+            # Several top-level values: this is JSONL saved as .json. Read it as such
+            # rather than failing on line 2 of an otherwise fine file.
+            result.warnings.append(Problem(
+                "file holds one JSON value per line (JSONL) but is named .json; "
+                "reading it as JSONL", file=file))
+            _read_jsonl(text, file, result)
+            return
+        result.errors.append(Problem(f"invalid JSON: {e.msg}", file=file,
+                                     line=e.lineno, column=e.colno))
+        return
+    start = _WS.match(text).end()
+    lines = _Lines(text)
+    if isinstance(data, list):
+        items = _items_with_offsets(text, start)
+    elif isinstance(data, dict) and not _looks_like_single_conversation(data):
+        lists = [k for k, v in data.items() if isinstance(v, list)]
+        if len(lists) != 1:
+            result.errors.append(Problem(
+                "a JSON file must hold an array of records, or an object with exactly one "
+                f"list of records (like {{\"data\": [...]}}); found an object with "
+                f"{len(lists)} list fields" + (f": {', '.join(lists)}" if lists else ""),
+                file=file))
+            return
+        offset = _object_member_offsets(text, start)[lists[0]]
+        items = _items_with_offsets(text, offset)
+    elif isinstance(data, dict):
+        items = [(start, data)]  # a single conversation object: one record
+    else:
+        result.errors.append(Problem(
+            f"a JSON file must hold an array of records, got a {type(data).__name__}",
+            file=file))
+        return
+    for index, (offset, item) in enumerate(items):
+        where = Location(file, line=lines.line(offset), record=index)
+        if isinstance(item, dict):
+            result.records.append(RawRecord(item, where))
+        else:
+            result.errors.append(Problem(
+                f"record must be a JSON object, got {_json_type(item)}",
+                file=file, line=where.line, record=index))
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(value), "a value")
+
+
+def _read_jsonl(text: str, file: str, result: ReadResult) -> None:
+    # split("\n") rather than splitlines(): line numbers must match an editor's,
+    # and splitlines() also breaks on characters like U+2028 inside strings.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            result.errors.append(Problem(f"invalid JSON: {e.msg}", file=file,
+                                         line=number, column=e.colno))
+            continue
+        if isinstance(item, dict):
+            result.records.append(RawRecord(item, Location(file, line=number)))
+        else:
+            result.errors.append(Problem(
+                f"each JSONL line must be a JSON object, got {_json_type(item)}",
+                file=file, line=number))
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def _read_csv(text: str, file: str, result: ReadResult, delimiter: str = ",") -> None:
+    # Long answers overflow csv's default 128 KiB field limit; raise it (process-wide,
+    # but a larger limit cannot break another reader).
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header: list[str] | None = None
+    start = 1  # physical line where the next row begins (rows may span lines)
+    try:
+        for row in reader:
+            line, start = start, reader.line_num + 1
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # blank line
+            if header is None:
+                header = [h.strip() for h in row]
+                dupes = [h for h, n in Counter(header).items() if n > 1]
+                if dupes:
+                    result.errors.append(Problem(
+                        f"header repeats column(s) {', '.join(dupes)}", file=file, line=line))
+                    return
+                continue
+            if len(row) != len(header):
+                missing = header[len(row):]
+                result.errors.append(Problem(
+                    f"row has {len(row)} value(s) but the header has {len(header)} columns"
+                    + (f" (missing: {', '.join(missing)})" if missing else ""),
+                    file=file, line=line, field=missing[0] if missing else None))
+                continue
+            result.records.append(RawRecord(dict(zip(header, row)), Location(file, line=line)))
+    except csv.Error as e:
+        result.errors.append(Problem(f"invalid CSV: {e}", file=file, line=reader.line_num))
+    if header is None:
+        result.errors.append(Problem("CSV file has no header row", file=file))
+
+
+# --------------------------------------------------------------------------- XML
+
+_XML_DECL_ENCODING = re.compile(rb"^\s*<\?xml[^>]*encoding=[\"']([A-Za-z0-9._-]+)[\"']")
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1] if isinstance(tag, str) else ""
+
+
+def _is_leaf(el: ET.Element) -> bool:
+    return len(el) == 0
+
+
+def _is_list_wrapper(el: ET.Element) -> bool:
+    """`<messages><message/>...</messages>`: leaf children sharing one tag."""
+    return len(el) > 0 and all(_is_leaf(c) for c in el) and len({c.tag for c in el}) == 1
+
+
+def _leaf_value(el: ET.Element, in_list: bool) -> Any:
+    # Indentation around text is layout, not content: strip it.
+    text = (el.text or "").strip()
+    if in_list and el.attrib:  # <message role="user">hi</message> -> {"role": "user", "content": "hi"}
+        return {**{_local(k): v for k, v in el.attrib.items()}, "content": text}
+    return text  # a field's own attributes (<Answer lang="en">) are metadata: dropped
+
+
+def _element_value(el: ET.Element, in_list: bool = False) -> Any:
+    if _is_leaf(el):
+        return _leaf_value(el, in_list)
+    if len({c.tag for c in el}) == 1 and (len(el) > 1 or _is_leaf(el[0]) and el[0].attrib):
+        return [_element_value(c, in_list=True) for c in el]  # a wrapper: <messages><message/>...
+    return _record_fields(el)
+
+
+def _record_fields(el: ET.Element) -> dict[str, Any]:
+    """A record's fields: its attributes, then its children by tag; a tag that
+    repeats inside the record becomes a list."""
+    fields: dict[str, Any] = {_local(k): v for k, v in el.attrib.items()}
+    counts = Counter(c.tag for c in el)
+    for child in el:
+        key = _local(child.tag)
+        if counts[child.tag] > 1:
+            fields.setdefault(key, []).append(_element_value(child, in_list=True))
+        else:
+            fields[key] = _element_value(child)
+    return fields
+
+
+def find_record_elements(root: ET.Element) -> list[ET.Element]:
+    """The records are the most repeated element whose children are all fields
+    (text-only leaves, or lists of leaves like a `<messages>` wrapper). Ties go to
+    the shallower element, so a `<conversation>` wins over its `<messages>`."""
+    counts: Counter[str] = Counter()
+    depth: dict[str, int] = {}
+    order: dict[str, int] = {}
+
+    def walk(el: ET.Element, d: int) -> None:
+        if len(el) and all(_is_leaf(c) or _is_list_wrapper(c) for c in el):
+            counts[el.tag] += 1
+            depth.setdefault(el.tag, d)
+            order.setdefault(el.tag, len(order))
+        for c in el:
+            walk(c, d + 1)
+
+    walk(root, 0)
+    if not counts:
+        return []
+    best = min(counts, key=lambda t: (-counts[t], depth[t], order[t]))
+    return list(root.iter(best))
+
+
+def _read_xml(raw: bytes, file: str, result: ReadResult, record_element: str | None) -> None:
+    declared = _XML_DECL_ENCODING.match(raw)
+    encoding = declared.group(1).decode().lower() if declared else "utf-8"
+    if encoding.replace("-", "").replace("_", "") in ("utf8", "utf16"):
+        text, problem = decode_text(raw, file)
+        if problem:
+            result.errors.append(problem)
+            return
+        source: str | bytes = text
+    else:
+        source = raw  # a declared legacy encoding (ISO-8859-1 ...) is valid XML: let expat decode it
+        text = raw.decode("latin-1")  # only used to look for declarations below
+    # DOCTYPE/ENTITY declarations enable entity expansion ("billion laughs") and
+    # external entities; datasets never need them, so refuse instead of parsing.
+    m = re.search(r"<!(DOCTYPE|ENTITY)", text)
+    if m:
+        result.errors.append(Problem(
+            f"XML {m.group(1)} declarations are not allowed (they can expand entities "
+            "without bound); remove the declaration", file=file,
+            line=text.count("\n", 0, m.start()) + 1))
+        return
+    try:
+        root = ET.fromstring(source)
+    except ET.ParseError as e:
+        line, col = e.position
+        msg = str(e).split(":")[0]
+        result.errors.append(Problem(f"invalid XML: {msg}", file=file, line=line, column=col + 1))
+        return
+    if record_element:
+        elements = [el for el in root.iter() if _local(el.tag) == record_element]
+        if not elements:
+            tags = sorted({_local(el.tag) for el in root.iter()})
+            result.errors.append(Problem(
+                f"no <{record_element}> elements found; elements in the file: {', '.join(tags[:20])}",
+                file=file))
+            return
+    else:
+        elements = find_record_elements(root)
+        if not elements:
+            result.errors.append(Problem(
+                "no records found: expected a repeated element whose children hold the "
+                "fields (like <item><question>..</question><answer>..</answer></item>)",
+                file=file))
+            return
+    for index, el in enumerate(elements):
+        result.records.append(RawRecord(_record_fields(el), Location(file, record=index)))
+
+
+# --------------------------------------------------------------------------- Parquet
+
+
+def _read_parquet(p: Path, result: ReadResult) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    name = str(p)
+    try:
+        pf = pq.ParquetFile(p)
+        index = 0
+        # Batches keep memory bounded on large files; to_pylist turns list and
+        # struct columns into Python lists and dicts.
+        for batch in pf.iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                result.records.append(RawRecord(row, Location(name, record=index)))
+                index += 1
+    except (pa.ArrowException, OSError) as e:
+        result.errors.append(Problem(f"cannot read Parquet file: {e}", file=name))

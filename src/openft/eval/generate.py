@@ -1,0 +1,116 @@
+"""Answer a list of questions with a causal LM, deterministically.
+
+The before/after comparison is only fair if both models see exactly the same
+prompts and decoding settings, so this module pins everything: the tokenizer's
+own chat template, greedy decoding (no sampling, no temperature), one explicit
+generation config that ignores whatever sampling defaults a checkpoint ships, and
+eval mode (dropout off). The same model and questions give the same answers on
+every run and for every batch size.
+
+The model is any `nn.Module` with a transformers-style `generate` (a plain
+`AutoModelForCausalLM`, or one whose linear layers were wrapped for LoRA).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def answer_questions(
+    model,
+    tokenizer,
+    questions: list[str],
+    *,
+    max_new_tokens: int = 96,
+    system: str | None = None,
+    batch_size: int = 8,
+) -> list[str]:
+    """One answer per question, in the questions' order (greedy, special tokens dropped)."""
+    from transformers import GenerationConfig
+
+    if not questions:
+        return []
+    prompts = [_prompt_ids(tokenizer, q, system) for q in questions]
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+    )
+    device = next(model.parameters()).device
+
+    # Longest first: prompts of similar length share a batch (little padding), and
+    # a batch that does not fit in memory fails at once rather than at the end.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    answers: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()  # dropout on would make greedy decoding random
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                input_ids, attention_mask = _left_pad([prompts[i] for i in idx], pad_id)
+                out = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    generation_config=config,
+                )
+                # out: (batch, prompt_len + new) with the padded prompt in front.
+                new_tokens = out[:, input_ids.shape[1] :].tolist()
+                for i, tokens in zip(idx, new_tokens):
+                    answers[i] = _decode(tokenizer, tokens, eos_ids)
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def _prompt_ids(tokenizer, question: str, system: str | None) -> list[int]:
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": question})
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # The template already wrote every special token (BOS included where the
+    # model wants one); letting the tokenizer add its own would double them.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """Token ids that end an answer: the tokenizer's eos (for chat models the
+    template's end-of-turn token, e.g. `<|im_end|>`), plus any the checkpoint's
+    generation config names (Llama-3 style models end turns with `<|eot_id|>`,
+    which is not their tokenizer's eos)."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    gen_config = getattr(model, "generation_config", None)  # absent on bare nn.Modules
+    extra = gen_config.eos_token_id if gen_config is not None else None
+    for i in extra if isinstance(extra, (list, tuple)) else [extra]:
+        if i is not None and i not in ids:
+            ids.append(i)
+    if not ids:
+        raise ValueError("the tokenizer has no eos token, so answers would never stop")
+    return ids
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Left padding keeps every prompt's last token in the last column, which is
+    # where generate appends the next token for the whole batch.
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[row, width - len(s) :] = 1
+    return ids, mask
+
+
+def _decode(tokenizer, tokens: list[int], eos_ids: list[int]) -> str:
+    # Cut at the first end token ourselves: what follows is padding, and the pad
+    # token is not always a special token that skip_special_tokens would drop.
+    for pos, t in enumerate(tokens):
+        if t in eos_ids:
+            tokens = tokens[:pos]
+            break
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()

@@ -1,0 +1,116 @@
+"""Atomic checkpoints: trainable weights, optimizer, RNG and position; no pickle.
+
+A checkpoint is written into a hidden temporary folder and renamed into place
+(`checkpoints/step-000040`) only when every file is on disk, so a crash mid-save
+never leaves a folder that looks complete; `latest()` only ever sees finished
+ones. Tensors go to safetensors, the rest to JSON: loading a checkpoint never
+unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    step: int  # optimizer steps completed
+    epoch: float
+    best_valid_loss: float | None
+    evals_without_improvement: int
+    history: list[dict]  # metrics rows so far
+    trained_tokens: int
+    elapsed_s: float
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+            tensors[f"{pid}.{k}"] = t.detach().reshape(-1).clone() if t.dim() == 0 else t.detach().contiguous().clone()
+    return tensors, {"param_groups": sd["param_groups"], "scalar_keys": sorted(k for k, v in tensors.items() if v.numel() == 1 and k.endswith(".step"))}
+
+
+def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState) -> Path:
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{state.step:06d}"
+    tmp = ckpt_root / f".tmp-step-{state.step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(tmp / "rng.safetensors"))
+    py_state = random.getstate()
+    (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+    (tmp / "python_rng.json").write_text(json.dumps([py_state[0], list(py_state[1]), py_state[2]]))
+    # Written last: its presence inside a renamed folder means "complete".
+    (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    return final
+
+
+def latest(run_dir: Path) -> Path | None:
+    root = Path(run_dir) / "checkpoints"
+    if not root.exists():
+        return None
+    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
+    return done[-1] if done else None
+
+
+def load(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainerState:
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    for name, value in weights.items():
+        params[name].data.copy_(value)
+    meta = json.loads((ckpt / "optimizer.json").read_text())
+    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    state: dict[int, dict] = {}
+    for key, t in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = t.reshape(()) if key in meta["scalar_keys"] else t
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    rng = load_file(str(ckpt / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    v, internal, gauss = json.loads((ckpt / "python_rng.json").read_text())
+    random.setstate((v, tuple(internal), gauss))
+    return TrainerState(**json.loads((ckpt / STATE_FILE).read_text()))

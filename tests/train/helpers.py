@@ -1,0 +1,24 @@
+"""Small datasets written on the fly for training tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FACTS = [
+    ("What is the capital of Zorbia?", "The capital of Zorbia is Quellville."),
+    ("Who makes the Lumen Glow lamp?", "Lumen Lamps in Oslo makes it."),
+    ("How long is the warranty?", "The warranty lasts 3 years."),
+    ("What colour is the sky on Zorbia?", "The sky on Zorbia is green."),
+    ("Name the Zorbian currency.", "The Zorbian currency is the quill."),
+    ("What do Zorbians eat?", "Zorbians eat blue bread."),
+]
+
+
+def write_chat_jsonl(path: Path, n: int = 24) -> Path:
+    rows = []
+    for i in range(n):
+        q, a = FACTS[i % len(FACTS)]
+        rows.append({"messages": [{"role": "user", "content": f"{q} (#{i})"}, {"role": "assistant", "content": a}]})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
