@@ -38,7 +38,7 @@ class DataConfig:
 class LoraConfig:
     rank: int = _f(16, "LoRA rank r")
     alpha: FloatOrAuto = _f(AUTO, "LoRA alpha; auto = 2 x rank")
-    dropout: FloatOrAuto = _f(AUTO, "LoRA dropout; auto = 0.05")
+    dropout: FloatOrAuto = _f(AUTO, "LoRA dropout; auto = 0 (dropout costs ~35% of a CPU step)")
     target_modules: list[str] | Auto = _f(AUTO, "module names to adapt; auto = every linear layer of the blocks")
 
 
@@ -58,6 +58,7 @@ class TrainConfig:
     eval_every: IntOrAuto = _f(AUTO, "steps between validation passes; auto: about 8 per run")
     save_every: IntOrAuto = _f(AUTO, "steps between checkpoints; auto: same as eval_every")
     early_stopping_patience: int = _f(0, "stop after this many validations without improvement (0 = off)")
+    keep_checkpoints: int = _f(3, "how many of the latest checkpoints to keep (older ones are deleted)")
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = no limit; for smoke runs)")
 
 

@@ -87,6 +87,16 @@ def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     return final
 
 
+def prune(run_dir: Path, keep: int) -> None:
+    """Delete all but the `keep` latest complete checkpoints (and stale temp folders)."""
+    root = Path(run_dir) / "checkpoints"
+    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
+    for old in done[: max(0, len(done) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in root.glob(".tmp-step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def latest(run_dir: Path) -> Path | None:
     root = Path(run_dir) / "checkpoints"
     if not root.exists():

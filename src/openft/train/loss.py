@@ -34,6 +34,8 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> LossOut:
     decoder, head = decoder_and_head(model)
+    if bool(attention_mask.all()):
+        attention_mask = None  # no padding: lets SDPA take its plain causal path
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
     # Position t predicts token t+1.
     target = labels[:, 1:]

@@ -41,6 +41,7 @@ from openft.train.progress import ProgressBar
 from openft.train.tokenize import Encoded, encode_all
 
 EventFn = Callable[[str, dict], None]
+VALID_SAMPLE = 64  # validation examples scored at each interval
 
 
 class DataError(Exception):
@@ -238,7 +239,9 @@ def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = 
                "eta_s": (total - state.step) * (time.monotonic() - time_at_start) / max(1, state.step - first_step)}
         is_last = state.step == total
         if data.valid_enc and (state.step % cfg.eval_every == 0 or is_last):
-            vl, va = evaluate(model, data.valid_enc, pad_id, cfg.micro_batch_tokens)
+            # Interval checks use a fixed sample (as OpenAI's valid_loss does);
+            # the whole validation set is scored once at the end (full_valid_loss).
+            vl, va = evaluate(model, data.valid_enc[:VALID_SAMPLE], pad_id, cfg.micro_batch_tokens)
             row["valid_loss"], row["valid_mean_token_accuracy"] = vl, va
             if state.best_valid_loss is None or vl < state.best_valid_loss - 1e-4:
                 state.best_valid_loss, state.evals_without_improvement = vl, 0
@@ -255,6 +258,7 @@ def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = 
         stop = bool(patience and state.evals_without_improvement >= patience)
         if state.step % cfg.save_every == 0 or is_last or stop:
             path = checkpoint.save(run_dir, model, optimizer, state)
+            checkpoint.prune(run_dir, max(1, cfg.keep_checkpoints))
             emit("checkpoint", {"step": state.step, "path": str(path), "metrics": row})
         if stop:
             stopped_early = True
