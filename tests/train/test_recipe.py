@@ -119,3 +119,13 @@ def test_full_fine_tuning_changes_base_weights(tiny_model_dir, tmp_path):
     after = load_file(str(result.output_dir / "model.safetensors"))
     changed = [k for k in before if k in after and not torch.equal(before[k], after[k])]
     assert len(changed) > len(before) // 2
+
+
+def test_early_stopping_stops_when_validation_stops_improving(tiny_model_dir, tmp_path):
+    data = write_chat_jsonl(tmp_path / "train.jsonl", n=24)
+    # A zero learning rate: validation loss cannot improve after the first check.
+    spec = _spec(tiny_model_dir, data, tmp_path / "run", learning_rate=0.0, eval_every=1, early_stopping_patience=2)
+    result = finetune(spec, progress=False)
+    assert result.stopped_early
+    assert result.history[-1]["step"] == 3  # best at step 1, no improvement at 2 and 3
+    assert checkpoint.latest(result.run_dir).name == "step-000003"

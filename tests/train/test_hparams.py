@@ -1,0 +1,41 @@
+import math
+
+import pytest
+
+from openft.config import TrainConfig, LoraConfig
+from openft.train.hparams import auto_epochs, auto_max_seq_length, lr_at, resolve_lora, resolve_train
+
+
+@pytest.mark.parametrize("n,epochs", [(10, 10), (20, 5), (40, 3), (500, 3), (8_000, 3), (9_000, 2), (30_000, 1)])
+def test_auto_epochs_follows_the_documented_rule(n, epochs):
+    assert auto_epochs(n) == epochs
+
+
+def test_auto_max_seq_length_rounds_up_and_caps():
+    assert auto_max_seq_length([10, 70], 8192) == 128
+    assert auto_max_seq_length([5000], 8192) == 2048
+    assert auto_max_seq_length([5000], 1024) == 1024
+
+
+def test_resolve_train_fills_every_auto():
+    cfg = resolve_train(TrainConfig(), n_examples=160, max_len=128)
+    assert cfg.epochs == 3 and cfg.batch_size == 8 and cfg.learning_rate == 5e-4
+    assert cfg.eval_every == math.ceil(60 / 8) and cfg.save_every == cfg.eval_every
+    assert "auto" not in [v for v in cfg.__dict__.values() if isinstance(v, str)]
+    full = resolve_train(TrainConfig(method="full"), n_examples=160, max_len=128)
+    assert full.learning_rate == 2e-5 and full.weight_decay == 0.01
+
+
+def test_resolve_lora_defaults():
+    p = resolve_lora(LoraConfig(rank=8), ["q_proj"])
+    assert (p.rank, p.alpha, p.dropout, p.target_modules) == (8, 16.0, 0.0, ("q_proj",))
+    with pytest.raises(ValueError):
+        resolve_lora(LoraConfig(rank=0), ["q_proj"])
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    lrs = [lr_at(s, 100, 1.0, 0.05, "cosine") for s in range(100)]
+    assert lrs[0] == pytest.approx(0.2) and lrs[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+    assert lrs[-1] < 0.01
+    assert lr_at(50, 100, 1.0, 0.0, "constant") == 1.0
