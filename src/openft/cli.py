@@ -252,6 +252,35 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from openft.serve.app import ServeConfig, serve
+
+    serve(ServeConfig(host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+                      run_worker=not args.no_worker, max_batch_size=args.max_batch_size))
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from openft.jobs.worker import run_worker
+
+    run_worker(once=args.once, parent_pid=args.parent_pid)
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from openft import home
+    from openft.jobs.store import Store
+
+    store = Store(home.home() / "openft.db")
+    if args.sub == "create":
+        print(store.create_key(args.owner))
+        print(f"(API key for owner '{args.owner}': shown once, store it now)", file=sys.stderr)
+    else:
+        for k in store.list_keys():
+            print(f"{k['id']}  owner={k['owner']}  created={time.strftime('%Y-%m-%d %H:%M', time.localtime(k['created_at']))}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -310,6 +339,26 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(fn=cmd_export)
 
     sub.add_parser("demo", help="the main job on built-in defaults").set_defaults(fn=cmd_demo)
+
+    sv = sub.add_parser("serve", help="run the OpenAI-compatible API server (with a worker)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload")
+    sv.add_argument("--max-batch-size", type=int, default=8, help="concurrent sequences decoded together")
+    sv.add_argument("--no-worker", action="store_true", help="do not start a worker (run 'openft worker' yourself)")
+    sv.set_defaults(fn=cmd_serve)
+    wk = sub.add_parser("worker", help="run fine-tuning jobs from the store")
+    wk.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    wk.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    wk.set_defaults(fn=cmd_worker)
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="sub", required=True)
+    kc = keys.add_parser("create", help="create a key for an owner")
+    kc.add_argument("--owner", required=True)
+    kc.set_defaults(fn=cmd_keys)
+    keys.add_parser("list", help="list keys (not their secrets)").set_defaults(fn=cmd_keys)
+    from openft.client_cli import add_client_commands
+
+    add_client_commands(sub)
     return p
 
 
@@ -322,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelNotFound, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if type(e).__module__.startswith("openai"):  # client commands: server unreachable, API errors
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

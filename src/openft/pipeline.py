@@ -15,7 +15,7 @@ from openft.eval.scores import Embedder
 from openft.eval.verdict import TrainingSignals, judge
 from openft.models.load import load_model
 from openft.train.export import load_any
-from openft.train.recipe import EventFn, TrainResult, finetune
+from openft.train.recipe import ControlFn, EventFn, TrainResult, finetune
 
 
 @dataclass
@@ -31,7 +31,7 @@ def _signals(result: TrainResult) -> TrainingSignals:
 
 
 def finetune_with_comparison(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = None,
-                             progress: bool = True, echo=print) -> FinetuneOutcome:
+                             progress: bool = True, echo=print, control: ControlFn | None = None) -> FinetuneOutcome:
     loaded = load_model(spec.model)
     questions = load_questions(spec.eval.questions) if spec.eval.questions else None
     before = None
@@ -39,7 +39,7 @@ def finetune_with_comparison(spec: JobSpec, *, resume: bool = False, on_event: E
         echo(f"Answering {len(questions)} questions with the base model ...")
         before = answer_questions(loaded.model, loaded.tokenizer, [q.question for q in questions],
                                   max_new_tokens=spec.eval.max_new_tokens)
-    result = finetune(spec, resume=resume, on_event=on_event, progress=progress, loaded=loaded)
+    result = finetune(spec, resume=resume, on_event=on_event, progress=progress, loaded=loaded, control=control)
     if not questions:
         verdict = judge(_signals(result))
         echo(verdict.summary)

@@ -79,6 +79,7 @@ def test_alpaca_files_validate_and_train_a_few_steps(shared_datasets, tmp_path, 
     spec.train.max_steps = 2
     spec.train.batch_size = 4
     spec.train.max_seq_length = 256
+    spec.data.validation_split = 0.02  # keep the two validation passes short
     result = finetune(spec, progress=False)
     assert result.history[-1]["step"] == 2
     assert result.signals["weights_changed"]

@@ -15,6 +15,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -58,7 +59,10 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": sd["param_groups"], "scalar_keys": sorted(k for k, v in tensors.items() if v.numel() == 1 and k.endswith(".step"))}
 
 
-def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState) -> Path:
+def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState,
+         extra: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint `state.step`; `extra(tmp_dir)` may add files (the servable
+    adapter) before the folder is renamed into place."""
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{state.step:06d}"
@@ -75,6 +79,8 @@ def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     py_state = random.getstate()
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
     (tmp / "python_rng.json").write_text(json.dumps([py_state[0], list(py_state[1]), py_state[2]]))
+    if extra:
+        extra(tmp)
     # Written last: its presence inside a renamed folder means "complete".
     (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
     for f in tmp.iterdir():
@@ -87,14 +93,18 @@ def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     return final
 
 
-def prune(run_dir: Path, keep: int) -> None:
-    """Delete all but the `keep` latest complete checkpoints (and stale temp folders)."""
+def prune(run_dir: Path, keep: int) -> list[int]:
+    """Delete all but the `keep` latest complete checkpoints (and stale temp
+    folders); returns the steps deleted."""
     root = Path(run_dir) / "checkpoints"
     done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
+    deleted = []
     for old in done[: max(0, len(done) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
+        deleted.append(int(old.name.split("-")[1]))
     for tmp in root.glob(".tmp-step-*"):
         shutil.rmtree(tmp, ignore_errors=True)
+    return deleted
 
 
 def latest(run_dir: Path) -> Path | None:

@@ -41,6 +41,16 @@ from openft.train.progress import ProgressBar
 from openft.train.tokenize import Encoded, encode_all
 
 EventFn = Callable[[str, dict], None]
+ControlFn = Callable[[], "str | None"]  # polled after each step: None, "pause" or "cancel"
+
+
+class Interrupted(Exception):
+    """Training stopped on request ("pause" or "cancel"); for a pause the last
+    checkpoint holds everything needed to resume."""
+
+    def __init__(self, reason: str, step: int):
+        super().__init__(f"training {reason} at step {step}")
+        self.reason, self.step = reason, step
 VALID_SAMPLE = 64  # validation examples scored at each interval
 
 
@@ -145,10 +155,10 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = None,
-             progress: bool = True, loaded: LoadedModel | None = None) -> TrainResult:
+             progress: bool = True, loaded: LoadedModel | None = None, control: ControlFn | None = None) -> TrainResult:
     emit = on_event or (lambda kind, data: None)
     torch.manual_seed(spec.train.seed)
-    loaded = loaded or load_model(spec.model)
+    loaded = loaded or load_model(spec.model)  # a run folder is merged first (see jobs.worker)
     model, tok = loaded.model, loaded.tokenizer
     context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     data = prepare_data(spec, tok, context)
@@ -256,10 +266,20 @@ def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = 
         state.elapsed_s = elapsed
         patience = cfg.early_stopping_patience
         stop = bool(patience and state.evals_without_improvement >= patience)
-        if state.step % cfg.save_every == 0 or is_last or stop:
-            path = checkpoint.save(run_dir, model, optimizer, state)
-            checkpoint.prune(run_dir, max(1, cfg.keep_checkpoints))
+        request = control() if control else None
+        if state.step % cfg.save_every == 0 or is_last or stop or request == "pause":
+            # Each checkpoint also holds a servable adapter (PEFT format), so it can
+            # be called as a model of its own.
+            extra = (lambda d: save_adapter(model, lora, d, spec.model)) if lora else None
+            path = checkpoint.save(run_dir, model, optimizer, state, extra=extra)
             emit("checkpoint", {"step": state.step, "path": str(path), "metrics": row})
+            deleted = checkpoint.prune(run_dir, max(1, cfg.keep_checkpoints))
+            if deleted:
+                emit("checkpoints_deleted", {"steps": deleted})
+        if request in ("pause", "cancel") and not is_last:
+            if bar:
+                bar.close()
+            raise Interrupted("paused" if request == "pause" else "cancelled", state.step)
         if stop:
             stopped_early = True
             emit("early_stopped", {"step": state.step, "best_valid_loss": state.best_valid_loss})

@@ -1,0 +1,298 @@
+"""The job store: files, jobs, events, checkpoints, models, keys, in SQLite (WAL).
+
+One database file under OPENFT_HOME holds all state; the API process and the
+worker process share it. Every write is a short transaction, so a crash of either
+process leaves the store consistent, and WAL lets readers go on while the worker
+writes. Objects carry an `owner`; every read takes the caller's owner, so another
+owner's object is simply not found (the API answers 404 exactly as for a
+missing one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+  id TEXT PRIMARY KEY, key_hash TEXT UNIQUE NOT NULL, owner TEXT NOT NULL, created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS files (
+  id TEXT PRIMARY KEY, owner TEXT NOT NULL, filename TEXT NOT NULL, bytes INTEGER NOT NULL,
+  purpose TEXT NOT NULL, created_at INTEGER NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL,
+  status TEXT NOT NULL, status_details TEXT, validation TEXT
+);
+CREATE TABLE IF NOT EXISTS jobs (
+  id TEXT PRIMARY KEY, owner TEXT NOT NULL, model TEXT NOT NULL, status TEXT NOT NULL,
+  created_at INTEGER NOT NULL, started_at INTEGER, finished_at INTEGER,
+  training_file TEXT NOT NULL, validation_file TEXT, spec TEXT NOT NULL, hyperparameters TEXT NOT NULL,
+  method TEXT NOT NULL, suffix TEXT, seed INTEGER NOT NULL, metadata TEXT, error TEXT,
+  fine_tuned_model TEXT, trained_tokens INTEGER, result_files TEXT NOT NULL DEFAULT '[]',
+  comparison TEXT, run_dir TEXT, control TEXT NOT NULL DEFAULT '', worker_pid INTEGER,
+  heartbeat_at REAL, attempts INTEGER NOT NULL DEFAULT 0, estimated_finish INTEGER, extra TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, created_at);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at);
+CREATE TABLE IF NOT EXISTS events (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL,
+  created_at INTEGER NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL, data TEXT
+);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
+CREATE TABLE IF NOT EXISTS checkpoints (
+  id TEXT PRIMARY KEY, job_id TEXT NOT NULL, step INTEGER NOT NULL, created_at INTEGER NOT NULL,
+  metrics TEXT NOT NULL, model_name TEXT NOT NULL, path TEXT NOT NULL, UNIQUE(job_id, step)
+);
+CREATE TABLE IF NOT EXISTS models (
+  id TEXT PRIMARY KEY, owner TEXT NOT NULL, base TEXT NOT NULL, job_id TEXT, created_at INTEGER NOT NULL,
+  path TEXT NOT NULL, kind TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+  owner TEXT NOT NULL, key TEXT NOT NULL, job_id TEXT NOT NULL, created_at INTEGER NOT NULL,
+  PRIMARY KEY(owner, key)
+);
+"""
+
+JSON_COLUMNS = {"validation", "spec", "hyperparameters", "metadata", "error", "result_files", "comparison",
+                "data", "metrics", "extra"}
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def _row(cur: sqlite3.Cursor, row: tuple) -> dict:
+    out = {}
+    for (name, *_), value in zip(cur.description, row):
+        out[name] = json.loads(value) if name in JSON_COLUMNS and value is not None else value
+    return out
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self.tx() as db:
+            db.executescript(SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE: writers queue, never deadlock)."""
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _one(self, sql: str, args: tuple = ()) -> dict | None:
+        cur = self._conn().execute(sql, args)
+        row = cur.fetchone()
+        return _row(cur, row) if row else None
+
+    def _all(self, sql: str, args: tuple = ()) -> list[dict]:
+        cur = self._conn().execute(sql, args)
+        return [_row(cur, r) for r in cur.fetchall()]
+
+    @staticmethod
+    def _enc(values: dict) -> dict:
+        return {k: (json.dumps(v, ensure_ascii=False) if k in JSON_COLUMNS and v is not None else v) for k, v in values.items()}
+
+    def _insert(self, db: sqlite3.Connection, table: str, values: dict) -> None:
+        values = self._enc(values)
+        cols = ", ".join(values)
+        db.execute(f"INSERT INTO {table} ({cols}) VALUES ({', '.join('?' * len(values))})", tuple(values.values()))
+
+    # ------------------------------------------------------------------ keys
+    def create_key(self, owner: str) -> str:
+        key = "sk-oft-" + secrets.token_urlsafe(24)
+        with self.tx() as db:
+            self._insert(db, "keys", {"id": new_id("key"), "key_hash": _hash(key), "owner": owner, "created_at": now()})
+        return key
+
+    def owner_for_key(self, key: str) -> str | None:
+        row = self._one("SELECT owner FROM keys WHERE key_hash = ?", (_hash(key),))
+        return row["owner"] if row else None
+
+    def has_keys(self) -> bool:
+        return self._one("SELECT 1 AS x FROM keys LIMIT 1") is not None
+
+    def list_keys(self) -> list[dict]:
+        return self._all("SELECT id, owner, created_at FROM keys ORDER BY created_at")
+
+    # ----------------------------------------------------------------- files
+    def add_file(self, **values: Any) -> dict:
+        values.setdefault("id", new_id("file"))
+        values.setdefault("created_at", now())
+        with self.tx() as db:
+            self._insert(db, "files", values)
+        return self.get_file(values["owner"], values["id"])
+
+    def get_file(self, owner: str, file_id: str) -> dict | None:
+        return self._one("SELECT * FROM files WHERE id = ? AND owner = ?", (file_id, owner))
+
+    def list_files(self, owner: str, purpose: str | None = None, limit: int = 10000, after: str | None = None,
+                   order: str = "desc") -> list[dict]:
+        sql, args = "SELECT * FROM files WHERE owner = ?", [owner]
+        if purpose:
+            sql, args = sql + " AND purpose = ?", args + [purpose]
+        if after:
+            ref = self.get_file(owner, after)
+            if ref:
+                op = "<" if order == "desc" else ">"
+                sql, args = sql + f" AND (created_at, id) {op} (?, ?)", args + [ref["created_at"], ref["id"]]
+        direction = "DESC" if order == "desc" else "ASC"
+        return self._all(sql + f" ORDER BY created_at {direction}, id {direction} LIMIT ?", tuple(args + [limit]))
+
+    def delete_file(self, owner: str, file_id: str) -> dict | None:
+        row = self.get_file(owner, file_id)
+        if row:
+            with self.tx() as db:
+                db.execute("DELETE FROM files WHERE id = ? AND owner = ?", (file_id, owner))
+        return row
+
+    # ------------------------------------------------------------------ jobs
+    def create_job(self, values: dict, idempotency_key: str | None = None) -> tuple[dict, bool]:
+        """Insert a job; with an idempotency key seen before, return the first job
+        instead (created=False). Both happen in one transaction, so two retries
+        racing each other still create one job."""
+        with self.tx() as db:
+            if idempotency_key:
+                cur = db.execute("SELECT job_id FROM idempotency WHERE owner = ? AND key = ?",
+                                 (values["owner"], idempotency_key))
+                hit = cur.fetchone()
+                if hit:
+                    return self._one("SELECT * FROM jobs WHERE id = ?", (hit[0],)), False
+                db.execute("INSERT INTO idempotency (owner, key, job_id, created_at) VALUES (?, ?, ?, ?)",
+                           (values["owner"], idempotency_key, values["id"], now()))
+            self._insert(db, "jobs", values)
+        return self._one("SELECT * FROM jobs WHERE id = ?", (values["id"],)), True
+
+    def get_job(self, owner: str | None, job_id: str) -> dict | None:
+        if owner is None:  # the worker: no owner filter
+            return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return self._one("SELECT * FROM jobs WHERE id = ? AND owner = ?", (job_id, owner))
+
+    def list_jobs(self, owner: str, after: str | None = None, limit: int = 20) -> list[dict]:
+        sql, args = "SELECT * FROM jobs WHERE owner = ?", [owner]
+        if after:
+            ref = self.get_job(owner, after)
+            if ref:
+                sql, args = sql + " AND (created_at, id) < (?, ?)", args + [ref["created_at"], ref["id"]]
+        return self._all(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", tuple(args + [limit]))
+
+    def update_job(self, job_id: str, *, expect_status: tuple[str, ...] | None = None, **values: Any) -> bool:
+        """Update fields; with `expect_status`, only if the job is in one of those
+        states (a compare-and-set: cancel vs. succeed races resolve cleanly)."""
+        values = self._enc(values)
+        sets = ", ".join(f"{k} = ?" for k in values)
+        sql, args = f"UPDATE jobs SET {sets} WHERE id = ?", list(values.values()) + [job_id]
+        if expect_status:
+            sql += f" AND status IN ({', '.join('?' * len(expect_status))})"
+            args += list(expect_status)
+        with self.tx() as db:
+            return db.execute(sql, tuple(args)).rowcount == 1
+
+    def claim_next_job(self, worker_pid: int) -> dict | None:
+        """Atomically move the oldest queued job to running for this worker."""
+        with self.tx() as db:
+            cur = db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, id LIMIT 1")
+            row = cur.fetchone()
+            if not row:
+                return None
+            db.execute("UPDATE jobs SET status = 'running', worker_pid = ?, heartbeat_at = ?, attempts = attempts + 1, "
+                       "started_at = COALESCE(started_at, ?) WHERE id = ?", (worker_pid, time.time(), now(), row[0]))
+        return self.get_job(None, row[0])
+
+    def jobs_in(self, *statuses: str) -> list[dict]:
+        return self._all(f"SELECT * FROM jobs WHERE status IN ({', '.join('?' * len(statuses))}) ORDER BY created_at",
+                         tuple(statuses))
+
+    # ---------------------------------------------------------------- events
+    def add_event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
+                  data: dict | None = None) -> dict:
+        values = {"id": new_id("ftevent"), "job_id": job_id, "created_at": now(), "level": level,
+                  "message": message, "type": type, "data": data}
+        with self.tx() as db:
+            self._insert(db, "events", values)
+        return values
+
+    def list_events(self, job_id: str, after: str | None = None, limit: int = 20, order: str = "desc") -> list[dict]:
+        sql, args = "SELECT * FROM events WHERE job_id = ?", [job_id]
+        if after:
+            ref = self._one("SELECT seq FROM events WHERE id = ? AND job_id = ?", (after, job_id))
+            if ref:
+                sql, args = sql + (" AND seq < ?" if order == "desc" else " AND seq > ?"), args + [ref["seq"]]
+        direction = "DESC" if order == "desc" else "ASC"
+        return self._all(sql + f" ORDER BY seq {direction} LIMIT ?", tuple(args + [limit]))
+
+    # ----------------------------------------------------------- checkpoints
+    def add_checkpoint(self, job_id: str, step: int, metrics: dict, model_name: str, path: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM checkpoints WHERE job_id = ? AND step = ?", (job_id, step))
+            self._insert(db, "checkpoints", {"id": new_id("ftckpt"), "job_id": job_id, "step": step, "created_at": now(),
+                                             "metrics": metrics, "model_name": model_name, "path": path})
+
+    def list_checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> list[dict]:
+        sql, args = "SELECT * FROM checkpoints WHERE job_id = ?", [job_id]
+        if after:
+            ref = self._one("SELECT step FROM checkpoints WHERE id = ?", (after,))
+            if ref:
+                sql, args = sql + " AND step < ?", args + [ref["step"]]
+        return self._all(sql + " ORDER BY step DESC LIMIT ?", tuple(args + [limit]))
+
+    def delete_checkpoint(self, job_id: str, step: int) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM checkpoints WHERE job_id = ? AND step = ?", (job_id, step))
+
+    def checkpoint_by_model(self, owner: str, model_name: str) -> dict | None:
+        return self._one("SELECT c.* FROM checkpoints c JOIN jobs j ON j.id = c.job_id "
+                         "WHERE c.model_name = ? AND j.owner = ?", (model_name, owner))
+
+    # ---------------------------------------------------------------- models
+    def add_model(self, **values: Any) -> None:
+        values.setdefault("created_at", now())
+        with self.tx() as db:
+            db.execute("DELETE FROM models WHERE id = ?", (values["id"],))
+            self._insert(db, "models", values)
+
+    def get_model(self, owner: str, model_id: str) -> dict | None:
+        return self._one("SELECT * FROM models WHERE id = ? AND owner = ?", (model_id, owner))
+
+    def list_models(self, owner: str) -> list[dict]:
+        return self._all("SELECT * FROM models WHERE owner = ? ORDER BY created_at", (owner,))
+
+    def delete_model(self, owner: str, model_id: str) -> bool:
+        with self.tx() as db:
+            n = db.execute("DELETE FROM models WHERE id = ? AND owner = ?", (model_id, owner)).rowcount
+            db.execute("DELETE FROM checkpoints WHERE job_id IN (SELECT id FROM jobs WHERE fine_tuned_model = ? AND owner = ?)",
+                       (model_id, owner))
+        return n == 1
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()

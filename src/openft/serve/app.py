@@ -1,0 +1,164 @@
+"""The HTTP server: the OpenAI-compatible API, plus a supervised worker process.
+
+`create_app()` wires the per-resource routers (files, fine_tuning, models, chat)
+over one store and one inference engine. With `run_worker=True` the app starts
+`openft worker` as a child process and restarts it if it dies, so a training
+crash never takes the API down and an interrupted job resumes from its last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from openft import __version__, home
+from openft.jobs.store import Store
+from openft.serve import errors
+from openft.serve.errors import envelope
+
+log = logging.getLogger("openft.serve")
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_mb: int = 512
+    run_worker: bool = True
+    max_batch_size: int = 8
+
+
+class WorkerSupervisor:
+    """Keeps one `openft worker` child alive."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="worker-supervisor", daemon=True)
+        self.restarts = 0
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        cmd = [sys.executable, "-m", "openft.cli", "worker", "--parent-pid", str(os.getpid())]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "OPENFT_HOME": str(home.home())})
+        log.info("worker started (pid %s)", self.proc.pid)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            if self.proc and self.proc.poll() is not None:
+                log.warning("worker exited with %s; restarting it", self.proc.returncode)
+                self.restarts += 1
+                self._spawn()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+class UploadLimit:
+    """ASGI middleware: refuse an upload beyond the limit while it streams in, so
+    nothing larger than the limit is ever spooled to disk."""
+
+    def __init__(self, app, limit_bytes_fn):
+        self.app, self.limit = app, limit_bytes_fn
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != "/v1/files":
+            return await self.app(scope, receive, send)
+        limit = self.limit() + (1 << 20)  # allowance for multipart framing and form fields
+        length = dict(scope["headers"]).get(b"content-length")
+        too_big = envelope(413, f"file is larger than the {self.limit() >> 20} MB limit (--max-upload-mb)",
+                           param="file", code="file_too_large")
+        if length and int(length) > limit:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > limit:
+                raise _TooBig
+            return msg
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooBig:
+            await too_big(scope, receive, send)
+
+
+class _TooBig(Exception):
+    pass
+
+
+def create_app(config: ServeConfig | None = None) -> FastAPI:
+    from openft.serve import chat, files, fine_tuning, models
+    from openft.serve.engine import Engine
+    from openft.serve.fine_tuning import validate_files
+
+    config = config or ServeConfig()
+    supervisor = WorkerSupervisor() if config.run_worker else None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for job in app.state.store.jobs_in("validating_files"):  # a restart mid-validation
+            validate_files(app, job["id"])
+        app.state.engine.start()
+        if supervisor:
+            supervisor.start()
+        yield
+        if supervisor:
+            supervisor.stop()
+        app.state.engine.stop()
+
+    app = FastAPI(title="openft", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible fine-tuning and inference on your own machine.")
+    app.state.store = Store(home.home() / "openft.db")
+    app.state.files_dir = home.home() / "files"
+    app.state.files_dir.mkdir(parents=True, exist_ok=True)
+    app.state.max_upload_bytes = config.max_upload_mb << 20
+    app.state.engine = Engine(max_batch_size=config.max_batch_size)
+    app.state.supervisor = supervisor
+    errors.install(app)
+    app.add_middleware(UploadLimit, limit_bytes_fn=lambda: app.state.max_upload_bytes)
+    for r in (files.router, fine_tuning.router, models.router, chat.router):
+        app.include_router(r)
+
+    @app.get("/health", tags=["meta"])
+    def health():
+        proc = supervisor.proc if supervisor else None
+        return {"status": "ok", "version": __version__,
+                "worker_pid": proc.pid if proc and proc.poll() is None else None,
+                "worker_restarts": supervisor.restarts if supervisor else 0}
+
+    return app
+
+
+def serve(config: ServeConfig) -> None:
+    import uvicorn
+
+    from openft.serve.auth import is_loopback
+
+    store = Store(home.home() / "openft.db")
+    if not is_loopback(config.host) and not store.has_keys():
+        raise SystemExit(f"refusing to listen on {config.host}: no API keys exist, so the server would be open to "
+                         "anyone on the network. Create one with 'openft keys create --owner NAME', or listen on 127.0.0.1.")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")

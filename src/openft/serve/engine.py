@@ -1,0 +1,587 @@
+"""The inference engine behind `/v1/chat/completions`: many models, one batch per base.
+
+Memory. One copy of each base model's weights (LRU, `max_loaded_bases`); every
+LoRA adapter of that base is a small pair of matrices per layer inside
+`MultiLoraLinear` wrappers (LRU, `max_loaded_adapters`), never merged into the
+base. A new adapter directory is loaded on its first request, from safetensors;
+an adapter file rewritten in place is reloaded (its key includes the file's
+mtime and size).
+
+Batching: continuous. One scheduler thread owns all models and tensors. Between
+decode steps it admits waiting requests: they are prefilled together in one
+forward pass, their first token sampled, and their KV cache merged into the
+running batch of their base (any mix of adapters); rows leave the batch the step
+they finish. Each base has its own running batch, stepped in turn. A model whose
+cache cannot be merged (sliding-window layers) falls back to waves: new requests
+wait until its batch drains. Loading a model happens on the scheduler thread and
+pauses decoding for that long (milliseconds for an adapter, about a second for
+a small base).
+
+The asyncio side only enqueues requests and reads an `asyncio.Queue` that the
+scheduler feeds through `loop.call_soon_threadsafe`; an error in one request
+fails that request alone and never the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from openft.models.load import DEFAULT_CHAT_TEMPLATE, _normalise_tokenizer, load_model, setup_torch
+from openft.serve.engine_batch import left_pad, merge_into, mergeable, sample, select_rows
+from openft.serve.engine_lora import WEIGHTS_FILE, LoraRouting, install_adapter, read_adapter, remove_adapter
+from openft.serve.engine_text import Detokenizer, StopMatcher
+from openft.serve.engine_types import Delta, EngineError, ModelHandle, SamplingParams, Usage
+
+__all__ = ["Delta", "Engine", "EngineError", "ModelHandle", "SamplingParams", "Usage"]
+
+log = logging.getLogger("openft.serve.engine")
+
+# End-of-turn tokens of common chat templates; one counts as a stop token when the
+# model's own template writes it (ChatML's <|im_end|>, Llama 3's <|eot_id|>, ...).
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "</s>")
+MAX_CHOICES = 128
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(eq=False)
+class _Base:
+    key: str  # resolved weights directory
+    model: torch.nn.Module
+    tokenizer: object  # the scheduler's own instance (the asyncio side uses another)
+    stop_ids: frozenset[int]
+    pad_id: int
+    routing: LoraRouting
+    cache_kw: str  # "cache" (transformers >= 5.x) or "past_key_values"
+    nbytes: int
+    refs: int = 0  # requests admitted or waiting on this base
+
+
+@dataclass(eq=False)
+class _Adapter:
+    key: str  # "<dir>@<mtime_ns>:<size>"
+    path: Path
+    base_key: str
+    nbytes: int
+    refs: int = 0
+
+
+@dataclass(eq=False)
+class _Request:
+    handle: ModelHandle
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new: int  # max_tokens after clamping to the context
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    base: _Base | None = None
+    adapter: _Adapter | None = None
+    rows_left: int = 0
+    completion_tokens: int = 0
+    cancelled: bool = False  # the caller went away: drop its rows
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Row:
+    """One choice of one request: one row of a running batch."""
+
+    req: _Request
+    index: int
+    generator: torch.Generator | None  # None for greedy rows
+    detok: Detokenizer
+    stopper: StopMatcher
+    pos: int  # position id of the token this row feeds next
+    count: int = 0  # tokens sampled so far
+    finished: bool = False
+
+
+@dataclass(eq=False)
+class _Batch:
+    """A base's running batch. cache: (B, kv_heads, L, head_dim) per layer; mask: (B, L)."""
+
+    base: _Base
+    rows: list[_Row]
+    cache: object
+    mask: torch.Tensor
+    next_ids: torch.Tensor  # (B,) tokens sampled last step, fed next step
+
+    @property
+    def adapter_keys(self) -> list[str | None]:
+        return [r.req.adapter.key if r.req.adapter else None for r in self.rows]
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class Engine:
+    def __init__(self, *, max_batch_size: int = 8, max_loaded_bases: int = 2, max_loaded_adapters: int = 64,
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        self.max_batch_size = max_batch_size
+        self.max_loaded_bases = max_loaded_bases
+        self.max_loaded_adapters = max_loaded_adapters
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # fp32 on CPU (bf16 has no hardware support there and runs 10-50x slower), bf16 on GPUs.
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self._cv = threading.Condition()  # guards _pending, _stopping, and the model dicts for loaded()
+        self._pending: list[_Request] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._bases: OrderedDict[str, _Base] = OrderedDict()  # LRU order, scheduler thread only writes
+        self._adapters: OrderedDict[str, _Adapter] = OrderedDict()
+        self._batches: dict[str, _Batch] = {}
+        self._meta_lock = threading.Lock()
+        self._tokenizers: dict[str, object] = {}  # asyncio side's tokenizers, by directory
+        self._contexts: dict[str, int] = {}
+
+    # ------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        with self._cv:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="openft-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        self._thread = None
+
+    # ------------------------------------------------------------- model metadata (any thread)
+
+    def tokenizer(self, handle: ModelHandle):
+        """The tokenizer and chat template of this model: an adapter's own saved
+        tokenizer if its directory has one (training may change the template), else its base's."""
+        d = handle.weights_path
+        if handle.adapter_path is not None and (Path(handle.adapter_path) / "tokenizer_config.json").is_file():
+            d = Path(handle.adapter_path)
+        key = str(Path(d).resolve())
+        with self._meta_lock:
+            if key not in self._tokenizers:
+                from transformers import AutoTokenizer
+
+                try:
+                    tok = AutoTokenizer.from_pretrained(key)
+                except Exception as e:  # noqa: BLE001 - any failure means the model is unusable
+                    raise EngineError(f"cannot load the tokenizer of {handle.name} from {key}: {e}",
+                                      "model_not_found") from e
+                _normalise_tokenizer(tok)
+                if getattr(tok, "chat_template", None) is None:
+                    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+                self._tokenizers[key] = tok
+            return self._tokenizers[key]
+
+    def apply_chat_template(self, handle: ModelHandle, messages: list[dict]) -> list[int]:
+        tok = self.tokenizer(handle)
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # The template writes every special token itself (BOS included where the
+        # model wants one); letting the tokenizer add its own would double them.
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    def context_length(self, handle: ModelHandle) -> int:
+        key = str(handle.weights_path.resolve())
+        with self._meta_lock:
+            if key not in self._contexts:
+                try:
+                    config = json.loads((Path(key) / "config.json").read_text())
+                except (OSError, ValueError) as e:
+                    raise EngineError(f"model {handle.name}: no readable config.json in {key}", "model_not_found") from e
+                config = config.get("text_config", config)  # multimodal configs nest the LM's
+                for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+                    if isinstance(config.get(name), int):
+                        self._contexts[key] = config[name]
+                        break
+                else:
+                    self._contexts[key] = 2048
+            return self._contexts[key]
+
+    def loaded(self) -> dict:
+        with self._cv:
+            return {
+                "bases": [{"path": b.key, "bytes": b.nbytes, "device": str(self.device),
+                           "running_rows": len(self._batches[b.key].rows) if b.key in self._batches else 0}
+                          for b in self._bases.values()],
+                "adapters": [{"path": str(a.path), "key": a.key, "base": a.base_key, "bytes": a.nbytes}
+                             for a in self._adapters.values()],
+            }
+
+    # ------------------------------------------------------------- requests (asyncio side)
+
+    async def stream(self, handle: ModelHandle, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta | Usage]:
+        """Deltas as tokens are produced (each choice ends with one carrying its
+        finish_reason), then exactly one Usage. Raises EngineError on failure."""
+        req = self._submit(handle, prompt_ids, params)
+        try:
+            while True:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Usage):
+                    return
+        finally:
+            if not req.done:
+                req.cancelled = True  # the caller stopped reading: free its rows
+                with self._cv:
+                    self._cv.notify_all()
+
+    async def complete(self, handle: ModelHandle, prompt_ids: list[int],
+                       params: SamplingParams) -> tuple[list[tuple[str, str]], Usage]:
+        texts = [[] for _ in range(params.n)]
+        reasons = ["" for _ in range(params.n)]
+        usage = None
+        async for item in self.stream(handle, prompt_ids, params):
+            if isinstance(item, Usage):
+                usage = item
+            else:
+                texts[item.index].append(item.text)
+                reasons[item.index] = item.finish_reason or reasons[item.index]
+        return [("".join(t), r) for t, r in zip(texts, reasons)], usage
+
+    def _submit(self, handle: ModelHandle, prompt_ids: list[int], params: SamplingParams) -> _Request:
+        if not prompt_ids:
+            raise EngineError("the prompt is empty", "invalid_request")
+        if not 1 <= params.n <= MAX_CHOICES:
+            raise EngineError(f"n must be between 1 and {MAX_CHOICES}, got {params.n}", "invalid_request")
+        if params.temperature < 0:
+            raise EngineError(f"temperature must be >= 0, got {params.temperature}", "invalid_request")
+        if not 0 < params.top_p <= 1:
+            raise EngineError(f"top_p must be in (0, 1], got {params.top_p}", "invalid_request")
+        if params.max_tokens is not None and params.max_tokens < 1:
+            raise EngineError(f"max_tokens must be >= 1, got {params.max_tokens}", "invalid_request")
+        context = self.context_length(handle)
+        room = context - len(prompt_ids)
+        if room < 1:
+            raise EngineError(f"the prompt has {len(prompt_ids)} tokens, which leaves no room in {handle.name}'s "
+                              f"context of {context} tokens", "context_length_exceeded")
+        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
+        req = _Request(handle=handle, prompt_ids=[int(t) for t in prompt_ids], params=params, max_new=max_new,
+                       loop=asyncio.get_running_loop(), queue=asyncio.Queue())
+        self.start()
+        with self._cv:
+            if self._stopping:
+                raise EngineError("the engine is stopping", "engine_stopped")
+            self._pending.append(req)
+            self._cv.notify_all()
+        return req
+
+    # ------------------------------------------------------------- scheduler thread
+
+    def _run(self) -> None:
+        setup_torch()
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._stopping and not self._pending and not self._batches:
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    incoming, self._pending = self._pending, []
+                try:
+                    self._admit(incoming)
+                    for key in list(self._batches):
+                        self._step(self._batches[key])
+                except Exception:  # noqa: BLE001 - a bug here must not kill serving
+                    log.exception("engine scheduler error")
+        err = EngineError("the engine stopped", "engine_stopped")
+        for batch in list(self._batches.values()):
+            for row in batch.rows:
+                self._fail(row.req, err)
+        self._batches.clear()
+        with self._cv:
+            pending, self._pending = self._pending, []
+        for req in pending:
+            self._fail(req, err)
+
+    def _admit(self, incoming: list[_Request]) -> None:
+        """Prefill what fits into each base's running batch; the rest waits, in order."""
+        waiting: list[_Request] = []
+        joining: dict[str, list[_Request]] = {}
+        for req in incoming:
+            if req.cancelled:
+                self._finish(req)
+                continue
+            try:
+                if req.base is None:
+                    base = self._ensure_base(req.handle)
+                    if base is None:  # every loaded base is busy: wait for one to drain
+                        waiting.append(req)
+                        continue
+                    req.base = base
+                    base.refs += 1
+                if req.handle.adapter_path is not None and req.adapter is None:
+                    req.adapter = self._ensure_adapter(req.base, Path(req.handle.adapter_path))
+                    req.adapter.refs += 1
+            except EngineError as e:
+                self._fail(req, e)
+                continue
+            except Exception as e:  # noqa: BLE001
+                log.exception("loading %s failed", req.handle.name)
+                self._fail(req, EngineError(f"loading {req.handle.name} failed: {type(e).__name__}: {e}",
+                                            "internal_error"))
+                continue
+            batch = self._batches.get(req.base.key)
+            rows = (len(batch.rows) if batch else 0) + sum(r.params.n for r in joining.get(req.base.key, []))
+            full = rows > 0 and rows + req.params.n > self.max_batch_size
+            if full or (batch is not None and not mergeable(batch.cache)):
+                waiting.append(req)
+            else:
+                joining.setdefault(req.base.key, []).append(req)
+        if waiting:
+            with self._cv:
+                self._pending[:0] = waiting
+        for reqs in joining.values():
+            self._prefill(reqs)
+
+    def _prefill(self, reqs: list[_Request]) -> None:
+        base = reqs[0].base
+        rows: list[_Row] = []
+        for req in reqs:
+            req.rows_left = req.params.n
+            for i in range(req.params.n):
+                gen = None
+                if req.params.temperature > 0:
+                    seed = req.params.seed + i if req.params.seed is not None else secrets.randbits(63)
+                    gen = torch.Generator(device=self.device).manual_seed(seed)
+                rows.append(_Row(req=req, index=i, generator=gen, detok=Detokenizer(base.tokenizer, req.prompt_ids),
+                                 stopper=StopMatcher(req.params.stop), pos=len(req.prompt_ids)))
+        # input_ids, mask, positions: (rows, longest prompt), prompts right-aligned
+        ids, mask, pos = left_pad([r.req.prompt_ids for r in rows], base.pad_id, self.device)
+        new = _Batch(base=base, rows=rows, cache=None, mask=mask, next_ids=ids[:, -1])
+        try:
+            logits, new.cache = self._forward(base, new, ids, mask, pos, cache=None)
+            self._sample_and_emit(new, logits)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: fail these requests only
+            self._fail_batch(new, e)
+            return
+        if not new.rows:
+            return
+        running = self._batches.get(base.key)
+        if running is None:
+            self._batches[base.key] = new
+            return
+        try:
+            running.mask = merge_into(running.cache, running.mask, new.cache, new.mask)
+        except Exception as e:  # noqa: BLE001
+            # A failed merge may leave the running cache half-updated: fail both.
+            self._fail_batch(new, e)
+            self._fail_batch(running, e)
+            return
+        running.rows += new.rows
+        running.next_ids = torch.cat([running.next_ids, new.next_ids])
+
+    def _step(self, batch: _Batch) -> None:
+        """One decode step of a running batch: feed each row's last token, sample the next."""
+        try:
+            # The fed token is a real token for every row: one more mask column (B, L+1).
+            mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], 1)
+            pos = torch.tensor([[r.pos] for r in batch.rows], dtype=torch.long, device=self.device)  # (B, 1)
+            logits, batch.cache = self._forward(batch.base, batch, batch.next_ids[:, None], mask, pos, batch.cache)
+            batch.mask = mask
+            for r in batch.rows:
+                r.pos += 1
+            self._sample_and_emit(batch, logits)
+        except Exception as e:  # noqa: BLE001
+            self._fail_batch(batch, e)
+
+    def _forward(self, base: _Base, batch: _Batch, ids, mask, pos, cache):
+        """logits (B, vocab) for each row's last position, and the updated cache."""
+        base.routing.set_rows(batch.adapter_keys, self.device)
+        kwargs = {base.cache_kw: cache}
+        out = base.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         logits_to_keep=1, **kwargs)
+        new_cache = out.cache if base.cache_kw == "cache" else out.past_key_values
+        return out.logits[:, -1, :], new_cache
+
+    def _sample_and_emit(self, batch: _Batch, logits: torch.Tensor) -> None:
+        rows = batch.rows
+        tokens = sample(logits, [r.req.params.temperature for r in rows], [r.req.params.top_p for r in rows],
+                        [r.generator for r in rows])
+        for row, token in zip(rows, tokens):
+            if row.req.cancelled or row.req.done:
+                row.finished = True
+            else:
+                self._advance(row, token, batch.base.stop_ids)
+        for row in rows:
+            if not row.req.done and (row.req.cancelled or row.req.rows_left == 0):
+                self._finish(row.req)
+        keep = [i for i, r in enumerate(rows) if not r.finished]
+        if not keep:
+            if self._batches.get(batch.base.key) is batch:
+                del self._batches[batch.base.key]
+            batch.rows = []
+            return
+        batch.next_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        if len(keep) < len(rows):
+            batch.mask = select_rows(batch.cache, batch.mask, keep)
+            batch.next_ids = batch.next_ids[keep]
+            batch.rows = [rows[i] for i in keep]
+
+    def _advance(self, row: _Row, token: int, stop_ids: frozenset[int]) -> None:
+        """Account one sampled token to its row and emit the text it makes stable."""
+        req = row.req
+        row.count += 1
+        req.completion_tokens += 1
+        if token in stop_ids:
+            self._end_row(row, "", "stop")
+            return
+        text, hit = row.stopper.push(row.detok.push(token))
+        if hit:
+            self._end_row(row, text, "stop", flush=False)
+        elif row.count >= req.max_new:
+            self._end_row(row, text, "length")
+        elif text:
+            self._emit(req, Delta(index=row.index, text=text, finish_reason=None))
+
+    def _end_row(self, row: _Row, text: str, reason: str, *, flush: bool = True) -> None:
+        if flush:
+            # Release what was held back: the detokenizer's tail (minus a character
+            # left incomplete), then the stopper's possible stop-string start,
+            # unless the tail completes a stop string after all.
+            tail, hit = row.stopper.push(row.detok.flush())
+            text += tail if hit else tail + row.stopper.flush()
+            reason = "stop" if hit else reason
+        row.finished = True
+        row.req.rows_left -= 1
+        self._emit(row.req, Delta(index=row.index, text=text, finish_reason=reason))
+
+    def _finish(self, req: _Request) -> None:
+        """All choices done (or the caller left): send Usage, release the models."""
+        if req.done:
+            return
+        req.done = True
+        if not req.cancelled:
+            n = len(req.prompt_ids)
+            self._emit(req, Usage(prompt_tokens=n, completion_tokens=req.completion_tokens,
+                                  total_tokens=n + req.completion_tokens))
+        self._release(req)
+
+    def _fail(self, req: _Request, err: EngineError) -> None:
+        if req.done:
+            return
+        req.done = True
+        self._emit(req, err)
+        self._release(req)
+
+    def _fail_batch(self, batch: _Batch, e: Exception) -> None:
+        log.exception("generation failed for a batch of %d rows", len(batch.rows), exc_info=e)
+        err = e if isinstance(e, EngineError) else EngineError(
+            f"generation failed: {type(e).__name__}: {e}", "internal_error")
+        for row in batch.rows:
+            self._fail(row.req, err)
+        if self._batches.get(batch.base.key) is batch:
+            del self._batches[batch.base.key]
+        batch.rows = []
+
+    def _release(self, req: _Request) -> None:
+        if req.base is not None:
+            req.base.refs -= 1
+        if req.adapter is not None:
+            req.adapter.refs -= 1
+
+    def _emit(self, req: _Request, item) -> None:
+        try:
+            req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed
+            req.cancelled = True
+
+    # ------------------------------------------------------------- model cache (scheduler thread)
+
+    def _ensure_base(self, handle: ModelHandle) -> _Base | None:
+        path = handle.weights_path
+        key = str(path.resolve())
+        if key in self._bases:
+            self._bases.move_to_end(key)
+            return self._bases[key]
+        if len(self._bases) >= self.max_loaded_bases:
+            idle = [k for k, b in self._bases.items() if b.refs == 0 and k not in self._batches]
+            if not idle:
+                return None
+            self._evict_base(idle[0])  # least recently used idle base
+        if not path.is_dir():
+            raise EngineError(f"model {handle.name}: {path} does not exist", "model_not_found")
+        try:
+            loaded = load_model(key, dtype=self.dtype)
+        except Exception as e:  # noqa: BLE001 - ModelNotFound, bad config, unreadable weights...
+            raise EngineError(f"cannot load model {handle.name} from {path}: {e}", "model_not_found") from e
+        model = loaded.model.to(self.device)
+        tok = loaded.tokenizer
+        stop_ids = self._stop_ids(model, tok)
+        base = _Base(key=key, model=model, tokenizer=tok, stop_ids=stop_ids,
+                     pad_id=tok.pad_token_id if tok.pad_token_id is not None else min(stop_ids),
+                     routing=LoraRouting(),
+                     cache_kw="cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values",
+                     nbytes=sum(p.numel() * p.element_size() for p in model.parameters()))
+        with self._cv:
+            self._bases[key] = base
+        return base
+
+    @staticmethod
+    def _stop_ids(model, tok) -> frozenset[int]:
+        ids: set[int] = set()
+        if tok.eos_token_id is not None:
+            ids.add(tok.eos_token_id)
+        extra = model.generation_config.eos_token_id if model.generation_config is not None else None
+        ids.update(i for i in (extra if isinstance(extra, (list, tuple)) else [extra]) if i is not None)
+        template = tok.chat_template if isinstance(tok.chat_template, str) else ""
+        vocab = tok.get_vocab()
+        ids.update(vocab[t] for t in END_OF_TURN if t in template and t in vocab)
+        if not ids:
+            raise EngineError("the model's tokenizer has no end-of-sequence token, so answers would never stop",
+                              "model_not_found")
+        return frozenset(ids)
+
+    def _evict_base(self, key: str) -> None:
+        with self._cv:
+            self._bases.pop(key)
+            for akey in [k for k, a in self._adapters.items() if a.base_key == key]:
+                del self._adapters[akey]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _ensure_adapter(self, base: _Base, path: Path) -> _Adapter:
+        weights = path / WEIGHTS_FILE
+        try:
+            st = weights.stat()
+            key = f"{path.resolve()}@{st.st_mtime_ns}:{st.st_size}"  # a rewritten adapter is a new adapter
+        except OSError:
+            key = None  # read_adapter raises the precise error
+        if key is not None and key in self._adapters and self._adapters[key].base_key == base.key:
+            self._adapters.move_to_end(key)
+            return self._adapters[key]
+        loaded = read_adapter(path, base.model)
+        key = key or f"{path.resolve()}@unknown"
+        # Evict least recently used adapters that no request holds (a soft limit:
+        # adapters in use are never dropped mid-answer).
+        while len(self._adapters) >= self.max_loaded_adapters:
+            idle = next((k for k, a in self._adapters.items() if a.refs == 0), None)
+            if idle is None:
+                break
+            old = self._adapters[idle]
+            if old.base_key in self._bases:
+                remove_adapter(self._bases[old.base_key].model, idle)
+            with self._cv:
+                del self._adapters[idle]
+        install_adapter(base.model, base.routing, key, loaded)
+        adapter = _Adapter(key=key, path=path, base_key=base.key, nbytes=loaded.nbytes)
+        with self._cv:
+            self._adapters[key] = adapter
+        return adapter

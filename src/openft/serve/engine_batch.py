@@ -1,0 +1,100 @@
+"""Tensor side of continuous batching: left-padded prompts, KV-cache merging and
+row removal on a transformers `DynamicCache`, and per-row sampling.
+
+Layout. Every row of a running batch is left-padded so that all rows end at the
+same cache column: the cache holds keys/values of shape (batch, kv_heads, L,
+head_dim) per layer and `mask` (batch, L) marks real tokens (1) and padding (0).
+Positions are explicit per row (a row's n-th real token is at position n), so
+padding never shifts a row's rotary positions.
+
+Joining. New requests are prefilled in their own forward pass (own left
+padding), then merged into the running batch at a step boundary: both caches are
+left-padded with zero keys/values (masked out) to the same length and
+concatenated along the batch axis. Leaving. Finished rows are dropped with an
+index select; padding columns that no remaining row needs are trimmed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # transformers >= 4.56: caches are lists of layers
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # pragma: no cover - older transformers
+    DynamicLayer = None
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids), each (batch, width), prompts right-aligned."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[row, width - len(s) :] = 1
+    # Real tokens at positions 0..len-1; padding gets 0 (masked anyway).
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+def mergeable(cache) -> bool:
+    """Only plain growing layers can be padded and concatenated; sliding-window or
+    static caches make new requests wait until the running batch drains (waves)."""
+    layers = getattr(cache, "layers", None)  # None on pre-4.56 caches
+    return (DynamicLayer is not None and bool(layers)
+            and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers))
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    # t: (batch, heads, L, head_dim) -> (batch, heads, n + L, head_dim), zeros in front
+    return F.pad(t, (0, 0, n, 0)) if n else t
+
+
+def merge_into(cache, mask: torch.Tensor, new_cache, new_mask: torch.Tensor) -> torch.Tensor:
+    """Append `new_cache`'s rows to `cache` in place; return the merged (B+b, L) mask."""
+    length, new_length = mask.shape[1], new_mask.shape[1]
+    width = max(length, new_length)
+    for layer, new in zip(cache.layers, new_cache.layers):
+        layer.keys = torch.cat([_pad_left(layer.keys, width - length), _pad_left(new.keys, width - new_length)], 0)
+        layer.values = torch.cat([_pad_left(layer.values, width - length), _pad_left(new.values, width - new_length)], 0)
+    return torch.cat([F.pad(mask, (width - length, 0)), F.pad(new_mask, (width - new_length, 0))], 0)
+
+
+def select_rows(cache, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """Keep only rows `keep` (in order) and trim padding columns no kept row needs; return the new mask."""
+    idx = torch.tensor(keep, dtype=torch.long, device=mask.device)
+    mask = mask.index_select(0, idx)
+    # First column any kept row uses; every column before it is padding for all rows.
+    start = int((mask.sum(0) > 0).long().argmax())
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, idx)[:, :, start:]
+        layer.values = layer.values.index_select(0, idx)[:, :, start:]
+    return mask[:, start:]
+
+
+def sample(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
+           generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row. logits: (batch, vocab). Greedy rows (temperature 0) take
+    the argmax; the others sample from softmax(logits / T) cut to the top-p
+    nucleus, each with its own generator so a seeded request is reproducible
+    whatever else shares its batch."""
+    logits = logits.float()
+    tokens = logits.argmax(-1)  # (batch,)
+    sampled = [i for i, t in enumerate(temperatures) if t > 0]
+    if not sampled:
+        return tokens.tolist()
+    out = tokens.clone()
+    for i in sampled:
+        scaled = logits[i] / temperatures[i]  # (vocab,)
+        if top_ps[i] < 1.0:
+            sorted_logits, order = scaled.sort(descending=True)
+            probs = sorted_logits.softmax(-1)
+            # Drop a token when the tokens ranked above it already reach top_p
+            # (the most likely token always stays).
+            drop = probs.cumsum(-1) - probs >= top_ps[i]
+            probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+            out[i] = order[torch.multinomial(probs, 1, generator=generators[i])[0]]
+        else:
+            out[i] = torch.multinomial(scaled.softmax(-1), 1, generator=generators[i])[0]
+    return out.tolist()

@@ -1,0 +1,191 @@
+"""Many LoRA adapters over one shared copy of a base model, chosen per batch row.
+
+The engine keeps one copy of each base in memory. The first time an adapter of
+that base is used, its target linear layers are wrapped (once) in
+`MultiLoraLinear`, which holds a dict of adapters and, per forward pass, adds
+each row's own adapter delta to the plain base output:
+
+    y[rows of a] = W x[rows of a] + scaling_a * B_a (A_a x[rows of a])
+
+Rows without an adapter get `W x` alone. Adapters are never merged into W, so
+any mix of adapters (and the bare base) can share one batch, and loading or
+evicting an adapter never touches the base weights.
+
+Adapter files are PEFT format and read from safetensors only (never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from openft.serve.engine_types import EngineError
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+
+
+@dataclass
+class LoraRouting:
+    """Which batch rows use which adapter, for the forward pass about to run.
+
+    Shared by every `MultiLoraLinear` of one base model; the scheduler sets it
+    before each forward. `groups` holds (adapter key, row indices) pairs, with
+    indices None when one adapter covers the whole batch (no gather/scatter)."""
+
+    groups: list[tuple[str, torch.Tensor | None]] = field(default_factory=list)
+
+    def set_rows(self, row_adapters: list[str | None], device: torch.device) -> None:
+        keys = {k for k in row_adapters if k is not None}
+        if len(keys) == 1 and None not in row_adapters:
+            self.groups = [(keys.pop(), None)]
+            return
+        self.groups = [
+            (k, torch.tensor([i for i, a in enumerate(row_adapters) if a == k], dtype=torch.long, device=device))
+            for k in sorted(keys)
+        ]
+
+
+class MultiLoraLinear(nn.Module):
+    """A base `nn.Linear` plus any number of LoRA adapters, applied per row."""
+
+    def __init__(self, base: nn.Linear, routing: LoraRouting):
+        super().__init__()
+        self.base = base
+        self.routing = routing
+        # adapter key -> (A: (r, in), B: (out, r), scaling). Plain tensors, not
+        # parameters: they are not part of the base's state dict.
+        self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+    @property
+    def weight(self) -> torch.Tensor:  # some model code reads proj.weight.dtype
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (batch, seq, in) -> out: (batch, seq, out)
+        out = self.base(x)
+        for key, rows in self.routing.groups:
+            adapter = self.adapters.get(key)
+            if adapter is None:  # this adapter does not target this layer
+                continue
+            a, b, scaling = adapter
+            if rows is None:
+                # Same op order as train.lora.LoraLinear, so outputs match it bit for bit.
+                out = out + F.linear(F.linear(x, a), b) * scaling
+            else:
+                xr = x.index_select(0, rows)  # (rows, seq, in)
+                out = out.index_add(0, rows, F.linear(F.linear(xr, a), b) * scaling)
+        return out
+
+
+@dataclass
+class AdapterWeights:
+    """A validated adapter, read from disk, not yet installed in a model."""
+
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module path -> (A, B, scaling)
+    nbytes: int
+
+
+def read_adapter(adapter_dir: Path, model: nn.Module) -> AdapterWeights:
+    """Read and validate a PEFT LoRA adapter against `model`; clear EngineErrors otherwise."""
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise EngineError(f"adapter directory {d} does not exist", "adapter_not_found")
+    if not (d / CONFIG_FILE).is_file():
+        raise EngineError(f"{d} is not a LoRA adapter: it has no {CONFIG_FILE}", "adapter_invalid")
+    if not (d / WEIGHTS_FILE).is_file():
+        pickles = sorted(p.name for p in d.glob("*.bin"))
+        detail = f" (found {', '.join(pickles)}: pickle weights are never loaded)" if pickles else ""
+        raise EngineError(f"{d} has no {WEIGHTS_FILE}{detail}", "adapter_invalid")
+    try:
+        config = json.loads((d / CONFIG_FILE).read_text())
+        rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EngineError(f"{d / CONFIG_FILE} is unreadable or lacks r/lora_alpha: {e}", "adapter_invalid") from e
+    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
+        raise EngineError(f"{d}: only plain LoRA adapters are supported (not DoRA or other PEFT types)",
+                          "adapter_invalid")
+    if config.get("fan_in_fan_out"):
+        raise EngineError(f"{d}: fan_in_fan_out adapters (Conv1D layers) are not supported", "adapter_invalid")
+    try:
+        state = load_file(str(d / WEIGHTS_FILE), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise EngineError(f"{d / WEIGHTS_FILE} is not a valid safetensors file: {e}", "adapter_invalid") from e
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        path = key.removeprefix("base_model.model.")
+        for which in ("lora_A", "lora_B"):
+            suffix = f".{which}.weight"
+            if path.endswith(suffix):
+                pairs.setdefault(path[: -len(suffix)], {})[which] = value
+                break
+        else:
+            raise EngineError(f"{d}: unsupported adapter weight {key} (only lora_A/lora_B of linear layers)",
+                              "adapter_invalid")
+    if not pairs:
+        raise EngineError(f"{d}: the adapter holds no weights", "adapter_invalid")
+
+    modules = dict(model.named_modules())
+    ref = next(model.parameters())
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    nbytes = 0
+    for path, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise EngineError(f"{d}: layer {path} lacks lora_A or lora_B", "adapter_invalid")
+        module = modules.get(path)
+        base = module.base if isinstance(module, MultiLoraLinear) else module
+        if not isinstance(base, nn.Linear):
+            raise EngineError(f"{d}: adapter layer {path} is not a linear layer of this base model "
+                              "(was it trained on another base?)", "adapter_incompatible")
+        a, b = ab["lora_A"], ab["lora_B"]
+        r = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != base.in_features or b.shape != (base.out_features, r):
+            raise EngineError(f"{d}: {path} has A {tuple(a.shape)}, B {tuple(b.shape)}, which do not fit the "
+                              f"base layer ({base.out_features}x{base.in_features}); was it trained on another base?",
+                              "adapter_incompatible")
+        r_cfg, alpha_cfg = _pattern(config.get("rank_pattern"), path, rank), _pattern(config.get("alpha_pattern"), path, alpha)
+        scaling = alpha_cfg / math.sqrt(r_cfg) if config.get("use_rslora") else alpha_cfg / r_cfg
+        a, b = a.to(ref.device, ref.dtype), b.to(ref.device, ref.dtype)
+        layers[path] = (a, b, scaling)
+        nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
+    return AdapterWeights(layers=layers, nbytes=nbytes)
+
+
+def _pattern(patterns: dict | None, path: str, default: float) -> float:
+    # PEFT's per-module overrides: a key matches a module path by its dotted suffix.
+    for key, value in (patterns or {}).items():
+        if path == key or path.endswith("." + key):
+            return float(value)
+    return float(default)
+
+
+def install_adapter(model: nn.Module, routing: LoraRouting, key: str, weights: AdapterWeights) -> None:
+    """Wrap the adapter's target layers (first use only) and register its weights under `key`."""
+    for path, abs_ in weights.layers.items():
+        module = model.get_submodule(path)
+        if not isinstance(module, MultiLoraLinear):
+            parent_name, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            module = MultiLoraLinear(module, routing)
+            setattr(parent, child, module)
+        module.adapters[key] = abs_
+
+
+def remove_adapter(model: nn.Module, key: str) -> None:
+    """Drop an adapter's weights; the wrappers stay (with no adapters they cost one dict lookup)."""
+    for module in model.modules():
+        if isinstance(module, MultiLoraLinear):
+            module.adapters.pop(key, None)

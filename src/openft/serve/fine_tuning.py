@@ -1,0 +1,298 @@
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, pause, resume, events,
+checkpoints, comparison. OpenAI's fields, plus openft's own as extra fields."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from openft.config import JobSpec
+from openft.jobs.store import TERMINAL, new_id, now
+from openft.models.registry import BUILTINS, ModelNotFound, resolve
+from openft.serve.auth import owner
+from openft.serve.errors import APIError, not_found
+from openft.train.hparams import auto_learning_rate
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+Auto = Literal["auto"]
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n_epochs: Union[Auto, int] = Field("auto", description="epochs, 1-50, or auto")
+    batch_size: Union[Auto, int] = Field("auto", description="examples per step, 1-256, or auto")
+    learning_rate_multiplier: Union[Auto, float] = Field("auto", description="scales openft's auto learning rate")
+
+
+class Supervised(BaseModel):
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    type: Literal["supervised"] = "supervised"
+    supervised: Supervised | None = None
+
+
+class CreateJob(BaseModel):
+    """OpenAI's create-job body; the fields after `metadata` are openft extensions
+    (sent by the openai client with `extra_body`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    suffix: str | None = Field(None, max_length=64)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    integrations: list[dict] | None = None
+    # --- openft extensions
+    validation_split: float | None = Field(None, ge=0.0, lt=0.5, description="held-out fraction without a validation file")
+    learning_rate: float | None = Field(None, gt=0, lt=1)
+    lora_rank: int | None = Field(None, ge=1, le=1024)
+    lora_alpha: float | None = Field(None, gt=0)
+    lora_dropout: float | None = Field(None, ge=0, lt=1)
+    full_finetune: bool = False
+    max_seq_length: int | None = Field(None, ge=16, le=131072)
+    early_stopping_patience: int | None = Field(None, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    weight_decay: float | None = Field(None, ge=0)
+    max_steps: int | None = Field(None, ge=1)
+    train_on_prompt: bool = False
+    questions_file: str | None = Field(None, description="a file of questions answered before and after training")
+
+
+def _hyper(body: CreateJob) -> Hyperparameters:
+    if body.method and body.method.supervised and body.method.supervised.hyperparameters:
+        return body.method.supervised.hyperparameters
+    return body.hyperparameters or Hyperparameters()
+
+
+def _check_range(value: Any, lo: float, hi: float, param: str) -> None:
+    if value != "auto" and not (lo <= value <= hi):
+        raise APIError(400, f"{param} must be between {lo:g} and {hi:g} or 'auto'", param=param, code="invalid_value")
+
+
+def build_spec(body: CreateJob, base_model: str) -> tuple[JobSpec, dict]:
+    hp = _hyper(body)
+    _check_range(hp.n_epochs, 1, 50, "hyperparameters.n_epochs")
+    _check_range(hp.batch_size, 1, 256, "hyperparameters.batch_size")
+    if hp.learning_rate_multiplier != "auto" and hp.learning_rate_multiplier <= 0:
+        raise APIError(400, "learning_rate_multiplier must be > 0", param="hyperparameters.learning_rate_multiplier",
+                       code="invalid_value")
+    spec = JobSpec(model=base_model, suffix=body.suffix)
+    t = spec.train
+    t.method = "full" if body.full_finetune else "lora"
+    t.epochs, t.batch_size = hp.n_epochs, hp.batch_size
+    if body.learning_rate is not None:
+        t.learning_rate = body.learning_rate
+    elif hp.learning_rate_multiplier != "auto":
+        t.learning_rate = auto_learning_rate(t.method) * float(hp.learning_rate_multiplier)
+    t.seed = body.seed if body.seed is not None else 0
+    for field, target in (("max_seq_length", "max_seq_length"), ("early_stopping_patience", "early_stopping_patience"),
+                          ("warmup_ratio", "warmup_ratio"), ("weight_decay", "weight_decay"), ("max_steps", "max_steps")):
+        if getattr(body, field) is not None:
+            setattr(t, target, getattr(body, field))
+    if body.lora_rank is not None:
+        spec.lora.rank = body.lora_rank
+    if body.lora_alpha is not None:
+        spec.lora.alpha = body.lora_alpha
+    if body.lora_dropout is not None:
+        spec.lora.dropout = body.lora_dropout
+    if body.validation_split is not None:
+        spec.data.validation_split = body.validation_split
+    spec.data.train_on_prompt = body.train_on_prompt
+    return spec, hp.model_dump()
+
+
+def resolve_base(request: Request, who: str, model: str) -> str:
+    """A base model for training: built-in, an own fine-tuned model (second round),
+    a local path on the server, or a hub id."""
+    store = request.app.state.store
+    if model in BUILTINS:
+        return model
+    own = store.get_model(who, model)
+    if own is not None:
+        from pathlib import Path
+
+        return str(Path(own["path"]).parent)  # the run folder
+    if model.startswith("ft:"):
+        raise not_found("model", model, "model")
+    try:
+        resolve(model)
+    except ModelNotFound as e:
+        raise APIError(404, str(e), param="model", code="model_not_found") from None
+    return model
+
+
+def job_object(row: dict) -> dict:
+    hp = row["hyperparameters"]
+    spec = row["spec"]
+    out = {
+        "object": "fine_tuning.job", "id": row["id"], "model": row["model"], "created_at": row["created_at"],
+        "finished_at": row["finished_at"], "fine_tuned_model": row["fine_tuned_model"],
+        "organization_id": row["owner"], "result_files": row["result_files"] or [], "status": row["status"],
+        "validation_file": row["validation_file"], "training_file": row["training_file"],
+        "hyperparameters": hp, "trained_tokens": row["trained_tokens"], "error": row["error"],
+        "integrations": [], "seed": row["seed"], "estimated_finish": row["estimated_finish"],
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        "metadata": row["metadata"], "suffix": row["suffix"],
+        # openft extensions
+        "user_provided_suffix": row["suffix"],
+        "training_method": spec["train"]["method"],
+        "validation_split": None if row["validation_file"] else spec["data"]["validation_split"],
+        "lora": None if spec["train"]["method"] == "full" else spec["lora"],
+        "questions_file": (row["extra"] or {}).get("questions_file"),
+        "has_comparison": row["comparison"] is not None,
+    }
+    return out
+
+
+def validate_files(app, job_id: str) -> None:
+    """validating_files -> queued, or -> failed naming the bad line."""
+    store = app.state.store
+    job = store.get_job(None, job_id)
+    if job is None or job["status"] != "validating_files":
+        return
+    for param in ("training_file", "validation_file"):
+        fid = job[param]
+        if not fid:
+            continue
+        store.add_event(job_id, f"Validating {param.replace('_', ' ')}: {fid}")
+        f = store.get_file(job["owner"], fid)
+        if f is None or f["status"] != "processed":
+            msg = f"The {param.replace('_', ' ')} {fid} is not valid: " + (f["status_details"] if f else "it no longer exists")
+            if store.update_job(job_id, expect_status=("validating_files",), status="failed", finished_at=now(),
+                                error={"code": f"invalid_{param}", "message": msg, "param": param}):
+                store.add_event(job_id, msg, level="error")
+            return
+    if store.update_job(job_id, expect_status=("validating_files",), status="queued"):
+        store.add_event(job_id, "Files validated, moving job to queued state")
+
+
+@router.post("")
+def create(request: Request, body: CreateJob, background: BackgroundTasks, who: str = Depends(owner),
+           idempotency_key: str | None = Header(None, alias="Idempotency-Key")):
+    store = request.app.state.store
+    for param in ("training_file", "validation_file", "questions_file"):
+        fid = getattr(body, param)
+        if fid and store.get_file(who, fid) is None:
+            raise not_found("file", fid, param)
+    tf = store.get_file(who, body.training_file)
+    if tf["purpose"] != "fine-tune":
+        raise APIError(400, f"{body.training_file} was uploaded with purpose '{tf['purpose']}', not 'fine-tune'",
+                       param="training_file", code="invalid_training_file")
+    base = resolve_base(request, who, body.model)
+    spec, hp = build_spec(body, base)
+    values = {
+        "id": new_id("ftjob"), "owner": who, "model": body.model, "status": "validating_files", "created_at": now(),
+        "training_file": body.training_file, "validation_file": body.validation_file, "spec": spec.to_dict(),
+        "hyperparameters": hp, "method": "supervised", "suffix": body.suffix, "seed": spec.train.seed,
+        "metadata": body.metadata, "extra": {"questions_file": body.questions_file},
+    }
+    row, created = store.create_job(values, idempotency_key)
+    if created:
+        store.add_event(row["id"], f"Created fine-tuning job: {row['id']}", data={"status": "validating_files"})
+        background.add_task(validate_files, request.app, row["id"])
+    return job_object(row)
+
+
+@router.get("")
+def list_jobs(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100),
+              who: str = Depends(owner)):
+    rows = request.app.state.store.list_jobs(who, after, limit + 1)
+    return {"object": "list", "data": [job_object(r) for r in rows[:limit]], "has_more": len(rows) > limit}
+
+
+def owned_job(request: Request, job_id: str, who: str) -> dict:
+    row = request.app.state.store.get_job(who, job_id)
+    if row is None:
+        raise not_found("fine-tuning job", job_id)
+    return row
+
+
+@router.get("/{job_id}")
+def retrieve(request: Request, job_id: str, who: str = Depends(owner)):
+    return job_object(owned_job(request, job_id, who))
+
+
+@router.post("/{job_id}/cancel")
+def cancel(request: Request, job_id: str, who: str = Depends(owner)):
+    store = request.app.state.store
+    job = owned_job(request, job_id, who)
+    if job["status"] in TERMINAL:
+        raise APIError(400, f"Job {job_id} has already {job['status']}; it cannot be cancelled", code="job_not_cancellable")
+    # The worker sees the status (and control flag) after its current step and stops.
+    if store.update_job(job_id, expect_status=("validating_files", "queued", "running", "paused"),
+                        status="cancelled", control="cancel", finished_at=now(), estimated_finish=None):
+        store.add_event(job_id, "Job cancelled by request", data={"status": "cancelled"})
+    return job_object(store.get_job(who, job_id))
+
+
+@router.post("/{job_id}/pause")
+def pause(request: Request, job_id: str, who: str = Depends(owner)):
+    store = request.app.state.store
+    job = owned_job(request, job_id, who)
+    if job["status"] in ("validating_files", "queued"):
+        store.update_job(job_id, expect_status=(job["status"],), status="paused")
+        store.add_event(job_id, "Job paused before it started", data={"status": "paused"})
+    elif job["status"] == "running":
+        # The worker checkpoints at the end of the current step, then marks it paused.
+        store.update_job(job_id, expect_status=("running",), control="pause")
+        store.add_event(job_id, "Pause requested; the job pauses after its current step")
+    elif job["status"] != "paused":
+        raise APIError(400, f"Job {job_id} has {job['status']}; it cannot be paused", code="job_not_pausable")
+    return job_object(store.get_job(who, job_id))
+
+
+@router.post("/{job_id}/resume")
+def resume(request: Request, job_id: str, who: str = Depends(owner)):
+    store = request.app.state.store
+    job = owned_job(request, job_id, who)
+    if job["status"] != "paused":
+        raise APIError(400, f"Job {job_id} is {job['status']}, not paused", code="job_not_paused")
+    if store.update_job(job_id, expect_status=("paused",), status="queued", control=""):
+        store.add_event(job_id, "Job resumed; queued to continue from its last checkpoint", data={"status": "queued"})
+    return job_object(store.get_job(who, job_id))
+
+
+def event_object(e: dict) -> dict:
+    return {"object": "fine_tuning.job.event", "id": e["id"], "created_at": e["created_at"], "level": e["level"],
+            "message": e["message"], "type": e["type"], "data": e["data"] or {}}
+
+
+@router.get("/{job_id}/events")
+def events(request: Request, job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=1000),
+           order: Literal["asc", "desc"] = "desc", who: str = Depends(owner)):
+    owned_job(request, job_id, who)
+    rows = request.app.state.store.list_events(job_id, after, limit + 1, order)
+    return {"object": "list", "data": [event_object(e) for e in rows[:limit]], "has_more": len(rows) > limit}
+
+
+def checkpoint_object(c: dict) -> dict:
+    return {"object": "fine_tuning.job.checkpoint", "id": c["id"], "created_at": c["created_at"],
+            "fine_tuned_model_checkpoint": c["model_name"], "step_number": c["step"],
+            "metrics": {k: v for k, v in c["metrics"].items() if v is not None}, "fine_tuning_job_id": c["job_id"]}
+
+
+@router.get("/{job_id}/checkpoints")
+def checkpoints(request: Request, job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=100),
+                who: str = Depends(owner)):
+    owned_job(request, job_id, who)
+    rows = request.app.state.store.list_checkpoints(job_id, after, limit + 1)
+    data = [checkpoint_object(c) for c in rows[:limit]]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+
+
+@router.get("/{job_id}/comparison")
+def comparison(request: Request, job_id: str, who: str = Depends(owner)):
+    job = owned_job(request, job_id, who)
+    if job["comparison"] is None:
+        raise APIError(404, f"Job {job_id} has no comparison (it needs questions_file and must have succeeded)",
+                       code="comparison_not_found")
+    return {"object": "fine_tuning.job.comparison", "fine_tuning_job_id": job_id, **job["comparison"]}

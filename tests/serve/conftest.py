@@ -1,0 +1,110 @@
+"""A real `openft serve` on loopback, and OpenAPI schema validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+SPEC = Path(__file__).resolve().parents[2].parent / "shared" / "openai-openapi.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, home: Path, *extra: str):
+        self.home, self.extra = home, extra
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log = open(home / f"server-{self.port}.log", "ab")
+
+    def start(self) -> "Server":
+        env = {**os.environ, "OPENFT_HOME": str(self.home)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "openft.cli", "serve", "--port", str(self.port), *self.extra],
+                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {(self.home / f'server-{self.port}.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+        raise RuntimeError("server did not start")
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=5).json()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def client(self, api_key: str = "local"):
+        from openai import OpenAI
+
+        return OpenAI(api_key=api_key, base_url=self.url + "/v1", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def openapi():
+    if not SPEC.exists():
+        pytest.skip("../shared/openai-openapi.yaml is not present")
+    import yaml
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+
+    doc = yaml.load(SPEC.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    registry = Registry().with_resource("openapi", Resource.from_contents(doc, default_specification=None)
+                                        if False else Resource.opaque(doc))
+
+    def validate(obj, schema_name: str) -> None:
+        if hasattr(obj, "model_dump"):
+            obj = obj.model_dump(mode="json", exclude_unset=True)
+        schema = {"$ref": f"openapi#/components/schemas/{schema_name}"}
+        errors = sorted(Draft202012Validator(schema, registry=registry).iter_errors(obj), key=lambda e: e.path)
+        assert not errors, f"{schema_name}: " + "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
+
+    return validate
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, session_home):
+    home = tmp_path_factory.mktemp("serve-home")
+    # Share the converted built-in model cache with the rest of the session.
+    (home / "models").symlink_to(Path(session_home) / "models", target_is_directory=True)
+    s = Server(home).start()
+    yield s
+    s.stop()
+
+
+def wait_for(predicate, timeout: float = 300, every: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def jsonl(rows) -> bytes:
+    return ("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n").encode()
