@@ -64,6 +64,19 @@ class Server:
         return OpenAI(api_key=api_key, base_url=self.url + "/v1", max_retries=0, timeout=120)
 
 
+def _nullable_to_json_schema(node):
+    """The spec still marks some fields OpenAPI-3.0 style (`nullable: true`), which
+    JSON Schema ignores; rewrite those as anyOf [schema, null]."""
+    if isinstance(node, list):
+        return [_nullable_to_json_schema(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _nullable_to_json_schema(v) for k, v in node.items()}
+    if node.pop("nullable", False) is True:
+        return {"anyOf": [node, {"type": "null"}]}
+    return node
+
+
 @pytest.fixture(scope="session")
 def openapi():
     if not SPEC.exists():
@@ -72,9 +85,8 @@ def openapi():
     from jsonschema import Draft202012Validator
     from referencing import Registry, Resource
 
-    doc = yaml.load(SPEC.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    registry = Registry().with_resource("openapi", Resource.from_contents(doc, default_specification=None)
-                                        if False else Resource.opaque(doc))
+    doc = _nullable_to_json_schema(yaml.load(SPEC.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
+    registry = Registry().with_resource("openapi", Resource.opaque(doc))
 
     def validate(obj, schema_name: str) -> None:
         if hasattr(obj, "model_dump"):

@@ -138,7 +138,7 @@ class JobRunner:
                        "valid_loss": m.get("valid_loss"), "valid_mean_token_accuracy": m.get("valid_mean_token_accuracy"),
                        "full_valid_loss": None, "full_valid_mean_token_accuracy": None}
             self.store.add_checkpoint(jid, data["step"], metrics, name, data["path"])
-            self.store.add_event(jid, f"Checkpoint created at step {data['step']}", type="checkpoint",
+            self.store.add_event(jid, f"Checkpoint created at step {data['step']}", type="message",
                                  data={"step": data["step"], "fine_tuned_model_checkpoint": name})
         elif kind == "checkpoints_deleted":
             for step in data["steps"]:

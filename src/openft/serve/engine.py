@@ -43,7 +43,7 @@ from openft.serve.engine_lora import WEIGHTS_FILE, LoraRouting, install_adapter,
 from openft.serve.engine_text import Detokenizer, StopMatcher
 from openft.serve.engine_types import Delta, EngineError, ModelHandle, SamplingParams, Usage
 
-__all__ = ["Delta", "Engine", "EngineError", "ModelHandle", "SamplingParams", "Usage"]
+__all__ = ["Delta", "Engine", "EngineError", "EngineStats", "ModelHandle", "SamplingParams", "Usage"]
 
 log = logging.getLogger("openft.serve.engine")
 
@@ -54,6 +54,17 @@ MAX_CHOICES = 128
 
 
 # --------------------------------------------------------------------------- state
+
+
+@dataclass
+class EngineStats:
+    """Counters for diagnostics and tests (written by the scheduler thread only)."""
+
+    prefills: int = 0  # prefill forward passes
+    joins: int = 0  # prefills merged into an already running batch (continuous batching)
+    steps: int = 0  # decode steps
+    max_rows: int = 0  # most rows decoded in one step
+    mixed_steps: int = 0  # decode steps whose rows used more than one adapter (the bare base counts as one)
 
 
 @dataclass(eq=False)
@@ -71,7 +82,7 @@ class _Base:
 
 @dataclass(eq=False)
 class _Adapter:
-    key: str  # "<dir>@<mtime_ns>:<size>"
+    key: str  # "<dir>@<mtime_ns>:<size>|<base dir>"
     path: Path
     base_key: str
     nbytes: int
@@ -145,6 +156,7 @@ class Engine:
         self._meta_lock = threading.Lock()
         self._tokenizers: dict[str, object] = {}  # asyncio side's tokenizers, by directory
         self._contexts: dict[str, int] = {}
+        self.stats = EngineStats()
 
     # ------------------------------------------------------------- lifecycle
 
@@ -299,8 +311,15 @@ class Engine:
                     self._admit(incoming)
                     for key in list(self._batches):
                         self._step(self._batches[key])
-                except Exception:  # noqa: BLE001 - a bug here must not kill serving
+                except Exception as e:  # noqa: BLE001 - a bug here must not kill serving
                     log.exception("engine scheduler error")
+                    # Answer every admitted request not in a running batch, so no caller waits forever.
+                    running = {id(r.req) for b in self._batches.values() for r in b.rows}
+                    with self._cv:
+                        waiting = {id(r) for r in self._pending}
+                    for req in incoming:
+                        if id(req) not in running and id(req) not in waiting:
+                            self._fail(req, EngineError(f"internal error: {type(e).__name__}: {e}", "internal_error"))
         err = EngineError("the engine stopped", "engine_stopped")
         for batch in list(self._batches.values()):
             for row in batch.rows:
@@ -366,6 +385,7 @@ class Engine:
         # input_ids, mask, positions: (rows, longest prompt), prompts right-aligned
         ids, mask, pos = left_pad([r.req.prompt_ids for r in rows], base.pad_id, self.device)
         new = _Batch(base=base, rows=rows, cache=None, mask=mask, next_ids=ids[:, -1])
+        self.stats.prefills += 1
         try:
             logits, new.cache = self._forward(base, new, ids, mask, pos, cache=None)
             self._sample_and_emit(new, logits)
@@ -385,6 +405,7 @@ class Engine:
             self._fail_batch(new, e)
             self._fail_batch(running, e)
             return
+        self.stats.joins += 1
         running.rows += new.rows
         running.next_ids = torch.cat([running.next_ids, new.next_ids])
 
@@ -398,6 +419,9 @@ class Engine:
             batch.mask = mask
             for r in batch.rows:
                 r.pos += 1
+            self.stats.steps += 1
+            self.stats.max_rows = max(self.stats.max_rows, len(batch.rows))
+            self.stats.mixed_steps += len(set(batch.adapter_keys)) > 1
             self._sample_and_emit(batch, logits)
         except Exception as e:  # noqa: BLE001
             self._fail_batch(batch, e)
@@ -561,14 +585,15 @@ class Engine:
         weights = path / WEIGHTS_FILE
         try:
             st = weights.stat()
-            key = f"{path.resolve()}@{st.st_mtime_ns}:{st.st_size}"  # a rewritten adapter is a new adapter
+            # A rewritten adapter is a new adapter; the same adapter on two bases is two.
+            key = f"{path.resolve()}@{st.st_mtime_ns}:{st.st_size}|{base.key}"
         except OSError:
             key = None  # read_adapter raises the precise error
-        if key is not None and key in self._adapters and self._adapters[key].base_key == base.key:
+        if key is not None and key in self._adapters:
             self._adapters.move_to_end(key)
             return self._adapters[key]
         loaded = read_adapter(path, base.model)
-        key = key or f"{path.resolve()}@unknown"
+        key = key or f"{path.resolve()}@unknown|{base.key}"
         # Evict least recently used adapters that no request holds (a soft limit:
         # adapters in use are never dropped mid-answer).
         while len(self._adapters) >= self.max_loaded_adapters:

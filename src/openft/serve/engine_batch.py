@@ -62,9 +62,14 @@ def merge_into(cache, mask: torch.Tensor, new_cache, new_mask: torch.Tensor) -> 
 
 
 def select_rows(cache, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
-    """Keep only rows `keep` (in order) and trim padding columns no kept row needs; return the new mask."""
+    """Keep only rows `keep` (in order); return the new mask. On plain caches also
+    trim the padding columns that no kept row needs, so a long answer that left
+    does not leave every later step attending over its columns."""
     idx = torch.tensor(keep, dtype=torch.long, device=mask.device)
     mask = mask.index_select(0, idx)
+    if not mergeable(cache):  # each layer type knows how to drop its own rows
+        cache.batch_select_indices(idx)
+        return mask
     # First column any kept row uses; every column before it is padding for all rows.
     start = int((mask.sum(0) > 0).long().argmax())
     for layer in cache.layers:

@@ -23,8 +23,9 @@ CHUNK = 1 << 20
 
 def file_object(row: dict) -> dict:
     out = {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
-           "filename": row["filename"], "purpose": row["purpose"], "status": row["status"],
-           "status_details": row["status_details"], "expires_at": None}
+           "filename": row["filename"], "purpose": row["purpose"], "status": row["status"]}
+    if row["status_details"]:
+        out["status_details"] = row["status_details"]
     if row.get("validation") is not None:
         out["validation"] = row["validation"]  # openft extension: the dataset report
     return out
