@@ -186,3 +186,46 @@ def test_idempotency_key_creates_one_job(server, tiny_model_dir):
     b = c.fine_tuning.jobs.create(**kwargs)
     assert a.id == b.id
     wait_for(lambda: c.fine_tuning.jobs.retrieve(a.id).status in ("succeeded", "failed"))
+
+
+def test_cli_as_a_client_of_the_running_server(server, finished_job, tmp_path):
+    import os
+
+    env = {**os.environ, "OPENFT_BASE_URL": server.url + "/v1", "OPENFT_API_KEY": "local"}
+
+    def cli(*args, stdin=None):
+        return subprocess.run([sys.executable, "-m", "openft.cli", *args], capture_output=True, text=True,
+                              env=env, input=stdin, timeout=300)
+
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(jsonl(_rows(12)))
+    up = cli("files", "upload", str(data))
+    assert up.returncode == 0, up.stderr
+    fid = json.loads(up.stdout)["id"]
+    assert fid in cli("files", "list").stdout
+    job_id = finished_job["job"].id
+    assert job_id in cli("jobs", "list").stdout
+    assert json.loads(cli("jobs", "show", job_id).stdout)["status"] == "succeeded"
+    events = cli("jobs", "events", job_id, "--limit", "200").stdout
+    assert "Created fine-tuning job" in events and "successfully completed" in events
+    chat = cli("chat", finished_job["job"].fine_tuned_model, "--max-tokens", "8", "--temperature", "0",
+               stdin="Who are you?\n")
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+    down = subprocess.run([sys.executable, "-m", "openft.cli", "jobs", "list"], capture_output=True, text=True,
+                          env={**env, "OPENFT_BASE_URL": "http://127.0.0.1:9/v1"}, timeout=60)
+    assert down.returncode == 1 and "error:" in down.stderr  # server unreachable: a clear message, no traceback
+    assert "Traceback" not in down.stderr
+
+
+def test_plain_completions_endpoint(server, finished_job, openapi):
+    c = server.client()
+    r = c.completions.create(model=finished_job["job"].fine_tuned_model, prompt="Once upon a time", max_tokens=5,
+                             temperature=0)
+    openapi(r, "CreateCompletionResponse")
+    assert r.object == "text_completion" and r.usage.completion_tokens <= 5
+
+
+def test_interactive_docs_and_openapi(server):
+    assert httpx.get(server.url + "/docs", timeout=10).status_code == 200
+    spec = httpx.get(server.url + "/openapi.json", timeout=10).json()
+    assert "/v1/chat/completions" in spec["paths"] and "/v1/fine_tuning/jobs" in spec["paths"]
