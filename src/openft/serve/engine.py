@@ -78,6 +78,7 @@ class _Base:
     cache_kw: str  # "cache" (transformers >= 5.x) or "past_key_values"
     nbytes: int
     refs: int = 0  # requests admitted or waiting on this base
+    names: set[str] = field(default_factory=set)  # served model names that used it (for forget)
 
 
 @dataclass(eq=False)
@@ -87,6 +88,7 @@ class _Adapter:
     base_key: str
     nbytes: int
     refs: int = 0
+    names: set[str] = field(default_factory=set)
 
 
 @dataclass(eq=False)
@@ -148,6 +150,7 @@ class Engine:
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self._cv = threading.Condition()  # guards _pending, _stopping, and the model dicts for loaded()
         self._pending: list[_Request] = []
+        self._forget: set[str] = set()  # model names to drop from memory once idle
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._bases: OrderedDict[str, _Base] = OrderedDict()  # LRU order, scheduler thread only writes
@@ -224,6 +227,13 @@ class Engine:
                 else:
                     self._contexts[key] = 2048
             return self._contexts[key]
+
+    def forget(self, name: str) -> None:
+        """Drop a deleted model (its adapter, or a full fine-tune's weights) from
+        memory at the next step boundary, once no request is using it."""
+        with self._cv:
+            self._forget.add(name)
+            self._cv.notify_all()
 
     def loaded(self) -> dict:
         with self._cv:
@@ -302,11 +312,13 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not self._stopping and not self._pending and not self._batches:
+                    while not self._stopping and not self._pending and not self._batches and not self._forget:
                         self._cv.wait()
                     if self._stopping:
                         break
                     incoming, self._pending = self._pending, []
+                if self._forget:
+                    self._drop_forgotten()
                 try:
                     self._admit(incoming)
                     for key in list(self._batches):
@@ -346,9 +358,12 @@ class Engine:
                         continue
                     req.base = base
                     base.refs += 1
+                    if req.handle.adapter_path is None:
+                        base.names.add(req.handle.name)
                 if req.handle.adapter_path is not None and req.adapter is None:
                     req.adapter = self._ensure_adapter(req.base, Path(req.handle.adapter_path))
                     req.adapter.refs += 1
+                    req.adapter.names.add(req.handle.name)
             except EngineError as e:
                 self._fail(req, e)
                 continue
@@ -572,6 +587,28 @@ class Engine:
             raise EngineError("the model's tokenizer has no end-of-sequence token, so answers would never stop",
                               "model_not_found")
         return frozenset(ids)
+
+    def _drop_forgotten(self) -> None:
+        with self._cv:
+            names = set(self._forget)
+        busy: set[str] = set()
+        for key, a in list(self._adapters.items()):
+            if a.names & names:
+                if a.refs:
+                    busy |= a.names & names
+                    continue
+                if a.base_key in self._bases:
+                    remove_adapter(self._bases[a.base_key].model, key)
+                with self._cv:
+                    del self._adapters[key]
+        for key, b in list(self._bases.items()):
+            if b.names & names:
+                if b.refs or key in self._batches:
+                    busy |= b.names & names
+                else:
+                    self._evict_base(key)
+        with self._cv:
+            self._forget -= names - busy  # busy ones are retried at the next boundary
 
     def _evict_base(self, key: str) -> None:
         with self._cv:

@@ -36,7 +36,7 @@ class Delta:
     """One streamed piece of one choice."""
 
     index: int  # choice index
-    text: str  # never a broken UTF-8 character
+    text: str  # never a broken UTF-8 character (held until whole; bytes no token completes are dropped)
     finish_reason: str | None  # None while running; "stop" (end token or stop string) or "length"
 
 
