@@ -156,7 +156,11 @@ for chunk in response:
 '''
     out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    assert "None" not in out.stdout and "\ufffd" not in out.stdout
+    # The failure this guards against is a None printed for a chunk without content
+    # (the role chunk first, the finish chunk last). The random tiny model may
+    # well say "None" in between, so look at the ends.
+    assert out.stdout and not out.stdout.startswith("None") and not out.stdout.endswith("None")
+    assert "\ufffd" not in out.stdout
 
 
 def test_unknown_and_bad_requests_get_the_error_envelope(server):

@@ -172,6 +172,10 @@ class JobRunner:
             jid, expect_status=("running",), status="succeeded", finished_at=int(time.time()),
             fine_tuned_model=name, trained_tokens=r.trained_tokens, comparison=comparison, run_dir=str(r.run_dir),
             result_files=result_files, estimated_finish=None, control="")
+        if not ok:
+            # Cancelled while training finished (the trainer does not stop on its last
+            # step, nor while saving): the job stays cancelled, so take back its model.
+            self.store.delete_model(self.job["owner"], name)
         if ok:
             self.store.add_event(jid, f"New fine-tuned model created: {name}", type="message",
                                  data={"fine_tuned_model": name, "trained_tokens": r.trained_tokens,

@@ -88,19 +88,30 @@ class UploadLimit:
                            param="file", code="file_too_large")
         if length and int(length) > limit:
             return await too_big(scope, receive, send)
-        seen = 0
+        seen, tripped = 0, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, tripped
             msg = await receive()
             seen += len(msg.get("body", b""))
             if seen > limit:
+                tripped = True
                 raise _TooBig
             return msg
 
+        async def guarded(message):
+            # FastAPI turns an exception raised while it parses a form into its own
+            # 400 ("There was an error parsing the body"), so _TooBig may never reach
+            # us (a chunked upload has no Content-Length to refuse up front): once the
+            # limit has tripped, drop whatever the app answers and send the 413 below.
+            if not tripped:
+                await send(message)
+
         try:
-            await self.app(scope, counted, send)
+            await self.app(scope, counted, guarded)
         except _TooBig:
+            pass
+        if tripped:
             await too_big(scope, receive, send)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,8 +35,14 @@ def envelope(status: int, message: str, *, param=None, code=None, type=None) -> 
         "message": message, "type": type or TYPES.get(status, "invalid_request_error"), "param": param, "code": code}})
 
 
+# Pydantic names the member of a Union that failed in the error's location
+# (`n_epochs.literal['auto']`, `stop.list[str]`, `content.int`); those are not fields.
+_UNION_TAG = re.compile(r"^(?:int|float|str|bool|bytes|none|dict|list|tuple|set)$|[\[\]'\"()]")
+
+
 def _param(loc: tuple) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    parts = [p for i, p in enumerate(parts) if i == 0 or not _UNION_TAG.search(p)]
     return ".".join(parts) or None
 
 

@@ -1,0 +1,187 @@
+"""Owners cannot see or touch each other's objects: with API keys for owners A
+and B, every call B makes on one of A's objects answers exactly as the same call
+on an object that does not exist (status, error type, code, param; the message
+differs only by the id), and A's objects are untouched afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from .conftest import Server, jsonl, wait_for
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "src" / "openft" / "examples"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _rows(n=12):
+    lines = (EXAMPLES / "lumen_train.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines[:n]]
+
+
+def _create_key(home: Path, owner: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "openft.cli", "keys", "create", "--owner", owner],
+                         env={**os.environ, "OPENFT_HOME": str(home)}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.strip().splitlines()[-1]
+    assert key.startswith("sk-"), out.stdout
+    return key
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory, session_home):
+    home = tmp_path_factory.mktemp("isolation-home")
+    (home / "models").symlink_to(Path(session_home) / "models", target_is_directory=True)
+    keys = {"A": _create_key(home, "A")}  # one before the server starts ...
+    s = Server(home).start()
+    keys["B"] = _create_key(home, "B")  # ... and one while it runs (the store is shared)
+    yield s, keys
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def a_objects(keyed, tiny_model_dir):
+    s, keys = keyed
+    a = s.client(keys["A"])
+    train = a.files.create(file=("a-train.jsonl", jsonl(_rows())), purpose="fine-tune")
+    job = a.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id, suffix="alpha",
+                                    extra_body={"max_steps": 2, "learning_rate": 1e-2},
+                                    extra_headers={"Idempotency-Key": "shared-key-1"})
+    done = wait_for(lambda: (j := a.fine_tuning.jobs.retrieve(job.id)).status in TERMINAL and j, timeout=400)
+    assert done.status == "succeeded", done.error
+    ckpts = a.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert ckpts
+    events = a.fine_tuning.jobs.list_events(job.id, limit=200).data
+    return {"file": train, "job": done, "model": done.fine_tuned_model,
+            "ckpt": ckpts[0].fine_tuned_model_checkpoint, "n_ckpts": len(ckpts), "n_events": len(events)}
+
+
+def _error(call) -> tuple[int, dict]:
+    """(status, error body) of a call that must fail with an API error."""
+    try:
+        result = call()
+    except openai.APIStatusError as e:
+        body = e.body if isinstance(e.body, dict) else {}
+        body = body.get("error", body)  # the client unwraps the envelope already
+        return e.status_code, body
+    if isinstance(result, httpx.Response):
+        if result.status_code >= 400:
+            return result.status_code, result.json()["error"]
+        raise AssertionError(f"expected an error, got {result.status_code}: {result.text[:300]}")
+    raise AssertionError(f"expected an error, got {result!r}"[:500])
+
+
+def test_requests_without_a_valid_key_are_refused(keyed):
+    s, keys = keyed
+    for method, path in (("GET", "/v1/files"), ("GET", "/v1/fine_tuning/jobs"), ("GET", "/v1/models"),
+                         ("POST", "/v1/chat/completions")):
+        r = httpx.request(method, s.url + path, json={} if method == "POST" else None, timeout=30)
+        assert r.status_code == 401, (path, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert err["type"] == "authentication_error" and err["code"] == "missing_api_key"
+    with pytest.raises(openai.AuthenticationError) as e:
+        s.client("sk-oft-not-a-real-key").files.list()
+    assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    # A key that is "local" (the no-keys mode's conventional value) is no key at all here.
+    with pytest.raises(openai.AuthenticationError):
+        s.client("local").models.list()
+    # The right key works.
+    assert s.client(keys["B"]).files.list().data == []
+
+
+def test_another_owner_sees_nothing_and_can_change_nothing(keyed, a_objects, tiny_model_dir):
+    s, keys = keyed
+    a, b = s.client(keys["A"]), s.client(keys["B"])
+    fid, jid, model, ckpt = a_objects["file"].id, a_objects["job"].id, a_objects["model"], a_objects["ckpt"]
+    b_file = b.files.create(file=("b-train.jsonl", jsonl(_rows(10))), purpose="fine-tune")
+    tiny = str(tiny_model_dir)
+    missing_f = "file-" + secrets.token_hex(12)
+    missing_j = "ftjob-" + secrets.token_hex(12)
+    # The same shape of name, another job id: a fine-tuned model and a checkpoint that do not exist.
+    missing_m = model.rsplit(":", 1)[0] + ":" + secrets.token_hex(12)
+    missing_c = missing_m + ":" + ckpt.rsplit(":", 1)[1]
+    bh = {"Authorization": f"Bearer {keys['B']}"}
+    chat = [{"role": "user", "content": "Who are you?"}]
+
+    # (name, call on A's object, the same call on a missing one, A's id, the missing id)
+    checks = [
+        ("retrieve file", lambda i: b.files.retrieve(i), fid, missing_f),
+        ("download file", lambda i: b.files.content(i), fid, missing_f),
+        ("delete file", lambda i: b.files.delete(i), fid, missing_f),
+        ("job with training_file", lambda i: b.fine_tuning.jobs.create(model=tiny, training_file=i), fid, missing_f),
+        ("job with validation_file", lambda i: b.fine_tuning.jobs.create(model=tiny, training_file=b_file.id,
+                                                                         validation_file=i), fid, missing_f),
+        ("job with questions_file", lambda i: b.fine_tuning.jobs.create(model=tiny, training_file=b_file.id,
+                                                                        extra_body={"questions_file": i}), fid, missing_f),
+        ("retrieve job", lambda i: b.fine_tuning.jobs.retrieve(i), jid, missing_j),
+        ("cancel job", lambda i: b.fine_tuning.jobs.cancel(i), jid, missing_j),
+        ("pause job", lambda i: b.fine_tuning.jobs.pause(i), jid, missing_j),
+        ("resume job", lambda i: b.fine_tuning.jobs.resume(i), jid, missing_j),
+        ("job events", lambda i: b.fine_tuning.jobs.list_events(i), jid, missing_j),
+        ("job checkpoints", lambda i: b.fine_tuning.jobs.checkpoints.list(i), jid, missing_j),
+        ("job comparison", lambda i: httpx.get(f"{s.url}/v1/fine_tuning/jobs/{i}/comparison", headers=bh, timeout=30),
+         jid, missing_j),
+        ("retrieve model", lambda i: b.models.retrieve(i), model, missing_m),
+        ("retrieve checkpoint model", lambda i: b.models.retrieve(i), ckpt, missing_c),
+        ("chat with model", lambda i: b.chat.completions.create(model=i, messages=chat, max_tokens=4), model, missing_m),
+        ("chat with checkpoint", lambda i: b.chat.completions.create(model=i, messages=chat, max_tokens=4),
+         ckpt, missing_c),
+        ("completion with model", lambda i: b.completions.create(model=i, prompt="Hi", max_tokens=4), model, missing_m),
+        ("train on model", lambda i: b.fine_tuning.jobs.create(model=i, training_file=b_file.id), model, missing_m),
+        ("delete checkpoint model", lambda i: b.models.delete(i), ckpt, missing_c),
+        ("delete model", lambda i: b.models.delete(i), model, missing_m),
+    ]
+    n = 0
+    for name, call, real, missing in checks:
+        got_status, got = _error(lambda: call(real))
+        want_status, want = _error(lambda: call(missing))
+        assert want_status == 404, (name, want_status, want)  # the baseline really is "not found"
+        assert (got_status, got.get("type"), got.get("code"), got.get("param")) == \
+               (want_status, want.get("type"), want.get("code"), want.get("param")), (name, got, want)
+        assert got["message"].replace(real, missing) == want["message"], (name, got["message"], want["message"])
+        n += 1
+
+    # Lists: none of A's objects appear in B's.
+    assert fid not in {f.id for f in b.files.list().data}
+    n += 1
+    assert jid not in {j.id for j in b.fine_tuning.jobs.list(limit=100).data}
+    n += 1
+    b_models = {m.id for m in b.models.list().data}
+    assert model not in b_models and ckpt not in b_models
+    n += 1
+    # The same Idempotency-Key as A's job makes B a new job of B's own, never A's.
+    b_job = b.fine_tuning.jobs.create(model=tiny, training_file=b_file.id, extra_body={"max_steps": 1},
+                                      extra_headers={"Idempotency-Key": "shared-key-1"})
+    assert b_job.id != jid and b_job.organization_id == "B" and b_job.training_file == b_file.id
+    b.fine_tuning.jobs.cancel(b_job.id)
+    n += 1
+    print(f"\n{n} isolation checks passed")
+
+    # A's objects are all intact.
+    f = a.files.retrieve(fid)
+    assert f.id == fid and f.status == "processed"
+    assert a.files.content(fid).read() == jsonl(_rows())
+    assert fid in {x.id for x in a.files.list().data}
+    job = a.fine_tuning.jobs.retrieve(jid)
+    assert job.status == "succeeded" and job.fine_tuned_model == model and job.organization_id == "A"
+    assert len(a.fine_tuning.jobs.list_events(jid, limit=200).data) == a_objects["n_events"]
+    assert len(a.fine_tuning.jobs.checkpoints.list(jid).data) == a_objects["n_ckpts"]
+    assert jid in {j.id for j in a.fine_tuning.jobs.list(limit=100).data}
+    assert b_job.id not in {j.id for j in a.fine_tuning.jobs.list(limit=100).data}
+    a_models = {m.id for m in a.models.list().data}
+    assert model in a_models and ckpt in a_models
+    assert a.models.retrieve(ckpt).id == ckpt
+    for m in (model, ckpt):
+        r = a.chat.completions.create(model=m, messages=chat, max_tokens=4, temperature=0)
+        assert r.model == m and r.usage.completion_tokens <= 4
