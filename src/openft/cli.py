@@ -157,7 +157,7 @@ def cmd_data_validate(args) -> int:
 
 def cmd_data_preview(args) -> int:
     from openft.models.load import load_model
-    from openft.train.tokenize import IGNORE, encode
+    from openft.train.tokenize import segments
 
     result = _load_for_cli(args)
     for e in result.errors[:10]:
@@ -166,19 +166,9 @@ def cmd_data_preview(args) -> int:
     tok = loaded.tokenizer
     use_color = sys.stdout.isatty() and not args.plain
     for ex in result.examples[: args.n]:
-        enc = encode(tok, ex, 1 << 30, args.train_on_prompt)
+        enc, runs = segments(tok, ex, args.train_on_prompt)
         print(f"----- {ex.where} ({len(enc)} tokens, {enc.n_trained} trained) -----")
-        out, cur, trained = [], [], None
-        for tid, lab in zip(enc.input_ids, enc.labels):
-            t = lab != IGNORE
-            if trained is not None and t != trained:
-                out.append((trained, tok.decode(cur)))
-                cur = []
-            cur.append(tid)
-            trained = t
-        if cur:
-            out.append((trained, tok.decode(cur)))
-        for t, text in out:
+        for t, text in runs:
             if not t:
                 print(text, end="")
             elif use_color:

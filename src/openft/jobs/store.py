@@ -141,7 +141,11 @@ class Store:
         return self._one("SELECT 1 AS x FROM keys LIMIT 1") is not None
 
     def list_keys(self) -> list[dict]:
-        return self._all("SELECT id, owner, created_at FROM keys ORDER BY created_at")
+        return self._all("SELECT id, owner, created_at FROM keys ORDER BY created_at, rowid")
+
+    def delete_key(self, owner: str, key_id: str) -> bool:
+        with self.tx() as db:
+            return db.execute("DELETE FROM keys WHERE id = ? AND owner = ?", (key_id, owner)).rowcount == 1
 
     # ----------------------------------------------------------------- files
     def add_file(self, **values: Any) -> dict:

@@ -120,7 +120,7 @@ class _TooBig(Exception):
 
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:
-    from openft.serve import chat, files, fine_tuning, models
+    from openft.serve import chat, files, fine_tuning, insights, keys, models
     from openft.serve.engine import Engine
     from openft.serve.fine_tuning import validate_files
 
@@ -149,7 +149,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     app.state.supervisor = supervisor
     errors.install(app)
     app.add_middleware(UploadLimit, limit_bytes_fn=lambda: app.state.max_upload_bytes)
-    for r in (files.router, fine_tuning.router, models.router, chat.router):
+    for r in (insights.router, keys.router, files.router, fine_tuning.router, models.router, chat.router):
         app.include_router(r)
 
     @app.get("/health", tags=["meta"])

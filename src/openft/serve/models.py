@@ -6,10 +6,15 @@ Also turns a model name into a `ModelHandle` for the inference engine.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse
+from starlette.background import BackgroundTask
 
 from openft.models.load import materialise
 from openft.models.registry import BUILTINS, builtin_gguf_path, resolve
@@ -44,15 +49,58 @@ def list_models(request: Request, who: str = Depends(owner)):
     return {"object": "list", "data": list_for(request, who)}
 
 
-@router.get("/{model_id:path}")
+def _run_details(path: Path) -> dict:
+    """Lineage, resolved config and training summary of the run behind a model."""
+    run = path.parent if path.name in ("adapter", "model") else path.parent.parent
+    out = {}
+    for key, name in (("lineage", "lineage.json"), ("config", "config.json"), ("summary", "summary.json")):
+        f = run / name
+        out[key] = json.loads(f.read_text()) if f.exists() else None
+    return out
+
+
+@router.get("/{model_id}")
 def retrieve(request: Request, model_id: str, who: str = Depends(owner)):
     for m in list_for(request, who):
         if m["id"] == model_id:
+            if m["kind"] != "base":
+                m.update(_run_details(handle_path(request, who, model_id)))
             return m
     raise not_found("model", model_id, "model")
 
 
-@router.delete("/{model_id:path}")
+def handle_path(request: Request, who: str, model_id: str) -> Path:
+    h = handle_for(request, who, model_id)
+    return Path(h.full_model_path or h.adapter_path)
+
+
+@router.get("/{model_id}/export")
+def export_model(request: Request, model_id: str, what: Literal["adapter", "merged"] = "adapter",
+                 who: str = Depends(owner)):
+    """A zip of the adapter (PEFT format + tokenizer) or of the merged model."""
+    from openft.train.export import export
+
+    if model_id in BUILTINS:
+        raise APIError(400, "base models are not exported; export a fine-tuned model", param="model",
+                       code="model_not_exportable")
+    path = handle_path(request, who, model_id)
+    tmp = Path(tempfile.mkdtemp(prefix="openft-export-"))
+    if what == "merged" or not (path / "adapter_config.json").exists():
+        run = path.parent if path.name in ("adapter", "model") else path.parent.parent
+        src = export(run, tmp / "model") if (path.name in ("adapter", "model")) else None
+        if src is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise APIError(400, "a checkpoint is exported as its adapter (what=adapter)", param="what",
+                           code="invalid_value")
+    else:
+        src = shutil.copytree(path, tmp / "adapter")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)
+    archive = shutil.make_archive(str(tmp / safe), "zip", src)
+    return FileResponse(archive, filename=f"{safe}-{what}.zip", media_type="application/zip",
+                        background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True))
+
+
+@router.delete("/{model_id}")
 def delete(request: Request, model_id: str, who: str = Depends(owner)):
     store = request.app.state.store
     if model_id in BUILTINS:

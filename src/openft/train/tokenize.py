@@ -87,3 +87,21 @@ def encode(tokenizer, example: Example, max_length: int, train_on_prompt: bool =
 
 def encode_all(tokenizer, examples: list[Example], max_length: int, train_on_prompt: bool = False) -> list[Encoded]:
     return [encode(tokenizer, ex, max_length, train_on_prompt) for ex in examples]
+
+
+def segments(tokenizer, example: Example, train_on_prompt: bool = False) -> tuple[Encoded, list[tuple[bool, str]]]:
+    """The example as the model sees it, cut into runs of (trained?, text)."""
+    enc = encode(tokenizer, example, 1 << 30, train_on_prompt)
+    out: list[tuple[bool, str]] = []
+    run: list[int] = []
+    trained: bool | None = None
+    for tid, lab in zip(enc.input_ids, enc.labels):
+        t = lab != IGNORE
+        if trained is not None and t != trained:
+            out.append((trained, tokenizer.decode(run)))
+            run = []
+        run.append(tid)
+        trained = t
+    if run:
+        out.append((bool(trained), tokenizer.decode(run)))
+    return enc, out

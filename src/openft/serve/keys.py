@@ -1,0 +1,33 @@
+"""/v1/keys: a caller manages the API keys of its own owner."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from openft.serve.auth import owner
+from openft.serve.errors import not_found
+
+router = APIRouter(prefix="/v1/keys", tags=["keys"])
+
+
+@router.get("")
+def list_keys(request: Request, who: str = Depends(owner)):
+    rows = [k for k in request.app.state.store.list_keys() if k["owner"] == who]
+    return {"object": "list", "data": [{"object": "api_key", **k} for k in rows]}
+
+
+@router.post("")
+def create_key(request: Request, who: str = Depends(owner)):
+    """The secret is returned once. Creating the first key ends local mode: from
+    then on every request needs a key."""
+    store = request.app.state.store
+    key = store.create_key(who)
+    row = [k for k in store.list_keys() if k["owner"] == who][-1]
+    return {"object": "api_key", **row, "key": key}
+
+
+@router.delete("/{key_id}")
+def delete_key(request: Request, key_id: str, who: str = Depends(owner)):
+    if not request.app.state.store.delete_key(who, key_id):
+        raise not_found("api key", key_id)
+    return {"object": "api_key", "id": key_id, "deleted": True}
