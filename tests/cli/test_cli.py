@@ -101,3 +101,9 @@ def test_finetune_rejects_bad_data_with_exit_1_and_the_line(session_home, tiny_m
                   home=session_home)
     assert proc.returncode == 1
     assert "bad.csv:3" in proc.stderr
+
+
+def test_serve_refuses_a_public_address_without_keys(tmp_path):
+    proc = openft("serve", "--host", "0.0.0.0", "--port", "0", home=tmp_path)
+    assert proc.returncode != 0
+    assert "refusing to listen on 0.0.0.0" in proc.stderr
