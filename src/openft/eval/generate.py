@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from openft.models.padding import left_pad
+
 
 def answer_questions(
     model,
@@ -52,7 +54,7 @@ def answer_questions(
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                input_ids, attention_mask = _left_pad([prompts[i] for i in idx], pad_id)
+                input_ids, attention_mask, _ = left_pad([prompts[i] for i in idx], pad_id)
                 out = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
@@ -92,18 +94,6 @@ def _eos_ids(model, tokenizer) -> list[int]:
     if not ids:
         raise ValueError("the tokenizer has no eos token, so answers would never stop")
     return ids
-
-
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # Left padding keeps every prompt's last token in the last column, which is
-    # where generate appends the next token for the whole batch.
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[row, width - len(s) :] = 1
-    return ids, mask
 
 
 def _decode(tokenizer, tokens: list[int], eos_ids: list[int]) -> str:

@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 from openft.models.load import DEFAULT_CHAT_TEMPLATE, _normalise_tokenizer, load_model, setup_torch
-from openft.serve.engine_batch import left_pad, merge_into, mergeable, sample, select_rows
+from openft.models.padding import left_pad
+from openft.serve.engine_batch import merge_into, mergeable, sample, select_rows
 from openft.serve.engine_lora import WEIGHTS_FILE, LoraRouting, install_adapter, read_adapter, remove_adapter
 from openft.serve.engine_text import Detokenizer, StopMatcher
 from openft.serve.engine_types import Delta, EngineError, ModelHandle, SamplingParams, Usage
