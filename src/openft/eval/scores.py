@@ -151,8 +151,10 @@ class Embedder:
     def _load(self) -> None:
         from transformers import AutoModel, AutoTokenizer
 
+        from openft.models.load import LOAD_LOCK
+
         path = self.model_path or default_embedder_path()
-        with _offline():
+        with LOAD_LOCK, _offline():
             self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self._model = AutoModel.from_pretrained(path, local_files_only=True)
         self._model.eval()

@@ -11,12 +11,20 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from openft.models.registry import BUILTINS, DEFAULT_MODEL, ModelNotFound, ModelSource, builtin_gguf_path, resolve
+
+
+# transformers builds models under process-global patches (meta-device init, GGUF
+# hooks), so two threads loading at once can corrupt each other's weights (seen in
+# the server: "Cannot copy out of meta tensor"). Every load and conversion in this
+# process takes this lock.
+LOAD_LOCK = threading.RLock()
 
 
 @dataclass
@@ -39,11 +47,12 @@ def load_builtin_tokenizer():
 
     src = resolve(DEFAULT_MODEL)
     cached = src.cache_dir
-    if (cached / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(cached)
-    b = BUILTINS[DEFAULT_MODEL]
-    path = builtin_gguf_path(b)
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with LOAD_LOCK:
+        if (cached / "tokenizer.json").exists():
+            return AutoTokenizer.from_pretrained(cached)
+        b = BUILTINS[DEFAULT_MODEL]
+        path = builtin_gguf_path(b)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     _normalise_tokenizer(tok)
     return tok
 
@@ -55,6 +64,11 @@ def _normalise_tokenizer(tok) -> None:
 
 def materialise(source: ModelSource) -> Path:
     """Return a local safetensors directory for `source`, converting if needed."""
+    with LOAD_LOCK:
+        return _materialise(source)
+
+
+def _materialise(source: ModelSource) -> Path:
     if source.kind == "hf_dir":
         return source.path
     if source.kind == "hub":
@@ -112,12 +126,13 @@ def load_model(arg: str | ModelSource, *, dtype: torch.dtype = torch.float32) ->
 
     setup_torch()
     source = resolve(arg) if isinstance(arg, str) else arg
-    path = materialise(source)
-    tok = AutoTokenizer.from_pretrained(path)
+    with LOAD_LOCK:
+        path = materialise(source)
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     _normalise_tokenizer(tok)
     if getattr(tok, "chat_template", None) is None:
         tok.chat_template = DEFAULT_CHAT_TEMPLATE
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     model.eval()
     return LoadedModel(model=model, tokenizer=tok, source=source, path=path)
 

@@ -159,6 +159,8 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
                 "worker_pid": proc.pid if proc and proc.poll() is None else None,
                 "worker_restarts": supervisor.restarts if supervisor else 0}
 
+    from openft.console import mount as mount_console
+    mount_console(app)  # the web console at / (static files; a client of the API above)
     return app
 
 

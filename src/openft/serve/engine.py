@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from openft.models.load import DEFAULT_CHAT_TEMPLATE, _normalise_tokenizer, load_model, setup_torch
+from openft.models.load import DEFAULT_CHAT_TEMPLATE, LOAD_LOCK, _normalise_tokenizer, load_model, setup_torch
 from openft.models.padding import left_pad
 from openft.serve.engine_batch import merge_into, mergeable, sample, select_rows
 from openft.serve.engine_lora import WEIGHTS_FILE, LoraRouting, install_adapter, read_adapter, remove_adapter
@@ -195,7 +195,8 @@ class Engine:
                 from transformers import AutoTokenizer
 
                 try:
-                    tok = AutoTokenizer.from_pretrained(key)
+                    with LOAD_LOCK:
+                        tok = AutoTokenizer.from_pretrained(key)
                 except Exception as e:  # noqa: BLE001 - any failure means the model is unusable
                     raise EngineError(f"cannot load the tokenizer of {handle.name} from {key}: {e}",
                                       "model_not_found") from e

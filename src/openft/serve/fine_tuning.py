@@ -147,6 +147,10 @@ def job_object(row: dict) -> dict:
         "validation_split": None if row["validation_file"] else spec["data"]["validation_split"],
         "lora": None if spec["train"]["method"] == "full" else spec["lora"],
         "questions_file": (row["extra"] or {}).get("questions_file"),
+        # what was asked for (before `auto` is resolved), so a job can be cloned
+        **{k: spec["train"][k] for k in ("learning_rate", "max_steps", "max_seq_length", "warmup_ratio",
+                                          "weight_decay", "early_stopping_patience")},
+        "train_on_prompt": spec["data"]["train_on_prompt"],
         "has_comparison": row["comparison"] is not None,
     }
     return out
