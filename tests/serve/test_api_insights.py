@@ -4,7 +4,6 @@ export, and key management, through the HTTP API."""
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 
 import httpx

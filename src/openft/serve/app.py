@@ -16,7 +16,6 @@ import sys
 import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import FastAPI
 
