@@ -7,7 +7,7 @@ import pytest
 
 from openft.data.layouts import detect_layout, guess_layout, normalise
 from openft.data.load import load_dataset
-from openft.data.types import Location, Message
+from openft.data.types import Location
 
 
 def chat(i: int = 0) -> dict:
