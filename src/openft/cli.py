@@ -116,7 +116,6 @@ def _load_for_cli(args):
 
 def cmd_data_validate(args) -> int:
     from openft.models.load import load_model
-    from openft.train.hparams import auto_max_seq_length
     from openft.train.progress import fmt_duration
     from openft.train.stats import token_stats
 
@@ -127,12 +126,8 @@ def cmd_data_validate(args) -> int:
         loaded = load_model(args.model)
         ctx = int(getattr(loaded.model.config, "max_position_embeddings", 2048))
         n_params = sum(p.numel() for p in loaded.model.parameters())
-        max_len = args.max_seq_length
-        if max_len is None:
-            from openft.train.tokenize import encode_all
-
-            max_len = auto_max_seq_length([len(e) for e in encode_all(loaded.tokenizer, result.examples, ctx)], ctx)
-        stats, warns = token_stats(loaded.tokenizer, result.examples, max_seq_length=max_len, n_params=n_params,
+        stats, warns = token_stats(loaded.tokenizer, result.examples, max_seq_length=args.max_seq_length,
+                                   n_params=n_params, context=ctx,
                                    epochs=args.epochs, method=args.method)
         report["stats"] = stats.to_dict()
         report["warnings"] += [w.to_dict() for w in warns]

@@ -4,7 +4,8 @@ shared sentence embedder (loaded once, ~2 s)."""
 from __future__ import annotations
 
 import pytest
-import torch
+
+from openft.models.tiny import redraw_weights
 
 
 @pytest.fixture(scope="session")
@@ -17,11 +18,7 @@ def talkative_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, w in model.named_parameters():
-            if w.dim() == 2 and "embed" not in name:
-                w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+    redraw_weights(model, std=0.3, seed=0)
     model.eval()
     return model
 

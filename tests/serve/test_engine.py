@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from openft.models.tiny import redraw_weights
 import torch
 
 from openft.serve import engine as engine_mod
@@ -33,11 +35,7 @@ def talkative_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("talkative")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, w in model.named_parameters():
-            if w.dim() == 2 and "embed" not in name:
-                w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+    redraw_weights(model, std=0.3, seed=0)
     model.save_pretrained(out)
     for f in tiny_model_dir.iterdir():
         if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):

@@ -41,3 +41,15 @@ def build_tiny_model(out: Path, *, layers: int = 2, hidden: int = 64, seed: int 
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def redraw_weights(model: torch.nn.Module, *, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """Re-draw every 2-D non-embedding matrix at `std`. A freshly built tiny model's
+    near-zero weights make it repeat the prompt's last token forever; larger
+    random weights give varied text, which generation and streaming tests need."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if w.dim() == 2 and "embed" not in name:
+                w.copy_(torch.randn(w.shape, generator=g) * std)
+    return model

@@ -70,9 +70,9 @@ def _stats(request: Request, who: str, file_id: str, model: str, n_epochs, metho
     tok = request.app.state.engine.tokenizer(handle)
     _, result = _examples(request, who, file_id)
     ctx = request.app.state.engine.context_length(handle)
-    lengths = [len(e) for e in encode_all(tok, result.examples, ctx)]
-    max_len = auto_max_seq_length(lengths, ctx)
-    stats, warnings = token_stats(tok, result.examples, max_seq_length=max_len, n_params=_n_params(handle.weights_path),
+    lengths = [len(e) for e in encode_all(tok, result.examples, ctx)]  # for the histogram
+    stats, warnings = token_stats(tok, result.examples, max_seq_length=None, context=ctx,
+                                  n_params=_n_params(handle.weights_path),
                                   epochs=None if n_epochs == "auto" else int(n_epochs), method=method)
     top = max(lengths)
     width = max(1, math.ceil(top / 12))

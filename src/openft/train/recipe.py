@@ -294,7 +294,9 @@ def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = 
     hist = state.history
     valid_rows = [r for r in hist if "valid_loss" in r]
     full_valid = None
-    if data.valid_enc:
+    if data.valid_enc and len(data.valid_enc) <= VALID_SAMPLE and hist and "valid_loss" in hist[-1]:
+        full_valid = hist[-1]["valid_loss"]  # the last interval check already scored every example
+    elif data.valid_enc:
         full_valid = evaluate(model, data.valid_enc, pad_id, cfg.micro_batch_tokens)[0]
     signals = {
         "first_train_loss": hist[0]["train_loss"] if hist else None,

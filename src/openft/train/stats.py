@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from openft.data.types import Example, Problem
-from openft.train.hparams import auto_epochs, estimate_seconds
+from openft.train.hparams import auto_epochs, auto_max_seq_length, estimate_seconds
 from openft.train.tokenize import encode_all
 
 
@@ -36,10 +36,14 @@ def _pct(sorted_xs: list[int], q: float) -> int:
     return sorted_xs[min(len(sorted_xs) - 1, math.ceil(q * len(sorted_xs)) - 1)]
 
 
-def token_stats(tokenizer, examples: list[Example], *, max_seq_length: int, n_params: int,
-                epochs: int | None = None, method: str = "lora", train_on_prompt: bool = False) -> tuple[TokenStats, list[Problem]]:
+def token_stats(tokenizer, examples: list[Example], *, max_seq_length: int | None, n_params: int,
+                context: int = 2048, epochs: int | None = None, method: str = "lora",
+                train_on_prompt: bool = False) -> tuple[TokenStats, list[Problem]]:
+    """`max_seq_length=None` applies the auto rule (longest example, capped by `context`)."""
     # Encode without truncation first to see how many examples exceed the limit.
     enc = encode_all(tokenizer, examples, 1 << 30, train_on_prompt)
+    if max_seq_length is None:
+        max_seq_length = auto_max_seq_length([len(e) for e in enc], context)
     lengths = sorted(len(e) for e in enc)
     over = [ex for ex, e in zip(examples, enc) if len(e) > max_seq_length]
     trunc = encode_all(tokenizer, examples, max_seq_length, train_on_prompt)
