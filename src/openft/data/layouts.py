@@ -25,6 +25,7 @@ import json
 from collections import Counter
 from typing import Any, Iterable, Mapping
 
+from openft.data.readers import json_loads, value_problem
 from openft.data.types import ROLES, Example, Location, Message, Problem
 
 LAYOUTS: tuple[str, ...] = ("messages", "sharegpt", "alpaca", "prompt_completion", "qa", "text")
@@ -153,7 +154,9 @@ def detect_layout(records: Iterable[Mapping[str, Any]]) -> tuple[str | None, Cou
 
 
 def no_layout_message(keys_seen: Counter) -> str:
-    keys = ", ".join(k for k, _ in keys_seen.most_common(15)) or "(none)"
+    # Keys come from the file: cut long ones so the message stays readable.
+    keys = ", ".join(k if len(k) <= 40 else k[:40] + "..."
+                     for k, _ in keys_seen.most_common(15)) or "(none)"
     return (f"cannot tell the dataset's layout from its fields (seen: {keys}); accepted "
             f"layouts: {', '.join(LAYOUTS)}; {LAYOUT_HINT}")
 
@@ -178,12 +181,21 @@ def _type_name(value: Any) -> str:
 
 
 def _maybe_json_list(value: str) -> Any:
+    """A CSV/Parquet cell holding a JSON list, decoded; anything else (including
+    JSON too deep, with a huge integer or a bad surrogate) stays the string it is,
+    and the caller then reports it as not being a list."""
     if value.lstrip().startswith("["):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
+        decoded, message, _ = json_loads(value)
+        if message is None and value_problem(decoded) is None:
+            return decoded
     return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr() of a value from the file, cut short: a 1 MB 'role' must not become a
+    1 MB error message."""
+    text = repr(value) if not isinstance(value, (list, dict)) else _type_name(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _text(value: Any, field: str, check: _Checker, required: bool = True) -> str | None:
@@ -209,7 +221,7 @@ def _content(value: Any, field: str, check: _Checker) -> str | None:
             if isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             elif isinstance(part, dict) and "type" in part:
-                check.error(f"{field}[{i}]", f"only text content parts are supported, got '{part['type']}'")
+                check.error(f"{field}[{i}]", f"only text content parts are supported, got {_short(part['type'])}")
                 return None
             else:
                 check.error(f"{field}[{i}]", "content part must be {\"type\": \"text\", \"text\": ...}")
@@ -227,7 +239,13 @@ def _content(value: Any, field: str, check: _Checker) -> str | None:
 def _message_list(value: Any, field: str, check: _Checker, sharegpt: bool) -> list[Message] | None:
     """Parse a list of chat turns; every bad turn is reported, then None is returned."""
     if isinstance(value, str):
-        value = _maybe_json_list(value)
+        text, value = value, _maybe_json_list(value)
+        if value is text and text.lstrip().startswith("["):
+            decoded, why, _ = json_loads(text)
+            why = why or value_problem(decoded)
+            check.error(field, f"'{field}' holds text that is not a usable JSON list of "
+                        f"messages: {why}")
+            return None
     if value is None:
         check.error(field, f"missing required field '{field}'")
         return None
@@ -254,12 +272,12 @@ def _message_list(value: Any, field: str, check: _Checker, sharegpt: bool) -> li
         elif sharegpt:
             role = SHAREGPT_ROLES.get(str(raw_role).lower()) if isinstance(raw_role, str) else None
             if role is None:
-                check.error(f"{here}.{role_key}", f"unknown role {raw_role!r}: allowed are "
+                check.error(f"{here}.{role_key}", f"unknown role {_short(raw_role)}: allowed are "
                             + ", ".join(SHAREGPT_ROLES))
         else:
             role = ROLE_ALIASES.get(raw_role, raw_role) if isinstance(raw_role, str) else None
             if role not in ROLES:
-                check.error(f"{here}.{role_key}", f"unknown role {raw_role!r}: allowed are "
+                check.error(f"{here}.{role_key}", f"unknown role {_short(raw_role)}: allowed are "
                             + ", ".join(ROLES))
                 role = None
         raw_content = item.get(content_key)
@@ -404,8 +422,10 @@ def _qa_layout(record, columns, check) -> list[Message] | None:
     else:
         found = qa_columns(record)
         if found is None:
+            names = [str(k)[:40] for k in list(record)[:15]]
             check.error(None, "no question/answer columns found (fields: "
-                        f"{', '.join(map(str, record))}); name them with --columns question=COL,answer=COL")
+                        f"{', '.join(names)}{' ...' if len(record) > 15 else ''}); "
+                        "name them with --columns question=COL,answer=COL")
             return None
         (qkey, akey) = found
         question, answer = record[qkey], record[akey]

@@ -17,7 +17,9 @@ import csv
 import io
 import json
 import re
+import sys
 import xml.etree.ElementTree as ET
+from xml.parsers import expat
 from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
@@ -100,10 +102,18 @@ def read_file(path: str | Path, record_element: str | None = None) -> ReadResult
     if not p.exists():
         result.errors.append(Problem("no such file or folder", file=name))
         return result
+    if not p.is_file():
+        # A FIFO or device would block or never end (`/dev/zero` named x.jsonl).
+        result.errors.append(Problem("not a regular file", file=name))
+        return result
     if fmt == "parquet":
         _read_parquet(p, result)
         return result
-    raw = p.read_bytes()
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        result.errors.append(Problem(f"cannot read file: {e.strerror or e}", file=name))
+        return result
     if fmt == "xml":
         _read_xml(raw, name, result, record_element)
         return result
@@ -128,12 +138,18 @@ def decode_text(raw: bytes, file: str) -> tuple[str, Problem | None]:
     names the first undecodable byte, so the user can find it in an editor."""
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
-    elif raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        try:
-            return raw.decode("utf-16"), None
-        except UnicodeDecodeError as e:
-            return "", Problem(f"file starts with a UTF-16 byte-order mark but is not valid "
-                               f"UTF-16 (byte offset {e.start})", file=file)
+    else:
+        # UTF-32 first: its little-endian BOM begins with UTF-16's (FF FE 00 00).
+        for bom, codec in (((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"), "utf-32"),
+                           ((b"\xff\xfe", b"\xfe\xff"), "utf-16")):
+            if raw.startswith(bom):
+                try:
+                    return raw.decode(codec), None
+                except UnicodeDecodeError as e:
+                    return "", Problem(
+                        f"file starts with a {codec.upper()} byte-order mark but is not valid "
+                        f"{codec.upper()} (byte offset {e.start}); re-save the file as UTF-8",
+                        file=file)
     try:
         return raw.decode("utf-8"), None
     except UnicodeDecodeError as e:
@@ -195,15 +211,83 @@ def _object_member_offsets(text: str, pos: int) -> dict[str, int]:
     return out
 
 
+# How deep containers may nest inside one record. Chat records need about 5
+# (record > messages > turn > content parts > part); the cap keeps every later
+# step (layouts, repr in messages, json.dumps of tool calls) far from Python's
+# recursion limit, whatever the caller's stack depth.
+MAX_DEPTH = 100
+_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]')
+
+
+def value_problem(value: Any) -> str | None:
+    """Why a decoded record cannot be used as is, or None: containers nested past
+    `MAX_DEPTH`, or a string with an unpaired surrogate (JSON's `\\ud800` escape
+    lets one through; it cannot be encoded, so tokenising or saving would crash
+    far from the file). Iterative, so it cannot itself hit the recursion limit."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    return (f"text holds an unpaired surrogate \\u{ord(v[e.start]):04x} (at "
+                            f"character {e.start} of a string): not valid Unicode")
+        elif isinstance(v, (dict, list)):
+            if depth >= MAX_DEPTH:
+                return f"values nest deeper than {MAX_DEPTH} levels"
+            if isinstance(v, dict):
+                stack += [(k, depth + 1) for k in v]
+                stack += [(x, depth + 1) for x in v.values()]
+            else:
+                stack += [(x, depth + 1) for x in v]
+    return None
+
+
+def _deep_offset(text: str, limit: int) -> int | None:
+    """Offset of the first bracket nested deeper than `limit` (strings skipped)."""
+    depth = 0
+    for m in _TOKENS.finditer(text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > limit:
+                return m.start()
+        elif c in "]}":
+            depth -= 1
+    return None
+
+
+def json_loads(text: str) -> tuple[Any, str | None, int | None]:
+    """`json.loads` that never raises: (value, None, None) or (None, message,
+    offset of the problem or None). Besides syntax errors, Python's parser raises
+    RecursionError on deep nesting (`[[[[...`) and ValueError on integers over
+    `sys.get_int_max_str_digits()` digits; both become ordinary errors here."""
+    try:
+        return json.loads(text), None, None
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON: {e.msg}", e.pos
+    except RecursionError:
+        return None, (f"invalid JSON: nested too deeply (records may nest at most "
+                      f"{MAX_DEPTH} levels)"), _deep_offset(text, MAX_DEPTH)
+    except ValueError as e:  # only the integer digit limit reaches here
+        limit = sys.get_int_max_str_digits()
+        m = re.search(r"\d{%d,}" % (limit + 1), text)
+        if m is None:
+            return None, f"invalid JSON: {e}", None
+        return None, f"invalid JSON: a number has more than {limit} digits", m.start()
+
+
 def _looks_like_single_conversation(obj: dict) -> bool:
     return any(isinstance(obj.get(k), list) for k in ("messages", "conversations"))
 
 
 def _read_json(text: str, file: str, result: ReadResult) -> None:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data":
+    data, message, offset = json_loads(text)
+    lines = _Lines(text)
+    if message is not None:
+        if message == "invalid JSON: Extra data":
             # Several top-level values: this is JSONL saved as .json. Read it as such
             # rather than failing on line 2 of an otherwise fine file.
             result.warnings.append(Problem(
@@ -211,11 +295,13 @@ def _read_json(text: str, file: str, result: ReadResult) -> None:
                 "reading it as JSONL", file=file))
             _read_jsonl(text, file, result)
             return
-        result.errors.append(Problem(f"invalid JSON: {e.msg}", file=file,
-                                     line=e.lineno, column=e.colno))
+        line = column = None
+        if offset is not None:
+            line = lines.line(offset)
+            column = offset - lines.starts[line - 1] + 1
+        result.errors.append(Problem(message, file=file, line=line, column=column))
         return
     start = _WS.match(text).end()
-    lines = _Lines(text)
     if isinstance(data, list):
         items = _items_with_offsets(text, start)
     elif isinstance(data, dict) and not _looks_like_single_conversation(data):
@@ -239,6 +325,10 @@ def _read_json(text: str, file: str, result: ReadResult) -> None:
     for index, (offset, item) in enumerate(items):
         where = Location(file, line=lines.line(offset), record=index)
         if isinstance(item, dict):
+            problem = value_problem(item)
+            if problem:
+                result.errors.append(Problem(problem, file=file, line=where.line, record=index))
+                continue
             result.records.append(RawRecord(item, where))
         else:
             result.errors.append(Problem(
@@ -257,13 +347,16 @@ def _read_jsonl(text: str, file: str, result: ReadResult) -> None:
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            result.errors.append(Problem(f"invalid JSON: {e.msg}", file=file,
-                                         line=number, column=e.colno))
+        item, message, offset = json_loads(line)
+        if message is not None:
+            result.errors.append(Problem(message, file=file, line=number,
+                                         column=None if offset is None else offset + 1))
             continue
         if isinstance(item, dict):
+            problem = value_problem(item)
+            if problem:
+                result.errors.append(Problem(problem, file=file, line=number))
+                continue
             result.records.append(RawRecord(item, Location(file, line=number)))
         else:
             result.errors.append(Problem(
@@ -298,7 +391,8 @@ def _read_csv(text: str, file: str, result: ReadResult, delimiter: str = ",") ->
                 missing = header[len(row):]
                 result.errors.append(Problem(
                     f"row has {len(row)} value(s) but the header has {len(header)} columns"
-                    + (f" (missing: {', '.join(missing)})" if missing else ""),
+                    + (f" (missing: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''})"
+                       if missing else ""),
                     file=file, line=line, field=missing[0] if missing else None))
                 continue
             result.records.append(RawRecord(dict(zip(header, row)), Location(file, line=line)))
@@ -322,8 +416,12 @@ def _is_leaf(el: ET.Element) -> bool:
 
 
 def _is_list_wrapper(el: ET.Element) -> bool:
-    """`<messages><message/>...</messages>`: leaf children sharing one tag."""
-    return len(el) > 0 and all(_is_leaf(c) for c in el) and len({c.tag for c in el}) == 1
+    """`<messages><message/>...</messages>`: leaf children sharing one tag, two or
+    more of them or carrying attributes. The same test `_element_value` uses to
+    make a list: `<item><text>x</text></item>` is a record with one field, not a
+    list, so a file holding one such item must not make its root the record."""
+    return (len(el) > 0 and all(_is_leaf(c) for c in el) and len({c.tag for c in el}) == 1
+            and (len(el) > 1 or bool(el[0].attrib)))
 
 
 def _leaf_value(el: ET.Element, in_list: bool) -> Any:
@@ -379,33 +477,88 @@ def find_record_elements(root: ET.Element) -> list[ET.Element]:
     return list(root.iter(best))
 
 
+MAX_XML_DEPTH = 100  # element nesting; dataset files need about 5
+
+
+class _XMLRefused(Exception):
+    """Raised from inside the parser's callbacks to stop at a refused construct."""
+
+
+def _qname(name: str) -> str:
+    # expat reports namespaced names as "uri}local"; ElementTree spells them "{uri}local".
+    return "{" + name if "}" in name else name
+
+
+def parse_xml(source: str | bytes) -> ET.Element:
+    """Parse XML with expat directly, refusing what a dataset never needs and an
+    attacker always does: any DOCTYPE (so no entity declarations, no "billion
+    laughs", no external entities or DTDs fetched from file:// or http://) and
+    nesting past `MAX_XML_DEPTH`. The refusal happens in the parser itself, at the
+    declaration, whatever the file's encoding (a pre-scan of the text misses a
+    DOCTYPE spelled in UTF-16). Raises `expat.ExpatError` or `_XMLRefused`."""
+    parser = expat.ParserCreate(namespace_separator="}")
+    builder = ET.TreeBuilder()
+    depth = 0
+
+    def start(name: str, attrs: dict[str, str]) -> None:
+        nonlocal depth
+        depth += 1
+        if depth > MAX_XML_DEPTH:
+            raise _XMLRefused(f"elements nest deeper than {MAX_XML_DEPTH} levels")
+        builder.start(_qname(name), {_qname(k): v for k, v in attrs.items()})
+
+    def end(name: str) -> None:
+        nonlocal depth
+        depth -= 1
+        builder.end(_qname(name))
+
+    def refuse(*_: Any) -> None:
+        raise _XMLRefused("XML DOCTYPE declarations are not allowed (they declare entities "
+                          "that can expand without bound or read other files); remove the "
+                          "declaration")
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = builder.data
+    parser.buffer_text = True
+    parser.StartDoctypeDeclHandler = refuse
+    # Belt and braces: entities can only be declared inside a DOCTYPE, which is
+    # refused above, but never resolve or load one either way.
+    parser.EntityDeclHandler = refuse
+    parser.UnparsedEntityDeclHandler = refuse
+    parser.ExternalEntityRefHandler = refuse
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    try:
+        parser.Parse(source, True)
+    except _XMLRefused as e:
+        raise _XMLRefused(str(e), parser.CurrentLineNumber, parser.CurrentColumnNumber + 1) from None
+    return builder.close()
+
+
 def _read_xml(raw: bytes, file: str, result: ReadResult, record_element: str | None) -> None:
     declared = _XML_DECL_ENCODING.match(raw)
     encoding = declared.group(1).decode().lower() if declared else "utf-8"
-    if encoding.replace("-", "").replace("_", "") in ("utf8", "utf16"):
+    source: str | bytes
+    if raw.startswith((b"<\x00", b"\x00<")) or (
+            encoding.replace("-", "").replace("_", "") not in ("utf8", "utf16")):
+        # UTF-16 without a byte-order mark, or a declared legacy encoding
+        # (ISO-8859-1 ...): valid XML that expat decodes itself.
+        source = raw
+    else:
         text, problem = decode_text(raw, file)
         if problem:
             result.errors.append(problem)
             return
-        source: str | bytes = text
-    else:
-        source = raw  # a declared legacy encoding (ISO-8859-1 ...) is valid XML: let expat decode it
-        text = raw.decode("latin-1")  # only used to look for declarations below
-    # DOCTYPE/ENTITY declarations enable entity expansion ("billion laughs") and
-    # external entities; datasets never need them, so refuse instead of parsing.
-    m = re.search(r"<!(DOCTYPE|ENTITY)", text)
-    if m:
-        result.errors.append(Problem(
-            f"XML {m.group(1)} declarations are not allowed (they can expand entities "
-            "without bound); remove the declaration", file=file,
-            line=text.count("\n", 0, m.start()) + 1))
-        return
+        source = text
     try:
-        root = ET.fromstring(source)
-    except ET.ParseError as e:
-        line, col = e.position
-        msg = str(e).split(":")[0]
-        result.errors.append(Problem(f"invalid XML: {msg}", file=file, line=line, column=col + 1))
+        root = parse_xml(source)
+    except _XMLRefused as e:
+        message, line, column = e.args
+        result.errors.append(Problem(message, file=file, line=line, column=column))
+        return
+    except expat.ExpatError as e:
+        result.errors.append(Problem(f"invalid XML: {expat.ErrorString(e.code)}", file=file,
+                                     line=e.lineno, column=e.offset + 1))
         return
     if record_element:
         elements = [el for el in root.iter() if _local(el.tag) == record_element]
