@@ -40,7 +40,8 @@ import torch
 from openft.models.load import DEFAULT_CHAT_TEMPLATE, LOAD_LOCK, _normalise_tokenizer, load_model, setup_torch
 from openft.models.padding import left_pad
 from openft.serve.engine_batch import merge_into, mergeable, sample, select_rows
-from openft.serve.engine_lora import WEIGHTS_FILE, LoraRouting, install_adapter, read_adapter, remove_adapter
+from openft.serve.engine_lora import (WEIGHTS_FILE, LoraRouting, install_adapter, read_adapter, release_stacks,
+                                      remove_adapter)
 from openft.serve.engine_text import Detokenizer, StopMatcher
 from openft.serve.engine_types import Delta, EngineError, ModelHandle, SamplingParams, Usage
 
@@ -139,6 +140,25 @@ class _Batch:
 
 # --------------------------------------------------------------------------- engine
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def _tokenizer_signature(d: Path) -> str | None:
+    """A digest of a directory's tokenizer files (None if unreadable: load it alone)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        for name in TOKENIZER_FILES:
+            f = d / name
+            if f.is_file():
+                h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    except OSError:
+        return None
+    return "sig:" + h.hexdigest()
+
+
 
 class Engine:
     def __init__(self, *, max_batch_size: int = 8, max_loaded_bases: int = 2, max_loaded_adapters: int = 64,
@@ -192,17 +212,24 @@ class Engine:
         key = str(Path(d).resolve())
         with self._meta_lock:
             if key not in self._tokenizers:
-                from transformers import AutoTokenizer
+                # Every fine-tune saves a copy of its base's tokenizer; one instance
+                # per identical set of files, not one per adapter (~15 MB each).
+                sig = _tokenizer_signature(Path(key))
+                tok = self._tokenizers.get(sig)
+                if tok is None:
+                    from transformers import AutoTokenizer
 
-                try:
-                    with LOAD_LOCK:
-                        tok = AutoTokenizer.from_pretrained(key)
-                except Exception as e:  # noqa: BLE001 - any failure means the model is unusable
-                    raise EngineError(f"cannot load the tokenizer of {handle.name} from {key}: {e}",
-                                      "model_not_found") from e
-                _normalise_tokenizer(tok)
-                if getattr(tok, "chat_template", None) is None:
-                    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+                    try:
+                        with LOAD_LOCK:
+                            tok = AutoTokenizer.from_pretrained(key)
+                    except Exception as e:  # noqa: BLE001 - any failure means the model is unusable
+                        raise EngineError(f"cannot load the tokenizer of {handle.name} from {key}: {e}",
+                                          "model_not_found") from e
+                    _normalise_tokenizer(tok)
+                    if getattr(tok, "chat_template", None) is None:
+                        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+                    if sig is not None:
+                        self._tokenizers[sig] = tok
                 self._tokenizers[key] = tok
             return self._tokenizers[key]
 
@@ -466,9 +493,7 @@ class Engine:
                 self._finish(row.req)
         keep = [i for i, r in enumerate(rows) if not r.finished]
         if not keep:
-            if self._batches.get(batch.base.key) is batch:
-                del self._batches[batch.base.key]
-            batch.rows = []
+            self._drop_batch(batch)
             return
         batch.next_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         if len(keep) < len(rows):
@@ -528,8 +553,14 @@ class Engine:
             f"generation failed: {type(e).__name__}: {e}", "internal_error")
         for row in batch.rows:
             self._fail(row.req, err)
+        self._drop_batch(batch)
+
+    def _drop_batch(self, batch: _Batch) -> None:
         if self._batches.get(batch.base.key) is batch:
             del self._batches[batch.base.key]
+            # Free the mixed-adapter stacks (copies of the adapters the batch mixed).
+            batch.base.routing.clear()
+            release_stacks(batch.base.model)
         batch.rows = []
 
     def _release(self, req: _Request) -> None:

@@ -38,20 +38,46 @@ class LoraRouting:
     """Which batch rows use which adapter, for the forward pass about to run.
 
     Shared by every `MultiLoraLinear` of one base model; the scheduler sets it
-    before each forward. `groups` holds (adapter key, row indices) pairs, with
-    indices None when one adapter covers the whole batch (no gather/scatter)."""
+    before each forward. Two modes:
+      - `single`: one adapter covers the whole batch (or None: no adapter at all);
+        the layer adds B(A x) for every row, the same ops as training's LoraLinear.
+      - mixed (`single` is None, `keys` non-empty): several adapters and/or bare
+        rows. `slots` (B,) holds each row's index into `keys`, -1 for bare rows.
+        Each layer runs ONE low-rank matmul pair against its active adapters'
+        A's and B's stacked (punica/S-LoRA style), with a per-row column mask
+        that zeroes the other adapters' columns and carries each row's scaling.
+        Two matmuls per layer whatever the mix, instead of a gather, two small
+        matmuls and a scatter per adapter."""
 
-    groups: list[tuple[str, torch.Tensor | None]] = field(default_factory=list)
+    single: str | None = None
+    keys: tuple[str, ...] = ()
+    slots: torch.Tensor | None = None
+    version: int = 0  # bumped by every set_rows: layers' per-forward masks key on it
+    _masks: dict = field(default_factory=dict)
 
     def set_rows(self, row_adapters: list[str | None], device: torch.device) -> None:
-        keys = {k for k in row_adapters if k is not None}
-        if len(keys) == 1 and None not in row_adapters:
-            self.groups = [(keys.pop(), None)]
+        self.version += 1
+        self._masks = {}
+        keys = sorted({k for k in row_adapters if k is not None})
+        if len(keys) <= 1 and (not keys or None not in row_adapters):
+            self.single, self.keys, self.slots = (keys[0] if keys else None), (), None
             return
-        self.groups = [
-            (k, torch.tensor([i for i, a in enumerate(row_adapters) if a == k], dtype=torch.long, device=device))
-            for k in sorted(keys)
-        ]
+        self.single, self.keys = None, tuple(keys)
+        index = {k: i for i, k in enumerate(keys)}
+        self.slots = torch.tensor([index[a] if a is not None else -1 for a in row_adapters],
+                                  dtype=torch.long, device=device)
+
+    def clear(self) -> None:
+        self.single, self.keys, self.slots, self._masks = None, (), None, {}
+
+    def mask(self, owners: torch.Tensor, scales: torch.Tensor, layout: tuple) -> torch.Tensor:
+        """(B, R): row b's weight on stacked column c: its adapter's scaling where
+        column c belongs to it, else 0. Layers with the same stacked layout share one."""
+        m = self._masks.get(layout)
+        if m is None:
+            m = (self.slots[:, None] == owners[None, :]).to(scales.dtype) * scales[None, :]
+            self._masks[layout] = m
+        return m
 
 
 class MultiLoraLinear(nn.Module):
@@ -64,6 +90,10 @@ class MultiLoraLinear(nn.Module):
         # adapter key -> (A: (r, in), B: (out, r), scaling). Plain tensors, not
         # parameters: they are not part of the base's state dict.
         self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        # Stacked weights for the current mix of adapters: built once per mix (a
+        # running batch keeps its mix for many steps), dropped by release().
+        self._stack_keys: tuple[str, ...] | None = None
+        self._stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple] | None = None
 
     @property
     def weight(self) -> torch.Tensor:  # some model code reads proj.weight.dtype
@@ -73,21 +103,53 @@ class MultiLoraLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
+    def release(self) -> None:
+        self._stack_keys, self._stack = None, None
+
+    def _stacked(self, keys: tuple[str, ...]):
+        if self._stack_keys != keys:
+            present = [(slot, self.adapters[k]) for slot, k in enumerate(keys) if k in self.adapters]
+            if not present:
+                self._stack = None
+            else:
+                a = torch.cat([ab[0] for _, ab in present])  # (R, in), R = sum of ranks
+                b = torch.cat([ab[1] for _, ab in present], 1)  # (out, R)
+                owners = torch.cat([torch.full((ab[0].shape[0],), slot, dtype=torch.long, device=a.device)
+                                    for slot, ab in present])
+                scales = torch.cat([torch.full((ab[0].shape[0],), ab[2], dtype=a.dtype, device=a.device)
+                                    for _, ab in present])
+                layout = tuple((slot, ab[0].shape[0], ab[2]) for slot, ab in present)
+                self._stack = (a, b, owners, scales, layout)
+            self._stack_keys = keys
+        return self._stack
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (batch, seq, in) -> out: (batch, seq, out)
         out = self.base(x)
-        for key, rows in self.routing.groups:
-            adapter = self.adapters.get(key)
-            if adapter is None:  # this adapter does not target this layer
-                continue
-            a, b, scaling = adapter
-            if rows is None:
+        routing = self.routing
+        if routing.single is not None:
+            adapter = self.adapters.get(routing.single)
+            if adapter is not None:  # None: this adapter does not target this layer
+                a, b, scaling = adapter
                 # Same op order as train.lora.LoraLinear, so outputs match it bit for bit.
                 out = out + F.linear(F.linear(x, a), b) * scaling
-            else:
-                xr = x.index_select(0, rows)  # (rows, seq, in)
-                out = out.index_add(0, rows, F.linear(F.linear(xr, a), b) * scaling)
-        return out
+            return out
+        if not routing.keys:
+            return out
+        stack = self._stacked(routing.keys)
+        if stack is None:
+            return out
+        a, b, owners, scales, layout = stack
+        h = F.linear(x, a)  # (batch, seq, R)
+        h = h * routing.mask(owners, scales, layout)[:, None, :].to(h.dtype)
+        return out.add_(F.linear(h, b))
+
+
+def release_stacks(model: nn.Module) -> None:
+    """Free every layer's stacked weights (the running batch drained or its mix changed)."""
+    for module in model.modules():
+        if isinstance(module, MultiLoraLinear):
+            module.release()
 
 
 @dataclass
@@ -189,3 +251,4 @@ def remove_adapter(model: nn.Module, key: str) -> None:
     for module in model.modules():
         if isinstance(module, MultiLoraLinear):
             module.adapters.pop(key, None)
+            module.release()  # a stack may hold a copy of it
