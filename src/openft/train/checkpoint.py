@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from openft.faults import fault_point
+
 STATE_FILE = "trainer_state.json"
 
 
@@ -62,14 +64,42 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState,
          extra: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint `state.step`; `extra(tmp_dir)` may add files (the servable
-    adapter) before the folder is renamed into place."""
+    adapter) before the folder is renamed into place. A failed write (a full disk)
+    removes its partial folder, so it neither fills the disk further nor looks like
+    a checkpoint, and raises CheckpointWriteError naming the step and the cause."""
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{state.step:06d}"
     tmp = ckpt_root / f".tmp-step-{state.step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+        _write(tmp, model, optimizer, state, extra)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(e.errno, f"could not write the checkpoint at step {state.step} ({final}): "
+                                   f"{e.strerror or e}") from e
+    if final.exists():  # the same step saved again: never a moment with neither copy on disk
+        old = ckpt_root / f".del-step-{state.step:06d}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    fault_point("checkpoint.commit")
+    return final
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (errno kept: ENOSPC for a full disk)."""
+
+
+def _write(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState,
+           extra: Callable[[Path], None] | None) -> None:
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    fault_point("checkpoint.write")
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state()}
@@ -83,35 +113,61 @@ def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         extra(tmp)
     # Written last: its presence inside a renamed folder means "complete".
     (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
-    return final
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def prune(run_dir: Path, keep: int) -> list[int]:
-    """Delete all but the `keep` latest complete checkpoints (and stale temp
-    folders); returns the steps deleted."""
+    """Delete all but the `keep` latest complete checkpoints (and leftover temp
+    folders); returns the steps deleted. Each is renamed out of the `step-*`
+    namespace before its files go, so a crash mid-delete never leaves a
+    half-deleted folder that looks like a checkpoint."""
     root = Path(run_dir) / "checkpoints"
-    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
+    done = complete(run_dir)
     deleted = []
     for old in done[: max(0, len(done) - keep)]:
-        shutil.rmtree(old, ignore_errors=True)
-        deleted.append(int(old.name.split("-")[1]))
-    for tmp in root.glob(".tmp-step-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+        gone = root / f".del-{old.name}"
+        shutil.rmtree(gone, ignore_errors=True)
+        os.replace(old, gone)
+        deleted.append(step_of(old))
+        fault_point("checkpoint.prune")
+        shutil.rmtree(gone, ignore_errors=True)
+    clean_leftovers(run_dir)
     return deleted
 
 
-def latest(run_dir: Path) -> Path | None:
+def clean_leftovers(run_dir: Path) -> None:
+    """Remove what an interrupted save or prune left behind."""
+    root = Path(run_dir) / "checkpoints"
+    for leftover in [*root.glob(".tmp-step-*"), *root.glob(".del-step-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def step_of(path: Path) -> int:
+    return int(Path(path).name.split("-")[1])
+
+
+def complete(run_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.exists():
-        return None
-    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
+
+
+def trim_metrics(path: Path, state: TrainerState) -> None:
+    """On resume, make metrics.jsonl hold exactly the rows up to the checkpoint
+    (`state.history`): rows an interrupted attempt wrote past it are trained again."""
+    lines = "".join(json.dumps(row) + "\n" for row in state.history)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(lines)
+    os.replace(tmp, path)
+
+
+def latest(run_dir: Path) -> Path | None:
+    done = complete(run_dir)
     return done[-1] if done else None
 
 

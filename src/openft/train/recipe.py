@@ -31,6 +31,7 @@ from openft.config import JobSpec
 from openft.data.load import LoadResult, load_dataset, parse_columns
 from openft.data.split import split_examples
 from openft.data.types import Example
+from openft.faults import fault_point
 from openft.models.load import LoadedModel, hash_weights, load_model
 from openft.train import checkpoint
 from openft.train.batching import micro_batches, plan_steps
@@ -140,6 +141,7 @@ def evaluate(model: torch.nn.Module, encoded: list[Encoded], pad_id: int, token_
     model.eval()
     loss_sum, n, correct = 0.0, 0, 0
     for mb in micro_batches(encoded, pad_id, token_budget):
+        fault_point("eval")
         out = causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels)
         loss_sum += float(out.loss_sum)
         n += out.n_tokens
@@ -207,6 +209,7 @@ def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = 
         if last is not None:
             state = checkpoint.load(last, model, optimizer)
             emit("resumed", {"step": state.step, "checkpoint": str(last)})
+        checkpoint.trim_metrics(run_dir / "metrics.jsonl", state)  # drop rows past the checkpoint
     emit("started", {"total_steps": total, "train_examples": len(data.train), "valid_examples": len(data.valid),
                      "config": resolved})
 
@@ -227,8 +230,9 @@ def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = 
             g["lr"] = lr
         items = [data.train_enc[i] for i in plan.examples]
         n_step = sum(e.n_trained for e in items)
-        loss_total, correct = 0.0, 0
+        loss_total, correct, real, padded = 0.0, 0, 0, 0
         for mb in micro_batches(items, pad_id, cfg.micro_batch_tokens):
+            real, padded = real + mb.n_tokens, padded + mb.input_ids.numel()
             out = causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels)
             # Divide by the whole step's trained tokens: the gradient is the same
             # however the step is split into micro-batches.
@@ -236,6 +240,7 @@ def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = 
             loss_total += float(out.loss_sum.detach())
             correct += out.n_correct
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        fault_point("step")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state.step = plan.index + 1
@@ -246,6 +251,7 @@ def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = 
         row = {"step": state.step, "epoch": round(state.epoch, 4), "train_loss": loss_total / n_step,
                "train_mean_token_accuracy": correct / n_step, "learning_rate": lr,
                "trained_tokens": state.trained_tokens, "tokens_per_s": rate, "elapsed_s": elapsed,
+               "tokens": real, "padded_tokens": padded,  # this step's real tokens / positions run
                "eta_s": (total - state.step) * (time.monotonic() - time_at_start) / max(1, state.step - first_step)}
         is_last = state.step == total
         if data.valid_enc and (state.step % cfg.eval_every == 0 or is_last):
