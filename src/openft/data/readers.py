@@ -595,7 +595,11 @@ def _read_parquet(p: Path, result: ReadResult) -> None:
         # struct columns into Python lists and dicts.
         for batch in pf.iter_batches(batch_size=4096):
             for row in batch.to_pylist():
-                result.records.append(RawRecord(row, Location(name, record=index)))
+                problem = value_problem(row)  # list columns can nest without bound
+                if problem:
+                    result.errors.append(Problem(problem, file=name, record=index))
+                else:
+                    result.records.append(RawRecord(row, Location(name, record=index)))
                 index += 1
     except (pa.ArrowException, OSError) as e:
         result.errors.append(Problem(f"cannot read Parquet file: {e}", file=name))
