@@ -436,11 +436,25 @@ def test_odd_records_load_or_fail_cleanly(records, reader, forced):
             path.write_text(_xml_of(records), encoding="utf-8")
         else:
             try:
-                table = pa.Table.from_pylist(records)
+                pq.write_table(pa.Table.from_pylist(records), path)
             except (pa.ArrowException, ValueError, TypeError, OverflowError, UnicodeEncodeError):
                 return  # not representable in Parquet at all: nothing to read
-            pq.write_table(table, path)
         check(path, reader, layout=forced)
+
+
+odd_keys = st.one_of(st.sampled_from(FIELD_NAMES + ("data", "train", "\ud800", "k\udc80" * 30)),
+                    st.text(max_size=8))
+
+
+@fuzz_settings(100)
+@given(st.one_of(json_values, st.dictionaries(odd_keys, json_values, max_size=6),
+                 st.dictionaries(odd_keys, st.lists(json_records, max_size=3), max_size=3)),
+       st.booleans())
+def test_any_json_document_loads_or_fails_cleanly(document, ascii_):
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "x.json"
+        path.write_bytes(json.dumps(document, ensure_ascii=ascii_).encode("utf-8", "surrogatepass"))
+        check(path, "json")
 
 
 def _xml_of(records: list[dict]) -> str:

@@ -279,6 +279,13 @@ def json_loads(text: str) -> tuple[Any, str | None, int | None]:
         return None, f"invalid JSON: a number has more than {limit} digits", m.start()
 
 
+def shown(name: Any, limit: int = 40) -> str:
+    """A name from the file (or the command line) as it may appear in a message:
+    short, and encodable (a JSON key can hold an unpaired surrogate)."""
+    text = str(name).encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _looks_like_single_conversation(obj: dict) -> bool:
     return any(isinstance(obj.get(k), list) for k in ("messages", "conversations"))
 
@@ -310,7 +317,9 @@ def _read_json(text: str, file: str, result: ReadResult) -> None:
             result.errors.append(Problem(
                 "a JSON file must hold an array of records, or an object with exactly one "
                 f"list of records (like {{\"data\": [...]}}); found an object with "
-                f"{len(lists)} list fields" + (f": {', '.join(lists)}" if lists else ""),
+                f"{len(lists)} list fields"
+                + (f": {', '.join(shown(k) for k in lists[:10])}" if lists else "")
+                + (" ..." if len(lists) > 10 else ""),
                 file=file))
             return
         offset = _object_member_offsets(text, start)[lists[0]]
@@ -565,7 +574,8 @@ def _read_xml(raw: bytes, file: str, result: ReadResult, record_element: str | N
         if not elements:
             tags = sorted({_local(el.tag) for el in root.iter()})
             result.errors.append(Problem(
-                f"no <{record_element}> elements found; elements in the file: {', '.join(tags[:20])}",
+                f"no <{shown(record_element)}> elements found; elements in the file: "
+                f"{', '.join(shown(t) for t in tags[:20])}",
                 file=file))
             return
     else:
