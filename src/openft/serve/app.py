@@ -119,7 +119,7 @@ class _TooBig(Exception):
 
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:
-    from openft.serve import chat, files, fine_tuning, insights, keys, models
+    from openft.serve import chat, files, fine_tuning, insights, keys, models, schemas
     from openft.serve.engine import Engine
     from openft.serve.fine_tuning import validate_files
 
@@ -151,7 +151,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     for r in (insights.router, keys.router, files.router, fine_tuning.router, models.router, chat.router):
         app.include_router(r)
 
-    @app.get("/health", tags=["meta"])
+    @app.get("/health", tags=["meta"], responses=schemas.ok(schemas.Health))
     def health():
         proc = supervisor.proc if supervisor else None
         return {"status": "ok", "version": __version__,
@@ -160,6 +160,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
 
     from openft.console import mount as mount_console
     mount_console(app)  # the web console at / (static files; a client of the API above)
+    app.openapi = lambda: schemas.document(app)
     return app
 
 

@@ -15,21 +15,31 @@ from typing import AsyncIterator, Literal, Union
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
 
 from openft.serve.auth import owner
 from openft.serve.engine import Delta, EngineError, SamplingParams, Usage
+from openft.serve import schemas as S
 from openft.serve.errors import APIError
 from openft.serve.models import handle_for
 
 router = APIRouter(prefix="/v1", tags=["chat"])
+SEED_RANGE = (-(2**63), 2**63 - 9)  # torch seeds are 64-bit; choice i uses seed + i (n <= 8)
+
+
+def _streamed(model) -> dict:
+    """A JSON answer, or with `stream: true` server-sent events."""
+    return {200: {"model": model, "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
@@ -43,18 +53,22 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: a wrong type is a 400 naming the field, not coerced ("yes" is no
+    # boolean, true no max_tokens); unknown OpenAI fields are ignored.
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    logit_bias: dict[str, float] | None = None
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -71,6 +85,16 @@ class SamplingFields(BaseModel):
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        for token, bias in (v or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"keys must be token ids, got {token[:40]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be between -100 and 100, got {bias:g} for token {token}")
+        return v
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_completion_tokens or self.max_tokens,
@@ -96,8 +120,13 @@ def _usage(u: Usage) -> dict:
 
 
 def _prepare(request: Request, who: str, body: SamplingFields, prompt_ids_fn):
+    """Runs in a worker thread: loading a model and tokenising a long prompt must
+    not stall the event loop (and with it every stream in flight)."""
     engine = request.app.state.engine
     handle = handle_for(request, who, body.model)
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported by this server", param="logit_bias",
+                       code="unsupported_parameter")
     try:
         ids = prompt_ids_fn(engine, handle)
         context = engine.context_length(handle)
@@ -106,23 +135,31 @@ def _prepare(request: Request, who: str, body: SamplingFields, prompt_ids_fn):
     if len(ids) >= context:
         raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt has {len(ids)}",
                        param="messages", code="context_length_exceeded")
+    asked = body.max_completion_tokens or body.max_tokens
+    if asked is not None and asked > context:
+        # Fewer than asked fit after a long prompt is fine (clamped, finish_reason
+        # "length"); more than the model can ever produce is a mistake.
+        field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        raise APIError(400, f"{field} is too large: {asked}. This model supports at most {context} tokens",
+                       param=field, code="invalid_value")
     return engine, handle, ids
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=_streamed(S.ChatCompletion))
 async def chat_completions(request: Request, body: ChatRequest, who: str = Depends(owner)):
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    engine, handle, ids = _prepare(request, who, body, lambda e, h: e.apply_chat_template(h, messages))
+    engine, handle, ids = await run_in_threadpool(_prepare, request, who, body,
+                                                  lambda e, h: e.apply_chat_template(h, messages))
     return await _respond(engine, handle, ids, body, chat=True)
 
 
-@router.post("/completions")
+@router.post("/completions", responses=_streamed(S.Completion))
 async def completions(request: Request, body: CompletionRequest, who: str = Depends(owner)):
     prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
     if not prompt:
         raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
-    engine, handle, ids = _prepare(request, who, body,
-                                   lambda e, h: e.tokenizer(h)(prompt, add_special_tokens=False)["input_ids"])
+    engine, handle, ids = await run_in_threadpool(
+        _prepare, request, who, body, lambda e, h: e.tokenizer(h)(prompt, add_special_tokens=False)["input_ids"])
     return await _respond(engine, handle, ids, body, chat=False)
 
 

@@ -3,6 +3,8 @@ checkpoints, comparison. OpenAI's fields, plus openft's own as extra fields."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Literal, Union
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request
@@ -10,9 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from openft.config import JobSpec
 from openft.jobs.store import TERMINAL, new_id, now
-from openft.models.registry import BUILTINS, ModelNotFound, resolve
+from openft import home
+from openft.models.registry import BUILTINS, ModelNotFound, ModelSource, resolve
 from openft.serve.auth import owner
+from openft.serve import schemas as S
 from openft.serve.errors import APIError, not_found
+from openft.serve.schemas import ok
 from openft.train.hparams import auto_learning_rate
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -117,16 +122,49 @@ def resolve_base(request: Request, who: str, model: str) -> str:
         return model
     own = store.get_model(who, model)
     if own is not None:
-        from pathlib import Path
-
         return str(Path(own["path"]).parent)  # the run folder
     if model.startswith("ft:"):
         raise not_found("model", model, "model")
+    user_model(model)
+    return model
+
+
+PICKLES = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+
+
+def user_model(model: str) -> ModelSource:
+    """A base model named by the caller: a built-in, a hub id, or a model folder
+    or .gguf file on the server. Checked before anything touches the path:
+    no NUL bytes or absurd lengths (which would make the OS call fail), nothing
+    inside the server's own data folder (other owners' runs and files live there;
+    a path into it answers exactly as a path that does not exist), and only
+    safetensors/GGUF weights: a folder whose weights or adapter are pickles alone
+    is refused, and the pickle is never opened."""
+    unknown = APIError(404, f"unknown model '{model[:200]}': not a built-in ({', '.join(BUILTINS)}), "
+                            "a local directory, a .gguf file or a hub id", param="model", code="model_not_found")
+    if model in BUILTINS:
+        return resolve(model)
+    if not model or "\x00" in model or len(model) > 1024:
+        raise unknown
     try:
-        resolve(model)
+        p = Path(model).expanduser()
+        data = home.home().resolve()
+        if p.is_absolute() or model.startswith((".", "~")) or p.exists():  # a path, not a hub id
+            for candidate in (Path(os.path.normpath(p.absolute())), p.resolve()):
+                if candidate == data or data in candidate.parents:
+                    raise unknown
+        if p.is_dir():
+            pickles = sorted(x.name for pattern in PICKLES for x in p.glob(pattern))
+            adapter_pickle = (p / "adapter_config.json").exists() and not (p / "adapter_model.safetensors").exists()
+            if pickles and (adapter_pickle or not any(p.glob("*.safetensors"))):
+                raise APIError(400, f"{model}: only safetensors or GGUF weights are loaded; found only pickle "
+                                    f"weights ({', '.join(pickles)}), which are never loaded. Convert them to "
+                                    "safetensors first.", param="model", code="unsafe_weights")
+        return resolve(model)
     except ModelNotFound as e:
         raise APIError(404, str(e), param="model", code="model_not_found") from None
-    return model
+    except (OSError, ValueError):  # a name the file system cannot even look up
+        raise unknown from None
 
 
 def job_object(row: dict) -> dict:
@@ -178,7 +216,7 @@ def validate_files(app, job_id: str) -> None:
         store.add_event(job_id, "Files validated, moving job to queued state")
 
 
-@router.post("")
+@router.post("", responses=ok(S.Job))
 def create(request: Request, body: CreateJob, background: BackgroundTasks, who: str = Depends(owner),
            idempotency_key: str | None = Header(None, alias="Idempotency-Key")):
     store = request.app.state.store
@@ -205,7 +243,7 @@ def create(request: Request, body: CreateJob, background: BackgroundTasks, who: 
     return job_object(row)
 
 
-@router.get("")
+@router.get("", responses=ok(S.JobList))
 def list_jobs(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100),
               who: str = Depends(owner)):
     rows = request.app.state.store.list_jobs(who, after, limit + 1)
@@ -219,12 +257,12 @@ def owned_job(request: Request, job_id: str, who: str) -> dict:
     return row
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", responses=ok(S.Job))
 def retrieve(request: Request, job_id: str, who: str = Depends(owner)):
     return job_object(owned_job(request, job_id, who))
 
 
-@router.post("/{job_id}/cancel")
+@router.post("/{job_id}/cancel", responses=ok(S.Job))
 def cancel(request: Request, job_id: str, who: str = Depends(owner)):
     store = request.app.state.store
     job = owned_job(request, job_id, who)
@@ -237,7 +275,7 @@ def cancel(request: Request, job_id: str, who: str = Depends(owner)):
     return job_object(store.get_job(who, job_id))
 
 
-@router.post("/{job_id}/pause")
+@router.post("/{job_id}/pause", responses=ok(S.Job))
 def pause(request: Request, job_id: str, who: str = Depends(owner)):
     store = request.app.state.store
     job = owned_job(request, job_id, who)
@@ -253,7 +291,7 @@ def pause(request: Request, job_id: str, who: str = Depends(owner)):
     return job_object(store.get_job(who, job_id))
 
 
-@router.post("/{job_id}/resume")
+@router.post("/{job_id}/resume", responses=ok(S.Job))
 def resume(request: Request, job_id: str, who: str = Depends(owner)):
     store = request.app.state.store
     job = owned_job(request, job_id, who)
@@ -269,7 +307,7 @@ def event_object(e: dict) -> dict:
             "message": e["message"], "type": e["type"], "data": e["data"] or {}}
 
 
-@router.get("/{job_id}/events")
+@router.get("/{job_id}/events", responses=ok(S.EventList))
 def events(request: Request, job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=1000),
            order: Literal["asc", "desc"] = "desc", who: str = Depends(owner)):
     owned_job(request, job_id, who)
@@ -283,7 +321,7 @@ def checkpoint_object(c: dict) -> dict:
             "metrics": {k: v for k, v in c["metrics"].items() if v is not None}, "fine_tuning_job_id": c["job_id"]}
 
 
-@router.get("/{job_id}/checkpoints")
+@router.get("/{job_id}/checkpoints", responses=ok(S.CheckpointList))
 def checkpoints(request: Request, job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=100),
                 who: str = Depends(owner)):
     owned_job(request, job_id, who)
@@ -293,7 +331,7 @@ def checkpoints(request: Request, job_id: str, after: str | None = None, limit: 
             "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
 
 
-@router.get("/{job_id}/comparison")
+@router.get("/{job_id}/comparison", responses=ok(S.JobComparison))
 def comparison(request: Request, job_id: str, who: str = Depends(owner)):
     job = owned_job(request, job_id, who)
     if job["comparison"] is None:

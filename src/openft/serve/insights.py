@@ -20,12 +20,13 @@ from starlette.concurrency import run_in_threadpool
 from openft.data.load import load_dataset
 from openft.data.split import split_examples
 from openft.models.load import materialise
-from openft.models.registry import ModelNotFound, resolve
 from openft.serve.auth import owner
 from openft.serve.engine import EngineError, ModelHandle, SamplingParams
+from openft.serve import schemas as S
 from openft.serve.errors import APIError
+from openft.serve.schemas import ok
 from openft.serve.files import get_owned
-from openft.serve.fine_tuning import CreateJob, build_spec
+from openft.serve.fine_tuning import CreateJob, build_spec, user_model
 from openft.serve.models import handle_for
 from openft.train.hparams import auto_max_seq_length, resolve_train
 from openft.train.stats import token_stats
@@ -39,10 +40,7 @@ def _handle(request: Request, who: str, model: str) -> ModelHandle:
     try:
         return handle_for(request, who, model)
     except APIError:
-        try:
-            return ModelHandle(name=model, base_path=materialise(resolve(model)))
-        except ModelNotFound as e:
-            raise APIError(404, str(e), param="model", code="model_not_found") from None
+        return ModelHandle(name=model, base_path=materialise(user_model(model)))
 
 
 def _n_params(path: Path) -> int:
@@ -84,7 +82,7 @@ def _stats(request: Request, who: str, file_id: str, model: str, n_epochs, metho
             "histogram": {"edges": edges, "counts": counts}, "warnings": [w.to_dict() for w in warnings]}
 
 
-@router.get("/v1/files/{file_id}/stats")
+@router.get("/v1/files/{file_id}/stats", responses=ok(S.FileStats))
 def file_stats(request: Request, file_id: str, model: str = "smollm2-135m-instruct", n_epochs: str = "auto",
                method: str = Query("lora", pattern="^(lora|full)$"), who: str = Depends(owner)):
     if n_epochs != "auto" and not n_epochs.isdigit():
@@ -92,7 +90,7 @@ def file_stats(request: Request, file_id: str, model: str = "smollm2-135m-instru
     return _stats(request, who, file_id, model, n_epochs, method)
 
 
-@router.get("/v1/files/{file_id}/preview")
+@router.get("/v1/files/{file_id}/preview", responses=ok(S.FilePreview))
 def file_preview(request: Request, file_id: str, model: str = "smollm2-135m-instruct",
                  n: int = Query(3, ge=1, le=50), train_on_prompt: bool = False, who: str = Depends(owner)):
     tok = request.app.state.engine.tokenizer(_handle(request, who, model))
@@ -106,7 +104,7 @@ def file_preview(request: Request, file_id: str, model: str = "smollm2-135m-inst
     return {"object": "file.preview", "file_id": file_id, "model": model, "examples": out}
 
 
-@router.post("/v1/fine_tuning/estimate")
+@router.post("/v1/fine_tuning/estimate", responses=ok(S.Estimate))
 def estimate(request: Request, body: CreateJob, who: str = Depends(owner)):
     spec, _ = build_spec(body, body.model)
     handle = _handle(request, who, body.model)
@@ -136,7 +134,7 @@ class CompareBody(BaseModel):
     max_tokens: int = 64
 
 
-@router.post("/v1/comparisons")
+@router.post("/v1/comparisons", responses=ok(S.Comparison))
 async def compare(request: Request, body: CompareBody, who: str = Depends(owner)):
     from openft.eval.compare import build_comparison, to_json
     from openft.eval.questions import QuestionFileError, load_questions

@@ -20,7 +20,9 @@ from openft.models.load import materialise
 from openft.models.registry import BUILTINS, builtin_gguf_path, resolve
 from openft.serve.auth import owner
 from openft.serve.engine import ModelHandle
+from openft.serve import schemas as S
 from openft.serve.errors import APIError, not_found
+from openft.serve.schemas import ok
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 CREATED_BUILTIN = 1730419200  # 2024-11-01, SmolLM2's release
@@ -44,7 +46,7 @@ def list_for(request: Request, who: str) -> list[dict]:
     return out
 
 
-@router.get("")
+@router.get("", responses=ok(S.ModelList))
 def list_models(request: Request, who: str = Depends(owner)):
     return {"object": "list", "data": list_for(request, who)}
 
@@ -59,7 +61,7 @@ def _run_details(path: Path) -> dict:
     return out
 
 
-@router.get("/{model_id}")
+@router.get("/{model_id}", responses=ok(S.Model))
 def retrieve(request: Request, model_id: str, who: str = Depends(owner)):
     for m in list_for(request, who):
         if m["id"] == model_id:
@@ -74,7 +76,8 @@ def handle_path(request: Request, who: str, model_id: str) -> Path:
     return Path(h.full_model_path or h.adapter_path)
 
 
-@router.get("/{model_id}/export")
+@router.get("/{model_id}/export", response_class=FileResponse,
+            responses={200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}}}})
 def export_model(request: Request, model_id: str, what: Literal["adapter", "merged"] = "adapter",
                  who: str = Depends(owner)):
     """A zip of the adapter (PEFT format + tokenizer) or of the merged model."""
@@ -100,7 +103,7 @@ def export_model(request: Request, model_id: str, what: Literal["adapter", "merg
                         background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True))
 
 
-@router.delete("/{model_id}")
+@router.delete("/{model_id}", responses=ok(S.Deleted))
 def delete(request: Request, model_id: str, who: str = Depends(owner)):
     store = request.app.state.store
     if model_id in BUILTINS:

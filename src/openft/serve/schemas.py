@@ -1,0 +1,310 @@
+"""The response shapes the API declares in its OpenAPI document.
+
+Routes return plain dicts (fast, and free to carry openft's extra fields); these
+models only *document* what comes back, so a client generator or a fuzzer
+(schemathesis, tests/serve/test_api_fuzz.py) can check every answer against the
+declared shape. Every model allows extra fields: openft's extensions ride along
+in the same objects, as OpenAI's own objects grow new fields over time. The
+required fields of the OpenAI-compatible ones are a superset of those in
+OpenAI's spec (checked in the fuzz test), so OpenAI clients parse them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ConfigDict
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# ------------------------------------------------------------------ errors
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class Error(BaseModel):
+    """The one error envelope every failure answers with."""
+
+    error: ErrorBody
+
+
+# ------------------------------------------------------------------- files
+
+
+class FileObject(_Open):
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["uploaded", "processed", "error"]
+    status_details: str | None = None
+    validation: dict[str, Any] | None = None
+
+
+class FileList(_Open):
+    object: Literal["list"]
+    data: list[FileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class Deleted(_Open):
+    id: str
+    object: str
+    deleted: bool
+
+
+# ------------------------------------------------------------- fine-tuning
+
+JobStatus = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
+
+
+class JobError(_Open):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class Job(_Open):
+    id: str
+    object: Literal["fine_tuning.job"]
+    model: str
+    created_at: int
+    finished_at: int | None
+    fine_tuned_model: str | None
+    organization_id: str
+    result_files: list[str]
+    status: JobStatus
+    validation_file: str | None
+    training_file: str
+    hyperparameters: dict[str, Any]
+    trained_tokens: int | None
+    error: JobError | None
+    seed: int
+    integrations: list[Any] | None = None
+    estimated_finish: int | None = None
+    method: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+
+
+class JobList(_Open):
+    object: Literal["list"]
+    data: list[Job]
+    has_more: bool
+
+
+class Event(_Open):
+    id: str
+    object: Literal["fine_tuning.job.event"]
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: str
+    data: dict[str, Any]
+
+
+class EventList(_Open):
+    object: Literal["list"]
+    data: list[Event]
+    has_more: bool
+
+
+class Checkpoint(_Open):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"]
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    step_number: int
+    metrics: dict[str, float]
+    fine_tuning_job_id: str
+
+
+class CheckpointList(_Open):
+    object: Literal["list"]
+    data: list[Checkpoint]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class JobComparison(_Open):
+    object: Literal["fine_tuning.job.comparison"]
+    fine_tuning_job_id: str
+
+
+# ------------------------------------------------------------------ models
+
+
+class Model(_Open):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(_Open):
+    object: Literal["list"]
+    data: list[Model]
+
+
+# -------------------------------------------------------------------- chat
+
+
+class Usage(_Open):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(_Open):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: str | None
+
+
+class ChatChoice(_Open):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None
+
+
+class ChatCompletion(_Open):
+    """Or, with `stream: true`, server-sent `chat.completion.chunk` events."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(_Open):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None
+
+
+class Completion(_Open):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+# -------------------------------------------------------------- the rest
+
+
+class ApiKey(_Open):
+    id: str
+    object: Literal["api_key"]
+    owner: str
+    created_at: int
+    key: str | None = None
+
+
+class ApiKeyList(_Open):
+    object: Literal["list"]
+    data: list[ApiKey]
+
+
+class Health(_Open):
+    status: Literal["ok"]
+    version: str
+    worker_pid: int | None
+    worker_restarts: int
+
+
+class FileStats(_Open):
+    object: Literal["file.stats"]
+    file_id: str
+    model: str
+    histogram: dict[str, list[int]]
+    warnings: list[dict[str, Any]]
+
+
+class PreviewExample(_Open):
+    where: str
+    tokens: int
+    trained_tokens: int
+    segments: list[dict[str, Any]]
+
+
+class FilePreview(_Open):
+    object: Literal["file.preview"]
+    file_id: str
+    model: str
+    examples: list[PreviewExample]
+
+
+class Estimate(_Open):
+    object: Literal["fine_tuning.estimate"]
+    examples: int
+    epochs: int
+    steps: int
+    batch_size: int
+    learning_rate: float
+    max_seq_length: int
+    total_tokens: int
+    supervised_tokens: int
+    method: str
+
+
+class Comparison(_Open):
+    object: Literal["comparison"]
+
+
+def ok(model: type[BaseModel], media_type: str = "application/json") -> dict:
+    """`responses=` entry documenting a 200 answer (without filtering it)."""
+    return {200: {"model": model, "content": {media_type: {}}}} if media_type != "application/json" else \
+        {200: {"model": model}}
+
+
+# Which failures each operation may answer with, besides the 400/401/403/404 of all.
+_EXTRA_ERRORS = {("post", "/v1/files"): (413,), ("post", "/v1/chat/completions"): (503,),
+                 ("post", "/v1/completions"): (503,), ("post", "/v1/comparisons"): (503,)}
+_ERROR_TEXT = {400: "Bad request: the `param` names the field", 401: "Missing or wrong API key",
+               403: "Not allowed", 404: "No such object (or not the caller's)", 413: "Upload over the size limit",
+               503: "The model cannot be loaded now"}
+
+
+def document(app) -> dict:
+    """The app's OpenAPI document with the errors it really answers: FastAPI
+    declares a 422 for validation failures, which openft answers as a 400 in the
+    error envelope (OpenAI's convention)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Error"] = Error.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(schemas["Error"].pop("$defs", {}))
+    for path, ops in doc.get("paths", {}).items():
+        for method, op in ops.items():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            codes = () if path == "/health" else (400, 401, 403, 404) + _EXTRA_ERRORS.get((method, path), ())
+            for code in codes:
+                responses[str(code)] = {"description": _ERROR_TEXT[code], "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    app.openapi_schema = doc
+    return doc
