@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS jobs (
   method TEXT NOT NULL, suffix TEXT, seed INTEGER NOT NULL, metadata TEXT, error TEXT,
   fine_tuned_model TEXT, trained_tokens INTEGER, result_files TEXT NOT NULL DEFAULT '[]',
   comparison TEXT, run_dir TEXT, control TEXT NOT NULL DEFAULT '', worker_pid INTEGER,
-  heartbeat_at REAL, attempts INTEGER NOT NULL DEFAULT 0, estimated_finish INTEGER, extra TEXT
+  heartbeat_at REAL, attempts INTEGER NOT NULL DEFAULT 0, estimated_finish INTEGER, extra TEXT,
+  stalls INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, created_at);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at);
@@ -62,6 +63,9 @@ CREATE TABLE IF NOT EXISTS idempotency (
 JSON_COLUMNS = {"validation", "spec", "hyperparameters", "metadata", "error", "result_files", "comparison",
                 "data", "metrics", "extra"}
 TERMINAL = ("succeeded", "failed", "cancelled")
+# `stalls`: attempts in a row that ended without a new checkpoint (a worker that
+# dies while making progress should not use up its job's retries).
+ADDED_JOB_COLUMNS = {"stalls": "INTEGER NOT NULL DEFAULT 0"}
 
 
 def new_id(prefix: str) -> str:
@@ -85,6 +89,18 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._conn().executescript(SCHEMA)  # executescript manages its own transaction
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added after a database was first created."""
+        have = {r[1] for r in self._conn().execute("PRAGMA table_info(jobs)").fetchall()}
+        for column, decl in ADDED_JOB_COLUMNS.items():
+            if column not in have:
+                try:
+                    self._conn().execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
+                except sqlite3.OperationalError as e:  # another process added it first
+                    if "duplicate column" not in str(e):
+                        raise
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -208,17 +224,28 @@ class Store:
                 sql, args = sql + " AND (created_at, id) < (?, ?)", args + [ref["created_at"], ref["id"]]
         return self._all(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", tuple(args + [limit]))
 
-    def update_job(self, job_id: str, *, expect_status: tuple[str, ...] | None = None, **values: Any) -> bool:
+    def update_job(self, job_id: str, *, expect_status: tuple[str, ...] | None = None,
+                   expect_worker: int | None = None, events: list[dict] | None = None, **values: Any) -> bool:
         """Update fields; with `expect_status`, only if the job is in one of those
-        states (a compare-and-set: cancel vs. succeed races resolve cleanly)."""
+        states (a compare-and-set: cancel vs. succeed races resolve cleanly); with
+        `expect_worker`, only if that worker pid still owns it (a worker whose job
+        was taken over writes nothing). `events` (add_event keyword dicts) are
+        added in the same transaction, only if the update applied: a crash never
+        leaves a status change without its event, or the reverse."""
         values = self._enc(values)
         sets = ", ".join(f"{k} = ?" for k in values)
         sql, args = f"UPDATE jobs SET {sets} WHERE id = ?", list(values.values()) + [job_id]
         if expect_status:
             sql += f" AND status IN ({', '.join('?' * len(expect_status))})"
             args += list(expect_status)
+        if expect_worker is not None:
+            sql, args = sql + " AND worker_pid = ?", args + [expect_worker]
         with self.tx() as db:
-            return db.execute(sql, tuple(args)).rowcount == 1
+            ok = db.execute(sql, tuple(args)).rowcount == 1
+            if ok:
+                for ev in events or ():
+                    self._insert(db, "events", self._event(job_id, **ev))
+            return ok
 
     def claim_next_job(self, worker_pid: int) -> dict | None:
         """Atomically move the oldest queued job to running for this worker."""
@@ -228,7 +255,8 @@ class Store:
             if not row:
                 return None
             db.execute("UPDATE jobs SET status = 'running', worker_pid = ?, heartbeat_at = ?, attempts = attempts + 1, "
-                       "started_at = COALESCE(started_at, ?) WHERE id = ?", (worker_pid, time.time(), now(), row[0]))
+                       "stalls = stalls + 1, started_at = COALESCE(started_at, ?) WHERE id = ?",
+                       (worker_pid, time.time(), now(), row[0]))
         return self.get_job(None, row[0])
 
     def jobs_in(self, *statuses: str) -> list[dict]:
@@ -236,13 +264,24 @@ class Store:
                          tuple(statuses))
 
     # ---------------------------------------------------------------- events
+    @staticmethod
+    def _event(job_id: str, message: str, *, level: str = "info", type: str = "message",
+               data: dict | None = None) -> dict:
+        return {"id": new_id("ftevent"), "job_id": job_id, "created_at": now(), "level": level,
+                "message": message, "type": type, "data": data}
+
     def add_event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
                   data: dict | None = None) -> dict:
-        values = {"id": new_id("ftevent"), "job_id": job_id, "created_at": now(), "level": level,
-                  "message": message, "type": type, "data": data}
+        values = self._event(job_id, message, level=level, type=type, data=data)
         with self.tx() as db:
             self._insert(db, "events", values)
         return values
+
+    def last_metrics_step(self, job_id: str) -> int:
+        """The highest step with a metrics event (0 if none)."""
+        row = self._one("SELECT MAX(CAST(json_extract(data, '$.step') AS INTEGER)) AS s FROM events "
+                        "WHERE job_id = ? AND type = 'metrics'", (job_id,))
+        return int(row["s"] or 0) if row else 0
 
     def list_events(self, job_id: str, after: str | None = None, limit: int = 20, order: str = "desc") -> list[dict]:
         sql, args = "SELECT * FROM events WHERE job_id = ?", [job_id]
@@ -254,11 +293,23 @@ class Store:
         return self._all(sql + f" ORDER BY seq {direction} LIMIT ?", tuple(args + [limit]))
 
     # ----------------------------------------------------------- checkpoints
-    def add_checkpoint(self, job_id: str, step: int, metrics: dict, model_name: str, path: str) -> None:
+    def add_checkpoint(self, job_id: str, step: int, metrics: dict, model_name: str, path: str,
+                       event: dict | None = None) -> bool:
+        """Register a checkpoint, with its event (add_event keyword dicts) in the
+        same transaction. Registering a step again (a resumed attempt that finds
+        it on disk) updates it and adds no second event. A new checkpoint is
+        progress: the job's stall count starts again. Returns True if new."""
         with self.tx() as db:
-            db.execute("DELETE FROM checkpoints WHERE job_id = ? AND step = ?", (job_id, step))
+            cur = db.execute("UPDATE checkpoints SET metrics = ?, model_name = ?, path = ? WHERE job_id = ? AND step = ?",
+                             (json.dumps(metrics), model_name, path, job_id, step))
+            if cur.rowcount:
+                return False
             self._insert(db, "checkpoints", {"id": new_id("ftckpt"), "job_id": job_id, "step": step, "created_at": now(),
                                              "metrics": metrics, "model_name": model_name, "path": path})
+            db.execute("UPDATE jobs SET stalls = 0 WHERE id = ?", (job_id,))
+            if event:
+                self._insert(db, "events", self._event(job_id, **event))
+            return True
 
     def list_checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> list[dict]:
         sql, args = "SELECT * FROM checkpoints WHERE job_id = ?", [job_id]

@@ -6,27 +6,43 @@ and checkpoints; the API never talks to the worker directly. Cancel and pause ar
 requests written on the job (`control`), polled after every optimizer step.
 
 A job whose worker died (killed, crashed, machine restarted) is found on the next
-worker start, or by a live worker's periodic sweep, and put back in the queue; it
-then resumes from its last complete checkpoint.
+worker start, or by a live worker's periodic sweep: its worker pid is gone, or its
+heartbeat (written every few seconds by a thread of the worker running it) has
+stopped. It is put back in the queue and resumes from its last complete
+checkpoint; only attempts that ended without a new checkpoint count towards
+MAX_ATTEMPTS, so a long job that keeps making progress is never given up on.
+
+A resumed attempt first makes the store agree with the run folder (a checkpoint
+renamed into place just before a crash is registered, one pruned just before is
+dropped), and does not repeat the metrics events of steps an earlier attempt
+already reported: resuming is deterministic (weights, optimizer, RNG and data
+position all come from the checkpoint), so those steps train to the same values.
 """
 
 from __future__ import annotations
 
+import errno
+import gc
+import json
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from openft import home
 from openft.config import JobSpec
+from openft.faults import fault_point
 from openft.jobs.naming import checkpoint_model_name
 from openft.jobs.store import TERMINAL, Store
 from openft.train.recipe import DataError, Interrupted
 
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 3  # attempts in a row without a new checkpoint
+HEARTBEAT_S = 5.0
+STALE_AFTER_S = 120.0  # no heartbeat for this long: the worker is gone (or frozen)
 HOST = socket.gethostname()
 
 
@@ -51,25 +67,60 @@ def _pid_alive(pid: int | None) -> bool:
         return True
 
 
-def requeue_orphans(store: Store, *, stale_after_s: float = 600.0) -> list[str]:
-    """Put 'running' jobs whose worker is gone back in the queue."""
+def requeue_orphans(store: Store, *, stale_after_s: float = STALE_AFTER_S) -> list[str]:
+    """Put 'running' jobs whose worker is gone back in the queue (or fail them
+    after MAX_ATTEMPTS attempts in a row that made no progress)."""
     requeued = []
     for job in store.jobs_in("running"):
-        dead = not _pid_alive(job["worker_pid"]) if job["worker_pid"] != os.getpid() else False
+        pid = job["worker_pid"]
+        dead = not _pid_alive(pid) if pid != os.getpid() else False
         stale = job["heartbeat_at"] is not None and time.time() - job["heartbeat_at"] > stale_after_s
         if not (dead or stale):
             continue
-        if job["attempts"] >= MAX_ATTEMPTS:
-            if store.update_job(job["id"], expect_status=("running",), status="failed", finished_at=int(time.time()),
-                                error={"code": "worker_lost", "param": None,
-                                       "message": f"the worker running this job stopped {job['attempts']} times"}):
-                store.add_event(job["id"], "Job failed: its worker stopped too many times", level="error")
+        # Compare-and-set on the pid too: a worker that took the job meanwhile keeps it.
+        if job["stalls"] >= MAX_ATTEMPTS:
+            msg = (f"the worker running this job stopped {job['stalls']} times in a row without reaching a new "
+                   f"checkpoint ({job['attempts']} attempts in all)")
+            store.update_job(job["id"], expect_status=("running",), expect_worker=pid, status="failed",
+                             finished_at=int(time.time()), estimated_finish=None,
+                             error={"code": "worker_lost", "param": None, "message": msg},
+                             events=[{"message": f"Job failed: {msg}", "level": "error",
+                                      "data": {"code": "worker_lost"}}])
             continue
-        if store.update_job(job["id"], expect_status=("running",), status="queued", worker_pid=None):
-            store.add_event(job["id"], "The worker running this job stopped; the job is queued again and will "
-                            "resume from its last checkpoint", level="warn")
+        if store.update_job(job["id"], expect_status=("running",), expect_worker=pid, status="queued", worker_pid=None,
+                            events=[{"message": "The worker running this job stopped; the job is queued again and "
+                                     "will resume from its last checkpoint", "level": "warn"}]):
             requeued.append(job["id"])
     return requeued
+
+
+class TakenOver(Exception):
+    """This worker no longer owns its job (it was presumed dead and the job requeued)."""
+
+
+class Heartbeat:
+    """A thread that stamps the job's heartbeat every HEARTBEAT_S while it runs, so
+    a worker busy in a long evaluation or model save is not taken for dead."""
+
+    def __init__(self, store: Store, job_id: str):
+        self.store, self.job_id = store, job_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.store.update_job(self.job_id, expect_worker=os.getpid(), heartbeat_at=time.time())
+            except Exception:  # noqa: BLE001 - a busy database must not end the heartbeat
+                pass
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=HEARTBEAT_S + 30)
 
 
 @dataclass
@@ -77,6 +128,9 @@ class JobRunner:
     store: Store
     job: dict
     parent_pid: int | None = None
+    reported_step: int = 0  # metrics events up to this step exist (from earlier attempts)
+    total_steps: int | None = None
+    pid: int = field(default_factory=os.getpid)
 
     def spec(self) -> JobSpec:
         spec = JobSpec.from_dict(self.job["spec"])
@@ -104,7 +158,9 @@ class JobRunner:
         if self.parent_pid and os.getppid() != self.parent_pid:
             raise SystemExit("the server that started this worker is gone")
         job = self.store.get_job(None, self.job["id"])
-        self.store.update_job(self.job["id"], heartbeat_at=time.time())
+        if job is not None and job["status"] != "cancelled" and job["worker_pid"] != self.pid:
+            raise TakenOver(self.job["id"])
+        self.store.update_job(self.job["id"], expect_worker=self.pid, heartbeat_at=time.time())
         if job is None or job["status"] == "cancelled" or job["control"] == "cancel":
             return "cancel"
         if job["control"] == "pause":
@@ -122,30 +178,50 @@ class JobRunner:
             self.store.add_event(jid, f"Resumed from the checkpoint at step {data['step']}", data={"step": data["step"]})
         elif kind == "metrics":
             row = {k: v for k, v in data.items()}
-            total = getattr(self, "total_steps", None)
+            total = self.total_steps
             msg = f"Step {row['step']}/{total}: training loss={row['train_loss']:.4f}"
             if "valid_loss" in row:
                 msg += f", validation loss={row['valid_loss']:.4f}"
-            self.store.add_event(jid, msg, type="metrics", data={**row, "total_steps": total})
+            if row["step"] > self.reported_step:  # else an earlier attempt reported this very step
+                self.store.add_event(jid, msg, type="metrics", data={**row, "total_steps": total})
             eta = row.get("eta_s")
             self.store.update_job(jid, trained_tokens=row["trained_tokens"],
                                   estimated_finish=int(time.time() + eta) if eta is not None else None)
         elif kind == "checkpoint":
-            name = checkpoint_model_name(self.job, data["step"])
-            m = data["metrics"]
-            metrics = {"step": data["step"], "train_loss": m["train_loss"],
-                       "train_mean_token_accuracy": m["train_mean_token_accuracy"],
-                       "valid_loss": m.get("valid_loss"), "valid_mean_token_accuracy": m.get("valid_mean_token_accuracy"),
-                       "full_valid_loss": None, "full_valid_mean_token_accuracy": None}
-            self.store.add_checkpoint(jid, data["step"], metrics, name, data["path"])
-            self.store.add_event(jid, f"Checkpoint created at step {data['step']}", type="message",
-                                 data={"step": data["step"], "fine_tuned_model_checkpoint": name})
+            self._register_checkpoint(data["step"], data["metrics"], data["path"])
         elif kind == "checkpoints_deleted":
             for step in data["steps"]:
                 self.store.delete_checkpoint(jid, step)
         elif kind == "early_stopped":
             self.store.add_event(jid, f"Early stopping at step {data['step']}: validation loss stopped improving "
                                  f"(best {data['best_valid_loss']:.4f})", data=data)
+
+    def _register_checkpoint(self, step: int, m: dict, path: str) -> None:
+        name = checkpoint_model_name(self.job, step)
+        metrics = {"step": step, "train_loss": m["train_loss"],
+                   "train_mean_token_accuracy": m["train_mean_token_accuracy"],
+                   "valid_loss": m.get("valid_loss"), "valid_mean_token_accuracy": m.get("valid_mean_token_accuracy"),
+                   "full_valid_loss": None, "full_valid_mean_token_accuracy": None}
+        self.store.add_checkpoint(self.job["id"], step, metrics, name, path,
+                                  event={"message": f"Checkpoint created at step {step}", "type": "message",
+                                         "data": {"step": step, "fine_tuned_model_checkpoint": name}})
+
+    def sync_checkpoints(self) -> None:
+        """Make the store's checkpoints those complete on disk: an earlier attempt
+        may have died between renaming a checkpoint into place and registering it,
+        or between deleting an old one and unregistering it."""
+        from openft.train import checkpoint
+
+        jid = self.job["id"]
+        checkpoint.clean_leftovers(self.run_dir)
+        on_disk = {checkpoint.step_of(p): p for p in checkpoint.complete(self.run_dir)}
+        for row in self.store.list_checkpoints(jid, limit=1_000_000):
+            if row["step"] not in on_disk:
+                self.store.delete_checkpoint(jid, row["step"])
+        for step, path in on_disk.items():
+            history = json.loads((path / checkpoint.STATE_FILE).read_text())["history"]
+            self._register_checkpoint(step, history[-1] if history else {"train_loss": None,
+                                      "train_mean_token_accuracy": None}, str(path))
 
     def run(self) -> None:
         from openft.pipeline import finetune_with_comparison
@@ -155,6 +231,9 @@ class JobRunner:
         spec = self.spec()
         spec.model = merged_base(spec.model)
         resume = self.run_dir.exists()
+        if resume:
+            self.sync_checkpoints()
+        self.reported_step = self.store.last_metrics_step(jid)
         outcome = finetune_with_comparison(spec, resume=resume, on_event=self.on_event, progress=False,
                                            echo=lambda *a: None, control=self.control)
         r = outcome.result
@@ -162,6 +241,7 @@ class JobRunner:
         kind = "adapter" if (r.output_dir.name == "adapter") else "full"
         self.store.add_model(id=name, owner=self.job["owner"], base=self.job["model"], job_id=jid,
                              path=str(r.output_dir), kind=kind)
+        fault_point("register")
         comparison = None
         if outcome.comparison is not None:
             from openft.eval.compare import to_json
@@ -169,18 +249,17 @@ class JobRunner:
             comparison = to_json(outcome.comparison)
         result_files = []
         ok = self.store.update_job(
-            jid, expect_status=("running",), status="succeeded", finished_at=int(time.time()),
+            jid, expect_status=("running",), expect_worker=self.pid, status="succeeded", finished_at=int(time.time()),
             fine_tuned_model=name, trained_tokens=r.trained_tokens, comparison=comparison, run_dir=str(r.run_dir),
-            result_files=result_files, estimated_finish=None, control="")
-        if not ok:
+            result_files=result_files, estimated_finish=None, control="",
+            events=[{"message": f"New fine-tuned model created: {name}", "type": "message",
+                     "data": {"fine_tuned_model": name, "trained_tokens": r.trained_tokens,
+                              "full_valid_loss": r.signals.get("last_valid_loss")}},
+                    {"message": "The job has successfully completed", "data": {"status": "succeeded"}}])
+        if not ok and (job := self.store.get_job(None, jid)) and job["status"] != "succeeded":
             # Cancelled while training finished (the trainer does not stop on its last
             # step, nor while saving): the job stays cancelled, so take back its model.
             self.store.delete_model(self.job["owner"], name)
-        if ok:
-            self.store.add_event(jid, f"New fine-tuned model created: {name}", type="message",
-                                 data={"fine_tuned_model": name, "trained_tokens": r.trained_tokens,
-                                       "full_valid_loss": r.signals.get("last_valid_loss")})
-            self.store.add_event(jid, "The job has successfully completed", data={"status": "succeeded"})
 
 
 def merged_base(model: str) -> str:
@@ -205,16 +284,25 @@ def run_one(store: Store, job: dict, parent_pid: int | None = None) -> None:
     jid = job["id"]
     runner = JobRunner(store, job, parent_pid)
     try:
-        runner.run()
+        with Heartbeat(store, jid):
+            runner.run()
+    except TakenOver:
+        print(f"job {jid} was taken over by another worker; leaving it", flush=True)
     except Interrupted as e:
         if e.reason == "paused":
-            if store.update_job(jid, expect_status=("running",), status="paused", control=""):
-                store.add_event(jid, f"Job paused at step {e.step}; resume continues from there",
-                                data={"status": "paused", "step": e.step})
+            store.update_job(jid, expect_status=("running",), status="paused", control="",
+                             events=[{"message": f"Job paused at step {e.step}; resume continues from there",
+                                      "data": {"status": "paused", "step": e.step}}])
         else:
             store.update_job(jid, status="cancelled", control="", finished_at=int(time.time()),
-                             expect_status=("running", "cancelled"))
-            store.add_event(jid, f"Job cancelled at step {e.step}", data={"status": "cancelled"})
+                             expect_status=("running", "cancelled"),
+                             events=[{"message": f"Job cancelled at step {e.step}", "data": {"status": "cancelled"}}])
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            traceback.print_exc()
+            _fail(store, jid, "training_failed", f"{type(e).__name__}: {e}", None)
+        else:
+            _fail(store, jid, "disk_full", _disk_full_message(store, jid, e), None)
     except DataError as e:
         first = e.result.errors[0] if e.result.errors else None
         where = f"line {first.line}" if first and first.line else (f"record {first.record}" if first and first.record is not None else "")
@@ -229,10 +317,31 @@ def run_one(store: Store, job: dict, parent_pid: int | None = None) -> None:
         _fail(store, jid, "training_failed", f"{type(e).__name__}: {e}", None)
 
 
+def _disk_full_message(store: Store, jid: str, e: OSError) -> str:
+    kept = sorted(c["step"] for c in store.list_checkpoints(jid, limit=1_000_000))
+    where = e.strerror if e.strerror and "step" in e.strerror else (f"writing {e.filename}" if e.filename else str(e))
+    return (f"No space left on device under {home.home()}: {where}. "
+            + (f"The checkpoints at steps {', '.join(map(str, kept))} are kept and usable. " if kept else "")
+            + "Free some disk space and start the job again.")
+
+
 def _fail(store: Store, jid: str, code: str, message: str, param: str | None) -> None:
-    if store.update_job(jid, expect_status=("running",), status="failed", finished_at=int(time.time()),
-                        error={"code": code, "message": message, "param": param}, estimated_finish=None):
-        store.add_event(jid, f"Job failed: {message}", level="error", data={"code": code})
+    store.update_job(jid, expect_status=("running",), status="failed", finished_at=int(time.time()),
+                     error={"code": code, "message": message, "param": param}, estimated_finish=None,
+                     events=[{"message": f"Job failed: {message}", "level": "error", "data": {"code": code}}])
+
+
+def release_memory() -> None:
+    """Give a finished job's memory back to the system: the model, optimizer and
+    activations are garbage once the job's frames are gone, but glibc keeps freed
+    heap pages mapped unless asked to return them."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def run_worker(*, poll_s: float = 0.5, once: bool = False, parent_pid: int | None = None) -> None:
@@ -255,6 +364,7 @@ def run_worker(*, poll_s: float = 0.5, once: bool = False, parent_pid: int | Non
             time.sleep(poll_s)
             continue
         run_one(store, job, parent_pid)
+        release_memory()
         if once:
             return
 
