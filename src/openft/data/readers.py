@@ -8,7 +8,11 @@ files read as one dataset. Nothing here knows about layouts: a record is just a
 Readers never raise on bad data. Every problem becomes a `Problem` naming the
 file and the line (and column where the parser tells us) or the record, and
 reading goes on where it can: one bad JSONL line costs one error, not the file.
-A user fixing a file wants the whole list at once.
+A user fixing a file wants the whole list at once. Hostile files end the same
+way: JSON nested past `MAX_DEPTH` or with integers too long to convert, text
+that is not valid Unicode, XML with a DOCTYPE (entity bombs, external entities)
+or nested past `MAX_XML_DEPTH`, FIFOs and devices named like datasets.
+tests/data/test_data_fuzz.py holds them to it.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ import json
 import re
 import sys
 import xml.etree.ElementTree as ET
-from xml.parsers import expat
 from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from xml.parsers import expat
 
 from openft.data.types import Location, Problem
 
