@@ -1,17 +1,57 @@
-"""Serving figures for `openft serve` on the built-in model, with a plain
-transformers `generate` baseline measured in the same run.
+"""Serving and start-up figures for `openft serve` on the built-in model, with a
+plain transformers `generate` baseline measured in the same run.
 
-  .venv/bin/python benchmarks/serve_bench.py [--max-tokens 64] [--adapters 8]
+Commands (run from the repository root; OPENFT_HOME must hold the converted
+built-in model, e.g. OPENFT_HOME=.openft-home):
 
-It makes N LoRA adapters for the built-in model (random, r=16, all linear
-layers: serving cost does not depend on what an adapter learned), registers them
-as fine-tuned models in a scratch OPENFT_HOME, starts a real server on loopback
-and drives it with the official `openai` client:
-  - one stream: time to first token and tokens/s;
-  - 8 concurrent streams on one adapter, and on 4 different adapters: aggregate tokens/s;
-  - server RSS with 1 and with 8 adapters loaded.
-Baseline: plain `model.generate` (greedy, batch 1) on the same prompt, unmerged
-LoRA via our adapter, in this process.
+  .venv/bin/python benchmarks/serve_bench.py            # full run (~6-10 min on 2 cores)
+  .venv/bin/python benchmarks/serve_bench.py --quick    # under 2 minutes
+  .venv/bin/python benchmarks/serve_bench.py --json     # one JSON object on stdout (table on stderr)
+  .venv/bin/python benchmarks/serve_bench.py --device cuda   # GPU: bf16 server and baseline
+
+Workload. Prompts are chat conversations built from rows of
+../shared/datasets/alpaca_en_demo.json: earlier rows as previous user/assistant
+turns, a last row as the question, grown until the templated prompt has about
+--prompt-tokens tokens (300 by default, 150 with --quick), each client a
+different conversation. Greedy, --max-tokens new tokens at most (64; 24 with
+--quick); answers may stop earlier at the end-of-turn token, and every rate
+below counts the tokens actually produced.
+
+Adapters: 8 LoRA adapters as openft training writes them by default (r=16,
+alpha=32, every linear layer of the decoder; random B so each adapter differs:
+serving cost does not depend on what an adapter learned), registered as
+fine-tuned models in a scratch OPENFT_HOME.
+
+openft side: a real `openft serve --max-batch-size 16` on loopback (the same
+`Server` helper the tests use), driven by the official `openai` async client,
+streaming, N concurrent clients for N in 1, 4, 16, each sending one request (N=1:
+three requests one after another). Once with every client on one adapter, once
+with clients spread over 4 different adapters (round robin).
+
+Baseline: plain transformers `model.generate` (greedy, batch 1, the adapter
+applied unmerged with openft's LoraLinear, as issue 3's baseline) serving the
+same requests one at a time, in this process after the server has stopped.
+
+Figures (keys of --json):
+  - ttft_p50_s / ttft_p95_s per phase: time from sending the request to the first
+    streamed content; baseline TTFT: generate() call to its first new token.
+    ttft_ratio = openft p50 TTFT at 1 client / baseline p50 TTFT (target <= 1.2).
+  - per_stream_tps: per request, (tokens - 1) / (time of last token - time of
+    first token), averaged; aggregate_tps: all tokens of the phase / its wall time.
+    Baseline aggregate = its tokens / its total time (serial: concurrency does
+    not change it). aggregate_16_ratio = openft aggregate at 16 clients on one
+    adapter / baseline aggregate (target >= 4).
+  - mixed_adapters_ratio = aggregate at 16 clients on 4 adapters / on 1 adapter (target >= 0.9).
+  - adapters8_memory_ratio = API-process RSS (VmRSS) with the base model and 8
+    adapters loaded / API-process RSS with only the base model loaded, both
+    measured on a fresh server at rest after short requests (one to the base,
+    then one to each adapter), so batch buffers of a long run do not count (target <= 1.1).
+  - load_s: `openft.models.load.load_model("smollm2-135m-instruct")` wall time in a
+    fresh process that has imported torch (everything else it imports counts);
+    load_cold_s: the same process from interpreter start. Target load_s <= 2.
+  - first_answer_s: from spawning `openft serve` to the first complete
+    /v1/chat/completions answer (built-in model, 1 token); listen_s: to the first
+    accepted connection. Target first_answer_s <= 5.
 """
 
 from __future__ import annotations
@@ -21,25 +61,65 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from serve.conftest import Server, free_port  # noqa: E402  (the same real-server helper the tests use)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from serve.conftest import Server  # noqa: E402  (the same real-server helper the tests use)
+BUILTIN = "smollm2-135m-instruct"
+DATASET = ROOT.parent / "shared" / "datasets" / "alpaca_en_demo.json"
+N_ADAPTERS = 8
 
-PROMPT = [{"role": "user", "content": "Explain in a few sentences how fine-tuning a language model works."}]
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- workload
+
+
+def _row_text(row: dict) -> str:
+    return row["instruction"] + (("\n\n" + row["input"]) if row.get("input") else "")
+
+
+def prompt_length(tok, messages: list[dict]) -> int:
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def make_prompts(tok, n: int, target_tokens: int) -> list[list[dict]]:
+    """n different conversations of about target_tokens templated tokens each."""
+    rows = json.loads(DATASET.read_text())
+    prompts, i = [], 0
+    for _ in range(n):
+        messages: list[dict] = [{"role": "system", "content": "You are a helpful assistant."}]
+        while True:
+            row = rows[i % len(rows)]
+            i += 1
+            question = [{"role": "user", "content": _row_text(row)}]
+            if prompt_length(tok, messages + question) >= target_tokens or len(messages) > 40:
+                prompts.append(messages + question)
+                break
+            messages += question + [{"role": "assistant", "content": row["output"]}]
+    return prompts
 
 
 def make_adapters(home: Path, n: int) -> list[str]:
+    import torch
+
     from openft.jobs.store import Store
     from openft.models.load import load_model
     from openft.train.lora import LoraParams, apply_lora, default_targets, save_adapter
 
-    loaded = load_model("smollm2-135m-instruct")
+    loaded = load_model(BUILTIN)
+    # openft's training defaults: r=16, alpha=2r, every linear layer of the decoder.
     params = LoraParams(16, 32.0, 0.0, tuple(default_targets(loaded.model)))
     apply_lora(loaded.model, params)
     store = Store(home / "openft.db")
@@ -50,106 +130,296 @@ def make_adapters(home: Path, n: int) -> list[str]:
             if "lora_B" in name:
                 p.data.normal_(0, 0.002)
         run = home / "runs" / f"bench-{i}"
-        save_adapter(loaded.model, params, run / "adapter", "smollm2-135m-instruct")
-        loaded.tokenizer.save_pretrained(run / "adapter")
-        (run / "lineage.json").write_text(json.dumps({"base_model": "smollm2-135m-instruct",
-                                                      "base_model_path": str(loaded.path)}))
-        name = f"ft:smollm2-135m-instruct:local:bench{i}:{i:04d}"
-        store.add_model(id=name, owner="local", base="smollm2-135m-instruct", job_id=None,
-                        path=str(run / "adapter"), kind="adapter")
+        save_adapter(loaded.model, params, run / "adapter", BUILTIN)
+        loaded.tokenizer.save_pretrained(run / "adapter")  # as training does
+        (run / "lineage.json").write_text(json.dumps({"base_model": BUILTIN, "base_model_path": str(loaded.path)}))
+        name = f"ft:{BUILTIN}:local:bench{i}:{i:04d}"
+        store.add_model(id=name, owner="local", base=BUILTIN, job_id=None, path=str(run / "adapter"), kind="adapter")
         names.append(name)
     return names
 
 
-async def one_stream(client, model: str, max_tokens: int) -> tuple[float, int, float]:
+# --------------------------------------------------------------------------- measurement
+
+
+@dataclass
+class Phase:
+    clients: int
+    adapters: int
+    requests: int
+    tokens: int
+    wall_s: float
+    ttft_p50_s: float
+    ttft_p95_s: float
+    per_stream_tps: float
+    aggregate_tps: float
+
+
+def _p(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def summarise(clients: int, adapters: int, results: list[tuple[float, float, int, float]], wall: float) -> Phase:
+    """results: (ttft, time of last token, tokens, start offset) per request."""
+    ttfts = [r[0] for r in results]
+    streams = [(r[2] - 1) / (r[1] - r[0]) for r in results if r[2] > 1 and r[1] > r[0]]
+    tokens = sum(r[2] for r in results)
+    return Phase(clients, adapters, len(results), tokens, wall, statistics.median(ttfts), _p(ttfts, 0.95),
+                 statistics.mean(streams) if streams else 0.0, tokens / wall)
+
+
+async def one_stream(client, model: str, messages: list[dict], max_tokens: int) -> tuple[float, float, int, float]:
     t0 = time.perf_counter()
-    first = None
+    first = last = None
     n = 0
-    stream = await client.chat.completions.create(model=model, messages=PROMPT, max_tokens=max_tokens,
+    stream = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
                                                   temperature=0, stream=True, stream_options={"include_usage": True})
     async for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content and first is None:
-            first = time.perf_counter() - t0
+        if chunk.choices and chunk.choices[0].delta.content:
+            last = time.perf_counter() - t0
+            first = last if first is None else first
         if chunk.usage:
             n = chunk.usage.completion_tokens
-    return first or 0.0, n, time.perf_counter() - t0
+    end = time.perf_counter() - t0
+    return (first if first is not None else end), (last if last is not None else end), n, t0
 
 
-async def concurrent(client, models: list[str], max_tokens: int) -> tuple[int, float]:
+async def run_phase(client, models: list[str], prompts: list[list[dict]], max_tokens: int,
+                    sequential: bool = False) -> tuple[list, float]:
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(one_stream(client, m, max_tokens) for m in models))
-    return sum(r[1] for r in results), time.perf_counter() - t0
+    if sequential:
+        results = [await one_stream(client, m, p, max_tokens) for m, p in zip(models, prompts)]
+    else:
+        results = await asyncio.gather(*(one_stream(client, m, p, max_tokens) for m, p in zip(models, prompts)))
+    return list(results), time.perf_counter() - t0
 
 
 def rss_mb(pid: int) -> float:
-    """Resident memory of the API process (where the engine lives; the worker is a
-    separate process and holds no inference weights)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS"):
             return int(line.split()[1]) / 1024
     return 0.0
 
 
-def baseline(adapter_dir: Path, max_tokens: int) -> tuple[int, float]:
+def measure_load(env: dict) -> tuple[float, float]:
+    code = ("import time; t0 = time.perf_counter(); import torch; t1 = time.perf_counter()\n"
+            "from openft.models.load import load_model\n"
+            f"load_model({BUILTIN!r}); t2 = time.perf_counter()\n"
+            "print(t2 - t1, t2 - t0)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    load_s, cold_s = map(float, out.stdout.split()[-2:])
+    return load_s, cold_s
+
+
+def first_answer(home: Path, env: dict) -> tuple[Server, float, float]:
+    """Spawn `openft serve` and poll until it answers a chat completion; the server keeps running."""
+    import httpx
+
+    server = Server(home)
+    body = {"model": BUILTIN, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
+    t0 = time.perf_counter()
+    server.proc = subprocess.Popen([sys.executable, "-m", "openft.cli", "serve", "--port", str(server.port)],
+                                   env={**env, "OPENFT_HOME": str(home)}, stdout=server.log, stderr=subprocess.STDOUT)
+    listen = None
+    while time.perf_counter() - t0 < 300:
+        try:
+            r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120,
+                           headers={"Authorization": "Bearer local"})
+            listen = listen or time.perf_counter() - t0
+            if r.status_code == 200:
+                return server, listen, time.perf_counter() - t0
+            raise RuntimeError(f"first request failed: {r.status_code} {r.text[:300]}")
+        except httpx.TransportError:
+            if server.proc.poll() is not None:
+                raise RuntimeError("server exited: " + (home / f"server-{server.port}.log").read_text()[-2000:])
+            time.sleep(0.02)
+    raise RuntimeError("server never answered")
+
+
+def memory(server: Server, names: list[str]) -> tuple[float, float]:
+    from openai import OpenAI
+
+    client = OpenAI(api_key="local", base_url=server.url + "/v1", max_retries=0, timeout=300)
+    ask = [{"role": "user", "content": "Hello"}]
+    client.chat.completions.create(model=BUILTIN, messages=ask, max_tokens=4, temperature=0)
+    time.sleep(1.0)
+    base = rss_mb(server.proc.pid)
+    for name in names:
+        client.chat.completions.create(model=name, messages=ask, max_tokens=4, temperature=0)
+    time.sleep(1.0)
+    return base, rss_mb(server.proc.pid)
+
+
+class _FirstToken:
+    """A generate() streamer that records when the first new token arrives."""
+
+    def __init__(self):
+        self.calls, self.first = 0, None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2 and self.first is None:  # call 1 is the prompt
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def baseline(adapter_dir: Path, prompts: list[list[dict]], max_tokens: int, device: str) -> dict:
+    import torch
+
     from openft.models.load import load_model
     from openft.train.lora import load_adapter
 
-    loaded = load_model("smollm2-135m-instruct")
-    load_adapter(loaded.model, adapter_dir)
-    ids = loaded.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    loaded = load_model(BUILTIN, dtype=dtype)
+    model = loaded.model.to(device)
+    load_adapter(model, adapter_dir)
+    model.to(device, dtype)
+    tok = loaded.tokenizer
+    eos = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    ttfts, tokens, total = [], 0, 0.0
     with torch.inference_mode():
-        loaded.model.generate(**ids, max_new_tokens=4, do_sample=False)  # warm-up
-        t0 = time.perf_counter()
-        out = loaded.model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
-        dt = time.perf_counter() - t0
-    return out.shape[1] - ids["input_ids"].shape[1], dt
+        for i, messages in enumerate([prompts[0]] + prompts):  # the first is a warm-up
+            enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            streamer = _FirstToken()
+            t0 = time.perf_counter()
+            out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=eos[0], streamer=streamer)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if i == 0:
+                continue
+            ttfts.append((streamer.first or time.perf_counter()) - t0)
+            tokens += out.shape[1] - enc["input_ids"].shape[1]
+            total += dt
+    return {"requests": len(prompts), "tokens": tokens, "wall_s": total, "aggregate_tps": tokens / total,
+            "ttft_p50_s": statistics.median(ttfts), "ttft_p95_s": _p(ttfts, 0.95),
+            "per_stream_tps": tokens / total}
 
 
-async def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--adapters", type=int, default=8)
-    args = ap.parse_args()
+# --------------------------------------------------------------------------- main
+
+
+async def drive(server: Server, names: list[str], prompts: list[list[dict]], max_tokens: int) -> list[Phase]:
     from openai import AsyncOpenAI
 
+    client = AsyncOpenAI(api_key="local", base_url=server.url + "/v1", max_retries=0, timeout=1200)
+    # Warm up: load the base and the 4 adapters, so no phase pays a load.
+    for name in names[:4]:
+        await one_stream(client, name, [{"role": "user", "content": "Hi"}], 2)
+    phases = []
+    res, wall = await run_phase(client, [names[0]] * 3, prompts[:3], max_tokens, sequential=True)
+    phases.append(summarise(1, 1, res, wall))
+    log(f"  1 client: {phases[-1]}")
+    for n in (4, 16):
+        res, wall = await run_phase(client, [names[0]] * n, prompts[:n], max_tokens)
+        phases.append(summarise(n, 1, res, wall))
+        log(f"  {n} clients, 1 adapter: {phases[-1]}")
+        res, wall = await run_phase(client, [names[i % 4] for i in range(n)], prompts[:n], max_tokens)
+        phases.append(summarise(n, 4, res, wall))
+        log(f"  {n} clients, 4 adapters: {phases[-1]}")
+    return phases
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="shorter prompts and answers, fewer baseline requests")
+    ap.add_argument("--json", action="store_true", help="print one JSON object (the table goes to stderr)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--max-tokens", type=int)
+    ap.add_argument("--prompt-tokens", type=int)
+    ap.add_argument("--baseline-requests", type=int)
+    args = ap.parse_args()
+    max_tokens = args.max_tokens or (24 if args.quick else 64)
+    prompt_tokens = args.prompt_tokens or (150 if args.quick else 300)
+    n_base = args.baseline_requests or (4 if args.quick else 8)
+
+    import torch
+
+    env = dict(os.environ)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the server picks CUDA by itself when it sees one
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
     src_home = Path(os.environ.get("OPENFT_HOME", Path.home() / ".openft"))
+    if not (src_home / "models" / BUILTIN / "config.json").exists():
+        raise SystemExit(f"{src_home}/models/{BUILTIN} is missing: convert the built-in model first "
+                         "(e.g. OPENFT_HOME=.openft-home openft models pull, or run any openft command once)")
     home = Path(tempfile.mkdtemp(prefix="openft-bench-"))
-    (home / "models").symlink_to(src_home / "models", target_is_directory=True)
-    os.environ["OPENFT_HOME"] = str(home)
-    names = make_adapters(home, args.adapters)
-    server = Server(home).start()
+    (home / "models").symlink_to((src_home / "models").resolve(), target_is_directory=True)
+    env["OPENFT_HOME"] = os.environ["OPENFT_HOME"] = str(home)
+    t_start = time.perf_counter()
+    result: dict = {"device": args.device, "max_tokens": max_tokens, "prompt_tokens_target": prompt_tokens,
+                    "cpus": os.cpu_count(), "quick": args.quick}
     try:
-        client = AsyncOpenAI(api_key="local", base_url=server.url + "/v1", max_retries=0, timeout=600)
-        pid = server.proc.pid
-        await one_stream(client, names[0], 8)  # load base + adapter, warm up
-        rss1 = rss_mb(pid)
-        ttft, n, dt = await one_stream(client, names[0], args.max_tokens)
-        single_tps = n / dt
-        decode_tps = (n - 1) / max(1e-9, dt - ttft)
-        n8, dt8 = await concurrent(client, [names[0]] * 8, args.max_tokens)
-        n4, dt4 = await concurrent(client, [names[i % 4] for i in range(8)], args.max_tokens)
-        for name in names:  # load every adapter
-            await one_stream(client, name, 2)
-        rss8 = rss_mb(pid)
+        log("start-up: load_model in a fresh process ...")
+        result["load_s"], result["load_cold_s"] = measure_load(env)
+        log("adapters and prompts ...")
+        names = make_adapters(home, N_ADAPTERS)
+        from openft.models.load import load_builtin_tokenizer
+
+        prompts = make_prompts(load_builtin_tokenizer(), 16, prompt_tokens)
+        tok = load_builtin_tokenizer()
+        lengths = [prompt_length(tok, p) for p in prompts]
+        result["prompt_tokens_mean"] = statistics.mean(lengths)
+        log("start-up: spawn openft serve, first answer ...")
+        server, result["listen_s"], result["first_answer_s"] = first_answer(home, env)
+        try:
+            result["rss_base_mb"], result["rss_8_adapters_mb"] = memory(server, names)
+        finally:
+            server.stop()
+        result["adapters8_memory_ratio"] = result["rss_8_adapters_mb"] / result["rss_base_mb"]
+        log("throughput: openft serve --max-batch-size 16 ...")
+        server = Server(home, "--max-batch-size", "16", "--no-worker").start()
+        try:
+            phases = asyncio.run(drive(server, names, prompts, max_tokens))
+        finally:
+            server.stop()
+        log("baseline: plain transformers generate, one request at a time ...")
+        base = baseline(home / "runs" / "bench-0" / "adapter", prompts[:n_base], max_tokens, args.device)
     finally:
-        server.stop()
-    bn, bdt = baseline(home / "runs" / "bench-0" / "adapter", args.max_tokens)
-    base_tps = bn / bdt
-    rows = [
-        ("one stream: time to first token", f"{ttft * 1000:.0f} ms", ""),
-        ("one stream: tokens/s (whole request)", f"{single_tps:.1f}", f"{single_tps / base_tps:.2f}x plain generate"),
-        ("one stream: tokens/s after the first token", f"{decode_tps:.1f}", f"{decode_tps / base_tps:.2f}x plain generate"),
-        ("8 streams, 1 adapter: aggregate tokens/s", f"{n8 / dt8:.1f}", f"{(n8 / dt8) / base_tps:.2f}x plain generate"),
-        ("8 streams, 4 adapters: aggregate tokens/s", f"{n4 / dt4:.1f}", f"{(n4 / dt4) / base_tps:.2f}x plain generate"),
-        ("baseline: plain transformers generate, batch 1, LoRA unmerged", f"{base_tps:.1f} tokens/s", "1.00x"),
-        ("server RSS with 1 adapter loaded", f"{rss1:.0f} MB", ""),
-        (f"server RSS with {args.adapters} adapters loaded", f"{rss8:.0f} MB", f"+{(rss8 - rss1) / max(1, args.adapters - 1):.0f} MB per adapter"),
+        shutil.rmtree(home, ignore_errors=True)
+
+    by = {(p.clients, p.adapters): p for p in phases}
+    result["phases"] = [asdict(p) for p in phases]
+    result["baseline"] = base
+    result["aggregate_16_ratio"] = by[16, 1].aggregate_tps / base["aggregate_tps"]
+    result["mixed_adapters_ratio"] = by[16, 4].aggregate_tps / by[16, 1].aggregate_tps
+    result["ttft_ratio"] = by[1, 1].ttft_p50_s / base["ttft_p50_s"]
+    result["wall_s"] = time.perf_counter() - t_start
+
+    out = sys.stderr if args.json else sys.stdout
+    print(f"\nopenft serve, built-in model, {args.device}, prompts ~{result['prompt_tokens_mean']:.0f} tokens, "
+          f"max_tokens={max_tokens}, greedy, {os.cpu_count()} CPUs", file=out)
+    print(f"  {'phase':34s} {'TTFT p50':>9s} {'TTFT p95':>9s} {'per-stream tok/s':>17s} {'aggregate tok/s':>16s}", file=out)
+    rows = [(f"baseline generate, serial ({base['requests']} req)", base)] + [
+        (f"openft, {p.clients:2d} clients, {p.adapters} adapter{'s' if p.adapters > 1 else ''}", asdict(p)) for p in phases]
+    for label, r in rows:
+        print(f"  {label:34s} {r['ttft_p50_s'] * 1000:7.0f}ms {r['ttft_p95_s'] * 1000:7.0f}ms "
+              f"{r['per_stream_tps']:17.1f} {r['aggregate_tps']:16.1f}", file=out)
+    targets = [
+        ("aggregate at 16 clients / serial baseline", result["aggregate_16_ratio"], ">= 4.0"),
+        ("16 clients: 4 adapters mixed / 1 adapter", result["mixed_adapters_ratio"], ">= 0.9"),
+        ("TTFT at 1 client / baseline TTFT", result["ttft_ratio"], "<= 1.2"),
+        (f"RSS 8 adapters / base only ({result['rss_8_adapters_mb']:.0f} / {result['rss_base_mb']:.0f} MB)",
+         result["adapters8_memory_ratio"], "<= 1.1"),
+        ("load_model after `import torch` (s)", result["load_s"], "<= 2"),
+        ("spawn openft serve -> first chat answer (s)", result["first_answer_s"], "<= 5"),
     ]
-    print(f"\nopenft serve, built-in model, max_tokens={args.max_tokens}, greedy, {os.cpu_count()} CPUs")
-    for name, value, ratio in rows:
-        print(f"  {name:62s} {value:>14s}  {ratio}")
-    shutil.rmtree(home, ignore_errors=True)
+    for label, value, target in targets:
+        print(f"  {label:58s} {value:7.2f}   target {target}", file=out)
+    print(f"  (load_model from interpreter start {result['load_cold_s']:.2f} s; server listening after "
+          f"{result['listen_s']:.2f} s; benchmark wall {result['wall_s']:.0f} s)", file=out)
+    if args.json:
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -562,3 +562,64 @@ def test_forget_drops_a_deleted_adapter(base, talkative_dir, tmp_path):
         assert eng.loaded()["adapters"] == [] and len(eng.loaded()["bases"]) == 1
     finally:
         eng.stop()
+
+
+# --------------------------------------------------------------------------- multi-adapter rows and adapter memory
+
+
+def test_stacked_mixed_rows_equal_each_row_alone():
+    """The mixed path (one matmul pair against stacked A's and B's, per-row column
+    mask) gives every row what its own adapter alone gives it: adapters of different
+    ranks and scalings, an adapter that does not target the layer, bare rows."""
+    from openft.serve.engine_lora import LoraRouting
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 10)
+    routing = LoraRouting()
+    layer = MultiLoraLinear(base, routing)
+    layer.adapters["a"] = (torch.randn(4, 12), torch.randn(10, 4), 2.0)
+    layer.adapters["b"] = (torch.randn(2, 12), torch.randn(10, 2), 0.5)
+    rows = ["b", None, "a", "c", "a", "b"]  # "c" exists elsewhere in the model, not in this layer
+    x = torch.randn(len(rows), 3, 12)
+    with torch.inference_mode():
+        routing.set_rows(rows, torch.device("cpu"))
+        mixed = layer(x)
+        alone = []
+        for i, key in enumerate(rows):
+            routing.set_rows([key], torch.device("cpu"))
+            alone.append(layer(x[i : i + 1]))
+    assert mixed.shape == (6, 3, 10)
+    torch.testing.assert_close(mixed, torch.cat(alone), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(alone[0], base(x[:1])) and torch.equal(alone[1], base(x[1:2]))
+
+
+def test_adapters_stored_compact_answers_unchanged_and_working_copies_freed(base, adapters):
+    """Under an fp32 base, loaded adapters are kept in fp16 (half the bytes) and
+    answer as the fp32 adapters do; the widened working copies and mixed stacks of a
+    batch are freed when it drains, and one tokenizer serves adapters that saved identical files."""
+    exact, compact = Engine(device="cpu", adapter_dtype=torch.float32), Engine(device="cpu")
+    handles = [with_adapter(base, adapters[0]), with_adapter(base, adapters[1]), base]
+    try:
+        prompts = [prompt(compact, h, q) for h, q in zip(handles, ["Tell me about the sea.", "Why?", "Hi"])]
+
+        async def together(e):
+            return await asyncio.gather(*[e.complete(h, p, GREEDY) for h, p in zip(handles, prompts)])
+
+        assert [r[0] for r in run(together(compact))] == [r[0] for r in run(together(exact))]
+        sizes = {e: sorted(a["bytes"] for a in e.loaded()["adapters"]) for e in (exact, compact)}
+        assert sizes[compact] and [2 * n for n in sizes[compact]] == sizes[exact]
+        (b,) = compact._bases.values()
+        layers = [m for m in b.model.modules() if isinstance(m, MultiLoraLinear)]
+        assert all(a.dtype == torch.float16 for m in layers for a, _, _ in m.adapters.values())
+        assert all(m._stack is None and not m._hot for m in layers)  # the batch drained
+        tok_dir = adapters[0].parent / "with-tokenizer"
+        for i, a in enumerate(adapters):
+            d = shutil.copytree(a, tok_dir / str(i))
+            for f in base.base_path.iterdir():
+                if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                    shutil.copy(f, d / f.name)
+        t0, t1 = (compact.tokenizer(with_adapter(base, tok_dir / str(i))) for i in range(2))
+        assert t0 is t1 is compact.tokenizer(base)
+    finally:
+        exact.stop()
+        compact.stop()

@@ -3,7 +3,8 @@
 Memory. One copy of each base model's weights (LRU, `max_loaded_bases`); every
 LoRA adapter of that base is a small pair of matrices per layer inside
 `MultiLoraLinear` wrappers (LRU, `max_loaded_adapters`), never merged into the
-base. A new adapter directory is loaded on its first request, from safetensors;
+base, kept in fp16 under an fp32 base (half the memory; the running batch's
+adapters are widened back once per batch and freed when it drains). A new adapter directory is loaded on its first request, from safetensors;
 an adapter file rewritten in place is reloaded (its key includes the file's
 mtime and size).
 
@@ -162,13 +163,16 @@ def _tokenizer_signature(d: Path) -> str | None:
 
 class Engine:
     def __init__(self, *, max_batch_size: int = 8, max_loaded_bases: int = 2, max_loaded_adapters: int = 64,
-                 device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 adapter_dtype: torch.dtype | None = None):
         self.max_batch_size = max_batch_size
         self.max_loaded_bases = max_loaded_bases
         self.max_loaded_adapters = max_loaded_adapters
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # fp32 on CPU (bf16 has no hardware support there and runs 10-50x slower), bf16 on GPUs.
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        # How adapters are kept at rest (engine_lora.storage_dtype: fp16 under an fp32 model).
+        self.adapter_dtype = adapter_dtype
         self._cv = threading.Condition()  # guards _pending, _stopping, and the model dicts for loaded()
         self._pending: list[_Request] = []
         self._forget: set[str] = set()  # model names to drop from memory once idle
@@ -662,7 +666,7 @@ class Engine:
         if key is not None and key in self._adapters:
             self._adapters.move_to_end(key)
             return self._adapters[key]
-        loaded = read_adapter(path, base.model)
+        loaded = read_adapter(path, base.model, self.adapter_dtype)
         key = key or f"{path.resolve()}@unknown|{base.key}"
         # Evict least recently used adapters that no request holds (a soft limit:
         # adapters in use are never dropped mid-answer).
