@@ -6,11 +6,13 @@ same job does. `benchmarks/faults_run.py` runs the same campaign and reports it.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 
 import pytest
 
-from .campaign import MAX_STALLS, Campaign, events, job_row
+from .campaign import MAX_STALLS, Campaign, Worker, events, job_row, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -54,9 +56,41 @@ def test_a_job_whose_worker_dies_without_progress_fails_after_max_attempts(campa
     rec = campaign.run_plans(["checkpoint.write:2"] + ["step:1"] * MAX_STALLS)
     job = job_row(campaign.home, rec.id)
     assert job["status"] == "failed", dict(job)
-    error = __import__("json").loads(job["error"])
+    error = json.loads(job["error"])
     assert error["code"] == "worker_lost"
     assert f"stopped {MAX_STALLS} times in a row without reaching a new checkpoint" in error["message"]
     ev = events(campaign.home, rec.id)
     assert ev[-1]["message"].startswith("Job failed: the worker running this job stopped") and ev[-1]["level"] == "error"
     assert len(rec.kills) == 1 + MAX_STALLS
+
+
+def test_a_frozen_worker_is_found_by_its_heartbeat_and_its_job_taken_over(campaign):
+    """A worker that stops without dying (SIGSTOP: its pid lives on) is noticed by
+    its missing heartbeat; another worker takes the job over, and the first one,
+    once it runs again, writes nothing more for that job."""
+    c, d = campaign, campaign.faults_dir
+    env = {"OPENFT_WORKER_HEARTBEAT_S": "0.5", "OPENFT_WORKER_STALE_S": "4"}
+    jid = c.create_job()
+    # Frozen just after renaming its second checkpoint into place, before the store knows of it.
+    a = Worker(c.zygote, c.home, "checkpoint.commit:2:hold", d, env).start()
+    b = None
+    try:
+        wait_for(lambda: (d / "checkpoint.commit.held").exists(), timeout=300, every=0.05)
+        os.kill(a.pid, signal.SIGSTOP)
+        (d / "checkpoint.commit.go").write_text("")
+        b = Worker(c.zygote, c.home, "", d, env).start()
+        wait_for(lambda: job_row(c.home, jid)["worker_pid"] == b.pid, timeout=300, every=0.1)
+        os.kill(a.pid, signal.SIGCONT)
+        wait_for(lambda: job_row(c.home, jid)["status"] in ("succeeded", "failed"), timeout=300)
+        c.check(jid)  # nothing from the frozen worker doubled or lost
+        assert a.poll() is None  # it was not killed: it found itself replaced and let go
+        assert f"job {jid} was taken over by another worker" in (c.home / "workers.log").read_text()
+        ev = events(c.home, jid)
+        assert sum(e["message"].startswith("The worker running this job stopped") for e in ev) == 1
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+        a.stop()
+        if b:
+            b.stop()
+        for name in ("checkpoint.commit.held", "checkpoint.commit.go"):
+            (d / name).unlink(missing_ok=True)

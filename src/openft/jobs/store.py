@@ -271,11 +271,22 @@ class Store:
                 "message": message, "type": type, "data": data}
 
     def add_event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
-                  data: dict | None = None) -> dict:
+                  data: dict | None = None, expect_worker: int | None = None) -> dict:
+        """With `expect_worker`, raise NotOwner (and add nothing) unless that worker
+        pid still owns the job."""
         values = self._event(job_id, message, level=level, type=type, data=data)
         with self.tx() as db:
+            self._check_owner(db, job_id, expect_worker)
             self._insert(db, "events", values)
         return values
+
+    @staticmethod
+    def _check_owner(db: sqlite3.Connection, job_id: str, worker_pid: int | None) -> None:
+        if worker_pid is None:
+            return
+        row = db.execute("SELECT worker_pid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or row[0] != worker_pid:
+            raise NotOwner(job_id)
 
     def last_metrics_step(self, job_id: str) -> int:
         """The highest step with a metrics event (0 if none)."""
@@ -294,12 +305,14 @@ class Store:
 
     # ----------------------------------------------------------- checkpoints
     def add_checkpoint(self, job_id: str, step: int, metrics: dict, model_name: str, path: str,
-                       event: dict | None = None) -> bool:
+                       event: dict | None = None, expect_worker: int | None = None) -> bool:
         """Register a checkpoint, with its event (add_event keyword dicts) in the
         same transaction. Registering a step again (a resumed attempt that finds
         it on disk) updates it and adds no second event. A new checkpoint is
-        progress: the job's stall count starts again. Returns True if new."""
+        progress: the job's stall count starts again. Returns True if new.
+        `expect_worker`: as for add_event."""
         with self.tx() as db:
+            self._check_owner(db, job_id, expect_worker)
             cur = db.execute("UPDATE checkpoints SET metrics = ?, model_name = ?, path = ? WHERE job_id = ? AND step = ?",
                              (json.dumps(metrics), model_name, path, job_id, step))
             if cur.rowcount:
@@ -346,6 +359,11 @@ class Store:
             db.execute("DELETE FROM checkpoints WHERE job_id IN (SELECT id FROM jobs WHERE fine_tuned_model = ? AND owner = ?)",
                        (model_id, owner))
         return n == 1
+
+
+class NotOwner(Exception):
+    """The worker writing for a job no longer owns it (it was presumed dead and
+    the job taken over)."""
 
 
 def _hash(key: str) -> str:

@@ -37,12 +37,21 @@ from openft import home
 from openft.config import JobSpec
 from openft.faults import fault_point
 from openft.jobs.naming import checkpoint_model_name
-from openft.jobs.store import TERMINAL, Store
+from openft.jobs.store import TERMINAL, NotOwner, Store
 from openft.train.recipe import DataError, Interrupted
 
 MAX_ATTEMPTS = 3  # attempts in a row without a new checkpoint
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 120.0  # no heartbeat for this long: the worker is gone (or frozen)
+SWEEP_S = 5.0
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """OPENFT_WORKER_HEARTBEAT_S / OPENFT_WORKER_STALE_S override the defaults (tests)."""
+    try:
+        return float(os.environ.get(name) or default)
+    except ValueError:
+        raise SystemExit(f"{name} must be a number of seconds, not {os.environ[name]!r}") from None
 HOST = socket.gethostname()
 
 
@@ -67,9 +76,11 @@ def _pid_alive(pid: int | None) -> bool:
         return True
 
 
-def requeue_orphans(store: Store, *, stale_after_s: float = STALE_AFTER_S) -> list[str]:
+def requeue_orphans(store: Store, *, stale_after_s: float | None = None) -> list[str]:
     """Put 'running' jobs whose worker is gone back in the queue (or fail them
     after MAX_ATTEMPTS attempts in a row that made no progress)."""
+    if stale_after_s is None:
+        stale_after_s = _env_seconds("OPENFT_WORKER_STALE_S", STALE_AFTER_S)
     requeued = []
     for job in store.jobs_in("running"):
         pid = job["worker_pid"]
@@ -94,8 +105,7 @@ def requeue_orphans(store: Store, *, stale_after_s: float = STALE_AFTER_S) -> li
     return requeued
 
 
-class TakenOver(Exception):
-    """This worker no longer owns its job (it was presumed dead and the job requeued)."""
+TakenOver = NotOwner  # this worker no longer owns its job (presumed dead, the job requeued)
 
 
 class Heartbeat:
@@ -108,7 +118,7 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
 
     def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+        while not self._stop.wait(_env_seconds("OPENFT_WORKER_HEARTBEAT_S", HEARTBEAT_S)):
             try:
                 self.store.update_job(self.job_id, expect_worker=os.getpid(), heartbeat_at=time.time())
             except Exception:  # noqa: BLE001 - a busy database must not end the heartbeat
@@ -120,7 +130,7 @@ class Heartbeat:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join(timeout=HEARTBEAT_S + 30)
+        self._thread.join(timeout=60)
 
 
 @dataclass
@@ -183,7 +193,8 @@ class JobRunner:
             if "valid_loss" in row:
                 msg += f", validation loss={row['valid_loss']:.4f}"
             if row["step"] > self.reported_step:  # else an earlier attempt reported this very step
-                self.store.add_event(jid, msg, type="metrics", data={**row, "total_steps": total})
+                self.store.add_event(jid, msg, type="metrics", data={**row, "total_steps": total},
+                                     expect_worker=self.pid)
             eta = row.get("eta_s")
             self.store.update_job(jid, trained_tokens=row["trained_tokens"],
                                   estimated_finish=int(time.time() + eta) if eta is not None else None)
@@ -202,7 +213,7 @@ class JobRunner:
                    "train_mean_token_accuracy": m["train_mean_token_accuracy"],
                    "valid_loss": m.get("valid_loss"), "valid_mean_token_accuracy": m.get("valid_mean_token_accuracy"),
                    "full_valid_loss": None, "full_valid_mean_token_accuracy": None}
-        self.store.add_checkpoint(self.job["id"], step, metrics, name, path,
+        self.store.add_checkpoint(self.job["id"], step, metrics, name, path, expect_worker=self.pid,
                                   event={"message": f"Checkpoint created at step {step}", "type": "message",
                                          "data": {"step": step, "fine_tuned_model_checkpoint": name}})
 
@@ -354,7 +365,7 @@ def run_worker(*, poll_s: float = 0.5, once: bool = False, parent_pid: int | Non
     while True:
         if parent_pid and os.getppid() != parent_pid:
             return
-        if time.monotonic() - last_sweep > 5:
+        if time.monotonic() - last_sweep > SWEEP_S:
             requeue_orphans(store)
             last_sweep = time.monotonic()
         job = store.claim_next_job(os.getpid())
