@@ -87,11 +87,14 @@ class Zygote:
             elif "exit" in msg:
                 self.exits[msg["exit"]] = msg["code"]
 
-    def fork(self, home: Path, plan: str = "", faults_dir: Path | None = None, env: dict | None = None) -> int:
-        """A new worker on OPENFT_HOME=`home` with fault plan `plan`; its output goes to home/workers.log."""
-        req = {"plan": plan, "faults_dir": str(faults_dir or home), "log": str(Path(home) / "workers.log"),
+    def fork(self, home: Path, plan: str = "", faults_dir: Path | None = None, env: dict | None = None,
+             log: Path | None = None) -> int:
+        """A new worker on OPENFT_HOME=`home` with fault plan `plan`; its output goes to `log`
+        (home/workers.log by default)."""
+        log = Path(log or Path(home) / "workers.log")
+        req = {"plan": plan, "faults_dir": str(faults_dir or home), "log": str(log),
                "env": {**(env or {}), "OPENFT_HOME": str(home)}}
-        with open(Path(home) / "workers.log", "a") as fh:
+        with open(log, "a") as fh:
             fh.write(f"--- worker plan={plan!r}\n")
         self.proc.stdin.write((json.dumps(req) + "\n").encode())
         return self._pids.get(timeout=60)
@@ -110,10 +113,11 @@ class Worker:
     plan: str = ""
     faults_dir: Path | None = None
     env: dict | None = None
+    log: Path | None = None
     pid: int = 0
 
     def start(self) -> "Worker":
-        self.pid = self.zygote.fork(self.home, self.plan, self.faults_dir, self.env)
+        self.pid = self.zygote.fork(self.home, self.plan, self.faults_dir, self.env, self.log)
         return self
 
     def poll(self) -> int | None:

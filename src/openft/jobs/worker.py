@@ -308,12 +308,6 @@ def run_one(store: Store, job: dict, parent_pid: int | None = None) -> None:
             store.update_job(jid, status="cancelled", control="", finished_at=int(time.time()),
                              expect_status=("running", "cancelled"),
                              events=[{"message": f"Job cancelled at step {e.step}", "data": {"status": "cancelled"}}])
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            traceback.print_exc()
-            _fail(store, jid, "training_failed", f"{type(e).__name__}: {e}", None)
-        else:
-            _fail(store, jid, "disk_full", _disk_full_message(store, jid, e), None)
     except DataError as e:
         first = e.result.errors[0] if e.result.errors else None
         where = f"line {first.line}" if first and first.line else (f"record {first.record}" if first and first.record is not None else "")
@@ -324,13 +318,31 @@ def run_one(store: Store, job: dict, parent_pid: int | None = None) -> None:
     except SystemExit:
         raise
     except Exception as e:  # noqa: BLE001 - a job failure must never kill the worker
+        _print_exc()
+        if _disk_full(e):
+            _fail(store, jid, "disk_full", _disk_full_message(store, jid, e), None)
+        else:
+            _fail(store, jid, "training_failed", f"{type(e).__name__}: {e}", None)
+
+
+def _print_exc() -> None:
+    try:
         traceback.print_exc()
-        _fail(store, jid, "training_failed", f"{type(e).__name__}: {e}", None)
+    except OSError:  # the log is on the disk that just filled up: the job's error says it all
+        pass
 
 
-def _disk_full_message(store: Store, jid: str, e: OSError) -> str:
+def _disk_full(e: BaseException) -> bool:
+    from openft.train.checkpoint import os_errno
+
+    return os_errno(e) == errno.ENOSPC or "database or disk is full" in str(e)
+
+
+def _disk_full_message(store: Store, jid: str, e: BaseException) -> str:
+    from openft.train.checkpoint import CheckpointWriteError
+
     kept = sorted(c["step"] for c in store.list_checkpoints(jid, limit=1_000_000))
-    where = e.strerror if e.strerror and "step" in e.strerror else (f"writing {e.filename}" if e.filename else str(e))
+    where = e.strerror if isinstance(e, CheckpointWriteError) else f"{type(e).__name__}: {e}"
     return (f"No space left on device under {home.home()}: {where}. "
             + (f"The checkpoints at steps {', '.join(map(str, kept))} are kept and usable. " if kept else "")
             + "Free some disk space and start the job again.")

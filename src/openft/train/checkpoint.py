@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,10 +76,13 @@ def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     try:
         tmp.mkdir()
         _write(tmp, model, optimizer, state, extra)
-    except OSError as e:
+    except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(e.errno, f"could not write the checkpoint at step {state.step} ({final}): "
-                                   f"{e.strerror or e}") from e
+        code = os_errno(e)
+        if code is None:
+            raise
+        raise CheckpointWriteError(code, f"could not write the checkpoint at step {state.step} ({final}): "
+                                   f"{os.strerror(code)}") from e
     if final.exists():  # the same step saved again: never a moment with neither copy on disk
         old = ckpt_root / f".del-step-{state.step:06d}"
         shutil.rmtree(old, ignore_errors=True)
@@ -94,6 +98,15 @@ def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (errno kept: ENOSPC for a full disk)."""
+
+
+def os_errno(e: BaseException) -> int | None:
+    """The OS error behind `e`: safetensors reports a failed write as a
+    SafetensorError whose text ends in "(os error N)", not as an OSError."""
+    if isinstance(e, OSError):
+        return e.errno
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    return int(m.group(1)) if m else None
 
 
 def _write(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState,
