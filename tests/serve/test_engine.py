@@ -623,3 +623,25 @@ def test_adapters_stored_compact_answers_unchanged_and_working_copies_freed(base
     finally:
         exact.stop()
         compact.stop()
+
+
+def test_slack_cache_layer_appends_in_place_and_survives_reassignment():
+    """SlackLayer gives what DynamicLayer's concatenation gives, writes a step into
+    spare columns (no copy of the cache), and takes tensors assigned from outside
+    (merge_into / select_rows do that) at the next update."""
+    from transformers.cache_utils import DynamicLayer
+
+    from openft.serve.engine_batch import SlackLayer
+
+    slack, plain = SlackLayer(), DynamicLayer()
+    chunks = [torch.randn(2, 3, n, 4) for n in (5, 1, 1, 1)]
+    ptrs = []
+    for c in chunks:
+        k, v = slack.update(c, -c)
+        pk, pv = plain.update(c, -c)
+        assert torch.equal(k, pk) and torch.equal(v, pv)
+        ptrs.append(k.data_ptr())
+    assert len(set(ptrs[1:])) == 1  # decode steps reuse one buffer
+    slack.keys, slack.values = slack.keys[:1].clone(), slack.values[:1].clone()  # as select_rows does
+    k, _ = slack.update(chunks[1][:1], chunks[1][:1])
+    assert torch.equal(k, torch.cat([plain.keys[:1], chunks[1][:1]], -2))

@@ -29,6 +29,7 @@ import asyncio
 import inspect
 import json
 import logging
+import os
 import secrets
 import threading
 from collections import OrderedDict
@@ -40,7 +41,7 @@ import torch
 
 from openft.models.load import DEFAULT_CHAT_TEMPLATE, LOAD_LOCK, _normalise_tokenizer, load_model, setup_torch
 from openft.models.padding import left_pad
-from openft.serve.engine_batch import merge_into, mergeable, sample, select_rows
+from openft.serve.engine_batch import merge_into, mergeable, new_cache, sample, select_rows
 from openft.serve.engine_lora import (WEIGHTS_FILE, LoraRouting, install_adapter, read_adapter, release_stacks,
                                       remove_adapter)
 from openft.serve.engine_text import Detokenizer, StopMatcher
@@ -173,6 +174,14 @@ class Engine:
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         # How adapters are kept at rest (engine_lora.storage_dtype: fp16 under an fp32 model).
         self.adapter_dtype = adapter_dtype
+        if self.device.type == "cpu":
+            # transformers' SDPA path expands grouped K/V heads to every query head
+            # (a copy of the whole cache per layer per step) whenever a padding mask
+            # is passed, which a mixed-length batch always does; torch's CPU kernel
+            # takes grouped heads with a mask directly (same results, ~3x faster
+            # attention). On CUDA a masked GQA call falls back to the math kernel, so
+            # this stays CPU only. Read by transformers at every attention call.
+            os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
         self._cv = threading.Condition()  # guards _pending, _stopping, and the model dicts for loaded()
         self._pending: list[_Request] = []
         self._forget: set[str] = set()  # model names to drop from memory once idle
@@ -435,7 +444,7 @@ class Engine:
         new = _Batch(base=base, rows=rows, cache=None, mask=mask, next_ids=ids[:, -1])
         self.stats.prefills += 1
         try:
-            logits, new.cache = self._forward(base, new, ids, mask, pos, cache=None)
+            logits, new.cache = self._forward(base, new, ids, mask, pos, cache=new_cache(base.model))
             self._sample_and_emit(new, logits)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: fail these requests only
             self._fail_batch(new, e)

@@ -20,12 +20,66 @@ import torch
 import torch.nn.functional as F
 
 try:  # transformers >= 4.56: caches are lists of layers
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicCache, DynamicLayer
 except ImportError:  # pragma: no cover - older transformers
-    DynamicLayer = None
+    DynamicCache = DynamicLayer = None
 
 
+if DynamicLayer is not None:
 
+    class SlackLayer(DynamicLayer):
+        """A `DynamicLayer` that appends each step's keys/values into spare columns
+        of a buffer instead of concatenating the whole cache anew: `DynamicLayer`
+        copies (batch, kv_heads, L, head_dim) per layer per step, which at 16 rows
+        and a few hundred tokens moves about half as many bytes as the weights.
+        `keys`/`values` stay plain tensors (views of the buffer), so merging and
+        row selection below work on them unchanged; a tensor they assign is
+        copied into a fresh buffer at the next update."""
+
+        SLACK = 64  # spare columns per (re)allocation
+
+        def __init__(self):
+            super().__init__()
+            self._kbuf = self._vbuf = None
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys, self._kbuf = _append(self.keys, self._kbuf, key_states, self.SLACK)
+            self.values, self._vbuf = _append(self.values, self._vbuf, value_states, self.SLACK)
+            return self.keys, self.values
+
+    PLAIN_LAYERS: tuple[type, ...] = (DynamicLayer, SlackLayer)
+else:  # pragma: no cover
+    SlackLayer = None
+    PLAIN_LAYERS = ()
+
+
+def _append(cur: torch.Tensor, buf: torch.Tensor | None, new: torch.Tensor, slack: int):
+    # cur: (B, H, L, D), a view of buf's first L columns when nothing replaced it; new: (B, H, n, D)
+    length = cur.shape[-2] if cur.dim() == 4 else 0
+    n = new.shape[-2]
+    reuse = (buf is not None and length > 0 and cur.data_ptr() == buf.data_ptr() and cur.dtype == buf.dtype
+             and cur.shape[:2] == buf.shape[:2] == new.shape[:2] and buf.shape[-2] >= length + n
+             and cur.stride() == buf.stride())
+    if not reuse:
+        buf = new.new_empty((*new.shape[:2], length + n + slack, new.shape[-1]))
+        if length:
+            buf[:, :, :length] = cur
+    buf[:, :, length : length + n] = new
+    return buf[:, :, : length + n], buf
+
+
+def new_cache(model):
+    """An empty cache for a prefill: the model's own layer types, plain growing
+    layers replaced by `SlackLayer` (None: let the model make its own)."""
+    if DynamicCache is None:  # pragma: no cover
+        return None
+    cache = DynamicCache(config=model.config)
+    if not cache.layers:
+        return None
+    cache.layers = [SlackLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 def mergeable(cache) -> bool:
@@ -33,7 +87,7 @@ def mergeable(cache) -> bool:
     static caches make new requests wait until the running batch drains (waves)."""
     layers = getattr(cache, "layers", None)  # None on pre-4.56 caches
     return (DynamicLayer is not None and bool(layers)
-            and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers))
+            and all(type(layer) in PLAIN_LAYERS and layer.is_initialized for layer in layers))
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
