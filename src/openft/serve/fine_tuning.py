@@ -222,7 +222,7 @@ def create(request: Request, body: CreateJob, background: BackgroundTasks, who: 
     store = request.app.state.store
     for param in ("training_file", "validation_file", "questions_file"):
         fid = getattr(body, param)
-        if fid and store.get_file(who, fid) is None:
+        if fid is not None and store.get_file(who, fid) is None:  # "" is an id too (one that never exists)
             raise not_found("file", fid, param)
     tf = store.get_file(who, body.training_file)
     if tf["purpose"] != "fine-tune":

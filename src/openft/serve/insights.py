@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from openft.data.load import load_dataset
 from openft.data.split import split_examples
 from openft.models.load import materialise
+from openft.models.registry import ModelNotFound
 from openft.serve.auth import owner
 from openft.serve.engine import EngineError, ModelHandle, SamplingParams
 from openft.serve import schemas as S
@@ -40,7 +41,10 @@ def _handle(request: Request, who: str, model: str) -> ModelHandle:
     try:
         return handle_for(request, who, model)
     except APIError:
-        return ModelHandle(name=model, base_path=materialise(user_model(model)))
+        try:
+            return ModelHandle(name=model, base_path=materialise(user_model(model)))
+        except ModelNotFound as e:  # e.g. a hub id with no hub reachable
+            raise APIError(404, str(e), param="model", code="model_not_found") from None
 
 
 def _n_params(path: Path) -> int:
@@ -64,9 +68,9 @@ def _examples(request: Request, who: str, file_id: str, param: str = "file_id"):
 
 
 def _stats(request: Request, who: str, file_id: str, model: str, n_epochs, method: str) -> dict:
+    _, result = _examples(request, who, file_id)  # the caller's file first: no model loads for a 404
     handle = _handle(request, who, model)
     tok = request.app.state.engine.tokenizer(handle)
-    _, result = _examples(request, who, file_id)
     ctx = request.app.state.engine.context_length(handle)
     lengths = [len(e) for e in encode_all(tok, result.examples, ctx)]  # for the histogram
     stats, warnings = token_stats(tok, result.examples, max_seq_length=None, context=ctx,
@@ -93,8 +97,8 @@ def file_stats(request: Request, file_id: str, model: str = "smollm2-135m-instru
 @router.get("/v1/files/{file_id}/preview", responses=ok(S.FilePreview))
 def file_preview(request: Request, file_id: str, model: str = "smollm2-135m-instruct",
                  n: int = Query(3, ge=1, le=50), train_on_prompt: bool = False, who: str = Depends(owner)):
-    tok = request.app.state.engine.tokenizer(_handle(request, who, model))
     _, result = _examples(request, who, file_id)
+    tok = request.app.state.engine.tokenizer(_handle(request, who, model))
     out = []
     for ex in result.examples[:n]:
         enc, runs = segments(tok, ex, train_on_prompt)
