@@ -54,7 +54,15 @@ class LoraLinear(nn.Module):
         out = self.base(x)
         if self.merged:
             return out
-        return out + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        h = self.lora_A(self.dropout(x))
+        if torch.is_grad_enabled():
+            # Training: scale the rank-r activation rather than the (tokens x out)
+            # product -- one fewer pass over a full-width tensor per layer, forward
+            # and backward; equal up to rounding (tests/train/test_lora.py).
+            return out.add_(self.lora_B(h * self.scaling))
+        # Inference keeps the serving engine's op order, so the two agree bit for bit.
+        # (In place is safe either way: a linear layer's output is not saved for backward.)
+        return out.add_(self.lora_B(h) * self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)

@@ -4,8 +4,10 @@ The straightforward loss runs the LM head over every position, (B, T, V) logits
 with V = 49k for the built-in, and then throws away the positions whose labels are
 masked (prompts, padding). Here the decoder's hidden states are gathered at the
 trained positions first and the head + cross-entropy run in chunks over those rows
-only, so the full logits tensor never exists. `tests/train/test_loss.py` checks
-the result equals the straightforward computation.
+only, so the full logits tensor never exists; in training the head's gradient is
+formed chunk by chunk in the forward pass (`_HeadCrossEntropy`), so no chunk's
+logits are kept for backward either. `tests/train/test_loss.py` checks loss and
+gradients equal the straightforward computation.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 
 from openft.train.tokenize import IGNORE
 
-CHUNK_ROWS = 1024  # rows of the head at a time: 1024 x 49152 x 4 B = 200 MB peak
+CHUNK_ROWS = 512  # rows of the head at a time: 512 x 49152 x 4 B = 100 MB, the only logits alive
 
 
 @dataclass
@@ -32,8 +34,75 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return model.get_decoder(), model.get_output_embeddings()
 
 
+class _HeadCrossEntropy(torch.autograd.Function):
+    """sum_i CE(head(rows_i), y_i) with the gradient computed in the forward pass,
+    one chunk of rows at a time (a "fused linear cross-entropy").
+
+    Autograd through plain chunks would keep every chunk's (n, V) log-softmax
+    alive until backward: 196 KB per trained token for a 49k vocabulary, more
+    than the whole decoder's activations for that token. Here only one chunk's
+    logits exist at a time; what is kept for backward is d loss / d rows (N x H)
+    and, when the head itself trains (full fine-tuning), d loss / d weight.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, y, chunk):  # noqa: D401 - autograd API
+        need_rows, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_rows = torch.empty_like(rows) if need_rows else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        loss = torch.zeros((), dtype=torch.float32, device=rows.device)
+        correct = torch.zeros((), dtype=torch.long, device=rows.device)
+        for s in range(0, rows.shape[0], chunk):
+            r, t = rows[s : s + chunk], y[s : s + chunk]
+            logits = F.linear(r, weight, bias).float()  # (n, V)
+            correct += (logits.argmax(-1) == t).sum()
+            lse = torch.logsumexp(logits, -1)
+            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            # d CE / d logits = softmax - onehot, built in the logits' own buffer.
+            g = logits.sub_(lse[:, None]).exp_()
+            g[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            g = g.to(r.dtype)
+            if need_rows:
+                grad_rows[s : s + chunk] = g @ weight
+            if need_w:
+                grad_w.addmm_(g.t(), r)
+            if need_b:
+                grad_b += g.sum(0)
+        ctx.save_for_backward(*(x for x in (grad_rows, grad_w, grad_b) if x is not None))
+        ctx.which = (need_rows, need_w, need_b)
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        saved = iter(ctx.saved_tensors)
+        out = [next(saved) * grad_loss if need else None for need in ctx.which]  # 0-dim: keeps the grad's dtype
+        return out[0], out[1], out[2], None, None
+
+
+def head_loss(head: nn.Module, rows: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(summed CE of head(rows) against y, number of argmax hits), chunked so the
+    (N, V) logits never exist at once."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+    trains = torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad
+                                          or (bias is not None and bias.requires_grad))
+    if trains:
+        loss, correct = _HeadCrossEntropy.apply(rows, weight, bias, y, CHUNK_ROWS)
+        return loss, int(correct)
+    loss_sum, correct = rows.new_zeros((), dtype=torch.float32), 0
+    for s in range(0, rows.shape[0], CHUNK_ROWS):
+        logits = head(rows[s : s + CHUNK_ROWS]).float()  # (n, V)
+        loss_sum = loss_sum + F.cross_entropy(logits, y[s : s + CHUNK_ROWS], reduction="sum")
+        correct += int((logits.argmax(-1) == y[s : s + CHUNK_ROWS]).sum())
+    return loss_sum, correct
+
+
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> LossOut:
     decoder, head = decoder_and_head(model)
+    device = head.weight.device  # batches are built on the CPU; the model may sit on a GPU
+    input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
     if bool(attention_mask.all()):
         attention_mask = None  # no padding: lets SDPA take its plain causal path
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
@@ -42,12 +111,7 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     sel = target != IGNORE  # (B, T-1)
     rows = hidden[:, :-1][sel]  # (N, H)
     y = target[sel]  # (N,)
-    loss_sum = hidden.new_zeros(())
-    correct = 0
-    for s in range(0, rows.shape[0], CHUNK_ROWS):
-        logits = head(rows[s : s + CHUNK_ROWS]).float()  # (n, V)
-        loss_sum = loss_sum + F.cross_entropy(logits, y[s : s + CHUNK_ROWS], reduction="sum")
-        correct += int((logits.detach().argmax(-1) == y[s : s + CHUNK_ROWS]).sum())
+    loss_sum, correct = head_loss(head, rows, y)
     return LossOut(loss_sum, int(y.numel()), correct)
 
 
