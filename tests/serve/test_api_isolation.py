@@ -185,3 +185,176 @@ def test_another_owner_sees_nothing_and_can_change_nothing(keyed, a_objects, tin
     for m in (model, ckpt):
         r = a.chat.completions.create(model=m, messages=chat, max_tokens=4, temperature=0)
         assert r.model == m and r.usage.completion_tokens <= 4
+
+
+# ------------------------------------------------------------ every route
+
+# Fields through which a request names an object: any route taking one of these
+# (in its path, query or body) must be in the walk below.
+ID_FIELDS = {"file_id", "job_id", "model_id", "key_id", "model", "training_file", "validation_file",
+             "questions_file", "before_model", "after_model", "after"}
+
+
+def _id_routes(doc: dict) -> dict[str, set[str]]:
+    """'METHOD /path' -> the id-like fields it takes, from the app's own OpenAPI document."""
+    schemas = doc["components"]["schemas"]
+
+    def props(schema: dict) -> set[str]:
+        if "$ref" in schema:
+            schema = schemas[schema["$ref"].rsplit("/", 1)[1]]
+        return set(schema.get("properties", {}))
+
+    out = {}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            names = {p["name"] for p in op.get("parameters", [])}
+            for media in op.get("requestBody", {}).get("content", {}).values():
+                names |= props(media.get("schema", {}))
+            if names & ID_FIELDS:
+                out[f"{method.upper()} {path}"] = names & ID_FIELDS
+    return out
+
+
+def _same(name: str, got: httpx.Response, want: httpx.Response, real: str, missing: str) -> None:
+    """B's call on A's object answers exactly as the call on a missing one."""
+    assert got.status_code == want.status_code, (name, got.status_code, got.text[:300], want.text[:300])
+    if want.status_code >= 400:
+        g, w = got.json()["error"], want.json()["error"]
+        assert set(g) == set(w) == {"message", "type", "param", "code"}, (name, g, w)
+        assert (g["type"], g["code"], g["param"]) == (w["type"], w["code"], w["param"]), (name, g, w)
+        assert g["message"].replace(real, missing) == w["message"], (name, g["message"], w["message"])
+    else:  # a list with a cursor: the same page as with an unknown cursor
+        assert got.json() == want.json(), (name, got.text[:300], want.text[:300])
+
+
+def test_every_route_answers_for_another_owners_objects_as_for_missing_ones(keyed, a_objects, tiny_model_dir):
+    s, keys = keyed
+    a_h, b_h = ({"Authorization": f"Bearer {keys[o]}"} for o in ("A", "B"))
+    doc = httpx.get(s.url + "/openapi.json", timeout=30).json()
+    id_routes = _id_routes(doc)
+
+    def up(headers, name, body):
+        r = httpx.post(s.url + "/v1/files", headers=headers, files={"file": (name, body)},
+                       data={"purpose": "fine-tune"}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["id"]
+
+    questions = (EXAMPLES / "lumen_questions.jsonl").read_bytes()
+    a_questions = up(a_h, "a-questions.jsonl", questions)
+    b_file, b_questions = up(b_h, "b-train.jsonl", jsonl(_rows(10))), up(b_h, "b-questions.jsonl", questions)
+    fid, jid, model, ckpt = a_objects["file"].id, a_objects["job"].id, a_objects["model"], a_objects["ckpt"]
+    a_key = httpx.get(s.url + "/v1/keys", headers=a_h, timeout=30).json()["data"][0]["id"]
+    # A's earliest checkpoint: a cursor that leaked across jobs would hide B's own step-1 checkpoint.
+    a_ckpt_id = httpx.get(f"{s.url}/v1/fine_tuning/jobs/{jid}/checkpoints", headers=a_h, timeout=30).json()["data"][-1]["id"]
+    a_event = httpx.get(f"{s.url}/v1/fine_tuning/jobs/{jid}/events", headers=a_h, timeout=30).json()["data"][0]["id"]
+    b_job = httpx.post(s.url + "/v1/fine_tuning/jobs", headers=b_h, timeout=120,
+                       json={"model": str(tiny_model_dir), "training_file": b_file, "max_steps": 1}).json()["id"]
+    b_done = wait_for(lambda: (j := httpx.get(f"{s.url}/v1/fine_tuning/jobs/{b_job}", headers=b_h,
+                                              timeout=30).json())["status"] in TERMINAL and j, timeout=400)
+    assert b_done["status"] == "succeeded", b_done["error"]
+    tiny, builtin = str(tiny_model_dir), "smollm2-135m-instruct"
+    miss = {"file": "file-" + secrets.token_hex(12), "job": "ftjob-" + secrets.token_hex(12),
+            "key": "key-" + secrets.token_hex(8), "event": "ftevent-" + secrets.token_hex(12),
+            "ckpt_id": "ftckpt-" + secrets.token_hex(12)}
+    miss["model"] = model.rsplit(":", 1)[0] + ":" + secrets.token_hex(12)
+    miss["ckpt"] = miss["model"] + ":" + ckpt.rsplit(":", 1)[1]
+    chat = [{"role": "user", "content": "Who are you?"}]
+
+    def call(method, path, **kw):
+        return lambda i: httpx.request(method, s.url + path.format(i=i), headers=b_h, timeout=600,
+                                       **{k: (v(i) if callable(v) else v) for k, v in kw.items()})
+
+    F, J, M, C, K, E = ((fid, miss["file"]), (jid, miss["job"]), (model, miss["model"]), (ckpt, miss["ckpt"]),
+                        (a_key, miss["key"]), (a_event, miss["event"]))
+    q = a_questions, miss["file"]
+    walk = [  # (route, what, call(id), (A's id, a missing id))
+        ("GET /v1/files", "list after A's file", call("GET", "/v1/files", params=lambda i: {"after": i}), F),
+        ("GET /v1/files/{file_id}", "retrieve file", call("GET", "/v1/files/{i}"), F),
+        ("GET /v1/files/{file_id}/content", "download file", call("GET", "/v1/files/{i}/content"), F),
+        ("DELETE /v1/files/{file_id}", "delete file", call("DELETE", "/v1/files/{i}"), F),
+        ("GET /v1/files/{file_id}/stats", "file stats", call("GET", "/v1/files/{i}/stats"), F),
+        ("GET /v1/files/{file_id}/stats", "stats with A's model", call("GET", f"/v1/files/{b_file}/stats",
+                                                                       params=lambda i: {"model": i}), M),
+        ("GET /v1/files/{file_id}/preview", "file preview", call("GET", "/v1/files/{i}/preview"), F),
+        ("GET /v1/files/{file_id}/preview", "preview with A's checkpoint",
+         call("GET", f"/v1/files/{b_file}/preview", params=lambda i: {"model": i}), C),
+        ("GET /v1/fine_tuning/jobs", "list after A's job",
+         call("GET", "/v1/fine_tuning/jobs", params=lambda i: {"after": i}), J),
+        ("GET /v1/fine_tuning/jobs/{job_id}", "retrieve job", call("GET", "/v1/fine_tuning/jobs/{i}"), J),
+        ("POST /v1/fine_tuning/jobs/{job_id}/cancel", "cancel job", call("POST", "/v1/fine_tuning/jobs/{i}/cancel"), J),
+        ("POST /v1/fine_tuning/jobs/{job_id}/pause", "pause job", call("POST", "/v1/fine_tuning/jobs/{i}/pause"), J),
+        ("POST /v1/fine_tuning/jobs/{job_id}/resume", "resume job", call("POST", "/v1/fine_tuning/jobs/{i}/resume"), J),
+        ("GET /v1/fine_tuning/jobs/{job_id}/events", "job events", call("GET", "/v1/fine_tuning/jobs/{i}/events"), J),
+        ("GET /v1/fine_tuning/jobs/{job_id}/events", "own events after A's event",
+         call("GET", f"/v1/fine_tuning/jobs/{b_job}/events", params=lambda i: {"after": i}), E),
+        ("GET /v1/fine_tuning/jobs/{job_id}/checkpoints", "job checkpoints",
+         call("GET", "/v1/fine_tuning/jobs/{i}/checkpoints"), J),
+        ("GET /v1/fine_tuning/jobs/{job_id}/checkpoints", "own checkpoints after A's checkpoint",
+         call("GET", f"/v1/fine_tuning/jobs/{b_job}/checkpoints", params=lambda i: {"after": i}),
+         (a_ckpt_id, miss["ckpt_id"])),
+        ("GET /v1/fine_tuning/jobs/{job_id}/comparison", "job comparison",
+         call("GET", "/v1/fine_tuning/jobs/{i}/comparison"), J),
+        ("GET /v1/models/{model_id}", "retrieve model", call("GET", "/v1/models/{i}"), M),
+        ("GET /v1/models/{model_id}", "retrieve checkpoint", call("GET", "/v1/models/{i}"), C),
+        ("GET /v1/models/{model_id}/export", "export model", call("GET", "/v1/models/{i}/export"), M),
+        ("GET /v1/models/{model_id}/export", "export checkpoint", call("GET", "/v1/models/{i}/export"), C),
+        ("POST /v1/chat/completions", "chat with model",
+         call("POST", "/v1/chat/completions", json=lambda i: {"model": i, "messages": chat, "max_tokens": 2}), M),
+        ("POST /v1/chat/completions", "chat with checkpoint",
+         call("POST", "/v1/chat/completions", json=lambda i: {"model": i, "messages": chat, "max_tokens": 2}), C),
+        ("POST /v1/completions", "completion with model",
+         call("POST", "/v1/completions", json=lambda i: {"model": i, "prompt": "Hi", "max_tokens": 2}), M),
+        ("POST /v1/fine_tuning/jobs", "train on A's file",
+         call("POST", "/v1/fine_tuning/jobs", json=lambda i: {"model": tiny, "training_file": i}), F),
+        ("POST /v1/fine_tuning/jobs", "validate on A's file", call("POST", "/v1/fine_tuning/jobs", json=lambda i: {
+            "model": tiny, "training_file": b_file, "validation_file": i}), F),
+        ("POST /v1/fine_tuning/jobs", "A's questions file", call("POST", "/v1/fine_tuning/jobs", json=lambda i: {
+            "model": tiny, "training_file": b_file, "questions_file": i}), q),
+        ("POST /v1/fine_tuning/jobs", "train A's model further",
+         call("POST", "/v1/fine_tuning/jobs", json=lambda i: {"model": i, "training_file": b_file}), M),
+        ("POST /v1/fine_tuning/jobs", "train A's checkpoint further",
+         call("POST", "/v1/fine_tuning/jobs", json=lambda i: {"model": i, "training_file": b_file}), C),
+        ("POST /v1/fine_tuning/estimate", "estimate on A's file",
+         call("POST", "/v1/fine_tuning/estimate", json=lambda i: {"model": tiny, "training_file": i}), F),
+        ("POST /v1/fine_tuning/estimate", "estimate validating on A's file",
+         call("POST", "/v1/fine_tuning/estimate", json=lambda i: {"model": tiny, "training_file": b_file,
+                                                                   "validation_file": i}), F),
+        ("POST /v1/fine_tuning/estimate", "estimate with A's questions",
+         call("POST", "/v1/fine_tuning/estimate", json=lambda i: {"model": tiny, "training_file": b_file,
+                                                                   "questions_file": i}), q),
+        ("POST /v1/fine_tuning/estimate", "estimate on A's model",
+         call("POST", "/v1/fine_tuning/estimate", json=lambda i: {"model": i, "training_file": b_file}), M),
+        ("POST /v1/comparisons", "compare on A's questions", call("POST", "/v1/comparisons", json=lambda i: {
+            "before_model": builtin, "after_model": builtin, "questions_file": i}), q),
+        ("POST /v1/comparisons", "compare A's model (before)", call("POST", "/v1/comparisons", json=lambda i: {
+            "before_model": i, "after_model": builtin, "questions_file": b_questions}), M),
+        ("POST /v1/comparisons", "compare A's checkpoint (after)", call("POST", "/v1/comparisons", json=lambda i: {
+            "before_model": builtin, "after_model": i, "questions_file": b_questions}), C),
+        ("DELETE /v1/keys/{key_id}", "delete A's key", call("DELETE", "/v1/keys/{i}"), K),
+        ("DELETE /v1/models/{model_id}", "delete checkpoint", call("DELETE", "/v1/models/{i}"), C),
+        ("DELETE /v1/models/{model_id}", "delete model", call("DELETE", "/v1/models/{i}"), M),
+    ]
+    covered, n = set(), 0
+    for route, what, fn, (real, missing) in walk:
+        assert route in id_routes, (route, "not an id route of the app")
+        got, want = fn(real), fn(missing)
+        assert want.status_code in (200, 404), (what, want.status_code, want.text[:300])  # 200: a list page
+        _same(what, got, want, real, missing)
+        covered.add(route)
+        n += 1
+    uncovered = set(id_routes) - covered
+    assert not uncovered, f"routes that take an id but are not walked: {sorted(uncovered)}"
+    # Lists never show A's objects.
+    for path, ids in (("/v1/files", {fid, a_questions}), ("/v1/fine_tuning/jobs?limit=100", {jid}),
+                      ("/v1/models", {model, ckpt}), ("/v1/keys", {a_key})):
+        seen = {x["id"] for x in httpx.get(s.url + path, headers=b_h, timeout=30).json()["data"]}
+        assert not seen & ids, (path, seen & ids)
+        n += 1
+    print(f"\n{n} isolation checks over {len(covered)} id-taking routes "
+          f"(of {sum(len(v) for v in doc['paths'].values())} operations)")
+    # A's objects are untouched, A's key still works.
+    a = s.client(keys["A"])
+    assert a.files.retrieve(fid).status == "processed" and a.files.retrieve(a_questions).id == a_questions
+    assert a.fine_tuning.jobs.retrieve(jid).status == "succeeded"
+    assert {model, ckpt} <= {m.id for m in a.models.list().data}
+    assert a_key in {k["id"] for k in httpx.get(s.url + "/v1/keys", headers=a_h, timeout=30).json()["data"]}

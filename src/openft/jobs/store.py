@@ -327,7 +327,7 @@ class Store:
     def list_checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> list[dict]:
         sql, args = "SELECT * FROM checkpoints WHERE job_id = ?", [job_id]
         if after:
-            ref = self._one("SELECT step FROM checkpoints WHERE id = ?", (after,))
+            ref = self._one("SELECT step FROM checkpoints WHERE id = ? AND job_id = ?", (after, job_id))
             if ref:
                 sql, args = sql + " AND step < ?", args + [ref["step"]]
         return self._all(sql + " ORDER BY step DESC LIMIT ?", tuple(args + [limit]))

@@ -111,9 +111,12 @@ def file_preview(request: Request, file_id: str, model: str = "smollm2-135m-inst
 @router.post("/v1/fine_tuning/estimate", responses=ok(S.Estimate))
 def estimate(request: Request, body: CreateJob, who: str = Depends(owner)):
     spec, _ = build_spec(body, body.model)
+    _, result = _examples(request, who, body.training_file, "training_file")
+    for param in ("validation_file", "questions_file"):  # named, so they must exist (and be the caller's)
+        if getattr(body, param) is not None:
+            get_owned(request, getattr(body, param), who, param)
     handle = _handle(request, who, body.model)
     tok = request.app.state.engine.tokenizer(handle)
-    _, result = _examples(request, who, body.training_file, "training_file")
     train = result.examples if body.validation_file else split_examples(result.examples, spec.data.validation_split,
                                                                          spec.train.seed)[0]
     ctx = request.app.state.engine.context_length(handle)
@@ -147,10 +150,17 @@ async def compare(request: Request, body: CompareBody, who: str = Depends(owner)
     row = get_owned(request, body.questions_file, who, "questions_file")
     try:
         questions = load_questions(row["path"])
-    except QuestionFileError as e:
-        raise APIError(400, str(e), param="questions_file", code="invalid_questions_file") from None
+    except QuestionFileError as e:  # named by the uploaded file's name, not the storage path's
+        message = str(e).replace(Path(row["path"]).name, row["filename"])
+        raise APIError(400, message, param="questions_file", code="invalid_questions_file") from None
     engine = request.app.state.engine
-    handles = [handle_for(request, who, body.before_model), handle_for(request, who, body.after_model)]
+    handles = []
+    for param in ("before_model", "after_model"):
+        try:
+            handles.append(handle_for(request, who, getattr(body, param)))
+        except APIError as e:
+            e.param = param
+            raise
     params = SamplingParams(max_tokens=body.max_tokens, temperature=0.0)
 
     async def answer(handle, q):
