@@ -48,7 +48,7 @@ class TrainConfig:
     epochs: IntOrAuto = _f(AUTO, "passes over the data; auto: 3, raised for tiny sets, lowered for big ones")
     learning_rate: FloatOrAuto = _f(AUTO, "peak learning rate; auto: 5e-4 for LoRA, 2e-5 for full")
     batch_size: IntOrAuto = _f(AUTO, "examples per optimizer step; auto: 8 (fewer for tiny sets)")
-    micro_batch_tokens: IntOrAuto = _f(AUTO, "padded tokens per forward pass (gradient accumulation splits a batch into these); auto: 4096")
+    micro_batch_tokens: IntOrAuto = _f(AUTO, "padded tokens per forward pass (gradient accumulation splits a batch into these); auto: 512 on CPU (bounds activation memory), 4096 on a GPU")
     max_seq_length: IntOrAuto = _f(AUTO, "longest example in tokens; longer ones are truncated; auto: longest example rounded up to 64, at most 2048 and the model's context")
     warmup_ratio: FloatOrAuto = _f(AUTO, "fraction of steps spent warming up the learning rate; auto: 0.05")
     scheduler: Literal["auto", "cosine", "linear", "constant"] = _f(AUTO, "learning-rate schedule after warmup; auto: cosine")

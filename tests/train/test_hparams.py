@@ -39,3 +39,15 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
     assert lrs[-1] < 0.01
     assert lr_at(50, 100, 1.0, 0.0, "constant") == 1.0
+
+
+def test_auto_micro_batch_tokens_bounds_memory_on_cpu():
+    import torch
+
+    from openft.train.hparams import auto_micro_batch_tokens
+
+    assert auto_micro_batch_tokens(cuda=False) == 512
+    assert auto_micro_batch_tokens(cuda=True) == 4096
+    resolved = resolve_train(TrainConfig(), 100, 256)
+    assert resolved.micro_batch_tokens == (4096 if torch.cuda.is_available() else 512)
+    assert resolve_train(TrainConfig(micro_batch_tokens=999), 100, 256).micro_batch_tokens == 999
