@@ -90,23 +90,25 @@ atheris.Fuzz()
 '''
 
 
-def run_atheris(seconds: int) -> dict[str, int | str]:
+def run_atheris(seconds: int, readers: list[str]) -> dict[str, int | str]:
     try:
         import atheris  # noqa: F401
     except ImportError:
         return {"skipped": "atheris is not installed (pip install atheris)"}
     runs: dict[str, int | str] = {}
+    artifacts = Path(tempfile.gettempdir()) / "openft-fuzz-artifacts"  # kept: the inputs that failed
+    artifacts.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as d:
         harness = Path(d) / "harness.py"
         harness.write_text(ATHERIS_HARNESS)
-        for reader in READERS:
+        for reader in readers:
             corpus = Path(d) / f"corpus-{reader}"
             corpus.mkdir()
             _seed_corpus(corpus, reader)
             proc = subprocess.run(
                 [sys.executable, str(harness), reader, str(corpus),
                  f"-max_total_time={seconds}", "-rss_limit_mb=4096", "-timeout=30",
-                 f"-artifact_prefix={d}/crash-{reader}-"],
+                 f"-artifact_prefix={artifacts}/{reader}-"],
                 cwd=ROOT, capture_output=True, text=True)
             done = re.findall(r"Done (\d+) runs", proc.stderr)
             if proc.returncode != 0:
@@ -146,7 +148,14 @@ def main() -> int:
     ap.add_argument("--all", action="store_true", help="also run the fixed hostile-file cases")
     ap.add_argument("--atheris", type=int, default=0, metavar="SECONDS",
                     help="also fuzz raw bytes with atheris for SECONDS per reader")
+    ap.add_argument("--readers", default=",".join(READERS), help="readers atheris fuzzes")
+    ap.add_argument("--atheris-only", action="store_true", help="skip the hypothesis campaign")
     args = ap.parse_args()
+    rc = 0
+    if args.atheris_only:
+        runs = run_atheris(args.atheris or 60, args.readers.split(","))
+        print(f"atheris ({args.atheris or 60} s per reader): {runs}")
+        return int(any(isinstance(v, str) and v.startswith("FINDING") for v in runs.values()))
 
     with tempfile.TemporaryDirectory() as d:
         report = Path(d) / "counts.json"
@@ -159,7 +168,7 @@ def main() -> int:
     print(f"hypothesis: {total} cases in {elapsed:.0f} s; pytest exit {rc} "
           f"({'every case a valid dataset or clean errors' if rc == 0 else 'FAILURES above'})")
     if args.atheris:
-        runs = run_atheris(args.atheris)
+        runs = run_atheris(args.atheris, args.readers.split(","))
         print(f"atheris ({args.atheris} s per reader): {runs}")
         if any(isinstance(v, str) and v.startswith("FINDING") for v in runs.values()):
             rc = rc or 1

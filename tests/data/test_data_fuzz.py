@@ -520,6 +520,16 @@ def test_parquet_nesting_is_capped(tmp_path):
     assert not result.ok and "nest" in result.errors[0].message
 
 
+def test_parquet_column_name_not_utf8(tmp_path):
+    """Found by atheris (benchmarks/fuzz_data.py --atheris): pyarrow raised
+    UnicodeDecodeError, not an ArrowException, for a damaged footer."""
+    pq.write_table(pa.table({"question": ["a", "b"], "answer": ["c", "d"]}),
+                   tmp_path / "ok.parquet", store_schema=False)
+    raw = (tmp_path / "ok.parquet").read_bytes().replace(b"question", b"qu\xe5stion")
+    result = check(_write(str(tmp_path), "bad.parquet", raw), "parquet")
+    assert "cannot read Parquet file" in result.errors[0].message
+
+
 SECRET = "openft-secret-7f3a9c"
 
 

@@ -598,22 +598,29 @@ def _read_xml(raw: bytes, file: str, result: ReadResult, record_element: str | N
 
 
 def _read_parquet(p: Path, result: ReadResult) -> None:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     name = str(p)
+    index = 0
     try:
         pf = pq.ParquetFile(p)
-        index = 0
         # Batches keep memory bounded on large files; to_pylist turns list and
         # struct columns into Python lists and dicts.
         for batch in pf.iter_batches(batch_size=4096):
-            for row in batch.to_pylist():
+            rows = batch.to_pylist()
+            for row in rows:
                 problem = value_problem(row)  # list columns can nest without bound
                 if problem:
                     result.errors.append(Problem(problem, file=name, record=index))
                 else:
                     result.records.append(RawRecord(row, Location(name, record=index)))
                 index += 1
-    except (pa.ArrowException, OSError) as e:
-        result.errors.append(Problem(f"cannot read Parquet file: {e}", file=name))
+    except Exception as e:  # noqa: BLE001
+        # pyarrow decodes untrusted bytes in C++ and Cython, and what a damaged
+        # file raises is open-ended: ArrowException subclasses, OSError, but also
+        # UnicodeDecodeError for a column name that is not UTF-8 (found by
+        # atheris) or MemoryError for a footer claiming a huge size. Any of them
+        # means the file cannot be read; the loop around them is only appends.
+        where = f" (at record {index})" if index else ""
+        result.errors.append(Problem(
+            f"cannot read Parquet file{where}: {type(e).__name__}: {shown(e, 300)}", file=name))
