@@ -10,6 +10,7 @@ console and any other client get the same answers):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def _n_params(path: Path) -> int:
 def _examples(request: Request, who: str, file_id: str, param: str = "file_id"):
     row = get_owned(request, file_id, who, param)
     result = load_dataset(row["path"])
+    for ex in result.examples:  # name places by the uploaded file's name, never the storage path
+        ex.where = dataclasses.replace(ex.where, file=row["filename"])
     if not result.examples:
         raise APIError(400, f"{file_id} has no usable examples ({row['status_details']})", param=param,
                        code="invalid_file")
@@ -102,7 +105,7 @@ def file_preview(request: Request, file_id: str, model: str = "smollm2-135m-inst
     out = []
     for ex in result.examples[:n]:
         enc, runs = segments(tok, ex, train_on_prompt)
-        out.append({"where": str(ex.where.__class__(Path(ex.where.file).name, ex.where.line, ex.where.record)),
+        out.append({"where": str(ex.where),
                     "tokens": len(enc), "trained_tokens": enc.n_trained,
                     "segments": [{"text": text, "trained": t} for t, text in runs]})
     return {"object": "file.preview", "file_id": file_id, "model": model, "examples": out}
