@@ -43,8 +43,9 @@ class LoraLinear(nn.Module):
         self.base = base
         self.rank = rank
         self.scaling = alpha / rank
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, dtype=base.weight.dtype)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, dtype=base.weight.dtype)
+        like = {"dtype": base.weight.dtype, "device": base.weight.device}  # a model already on a GPU stays there
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, **like)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, **like)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT does
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
