@@ -28,9 +28,9 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 class Streamer(threading.Thread):
     """A streaming chat client that reads until its stream ends, one way or another."""
 
-    def __init__(self, srv: Server):
+    def __init__(self, srv: Server, model: str):
         super().__init__(daemon=True)
-        self.client = srv.client()
+        self.client, self.model = srv.client(), model
         self.chunks: list = []
         self.error: BaseException | None = None
         self.completed = False
@@ -38,8 +38,8 @@ class Streamer(threading.Thread):
     def run(self) -> None:
         try:
             stream = self.client.chat.completions.create(
-                model="smollm2-135m-instruct", max_tokens=4096, temperature=0,
-                messages=[{"role": "user", "content": "Count from 1 to 5000, one number per line."}], stream=True)
+                model=self.model, max_tokens=1500, temperature=1.0,
+                messages=[{"role": "user", "content": "Tell me a long story."}], stream=True)
             for chunk in stream:
                 self.chunks.append(chunk)
             self.completed = True
@@ -56,11 +56,13 @@ def test_server_killed_mid_job_and_mid_stream_loses_nothing(tmp_path_factory, se
         f = c.files.create(file=("train.jsonl", jsonl(rows(TRAIN_ROWS))), purpose="fine-tune")
         jobs = [c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=f.id, seed=3,
                                           hyperparameters={"n_epochs": 1, "batch_size": 1}) for _ in range(2)]
-        streams = [Streamer(first) for _ in range(2)]
+        ckpt = wait_for(lambda: c.fine_tuning.jobs.checkpoints.list(jobs[0].id).data, timeout=300, every=0.05)[0]
+        # Chat with that checkpoint (the tiny model: 1500 random tokens stream for seconds).
+        streams = [Streamer(first, ckpt.fine_tuned_model_checkpoint) for _ in range(2)]
         for s in streams:
             s.start()
-        wait_for(lambda: all(s.chunks for s in streams), timeout=300, every=0.05)
-        wait_for(lambda: c.fine_tuning.jobs.checkpoints.list(jobs[0].id).data, timeout=300, every=0.05)
+        wait_for(lambda: all(s.chunks or s.error for s in streams), timeout=300, every=0.02)
+        assert not any(s.error for s in streams), [repr(s.error) for s in streams]
         before = {j.id: [e["id"] for e in events(home, j.id)] for j in jobs}
         os.kill(first.proc.pid, signal.SIGKILL)
         first.proc.wait()
