@@ -20,7 +20,7 @@ from torch import nn
 
 from openft.train.tokenize import IGNORE
 
-CHUNK_ROWS = 512  # rows of the head at a time: 512 x 49152 x 4 B = 100 MB, the only logits alive
+CHUNK_ROWS = 256  # rows of the head at a time: 256 x 49152 x 4 B = 50 MB, the only logits alive
 
 
 @dataclass
@@ -56,12 +56,15 @@ class _HeadCrossEntropy(torch.autograd.Function):
         correct = torch.zeros((), dtype=torch.long, device=rows.device)
         for s in range(0, rows.shape[0], chunk):
             r, t = rows[s : s + chunk], y[s : s + chunk]
-            logits = F.linear(r, weight, bias).float()  # (n, V)
+            logits = F.linear(r, weight, bias).float()  # (n, V): the one big buffer
             correct += (logits.argmax(-1) == t).sum()
-            lse = torch.logsumexp(logits, -1)
-            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            # d CE / d logits = softmax - onehot, built in the logits' own buffer.
-            g = logits.sub_(lse[:, None]).exp_()
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            top = logits.amax(-1, keepdim=True)
+            # Softmax in place (no second (n, V) temporary as logsumexp would make);
+            # then d CE / d logits = softmax - onehot, in the same buffer.
+            z = logits.sub_(top).exp_().sum(-1, keepdim=True)
+            loss += (top + z.log() - picked[:, None]).sum()
+            g = logits.div_(z)
             g[torch.arange(t.shape[0], device=t.device), t] -= 1.0
             g = g.to(r.dtype)
             if need_rows:
