@@ -530,6 +530,16 @@ def test_parquet_column_name_not_utf8(tmp_path):
     assert "cannot read Parquet file" in result.errors[0].message
 
 
+def test_file_name_not_utf8_is_shown_escaped(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / os.fsdecode(b"caf\xe9.jsonl")).write_text('{"text": "a"}\n{"text": "b"}\n')
+    (folder / os.fsdecode(b"bad\xff.json")).write_text("[1]")
+    result = check(folder, "jsonl")
+    assert [ex.text for ex in result.examples] == ["a", "b"]
+    assert "caf\\xe9.jsonl" in result.examples[0].where.file and "bad\\xff.json" in result.errors[0].file
+
+
 SECRET = "openft-secret-7f3a9c"
 
 

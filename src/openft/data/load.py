@@ -20,7 +20,7 @@ from openft.data.layouts import (
     FIELDS, LAYOUTS, check_columns, detect_layout, layout_for_columns, no_layout_message,
     normalise,
 )
-from openft.data.readers import read_path
+from openft.data.readers import display_path, read_path
 from openft.data.types import Example, Problem
 
 MIN_EXAMPLES = 10  # below this a fine-tune mostly memorises noise
@@ -97,13 +97,13 @@ def load_dataset(path: str | Path, layout: str | None = None,
                         files=read.files, records=len(read.records))
     if not read.records:
         if not read.errors:
-            result.errors.append(Problem("no records found", file=str(path)))
+            result.errors.append(Problem("no records found", file=display_path(path)))
         return result
 
     if layout is None:
         layout, keys_seen = detect_layout(r.data for r in read.records)
         if layout is None:
-            result.errors.append(Problem(no_layout_message(keys_seen), file=str(path)))
+            result.errors.append(Problem(no_layout_message(keys_seen), file=display_path(path)))
             return result
     result.layout = layout
 
@@ -113,7 +113,7 @@ def load_dataset(path: str | Path, layout: str | None = None,
         if example is not None:
             result.examples.append(example)
 
-    result.warnings += _dataset_warnings(result.examples, str(path))
+    result.warnings += _dataset_warnings(result.examples, display_path(path))
     # Reading errors were collected before layout errors: list them all in file order.
     rank = {f: i for i, f in enumerate(result.files)}
     result.errors.sort(key=lambda p: (rank.get(p.file, -1),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import sys
 import xml.etree.ElementTree as ET
@@ -67,6 +68,16 @@ class ReadResult:
         self.files += other.files
 
 
+def display_path(path: str | Path) -> str:
+    """A path as problems name it: a file name that is not valid UTF-8 (Linux
+    hands it over with surrogates) is shown with escapes, so that printing or
+    storing the problem cannot fail."""
+    try:
+        return os.fsencode(str(path)).decode("utf-8", "backslashreplace")  # caf\xe9.jsonl
+    except UnicodeEncodeError:  # a surrogate that did not come from the file system
+        return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def read_path(path: str | Path, record_element: str | None = None) -> ReadResult:
     """Read a file, or every supported file in a folder (sorted by name, not
     recursive, hidden files skipped), into one `ReadResult`."""
@@ -81,11 +92,11 @@ def read_path(path: str | Path, record_element: str | None = None) -> ReadResult
                 f"skipped {len(skipped)} file(s) that are not datasets: {', '.join(skipped[:5])}"
                 + (" ..." if len(skipped) > 5 else "")
                 + f" (supported: {', '.join(sorted(FORMATS))})",
-                file=str(p)))
+                file=display_path(p)))
         if not supported:
             result.errors.append(Problem(
                 f"folder holds no dataset files (supported: {', '.join(sorted(FORMATS))})",
-                file=str(p)))
+                file=display_path(p)))
         for e in supported:
             result.extend(read_file(e, record_element))
         return result
@@ -95,7 +106,7 @@ def read_path(path: str | Path, record_element: str | None = None) -> ReadResult
 def read_file(path: str | Path, record_element: str | None = None) -> ReadResult:
     """Read one file; the format comes from its extension."""
     p = Path(path)
-    name = str(p)
+    name = display_path(p)
     result = ReadResult(files=[name])
     fmt = FORMATS.get(p.suffix.lower())
     if fmt is None:
@@ -600,7 +611,7 @@ def _read_xml(raw: bytes, file: str, result: ReadResult, record_element: str | N
 def _read_parquet(p: Path, result: ReadResult) -> None:
     import pyarrow.parquet as pq
 
-    name = str(p)
+    name = display_path(p)
     index = 0
     try:
         pf = pq.ParquetFile(p)
