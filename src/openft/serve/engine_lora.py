@@ -52,11 +52,9 @@ class LoraRouting:
     single: str | None = None
     keys: tuple[str, ...] = ()
     slots: torch.Tensor | None = None
-    version: int = 0  # bumped by every set_rows: layers' per-forward masks key on it
-    _masks: dict = field(default_factory=dict)
+    _masks: dict = field(default_factory=dict)  # per-pass masks by stacked layout (see mask())
 
     def set_rows(self, row_adapters: list[str | None], device: torch.device) -> None:
-        self.version += 1
         self._masks = {}
         keys = sorted({k for k in row_adapters if k is not None})
         if len(keys) <= 1 and (not keys or None not in row_adapters):
@@ -94,7 +92,7 @@ class MultiLoraLinear(nn.Module):
         # running batch keeps its mix for many steps), dropped by release().
         self._stack_keys: tuple[str, ...] | None = None
         self._stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple] | None = None
-        self._hot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # adapters widened to the compute dtype
+        self._hot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the single-path adapter, widened
 
     @property
     def weight(self) -> torch.Tensor:  # some model code reads proj.weight.dtype
@@ -118,7 +116,10 @@ class MultiLoraLinear(nn.Module):
             return adapter
         hot = self._hot.get(key)
         if hot is None:
-            hot = self._hot[key] = (a.to(dtype), b.to(dtype))
+            # Only the adapter of the pass at hand: a batch that never drains
+            # under steady traffic must not collect widened copies of every adapter.
+            hot = (a.to(dtype), b.to(dtype))
+            self._hot = {key: hot}
         return hot[0], hot[1], scaling
 
     def _stacked(self, keys: tuple[str, ...]):
