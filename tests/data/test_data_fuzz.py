@@ -69,9 +69,11 @@ def _report_counts(request):
             f"{by_outcome['error']} clean errors); "
             + ", ".join(f"{r} {sum(c.values())}" for r, c in sorted(by_reader.items())))
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("")
-        reporter.write_line(line)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():  # shown even with -q, like capsys.disabled()
+            reporter.write_line("")
+            reporter.write_line(line)
     out = os.environ.get("OPENFT_FUZZ_REPORT")
     if out:
         Path(out).write_text(json.dumps(
