@@ -168,11 +168,11 @@ class JobRunner:
         if self.parent_pid and os.getppid() != self.parent_pid:
             raise SystemExit("the server that started this worker is gone")
         job = self.store.get_job(None, self.job["id"])
-        if job is not None and job["status"] != "cancelled" and job["worker_pid"] != self.pid:
-            raise TakenOver(self.job["id"])
-        self.store.update_job(self.job["id"], expect_worker=self.pid, heartbeat_at=time.time())
         if job is None or job["status"] == "cancelled" or job["control"] == "cancel":
             return "cancel"
+        if job["status"] != "running" or job["worker_pid"] != self.pid:
+            raise TakenOver(self.job["id"])  # requeued (or failed) while this worker was presumed dead
+        self.store.update_job(self.job["id"], expect_worker=self.pid, heartbeat_at=time.time())
         if job["control"] == "pause":
             return "pause"
         return None
@@ -196,7 +196,7 @@ class JobRunner:
                 self.store.add_event(jid, msg, type="metrics", data={**row, "total_steps": total},
                                      expect_worker=self.pid)
             eta = row.get("eta_s")
-            self.store.update_job(jid, trained_tokens=row["trained_tokens"],
+            self.store.update_job(jid, expect_worker=self.pid, trained_tokens=row["trained_tokens"],
                                   estimated_finish=int(time.time() + eta) if eta is not None else None)
         elif kind == "checkpoint":
             self._register_checkpoint(data["step"], data["metrics"], data["path"])
