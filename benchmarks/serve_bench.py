@@ -67,6 +67,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -229,10 +230,18 @@ def first_answer(home: Path, env: dict) -> tuple[Server, float, float]:
                                    env={**env, "OPENFT_HOME": str(home)}, stdout=server.log, stderr=subprocess.STDOUT)
     listen = None
     while time.perf_counter() - t0 < 300:
+        if listen is None:
+            try:
+                socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+                listen = time.perf_counter() - t0
+            except OSError:
+                if server.proc.poll() is not None:
+                    raise RuntimeError("server exited: " + (home / f"server-{server.port}.log").read_text()[-2000:])
+                time.sleep(0.02)
+                continue
         try:
             r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120,
                            headers={"Authorization": "Bearer local"})
-            listen = listen or time.perf_counter() - t0
             if r.status_code == 200:
                 return server, listen, time.perf_counter() - t0
             raise RuntimeError(f"first request failed: {r.status_code} {r.text[:300]}")
