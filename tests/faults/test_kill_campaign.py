@@ -94,3 +94,13 @@ def test_a_frozen_worker_is_found_by_its_heartbeat_and_its_job_taken_over(campai
             b.stop()
         for name in ("checkpoint.commit.held", "checkpoint.commit.go"):
             (d / name).unlink(missing_ok=True)
+
+
+def test_a_death_after_the_last_checkpoint_is_written_still_keeps_only_the_last_three(campaign):
+    """Found by the campaign: a worker killed between renaming the final checkpoint
+    into place and pruning the old ones left a fourth checkpoint behind (the
+    resumed attempt had no step left to train, so it never pruned)."""
+    total = campaign._total_steps()
+    rec = campaign.run_plans([f"checkpoint.commit:{total // 3}"])  # the final checkpoint (one every 3 steps)
+    assert len(rec.kills) == 1
+    campaign.check(rec.id)  # same checkpoint folders and store rows as the uninterrupted run

@@ -209,6 +209,7 @@ def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = 
         if last is not None:
             state = checkpoint.load(last, model, optimizer)
             emit("resumed", {"step": state.step, "checkpoint": str(last)})
+            emit("checkpoints_deleted", {"steps": checkpoint.prune(run_dir, max(1, cfg.keep_checkpoints))})
         checkpoint.trim_metrics(run_dir / "metrics.jsonl", state)  # drop rows past the checkpoint
     emit("started", {"total_steps": total, "train_examples": len(data.train), "valid_examples": len(data.valid),
                      "config": resolved})
