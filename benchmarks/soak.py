@@ -605,10 +605,12 @@ def _print(r: SoakReport) -> None:
           f"p95 {r.ttft_p95_s:.2f} s")
     print(f"  fine-tuned models called: {len(r.models_called)} "
           f"(requests each: {', '.join(str(v) for v in r.models_called.values())})")
-    print(f"  fine-tuning jobs: {len(r.jobs)} (1 warm-up before the window), "
-          f"{sum(j.status == 'succeeded' for j in r.jobs)} succeeded; one queued or training for "
-          f"{r.job_overlap_s:.0f} of the window's {r.seconds:.0f} s; "
-          f"worker restarts {r.worker_restarts}")
+    if not r.jobs:
+        print("  fine-tuning jobs: none (--no-jobs, for comparison only)")
+    else:
+        print(f"  fine-tuning jobs: {len(r.jobs)} (1 warm-up before the window), "
+              f"{sum(j.status == 'succeeded' for j in r.jobs)} succeeded; one queued or training for "
+              f"{r.job_overlap_s:.0f} of the window's {r.seconds:.0f} s; worker restarts {r.worker_restarts}")
     if r.jobs:
         print("  worker peak RSS per job: " + ", ".join(f"{j.worker_peak_mb:.0f}" for j in r.jobs) + " MB")
     print(mem("server", r.server_memory))
