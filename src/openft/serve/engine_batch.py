@@ -136,14 +136,35 @@ def sample(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
     out = tokens.clone()
     for i in sampled:
         scaled = logits[i] / temperatures[i]  # (vocab,)
+        g = generators[i]
         if top_ps[i] < 1.0:
-            sorted_logits, order = scaled.sort(descending=True)
-            probs = sorted_logits.softmax(-1)
-            # Drop a token when the tokens ranked above it already reach top_p
-            # (the most likely token always stays).
-            drop = probs.cumsum(-1) - probs >= top_ps[i]
-            probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
-            out[i] = order[torch.multinomial(probs, 1, generator=generators[i])[0]]
+            out[i] = _sample_top_p(scaled, top_ps[i], g)
         else:
-            out[i] = torch.multinomial(scaled.softmax(-1), 1, generator=generators[i])[0]
+            out[i] = _draw(scaled.softmax(-1), g)
     return out.tolist()
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """Inverse-CDF draw from a 1-D distribution. torch.multinomial over the 49k
+    vocabulary costs 4-30 ms per row on this CPU; cumsum + searchsorted ~0.2 ms."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(1, generator=generator) * cdf[-1]
+    return int(torch.searchsorted(cdf, u).clamp_(max=probs.numel() - 1)[0])
+
+
+# The nucleus almost always lies within the top few hundred tokens; sorting only
+# those (topk) instead of the whole vocabulary saves 10-35 ms per row. When the
+# top-k mass falls short of top_p the full sort still gives the exact nucleus.
+_TOP_K_FIRST = 256
+
+
+def _sample_top_p(scaled: torch.Tensor, top_p: float, generator: torch.Generator | None) -> int:
+    probs_all = scaled.softmax(-1)
+    k = min(_TOP_K_FIRST, probs_all.numel())
+    probs, order = probs_all.topk(k)
+    if float(probs.sum()) < top_p and k < probs_all.numel():
+        probs, order = probs_all.sort(descending=True)
+    # Drop a token when the tokens ranked above it already reach top_p (the most
+    # likely token always stays); renormalising is implicit in the CDF draw.
+    keep = (probs.cumsum(-1) - probs) < top_p
+    return int(order[_draw(probs * keep, generator)])
