@@ -208,12 +208,12 @@ def validate_files(app, job_id: str) -> None:
         f = store.get_file(job["owner"], fid)
         if f is None or f["status"] != "processed":
             msg = f"The {param.replace('_', ' ')} {fid} is not valid: " + (f["status_details"] if f else "it no longer exists")
-            if store.update_job(job_id, expect_status=("validating_files",), status="failed", finished_at=now(),
-                                error={"code": f"invalid_{param}", "message": msg, "param": param}):
-                store.add_event(job_id, msg, level="error")
+            store.update_job(job_id, expect_status=("validating_files",), status="failed", finished_at=now(),
+                             error={"code": f"invalid_{param}", "message": msg, "param": param},
+                             events=[{"message": msg, "level": "error"}])
             return
-    if store.update_job(job_id, expect_status=("validating_files",), status="queued"):
-        store.add_event(job_id, "Files validated, moving job to queued state")
+    store.update_job(job_id, expect_status=("validating_files",), status="queued",
+                     events=[{"message": "Files validated, moving job to queued state"}])
 
 
 @router.post("", responses=ok(S.Job))
@@ -269,9 +269,10 @@ def cancel(request: Request, job_id: str, who: str = Depends(owner)):
     if job["status"] in TERMINAL:
         raise APIError(400, f"Job {job_id} has already {job['status']}; it cannot be cancelled", code="job_not_cancellable")
     # The worker sees the status (and control flag) after its current step and stops.
-    if store.update_job(job_id, expect_status=("validating_files", "queued", "running", "paused"),
-                        status="cancelled", control="cancel", finished_at=now(), estimated_finish=None):
-        store.add_event(job_id, "Job cancelled by request", data={"status": "cancelled"})
+    # Status and event in one transaction: a crash never leaves one without the other.
+    store.update_job(job_id, expect_status=("validating_files", "queued", "running", "paused"),
+                     status="cancelled", control="cancel", finished_at=now(), estimated_finish=None,
+                     events=[{"message": "Job cancelled by request", "data": {"status": "cancelled"}}])
     return job_object(store.get_job(who, job_id))
 
 
@@ -280,12 +281,12 @@ def pause(request: Request, job_id: str, who: str = Depends(owner)):
     store = request.app.state.store
     job = owned_job(request, job_id, who)
     if job["status"] in ("validating_files", "queued"):
-        store.update_job(job_id, expect_status=(job["status"],), status="paused")
-        store.add_event(job_id, "Job paused before it started", data={"status": "paused"})
+        store.update_job(job_id, expect_status=(job["status"],), status="paused",
+                         events=[{"message": "Job paused before it started", "data": {"status": "paused"}}])
     elif job["status"] == "running":
         # The worker checkpoints at the end of the current step, then marks it paused.
-        store.update_job(job_id, expect_status=("running",), control="pause")
-        store.add_event(job_id, "Pause requested; the job pauses after its current step")
+        store.update_job(job_id, expect_status=("running",), control="pause",
+                         events=[{"message": "Pause requested; the job pauses after its current step"}])
     elif job["status"] != "paused":
         raise APIError(400, f"Job {job_id} has {job['status']}; it cannot be paused", code="job_not_pausable")
     return job_object(store.get_job(who, job_id))
@@ -297,8 +298,9 @@ def resume(request: Request, job_id: str, who: str = Depends(owner)):
     job = owned_job(request, job_id, who)
     if job["status"] != "paused":
         raise APIError(400, f"Job {job_id} is {job['status']}, not paused", code="job_not_paused")
-    if store.update_job(job_id, expect_status=("paused",), status="queued", control=""):
-        store.add_event(job_id, "Job resumed; queued to continue from its last checkpoint", data={"status": "queued"})
+    store.update_job(job_id, expect_status=("paused",), status="queued", control="",
+                     events=[{"message": "Job resumed; queued to continue from its last checkpoint",
+                              "data": {"status": "queued"}}])
     return job_object(store.get_job(who, job_id))
 
 
