@@ -13,6 +13,16 @@ if not SHARED_DATASETS.exists():  # CI clones main into another folder, shared/ 
     SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
+@pytest.fixture(autouse=True)
+def _ieee_floats():
+    """Each test starts with denormals honoured. openft.models.load.setup_torch
+    flushes them (for training and decoding speed) in the thread that calls it, and
+    hypothesis refuses to draw floats in a thread left that way by an earlier test."""
+    import torch
+
+    torch.set_flush_denormal(False)
+
+
 @pytest.fixture(scope="session")
 def session_home(tmp_path_factory) -> Path:
     # Reuse the user's converted-model cache when tests run under `make test`

@@ -85,9 +85,13 @@ def _resumed(events) -> tuple[int, int]:
 def _assert_continues_from(events, step: int) -> None:
     i, resumed = _resumed(events)
     assert resumed == step
-    after = _steps(events[i:])
+    before, after = _steps(events[:i]), _steps(events[i:])
     total = _total_steps(events)
-    assert after == list(range(step + 1, total + 1)), after  # no restart from 0, nothing skipped
+    # Steps an earlier attempt reported past its last checkpoint are trained again
+    # (deterministically, to the same values) but not reported twice.
+    start = max([step, *before]) + 1
+    assert after == list(range(start, total + 1)), after  # no restart from 0, nothing skipped
+    assert before + after == list(range(1, total + 1))  # every step reported exactly once
 
 
 def _envelope(r: httpx.Response) -> dict:

@@ -631,7 +631,9 @@ def test_slack_cache_layer_appends_in_place_and_survives_reassignment():
     (merge_into / select_rows do that) at the next update."""
     from transformers.cache_utils import DynamicLayer
 
-    from openft.serve.engine_batch import SlackLayer
+    from openft.serve.engine_batch import _hf_cache_types
+
+    SlackLayer = _hf_cache_types()[2]
 
     slack, plain = SlackLayer(), DynamicLayer()
     chunks = [torch.randn(2, 3, n, 4) for n in (5, 1, 1, 1)]

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from openft.models.load import DEFAULT_CHAT_TEMPLATE, LOAD_LOCK, _normalise_tokenizer, load_model, setup_torch
+from openft.models.load import load_for_serving, load_tokenizer, setup_torch
 from openft.models.padding import left_pad
 from openft.serve.engine_batch import merge_into, mergeable, new_cache, sample, select_rows
 from openft.serve.engine_lora import (WEIGHTS_FILE, LoraRouting, install_adapter, read_adapter, release_stacks,
@@ -230,17 +230,11 @@ class Engine:
                 sig = _tokenizer_signature(Path(key))
                 tok = self._tokenizers.get(sig)
                 if tok is None:
-                    from transformers import AutoTokenizer
-
                     try:
-                        with LOAD_LOCK:
-                            tok = AutoTokenizer.from_pretrained(key)
+                        tok = load_tokenizer(Path(key))
                     except Exception as e:  # noqa: BLE001 - any failure means the model is unusable
                         raise EngineError(f"cannot load the tokenizer of {handle.name} from {key}: {e}",
                                           "model_not_found") from e
-                    _normalise_tokenizer(tok)
-                    if getattr(tok, "chat_template", None) is None:
-                        tok.chat_template = DEFAULT_CHAT_TEMPLATE
                     if sig is not None:
                         self._tokenizers[sig] = tok
                 self._tokenizers[key] = tok
@@ -604,7 +598,7 @@ class Engine:
         if not path.is_dir():
             raise EngineError(f"model {handle.name}: {path} does not exist", "model_not_found")
         try:
-            loaded = load_model(key, dtype=self.dtype)
+            loaded = load_for_serving(key, dtype=self.dtype)
         except Exception as e:  # noqa: BLE001 - ModelNotFound, bad config, unreadable weights...
             raise EngineError(f"cannot load model {handle.name} from {path}: {e}", "model_not_found") from e
         model = loaded.model.to(self.device)

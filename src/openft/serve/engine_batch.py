@@ -1,5 +1,6 @@
 """Tensor side of continuous batching: left-padded prompts, KV-cache merging and
-row removal on a transformers `DynamicCache`, and per-row sampling.
+row removal on a KV cache (fastllama's, or a transformers `DynamicCache`), and
+per-row sampling.
 
 Layout. Every row of a running batch is left-padded so that all rows end at the
 same cache column: the cache holds keys/values of shape (batch, kv_heads, L,
@@ -19,60 +20,65 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:  # transformers >= 4.56: caches are lists of layers
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-except ImportError:  # pragma: no cover - older transformers
-    DynamicCache = DynamicLayer = None
+from openft.models.fastllama import append_columns as _append
+
+# transformers is imported only when a model that runs on it is served (fastllama
+# models bring their own cache): its import costs seconds of server start-up.
+_HF: tuple | None = None
 
 
-if DynamicLayer is not None:
+def _hf_cache_types() -> tuple:
+    """(DynamicCache, DynamicLayer, SlackLayer), or three Nones before transformers 4.56."""
+    global _HF
+    if _HF is None:
+        try:  # transformers >= 4.56: caches are lists of layers
+            from transformers.cache_utils import DynamicCache, DynamicLayer
+        except ImportError:  # pragma: no cover - older transformers
+            _HF = (None, None, None)
+            return _HF
 
-    class SlackLayer(DynamicLayer):
-        """A `DynamicLayer` that appends each step's keys/values into spare columns
-        of a buffer instead of concatenating the whole cache anew: `DynamicLayer`
-        copies (batch, kv_heads, L, head_dim) per layer per step, which at 16 rows
-        and a few hundred tokens moves about half as many bytes as the weights.
-        `keys`/`values` stay plain tensors (views of the buffer), so merging and
-        row selection below work on them unchanged; a tensor they assign is
-        copied into a fresh buffer at the next update."""
+        class SlackLayer(DynamicLayer):
+            """A `DynamicLayer` that appends each step's keys/values into spare columns
+            of a buffer instead of concatenating the whole cache anew: `DynamicLayer`
+            copies (batch, kv_heads, L, head_dim) per layer per step, which at 16 rows
+            and a few hundred tokens moves about half as many bytes as the weights.
+            `keys`/`values` stay plain tensors (views of the buffer), so merging and
+            row selection below work on them unchanged; a tensor they assign is
+            copied into a fresh buffer at the next update."""
 
-        SLACK = 64  # spare columns per (re)allocation
+            SLACK = 64  # spare columns per (re)allocation
+            openft_plain = True
 
-        def __init__(self):
-            super().__init__()
-            self._kbuf = self._vbuf = None
+            def __init__(self):
+                super().__init__()
+                self._kbuf = self._vbuf = None
 
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            self.keys, self._kbuf = _append(self.keys, self._kbuf, key_states, self.SLACK)
-            self.values, self._vbuf = _append(self.values, self._vbuf, value_states, self.SLACK)
-            return self.keys, self.values
+            def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+                if not self.is_initialized:
+                    self.lazy_initialization(key_states, value_states)
+                self.keys, self._kbuf = _append(self.keys, self._kbuf, key_states, self.SLACK)
+                self.values, self._vbuf = _append(self.values, self._vbuf, value_states, self.SLACK)
+                return self.keys, self.values
 
-    PLAIN_LAYERS: tuple[type, ...] = (DynamicLayer, SlackLayer)
-else:  # pragma: no cover
-    SlackLayer = None
-    PLAIN_LAYERS = ()
+        _HF = (DynamicCache, DynamicLayer, SlackLayer)
+    return _HF
 
 
-def _append(cur: torch.Tensor, buf: torch.Tensor | None, new: torch.Tensor, slack: int):
-    # cur: (B, H, L, D), a view of buf's first L columns when nothing replaced it; new: (B, H, n, D)
-    length = cur.shape[-2] if cur.dim() == 4 else 0
-    n = new.shape[-2]
-    reuse = (buf is not None and length > 0 and cur.data_ptr() == buf.data_ptr() and cur.dtype == buf.dtype
-             and cur.shape[:2] == buf.shape[:2] == new.shape[:2] and buf.shape[-2] >= length + n
-             and cur.stride() == buf.stride())
-    if not reuse:
-        buf = new.new_empty((*new.shape[:2], length + n + slack, new.shape[-1]))
-        if length:
-            buf[:, :, :length] = cur
-    buf[:, :, length : length + n] = new
-    return buf[:, :, : length + n], buf
+def _plain(layer) -> bool:
+    """A growing layer (ours or transformers' DynamicLayer) that may be padded,
+    concatenated and row-selected; not sliding-window or static layers."""
+    if getattr(type(layer), "openft_plain", False):
+        return True
+    dynamic = _HF[1] if _HF else None
+    return dynamic is not None and type(layer) is dynamic
 
 
 def new_cache(model):
-    """An empty cache for a prefill: the model's own layer types, plain growing
-    layers replaced by `SlackLayer` (None: let the model make its own)."""
+    """An empty cache for a prefill: the model's own (fastllama), or transformers'
+    with plain growing layers replaced by `SlackLayer` (None: let the model make its own)."""
+    if hasattr(model, "new_cache"):
+        return model.new_cache()
+    DynamicCache, DynamicLayer, SlackLayer = _hf_cache_types()
     if DynamicCache is None:  # pragma: no cover
         return None
     cache = DynamicCache(config=model.config)
@@ -86,8 +92,7 @@ def mergeable(cache) -> bool:
     """Only plain growing layers can be padded and concatenated; sliding-window or
     static caches make new requests wait until the running batch drains (waves)."""
     layers = getattr(cache, "layers", None)  # None on pre-4.56 caches
-    return (DynamicLayer is not None and bool(layers)
-            and all(type(layer) in PLAIN_LAYERS and layer.is_initialized for layer in layers))
+    return bool(layers) and all(_plain(layer) and layer.is_initialized for layer in layers)
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
