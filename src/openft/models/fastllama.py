@@ -117,11 +117,28 @@ def append_columns(cur: torch.Tensor | None, buf: torch.Tensor | None, new: torc
 
 # --------------------------------------------------------------------------- modules
 
+# Modules are built on the meta device and then take the loaded tensors as they
+# are (load_state_dict(assign=True)). Their usual random init would be wasted
+# work, and on meta tensors it imports torch._dynamo (~2 s) besides.
+
+
+class Linear(nn.Linear):
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        pass
+
+
+META = torch.device("meta")
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
+        self.weight = nn.Parameter(torch.empty(size, device=META))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,10 +158,10 @@ class Attention(nn.Module):
     def __init__(self, s: LlamaShape):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = s.num_heads, s.num_kv_heads, s.head_dim
-        self.q_proj = nn.Linear(s.hidden_size, s.num_heads * s.head_dim, bias=False)
-        self.k_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=False)
-        self.v_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=False)
-        self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=False)
+        self.q_proj = Linear(s.hidden_size, s.num_heads * s.head_dim, bias=False, device=META)
+        self.k_proj = Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=False, device=META)
+        self.v_proj = Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=False, device=META)
+        self.o_proj = Linear(s.num_heads * s.head_dim, s.hidden_size, bias=False, device=META)
 
     def forward(self, x, cos, sin, mask, layer: KVLayer | None):
         b, n, _ = x.shape
@@ -162,9 +179,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, s: LlamaShape):
         super().__init__()
-        self.gate_proj = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(s.intermediate_size, s.hidden_size, bias=False)
+        self.gate_proj = Linear(s.hidden_size, s.intermediate_size, bias=False, device=META)
+        self.up_proj = Linear(s.hidden_size, s.intermediate_size, bias=False, device=META)
+        self.down_proj = Linear(s.intermediate_size, s.hidden_size, bias=False, device=META)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -186,7 +203,7 @@ class DecoderLayer(nn.Module):
 class Body(nn.Module):
     def __init__(self, s: LlamaShape):
         super().__init__()
-        self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size)
+        self.embed_tokens = Embedding(s.vocab_size, s.hidden_size, device=META)
         self.layers = nn.ModuleList(DecoderLayer(s) for _ in range(s.num_layers))
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
 
@@ -202,10 +219,10 @@ class LlamaLM(nn.Module):
         self.config = SimpleNamespace(**config)
         self.generation_config = SimpleNamespace(eos_token_id=generation.get("eos_token_id", config.get("eos_token_id")))
         self.model = Body(shape)
-        self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
+        self.lm_head = Linear(shape.hidden_size, shape.vocab_size, bias=False, device=META)
         d = shape.head_dim
         self.register_buffer("inv_freq", 1.0 / shape.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d),
-                             persistent=False)
+                             persistent=False)  # (head_dim / 2,) rotary frequencies
 
     def new_cache(self) -> KVCache:
         return KVCache(self.shape.num_layers)
@@ -273,8 +290,7 @@ def load(path: Path, dtype: torch.dtype = torch.float32) -> LlamaLM | None:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(f))
-    with torch.device("meta"):
-        model = LlamaLM(shape, config, generation)
+    model = LlamaLM(shape, config, generation)
     if shape.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     expected = {k for k in model.state_dict() if not (shape.tie_word_embeddings and k == "lm_head.weight")}
@@ -283,6 +299,4 @@ def load(path: Path, dtype: torch.dtype = torch.float32) -> LlamaLM | None:
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
     if shape.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    d = shape.head_dim
-    model.inv_freq = 1.0 / shape.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
     return model.eval()
