@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from openft.serve.engine_types import EngineError
+from openft.train.lora import add_low_rank
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -148,8 +149,8 @@ class MultiLoraLinear(nn.Module):
             adapter = self._weights(routing.single)
             if adapter is not None:  # None: this adapter does not target this layer
                 a, b, scaling = adapter
-                # Same op order as train.lora.LoraLinear, so outputs match it bit for bit.
-                out = out + F.linear(F.linear(x, a), b) * scaling
+                # Same ops as train.lora.LoraLinear, so outputs match it bit for bit.
+                out = add_low_rank(out, F.linear(x, a) * scaling, b)
             return out
         if not routing.keys:
             return out
@@ -159,7 +160,7 @@ class MultiLoraLinear(nn.Module):
         a, b, owners, scales, layout = stack
         h = F.linear(x, a)  # (batch, seq, R)
         h = h * routing.mask(owners, scales, layout)[:, None, :].to(h.dtype)
-        return out.add_(F.linear(h, b))
+        return add_low_rank(out, h, b)
 
 
 def release_stacks(model: nn.Module) -> None:

@@ -29,6 +29,18 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 
 
+def add_low_rank(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out + h @ b.T as one addmm. out: (..., out_features) from a linear layer
+    (contiguous), h: (..., r), b: (out_features, r). In place when nothing needs
+    gradients (inference); out of place under autograd (addmm's backward is exact)."""
+    out2 = out.view(-1, out.shape[-1])
+    h2 = h.reshape(-1, h.shape[-1])
+    if torch.is_grad_enabled() and (out.requires_grad or h.requires_grad or b.requires_grad):
+        return torch.addmm(out2, h2, b.t()).view(out.shape)
+    out2.addmm_(h2, b.t())
+    return out
+
+
 @dataclass(frozen=True)
 class LoraParams:
     rank: int
@@ -55,15 +67,11 @@ class LoraLinear(nn.Module):
         out = self.base(x)
         if self.merged:
             return out
-        h = self.lora_A(self.dropout(x))
-        if torch.is_grad_enabled():
-            # Training: scale the rank-r activation rather than the (tokens x out)
-            # product -- one fewer pass over a full-width tensor per layer, forward
-            # and backward; equal up to rounding (tests/train/test_lora.py).
-            return out.add_(self.lora_B(h * self.scaling))
-        # Inference keeps the serving engine's op order, so the two agree bit for bit.
-        # (In place is safe either way: a linear layer's output is not saved for backward.)
-        return out.add_(self.lora_B(h) * self.scaling)
+        # Scale the rank-r activation, not the (tokens x out) product, and let one
+        # matmul accumulate into the base output: no full-width temporary and no
+        # separate add pass (in prefill these cost as much as the low-rank matmuls).
+        # The serving engine runs the same ops, so the two agree bit for bit.
+        return add_low_rank(out, self.lora_A(self.dropout(x)) * self.scaling, self.lora_B.weight)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)
