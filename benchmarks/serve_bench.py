@@ -30,12 +30,13 @@ fine-tuned models in a scratch OPENFT_HOME.
 openft side: a real `openft serve --max-batch-size 16` on loopback (the same
 `Server` helper the tests use), driven by the official `openai` async client,
 streaming, N concurrent clients for N in 1, 4, 16, each sending one request (N=1:
-three requests one after another). Once with every client on one adapter, once
+the baseline's prompts one after another: all 16, or 3 with --quick). Once with every client on one adapter, once
 with clients spread over 4 different adapters (round robin; --quick: 16 clients only).
 
 Baseline: plain transformers `model.generate` (greedy, batch 1, the adapter
 applied unmerged with openft's LoraLinear, as issue 3's baseline) serving the
-same requests one at a time, in this process after the server has stopped.
+16-client phase's 16 requests one at a time (--quick: the first 3), in this
+process after the server has stopped.
 
 Figures (keys of --json):
   - ttft_p50_s / ttft_p95_s per phase: time from sending the request to the first
@@ -323,7 +324,7 @@ def baseline(adapter_dir: Path, prompts: list[list[dict]], max_tokens: int, devi
 
 
 async def drive(server: Server, names: list[str], prompts: list[list[dict]], max_tokens: int,
-                quick: bool) -> list[Phase]:
+                quick: bool, n_serial: int) -> list[Phase]:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(api_key="local", base_url=server.url + "/v1", max_retries=0, timeout=1200)
@@ -331,7 +332,9 @@ async def drive(server: Server, names: list[str], prompts: list[list[dict]], max
     for name in names[:4]:
         await one_stream(client, name, [{"role": "user", "content": "Hi"}], 2)
     phases = []
-    res, wall = await run_phase(client, [names[0]] * 3, prompts[:3], max_tokens, sequential=True)
+    # One client, one request at a time, on the same prompts as the serial baseline
+    # (so the TTFT medians compare the same prompt lengths).
+    res, wall = await run_phase(client, [names[0]] * n_serial, prompts[:n_serial], max_tokens, sequential=True)
     phases.append(summarise(1, 1, res, wall))
     log(f"  1 client: {phases[-1]}")
     for n in (4, 16):
@@ -357,7 +360,9 @@ def main() -> None:
     args = ap.parse_args()
     max_tokens = args.max_tokens or (24 if args.quick else 128)
     prompt_tokens = args.prompt_tokens or (120 if args.quick else 300)
-    n_base = args.baseline_requests or (3 if args.quick else 8)
+    # The serial baseline runs the same prompts as the 16-client phase (the same
+    # work, so aggregate rates compare like with like); --quick runs 3 of them.
+    n_base = args.baseline_requests or (3 if args.quick else 16)
 
     import torch
 
@@ -403,7 +408,7 @@ def main() -> None:
         log("throughput: openft serve --max-batch-size 16 ...")
         server = Server(home, "--max-batch-size", "16", "--no-worker").start()
         try:
-            phases = asyncio.run(drive(server, names, prompts, max_tokens, args.quick))
+            phases = asyncio.run(drive(server, names, prompts, max_tokens, args.quick, n_base))
         finally:
             server.stop()
         log("baseline: plain transformers generate, one request at a time ...")

@@ -35,10 +35,35 @@ def test_resolve_lora_defaults():
 
 def test_schedule_warms_up_then_decays_to_zero():
     lrs = [lr_at(s, 100, 1.0, 0.05, "cosine") for s in range(100)]
-    assert lrs[0] == pytest.approx(0.2) and lrs[4] == pytest.approx(1.0)
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.2) and lrs[5] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
     assert lrs[-1] < 0.01
     assert lr_at(50, 100, 1.0, 0.0, "constant") == 1.0
+
+
+@pytest.mark.parametrize("total,ratio", [(16, 0.05), (100, 0.05), (7, 0.1), (54, 0.0), (3, 0.5)])
+@pytest.mark.parametrize("scheduler", ["cosine", "linear", "constant"])
+def test_schedule_is_transformers_schedule(total, ratio, scheduler):
+    """warmup_ratio and the schedules mean what they mean in TRL / the Trainer."""
+    import math
+
+    import torch
+    from transformers import get_scheduler
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = get_scheduler(scheduler if scheduler != "constant" else "constant_with_warmup", opt,
+                          num_warmup_steps=math.ceil(total * ratio), num_training_steps=total)
+    theirs = []
+    for _ in range(total):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [lr_at(s, total, 1.0, ratio, scheduler) for s in range(total)] == pytest.approx(theirs, abs=1e-12)
+
+
+def test_a_one_step_run_still_trains():
+    assert lr_at(0, 1, 1.0, 0.05, "cosine") == 1.0
+    assert [lr_at(s, 2, 1.0, 0.05, "cosine") for s in range(2)] == [0.0, 1.0]
 
 
 def test_auto_micro_batch_tokens_bounds_memory_on_cpu():

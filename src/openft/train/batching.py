@@ -5,8 +5,9 @@ the batches an uninterrupted run would have seen, with no sampler state to save.
 
 Within one optimizer step the examples are sorted by length and cut into
 micro-batches under a padded-token budget, so padding stays small (a plain padded
-batch of Alpaca-style rows is ~40% padding) without packing unrelated examples
-into one attention window (no cross-contamination, no special attention masks).
+batch of Alpaca-style rows is ~40% padding; ~5% this way) without packing
+unrelated examples into one attention window (no cross-contamination, no special
+attention masks).
 The loss is normalised by the step's total number of trained tokens, so how a
 step is cut into micro-batches does not change the gradient.
 """
@@ -29,18 +30,18 @@ class Step:
 
 
 def epoch_order(n: int, seed: int, epoch: int, batch_size: int, lengths: list[int]) -> list[list[int]]:
-    """The batches of one epoch: shuffled, then grouped by similar length in windows
-    of 8 batches (less padding), then the batch order shuffled again."""
+    """The batches of one epoch: a seeded shuffle cut into consecutive batches.
+
+    No grouping of similar lengths across steps: it made some steps all short and
+    others all long, so with the loss averaged per step a short example's tokens
+    weighed several times a long one's, and on train_bench's 160 Alpaca rows the
+    validation loss ended 3.2% worse (1.599 vs 1.549 without grouping). Padding
+    stays low anyway: micro_batches sorts each step's examples by length (5.4%
+    padding there, against 1.5% grouped). `lengths` is kept for the signature."""
     rng = random.Random(f"{seed}:{epoch}")
     order = list(range(n))
     rng.shuffle(order)
-    window = batch_size * 8
-    batches: list[list[int]] = []
-    for w in range(0, n, window):
-        chunk = sorted(order[w : w + window], key=lambda i: lengths[i])
-        batches.extend(chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size))
-    rng.shuffle(batches)
-    return batches
+    return [order[b : b + batch_size] for b in range(0, n, batch_size)]
 
 
 def plan_steps(lengths: list[int], batch_size: int, epochs: int, seed: int) -> list[Step]:

@@ -99,16 +99,22 @@ def resolve_lora(cfg: LoraConfig, default_targets: list[str]) -> LoraParams:
 
 
 def lr_at(step: int, total: int, peak: float, warmup_ratio: float, scheduler: str) -> float:
-    """Learning rate for optimizer step `step` (0-based) of `total`."""
-    warm = int(round(total * warmup_ratio))
-    if warm and step < warm:
-        return peak * (step + 1) / warm
-    if scheduler == "constant" or total <= warm:
+    """Learning rate for optimizer step `step` (0-based) of `total`: the schedules
+    of transformers' get_{cosine,linear,constant}_schedule_with_warmup, so a
+    warmup_ratio means what it means in TRL and the Trainer. Warm-up starts at 0:
+    a first full-size Adam step (its update is ~lr in every coordinate whatever the
+    gradient's scale) costs a short run measurable validation loss. One
+    difference: warm-up never takes every step (transformers would train a
+    one-step run at lr 0, changing nothing)."""
+    warm = min(math.ceil(total * warmup_ratio), max(0, total - 1))
+    if step < warm:
+        return peak * step / warm
+    if scheduler == "constant":
         return peak
-    progress = (step - warm) / max(1, total - warm)
     if scheduler == "linear":
-        return peak * (1.0 - progress)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return peak * max(0.0, (total - step) / max(1, total - warm))
+    progress = (step - warm) / max(1, total - warm)
+    return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 # Effective fp32 throughput of forward+backward on a 2-core AVX2 CPU (measured:
