@@ -166,6 +166,23 @@ def test_parquet_lists_and_structs(tmp_path):
     assert [x.where.record for x in r.records] == [0, 1]
 
 
+def test_parquet_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
+    """A column that zstd squeezes ~1000x is refused from the footer's sizes, with
+    the column and row group named; a small file of the same shape still reads."""
+    from openft.data import readers
+
+    monkeypatch.setattr(readers, "MAX_PARQUET_CHUNK_BYTES", 4 << 20)
+    big = pa.table({"text": [chr(97 + i) * (1 << 20) for i in range(8)], "id": list(range(8))})  # 8 MB of text
+    pq.write_table(big, tmp_path / "bomb.parquet", compression="zstd", use_dictionary=False)
+    assert (tmp_path / "bomb.parquet").stat().st_size < 100_000
+    r = read_path(tmp_path / "bomb.parquet")
+    assert not r.records
+    msg = r.errors[0].message
+    assert "column 'text' of row group 0 decompresses to 8 MB" in msg and "over the 4 MB" in msg
+    pq.write_table(big.slice(0, 2), tmp_path / "ok.parquet", compression="zstd", use_dictionary=False)
+    assert len(read_path(tmp_path / "ok.parquet").records) == 2
+
+
 def test_corrupt_parquet(write):
     r = read_path(write("d.parquet", b"not parquet"))
     assert "cannot read Parquet" in r.errors[0].message

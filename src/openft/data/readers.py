@@ -608,6 +608,27 @@ def _read_xml(raw: bytes, file: str, result: ReadResult, record_element: str | N
 # --------------------------------------------------------------------------- Parquet
 
 
+# What one column chunk may decompress to. Reading decodes a chunk's pages whole,
+# so a few KB of zstd or snappy can claim gigabytes (a decompression bomb); the
+# sizes are in the footer, which pyarrow holds each page to, so refusing on them
+# bounds memory before anything is decoded. Real dataset files stay far below.
+MAX_PARQUET_CHUNK_BYTES = 512 << 20
+
+
+def _parquet_bomb(pf) -> str | None:
+    md = pf.metadata
+    for g in range(md.num_row_groups):
+        group = md.row_group(g)
+        for c in range(group.num_columns):
+            col = group.column(c)
+            if col.total_uncompressed_size > MAX_PARQUET_CHUNK_BYTES:
+                return (f"column '{col.path_in_schema}' of row group {g} decompresses to "
+                        f"{col.total_uncompressed_size / 2**20:.0f} MB (from {col.total_compressed_size / 2**20:.1f} MB), "
+                        f"over the {MAX_PARQUET_CHUNK_BYTES >> 20} MB a column chunk may take: "
+                        f"rewrite the file with smaller row groups")
+    return None
+
+
 def _read_parquet(p: Path, result: ReadResult) -> None:
     import pyarrow.parquet as pq
 
@@ -615,6 +636,10 @@ def _read_parquet(p: Path, result: ReadResult) -> None:
     index = 0
     try:
         pf = pq.ParquetFile(p)
+        bomb = _parquet_bomb(pf)
+        if bomb:
+            result.errors.append(Problem(f"cannot read Parquet file: {bomb}", file=name))
+            return
         # Batches keep memory bounded on large files; to_pylist turns list and
         # struct columns into Python lists and dicts.
         for batch in pf.iter_batches(batch_size=4096):
