@@ -183,6 +183,22 @@ def test_parquet_decompression_bomb_is_refused_before_decoding(tmp_path, monkeyp
     assert len(read_path(tmp_path / "ok.parquet").records) == 2
 
 
+def test_parquet_dictionary_amplification_is_refused(tmp_path, monkeypatch):
+    """One 1 MB dictionary value referenced by 64 rows: 1 MB on disk and in the
+    column chunk, 64 MB once expanded. Refused before it is expanded."""
+    from openft.data import readers
+
+    monkeypatch.setattr(readers, "MAX_PARQUET_CHUNK_BYTES", 8 << 20)
+    table = pa.table({"prompt": ["a" * (1 << 20)] * 64, "completion": ["b"] * 64})
+    pq.write_table(table, tmp_path / "d.parquet", compression="zstd")  # dictionary-encoded by default
+    r = read_path(tmp_path / "d.parquet")
+    assert not r.records
+    assert "its next 64 rows expand to 64 MB of text, over the 8 MB limit" in r.errors[0].message
+    pq.write_table(table.slice(0, 4), tmp_path / "ok.parquet", compression="zstd")
+    ok = read_path(tmp_path / "ok.parquet")
+    assert [x.data["completion"] for x in ok.records] == ["b"] * 4 and len(ok.records[0].data["prompt"]) == 1 << 20
+
+
 def test_corrupt_parquet(write):
     r = read_path(write("d.parquet", b"not parquet"))
     assert "cannot read Parquet" in r.errors[0].message

@@ -629,6 +629,25 @@ def _parquet_bomb(pf) -> str | None:
     return None
 
 
+def _is_text(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _dictionary_bytes(batch) -> int:
+    """Bytes the dictionary-encoded columns of `batch` take once decoded."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    total = 0
+    for col in batch.columns:
+        if pa.types.is_dictionary(col.type) and len(col):
+            lengths = pc.binary_length(col.dictionary)
+            total += pc.sum(pc.take(lengths, col.indices)).as_py() or 0
+    return total
+
+
 def _read_parquet(p: Path, result: ReadResult) -> None:
     import pyarrow.parquet as pq
 
@@ -640,9 +659,22 @@ def _read_parquet(p: Path, result: ReadResult) -> None:
         if bomb:
             result.errors.append(Problem(f"cannot read Parquet file: {bomb}", file=name))
             return
+        # Text columns are read as dictionaries (values + indices) so that their
+        # decoded size can be checked before it exists: one large dictionary value
+        # referenced by every row would otherwise expand to rows x value bytes.
+        text = [f.name for f in pf.schema_arrow if _is_text(f.type)]
+        if text:
+            pf = pq.ParquetFile(p, read_dictionary=text)
         # Batches keep memory bounded on large files; to_pylist turns list and
         # struct columns into Python lists and dicts.
-        for batch in pf.iter_batches(batch_size=4096):
+        for batch in pf.iter_batches(batch_size=1024):
+            expanded = _dictionary_bytes(batch)
+            if expanded > MAX_PARQUET_CHUNK_BYTES:
+                result.errors.append(Problem(
+                    f"cannot read Parquet file (at record {index}): its next {batch.num_rows} rows expand to "
+                    f"{expanded / 2**20:.0f} MB of text, over the {MAX_PARQUET_CHUNK_BYTES >> 20} MB limit "
+                    f"(repeated dictionary values)", file=name))
+                return
             rows = batch.to_pylist()
             for row in rows:
                 problem = value_problem(row)  # list columns can nest without bound
