@@ -647,3 +647,20 @@ def test_slack_cache_layer_appends_in_place_and_survives_reassignment():
     slack.keys, slack.values = slack.keys[:1].clone(), slack.values[:1].clone()  # as select_rows does
     k, _ = slack.update(chunks[1][:1], chunks[1][:1])
     assert torch.equal(k, torch.cat([plain.keys[:1], chunks[1][:1]], -2))
+
+
+def test_prefill_groups_cut_by_padded_tokens():
+    from types import SimpleNamespace
+
+    from openft.serve.engine import prefill_groups
+
+    def req(length, n=1):
+        return SimpleNamespace(prompt_ids=[1] * length, params=SimpleNamespace(n=n))
+
+    reqs = [req(400) for _ in range(16)]
+    groups = prefill_groups(reqs, 2048)
+    assert [len(g) for g in groups] == [5, 5, 5, 1]
+    assert [r for g in groups for r in g] == reqs  # order kept, nothing lost
+    # A prompt longer than the budget goes alone; n choices count as n rows.
+    assert [len(g) for g in prefill_groups([req(10), req(5000), req(10, n=3), req(10)], 64)] == [1, 1, 2]
+    assert prefill_groups([], 64) == []
