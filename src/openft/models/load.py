@@ -145,11 +145,11 @@ def load_tokenizer(path: Path):
     normalised as load_model does."""
     from openft.models import fasttok
 
-    with LOAD_LOCK:
-        tok = fasttok.load(path)
-        if tok is None:
-            from transformers import AutoTokenizer
+    tok = fasttok.load(path)
+    if tok is None:
+        from transformers import AutoTokenizer
 
+        with LOAD_LOCK:  # transformers' loading patches process-wide state
             tok = AutoTokenizer.from_pretrained(path)
     _normalise_tokenizer(tok)
     if getattr(tok, "chat_template", None) is None:

@@ -161,7 +161,6 @@ def _tokenizer_signature(d: Path) -> str | None:
     return "sig:" + h.hexdigest()
 
 
-
 def prefill_groups(reqs: list[_Request], budget: int) -> list[list[_Request]]:
     """Cut the requests admitted together into prefill forwards of at most
     `budget` padded tokens (rows x longest prompt; a longer request goes alone).
