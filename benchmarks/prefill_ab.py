@@ -2,12 +2,18 @@
 
   OPENFT_HOME=.openft-home .venv/bin/python benchmarks/prefill_ab.py            # prompt grouping
   OPENFT_HOME=.openft-home .venv/bin/python benchmarks/prefill_ab.py --lora     # LoRA add: addmm vs matmul + add
+  OPENFT_HOME=.openft-home .venv/bin/python benchmarks/prefill_ab.py --attention  # grouped-query attention
 
 Grouping: 16 prompts of 380-440 tokens prefilled in one forward, or in groups of
 4, 2, 1 (what Engine.prefill_tokens trades). --lora: the same 16 prompts in one
 forward with one random r=16 adapter on every linear layer, the low-rank product
 accumulated into the base output with one addmm (openft) or computed apart and
 added (the former path: two full-width temporaries per layer). Best of 2 rounds.
+--attention: the same 16 prompts prefilled in groups of 4 (as the engine does),
+then decode steps of all 16 rows on their ~450-token cache, with openft's
+attention (query heads grouped per KV head, additive mask built once per
+forward) or the former one (SDPA's enable_gqa, a bool mask converted in every
+layer); rounds alternate between the two, medians of 6.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lora", action="store_true")
+    ap.add_argument("--attention", action="store_true")
     a = ap.parse_args()
     from openft.models.load import load_for_serving, setup_torch
     from openft.models.padding import left_pad
@@ -48,6 +55,9 @@ def main() -> None:
         return time.perf_counter() - t
 
     variants: dict[str, callable] = {}
+    if a.attention:
+        attention_ab(model, seqs)
+        return
     if a.lora:
         import serve_bench
 
@@ -79,6 +89,59 @@ def main() -> None:
     first = next(iter(best.values()))
     for k, v in best.items():
         print(f"{k:24s} {v:6.2f} s   {v / first:.2f}x of the first")
+
+
+def attention_ab(model, seqs: list[list[int]]) -> None:
+    import statistics
+
+    from openft.models import fastllama
+    from openft.models.padding import left_pad
+
+    ours = (fastllama.grouped_attention, fastllama.attention_bias)
+
+    def former_bias(attention_mask, n, groups, dtype):
+        bias = ours[1](attention_mask, n, 1, dtype)
+        return None if bias is None else bias == 0  # bool (B, 1, n, total), converted by SDPA per layer
+
+    def former_attention(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+    variants = {"openft": ours, "former": (former_attention, former_bias)}
+    ids, mask, pos = left_pad(seqs, 0)
+    cache = model.new_cache()
+    model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=1)
+    saved = [(layer.keys, layer.values) for layer in cache.layers]
+    step_mask = torch.cat([mask, mask.new_ones((len(seqs), 1))], 1)
+    step_ids, step_pos = ids[:, -1:], pos[:, -1:] + 1
+
+    def prefill() -> float:
+        t = time.perf_counter()
+        for g in range(0, len(seqs), 4):
+            i, m, p = left_pad(seqs[g : g + 4], 0)
+            model(input_ids=i, attention_mask=m, position_ids=p, past_key_values=model.new_cache(), logits_to_keep=1)
+        return time.perf_counter() - t
+
+    def decode(steps: int = 5) -> float:
+        t = time.perf_counter()
+        for _ in range(steps):
+            for layer, (k, v) in zip(cache.layers, saved):  # the same cache length every step
+                layer.keys, layer.values = k, v
+            model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, past_key_values=cache,
+                  logits_to_keep=1)
+        return (time.perf_counter() - t) / steps
+
+    times = {(v, what): [] for v in variants for what in ("prefill", "decode")}
+    with torch.inference_mode():
+        for _ in range(6):
+            for name, (attn, bias) in variants.items():
+                fastllama.grouped_attention, fastllama.attention_bias = attn, bias
+                times[name, "prefill"].append(prefill())
+                times[name, "decode"].append(decode())
+        fastllama.grouped_attention, fastllama.attention_bias = ours
+    for what, unit, scale in (("prefill", "s", 1.0), ("decode", "ms", 1000.0)):
+        o, f = (statistics.median(times[v, what]) for v in ("openft", "former"))
+        label = "16 prompts, groups of 4" if what == "prefill" else "one step, 16 rows"
+        print(f"{what} ({label}): openft {o * scale:.2f} {unit}, former {f * scale:.2f} {unit}, ratio {o / f:.3f}")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,26 @@ def test_padded_prefill_and_cached_decode_match_transformers(varied_model_dir):
         assert cache.layers[0].keys.shape[-2] == ids.shape[1] + 3
 
 
+def test_grouped_attention_equals_repeated_kv_heads():
+    """Query heads laid along the query axis (no K/V copies) give what SDPA gives
+    with K/V repeated to every query head, for a padded prefill and a decode step."""
+    torch.manual_seed(0)
+    b, kv, g, d, total = 3, 2, 3, 16, 9
+    mask = torch.ones(b, total, dtype=torch.long)
+    mask[1, :4] = 0
+    mask[2, :7] = 0
+    k, v = torch.randn(b, kv, total, d), torch.randn(b, kv, total, d)
+    for n in (total, 1):  # prefill of every column; decode of the last one
+        q = torch.randn(b, kv * g, n, d)
+        seen = fastllama.attention_bias(mask, n, 1, torch.float32) == 0  # (B, 1, n, total)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=seen)
+        out = fastllama.grouped_attention(q, k, v, fastllama.attention_bias(mask, n, g, torch.float32))
+        assert torch.isfinite(out).all()  # padding queries still see their own column
+        assert torch.allclose(out, ref, atol=1e-6)
+    assert fastllama.attention_bias(torch.ones(2, 5, dtype=torch.long), 1, g, torch.float32) is None
+
+
 def test_logits_to_keep_and_tied_head(tiny_model_dir):
     ours = fastllama.load(tiny_model_dir)
     assert ours.lm_head.weight is ours.model.embed_tokens.weight  # tied: one copy

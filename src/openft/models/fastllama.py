@@ -172,8 +172,24 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if layer is not None:
             k, v = layer.update(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+        return self.o_proj(grouped_attention(q, k, v, mask).transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """SDPA for grouped-query attention without repeating keys and values.
+
+    q: (B, H, n, D); k, v: (B, KV, L, D) with H = KV * g (query head h reads KV
+    head h // g, as transformers' repeat_kv); bias: None or the additive mask
+    from `attention_bias(..., groups=g)`, (B, 1, g * n | 1, L). `enable_gqa` on
+    the CPU copies K and V g times per call, which in a decode step (n = 1) is
+    most of the attention's time: the step reads the whole cache. Here the g
+    query heads that share a KV head are laid along the query axis instead,
+    (B, KV, g * n, D), so each KV head is read once. Same numbers as the
+    expanded form (tests/models/test_fastllama.py)."""
+    b, h, n, d = q.shape
+    kv = k.shape[1]
+    out = F.scaled_dot_product_attention(q.reshape(b, kv, (h // kv) * n, d), k, v, attn_mask=bias)
+    return out.reshape(b, h, n, d)
 
 
 class MLP(nn.Module):
@@ -244,7 +260,7 @@ class LlamaLM(nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, n, d/2)
         emb = torch.cat((freqs, freqs), -1)[:, None]  # (B, 1, n, d)
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
-        mask = attention_mask_4d(attention_mask, n)
+        mask = attention_bias(attention_mask, n, self.shape.num_heads // self.shape.num_kv_heads, h.dtype)
         layers = past_key_values.layers if past_key_values is not None else [None] * len(self.model.layers)
         for block, layer in zip(self.model.layers, layers):
             h = block(h, cos, sin, mask, layer)
@@ -254,18 +270,29 @@ class LlamaLM(nn.Module):
         return SimpleNamespace(logits=logits, past_key_values=past_key_values)
 
 
-def attention_mask_4d(attention_mask: torch.Tensor, n: int) -> torch.Tensor | None:
-    """(B, total) 0/1 -> (B, 1, n, total) bool: the last n columns are the queries.
-    Query i sees real keys up to its own column, and always its own column: a left
-    padding query with nothing to attend to would give NaN, which its cached K/V
-    would carry into every later step (masked keys still multiply their values)."""
+def attention_bias(attention_mask: torch.Tensor, n: int, groups: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """(B, total) 0/1 -> the additive mask for `grouped_attention`, built once per
+    forward: (B, 1, groups * n, total), 0 where a query sees a key and -inf
+    elsewhere (a bool mask is converted by SDPA in every layer: 7% of a prefill).
+    The last n columns are the queries. Query i sees real keys up to its own
+    column, and always its own column: a left padding query with nothing to
+    attend to would give NaN, which its cached K/V would carry into every later
+    step (masked keys still multiply their values). None when nothing is masked
+    (one new token per row, no padding)."""
     b, total = attention_mask.shape
     keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, total)
     if n == 1:
-        return keys if not bool(keys.all()) else None
-    cols = torch.arange(total, device=attention_mask.device)
-    rows = cols[total - n:, None]  # (n, 1) each query's own column
-    return (keys & (cols <= rows)) | (cols == rows)
+        if bool(keys.all()):
+            return None
+        seen = keys
+    else:
+        cols = torch.arange(total, device=attention_mask.device)
+        rows = cols[total - n:, None]  # (n, 1) each query's own column
+        seen = (keys & (cols <= rows)) | (cols == rows)  # (B, 1, n, total)
+        if groups > 1:  # the query axis holds `groups` heads one after another
+            seen = seen[:, :, None].expand(b, 1, groups, n, total).reshape(b, 1, groups * n, total)
+    bias = torch.zeros(seen.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill_(~seen, float("-inf"))
 
 
 # --------------------------------------------------------------------------- loading

@@ -150,6 +150,19 @@ def evaluate(model: torch.nn.Module, encoded: list[Encoded], pad_id: int, token_
     return (loss_sum / n, correct / n) if n else (float("nan"), float("nan"))
 
 
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where torch has one for these tensors (CPU and
+    CUDA, fp32/bf16): one pass over parameter, gradient and both moments instead
+    of a dozen. For full fine-tuning of the 135M built-in on this CPU a step
+    takes 0.44 s instead of 1.06 s (the for-loop default) or 1.26 s (foreach,
+    which also allocates temporaries the size of the model). Same update, to
+    rounding (tests/train/test_optimizer.py)."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -183,7 +196,7 @@ def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = 
             p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     initial = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay)
     steps = plan_steps([len(e) for e in data.train_enc], cfg.batch_size, cfg.epochs, cfg.seed)
     if cfg.max_steps:
         steps = steps[: cfg.max_steps]
