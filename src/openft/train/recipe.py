@@ -150,6 +150,38 @@ def evaluate(model: torch.nn.Module, encoded: list[Encoded], pad_id: int, token_
     return (loss_sum / n, correct / n) if n else (float("nan"), float("nan"))
 
 
+INITIAL_WEIGHTS = ".initial-weights.pt"
+
+
+def snapshot_weights(params: list[torch.nn.Parameter], run_dir: Path, *, spill: bool) -> list[torch.Tensor] | Path:
+    """The trainable weights before training, for the final weight-delta signal.
+
+    LoRA's few million stay in memory. Full fine-tuning trains the whole model
+    (540 MB for the 135M built-in, as much again as its gradients), so its copy
+    goes to a file in the run folder (written storage by storage, no second copy
+    in memory) and is read back memory-mapped at the end; a resumed run keeps
+    the first attempt's file, as the in-memory copy of the base would be."""
+    if not spill:
+        return [p.detach().clone() for p in params]
+    path = run_dir / INITIAL_WEIGHTS
+    if not path.exists():
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save([p.detach().cpu() for p in params], tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def weight_delta_norm(params: list[torch.nn.Parameter], initial: list[torch.Tensor] | Path) -> float:
+    """||trained - initial||_2 over every trained weight; removes a spilled copy."""
+    spilled = isinstance(initial, Path)
+    before = torch.load(initial, mmap=True, weights_only=True) if spilled else initial
+    total = sum(float((p.detach().cpu() - q).pow(2).sum()) for p, q in zip(params, before))
+    if spilled:
+        del before
+        initial.unlink(missing_ok=True)
+    return math.sqrt(total)
+
+
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with the fused kernel where torch has one for these tensors (CPU and
     CUDA, fp32/bf16): one pass over parameter, gradient and both moments instead
@@ -195,7 +227,7 @@ def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = 
         for p in model.parameters():
             p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
-    initial = [p.detach().clone() for p in params]
+    initial = snapshot_weights(params, run_dir, spill=cfg.method != "lora")
     optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay)
     steps = plan_steps([len(e) for e in data.train_enc], cfg.batch_size, cfg.epochs, cfg.seed)
     if cfg.max_steps:
@@ -308,9 +340,10 @@ def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = 
         bar.close()
 
     # ---- save --------------------------------------------------------------
+    del optimizer  # its state (2x the trained weights) is not needed past the last checkpoint
     model.eval()
     out_dir = _save_final(run_dir, model, tok, lora, spec.model)
-    delta = math.sqrt(sum(float((p.detach() - q).pow(2).sum()) for p, q in zip(params, initial)))
+    delta = weight_delta_norm(params, initial)
     hist = state.history
     valid_rows = [r for r in hist if "valid_loss" in r]
     full_valid = None
