@@ -10,9 +10,10 @@ forward with one random r=16 adapter on every linear layer, the low-rank product
 accumulated into the base output with one addmm (openft) or computed apart and
 added (the former path: two full-width temporaries per layer). Best of 2 rounds.
 --attention: the same 16 prompts prefilled in groups of 4 (as the engine does),
-then decode steps of all 16 rows on their ~450-token cache, with openft's
-attention (query heads grouped per KV head, additive mask built once per
-forward) or the former one (SDPA's enable_gqa, a bool mask converted in every
+then decode steps of all 16 rows on their ~450-token cache, and one prompt
+prefilled alone, with openft's attention (query heads grouped per KV head,
+additive mask built once per forward, SDPA's causal path for an unpadded
+prefill) or the former one (SDPA's enable_gqa, a bool mask converted in every
 layer); rounds alternate between the two, medians of 6.
 """
 
@@ -99,9 +100,14 @@ def attention_ab(model, seqs: list[list[int]]) -> None:
 
     ours = (fastllama.grouped_attention, fastllama.attention_bias)
 
-    def former_bias(attention_mask, n, groups, dtype):
-        bias = ours[1](attention_mask, n, 1, dtype)
-        return None if bias is None else bias == 0  # bool (B, 1, n, total), converted by SDPA per layer
+    def former_bias(attention_mask, n, groups, dtype):  # the former attention_mask_4d: bool, no groups
+        b, total = attention_mask.shape
+        keys = attention_mask.bool()[:, None, None, :]
+        if n == 1:
+            return keys if not bool(keys.all()) else None
+        cols = torch.arange(total)
+        rows = cols[total - n:, None]
+        return (keys & (cols <= rows)) | (cols == rows)
 
     def former_attention(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
@@ -113,6 +119,12 @@ def attention_ab(model, seqs: list[list[int]]) -> None:
     saved = [(layer.keys, layer.values) for layer in cache.layers]
     step_mask = torch.cat([mask, mask.new_ones((len(seqs), 1))], 1)
     step_ids, step_pos = ids[:, -1:], pos[:, -1:] + 1
+
+    def single() -> float:  # one prompt alone (a lone client's time to first token)
+        i, m, p = left_pad(seqs[:1], 0)
+        t = time.perf_counter()
+        model(input_ids=i, attention_mask=m, position_ids=p, past_key_values=model.new_cache(), logits_to_keep=1)
+        return time.perf_counter() - t
 
     def prefill() -> float:
         t = time.perf_counter()
@@ -130,17 +142,19 @@ def attention_ab(model, seqs: list[list[int]]) -> None:
                   logits_to_keep=1)
         return (time.perf_counter() - t) / steps
 
-    times = {(v, what): [] for v in variants for what in ("prefill", "decode")}
+    times = {(v, what): [] for v in variants for what in ("single", "prefill", "decode")}
     with torch.inference_mode():
         for _ in range(6):
             for name, (attn, bias) in variants.items():
                 fastllama.grouped_attention, fastllama.attention_bias = attn, bias
+                times[name, "single"].append(single())
                 times[name, "prefill"].append(prefill())
                 times[name, "decode"].append(decode())
         fastllama.grouped_attention, fastllama.attention_bias = ours
-    for what, unit, scale in (("prefill", "s", 1.0), ("decode", "ms", 1000.0)):
+    labels = {"single": "1 prompt", "prefill": "16 prompts, groups of 4", "decode": "one step, 16 rows"}
+    for what, unit, scale in (("single", "ms", 1000.0), ("prefill", "s", 1.0), ("decode", "ms", 1000.0)):
         o, f = (statistics.median(times[v, what]) for v in ("openft", "former"))
-        label = "16 prompts, groups of 4" if what == "prefill" else "one step, 16 rows"
+        label = labels[what]
         print(f"{what} ({label}): openft {o * scale:.2f} {unit}, former {f * scale:.2f} {unit}, ratio {o / f:.3f}")
 
 
