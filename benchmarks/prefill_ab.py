@@ -12,8 +12,7 @@ added (the former path: two full-width temporaries per layer). Best of 2 rounds.
 --attention: the same 16 prompts prefilled in groups of 4 (as the engine does),
 then decode steps of all 16 rows on their ~450-token cache, and one prompt
 prefilled alone, with openft's attention (query heads grouped per KV head,
-additive mask built once per forward, SDPA's causal path for an unpadded
-prefill) or the former one (SDPA's enable_gqa, a bool mask converted in every
+additive mask built once per forward) or the former one (SDPA's enable_gqa, a bool mask converted in every
 layer); rounds alternate between the two, medians of 6.
 """
 

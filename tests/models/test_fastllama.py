@@ -75,14 +75,6 @@ def test_grouped_attention_equals_repeated_kv_heads():
         assert torch.isfinite(out).all()  # padding queries still see their own column
         assert torch.allclose(out, ref, atol=1e-6)
     assert fastllama.attention_bias(torch.ones(2, 5, dtype=torch.long), 1, g, torch.float32) is None
-    # A fresh unpadded prefill takes SDPA's causal path: the same as the explicit causal mask.
-    full = torch.ones(b, total, dtype=torch.long)
-    assert fastllama.attention_bias(full, total, g, torch.float32) is fastllama.CAUSAL
-    q = torch.randn(b, kv * g, total, d)
-    causal = torch.ones(total, total, dtype=torch.bool).tril()
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=causal)
-    assert torch.allclose(fastllama.grouped_attention(q, k, v, fastllama.CAUSAL), ref, atol=1e-6)
 
 
 def test_logits_to_keep_and_tied_head(tiny_model_dir):

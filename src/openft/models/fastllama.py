@@ -175,9 +175,6 @@ class Attention(nn.Module):
         return self.o_proj(grouped_attention(q, k, v, mask).transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
 
-CAUSAL = torch.empty(0)  # attention_bias's answer for a fresh unpadded prefill (identity-compared)
-
-
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """SDPA for grouped-query attention without repeating keys and values.
 
@@ -188,15 +185,9 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     most of the attention's time: the step reads the whole cache. Here the g
     query heads that share a KV head are laid along the query axis instead,
     (B, KV, g * n, D), so each KV head is read once. Same numbers as the
-    expanded form (tests/models/test_fastllama.py).
-
-    bias = CAUSAL: a fresh unpadded prefill (keys are exactly the queries); SDPA's
-    own causal path skips the blocks above the diagonal instead of masking them
-    (there the K/V copy is small next to the prefill's matmuls)."""
+    expanded form (tests/models/test_fastllama.py)."""
     b, h, n, d = q.shape
     kv = k.shape[1]
-    if bias is CAUSAL:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != h)
     out = F.scaled_dot_product_attention(q.reshape(b, kv, (h // kv) * n, d), k, v, attn_mask=bias)
     return out.reshape(b, h, n, d)
 
@@ -287,16 +278,13 @@ def attention_bias(attention_mask: torch.Tensor, n: int, groups: int, dtype: tor
     column, and always its own column: a left padding query with nothing to
     attend to would give NaN, which its cached K/V would carry into every later
     step (masked keys still multiply their values). None when nothing is masked
-    (one new token per row, no padding); CAUSAL for a prefill of unpadded rows
-    with nothing cached."""
+    (one new token per row, no padding)."""
     b, total = attention_mask.shape
     keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, total)
     if n == 1:
         if bool(keys.all()):
             return None
         seen = keys
-    elif n == total and bool(keys.all()):
-        return CAUSAL
     else:
         cols = torch.arange(total, device=attention_mask.device)
         rows = cols[total - n:, None]  # (n, 1) each query's own column
