@@ -19,10 +19,11 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 import torch
 
@@ -150,35 +151,38 @@ def evaluate(model: torch.nn.Module, encoded: list[Encoded], pad_id: int, token_
     return (loss_sum / n, correct / n) if n else (float("nan"), float("nan"))
 
 
-INITIAL_WEIGHTS = ".initial-weights.pt"
-
-
-def snapshot_weights(params: list[torch.nn.Parameter], run_dir: Path, *, spill: bool) -> list[torch.Tensor] | Path:
+def snapshot_weights(params: list[torch.nn.Parameter], run_dir: Path, *, spill: bool) -> list[torch.Tensor] | IO[bytes]:
     """The trainable weights before training, for the final weight-delta signal.
 
     LoRA's few million stay in memory. Full fine-tuning trains the whole model
     (540 MB for the 135M built-in, as much again as its gradients), so its copy
-    goes to a file in the run folder (written storage by storage, no second copy
-    in memory) and is read back memory-mapped at the end; a resumed run keeps
-    the first attempt's file, as the in-memory copy of the base would be."""
+    goes to an unnamed file on the run folder's disk (written storage by
+    storage, no second copy in memory) and is read back at the end. Unnamed, so
+    it is gone with the process however the run ends (cancel, crash, SIGKILL);
+    a resumed run takes a new copy before loading its checkpoint, i.e. of the
+    same base weights."""
     if not spill:
         return [p.detach().clone() for p in params]
-    path = run_dir / INITIAL_WEIGHTS
-    if not path.exists():
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save([p.detach().cpu() for p in params], tmp)
-        os.replace(tmp, path)
-    return path
+    f = tempfile.TemporaryFile(dir=run_dir)
+    torch.save([p.detach().cpu() for p in params], f)
+    f.flush()
+    return f
 
 
-def weight_delta_norm(params: list[torch.nn.Parameter], initial: list[torch.Tensor] | Path) -> float:
-    """||trained - initial||_2 over every trained weight; removes a spilled copy."""
-    spilled = isinstance(initial, Path)
-    before = torch.load(initial, mmap=True, weights_only=True) if spilled else initial
+def weight_delta_norm(params: list[torch.nn.Parameter], initial: list[torch.Tensor] | IO[bytes]) -> float:
+    """||trained - initial||_2 over every trained weight; closes (frees) a spilled copy."""
+    if isinstance(initial, list):
+        before = initial
+    else:
+        try:  # memory-mapped through the open descriptor: read tensor by tensor
+            before = torch.load(f"/proc/self/fd/{initial.fileno()}", mmap=True, weights_only=True)
+        except (OSError, RuntimeError):
+            initial.seek(0)
+            before = torch.load(initial, weights_only=True)
     total = sum(float((p.detach().cpu() - q).pow(2).sum()) for p, q in zip(params, before))
-    if spilled:
+    if not isinstance(initial, list):
         del before
-        initial.unlink(missing_ok=True)
+        initial.close()
     return math.sqrt(total)
 
 
