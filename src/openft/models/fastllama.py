@@ -181,11 +181,12 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     q: (B, H, n, D); k, v: (B, KV, L, D) with H = KV * g (query head h reads KV
     head h // g, as transformers' repeat_kv); bias: None or the additive mask
     from `attention_bias(..., groups=g)`, (B, 1, g * n | 1, L). `enable_gqa` on
-    the CPU copies K and V g times per call, which in a decode step (n = 1) is
-    most of the attention's time: the step reads the whole cache. Here the g
-    query heads that share a KV head are laid along the query axis instead,
-    (B, KV, g * n, D), so each KV head is read once. Same numbers as the
-    expanded form (tests/models/test_fastllama.py)."""
+    the CPU copies K and V g times per call, and a decode step (n = 1) reads
+    the whole cache. Here the g query heads that share a KV head are laid along
+    the query axis instead, (B, KV, g * n, D), so each KV head is read once: a
+    16-row decode step 0.955x the time of enable_gqa's, prefill unchanged
+    (benchmarks/prefill_ab.py --attention). Same numbers as the expanded form
+    (tests/models/test_fastllama.py)."""
     b, h, n, d = q.shape
     kv = k.shape[1]
     out = F.scaled_dot_product_attention(q.reshape(b, kv, (h // kv) * n, d), k, v, attn_mask=bias)
@@ -273,7 +274,7 @@ class LlamaLM(nn.Module):
 def attention_bias(attention_mask: torch.Tensor, n: int, groups: int, dtype: torch.dtype) -> torch.Tensor | None:
     """(B, total) 0/1 -> the additive mask for `grouped_attention`, built once per
     forward: (B, 1, groups * n, total), 0 where a query sees a key and -inf
-    elsewhere (a bool mask is converted by SDPA in every layer: 7% of a prefill).
+    elsewhere (a bool mask would be converted by SDPA again in every layer).
     The last n columns are the queries. Query i sees real keys up to its own
     column, and always its own column: a left padding query with nothing to
     attend to would give NaN, which its cached K/V would carry into every later
