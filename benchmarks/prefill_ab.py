@@ -91,6 +91,7 @@ def main() -> None:
         print(f"{k:24s} {v:6.2f} s   {v / first:.2f}x of the first")
 
 
+@torch.inference_mode()
 def attention_ab(model, seqs: list[list[int]]) -> None:
     import statistics
 
@@ -142,14 +143,13 @@ def attention_ab(model, seqs: list[list[int]]) -> None:
         return (time.perf_counter() - t) / steps
 
     times = {(v, what): [] for v in variants for what in ("single", "prefill", "decode")}
-    with torch.inference_mode():
-        for _ in range(6):
-            for name, (attn, bias) in variants.items():
-                fastllama.grouped_attention, fastllama.attention_bias = attn, bias
-                times[name, "single"].append(single())
-                times[name, "prefill"].append(prefill())
-                times[name, "decode"].append(decode())
-        fastllama.grouped_attention, fastllama.attention_bias = ours
+    for _ in range(6):
+        for name, (attn, bias) in variants.items():
+            fastllama.grouped_attention, fastllama.attention_bias = attn, bias
+            times[name, "single"].append(single())
+            times[name, "prefill"].append(prefill())
+            times[name, "decode"].append(decode())
+    fastllama.grouped_attention, fastllama.attention_bias = ours
     labels = {"single": "1 prompt", "prefill": "16 prompts, groups of 4", "decode": "one step, 16 rows"}
     for what, unit, scale in (("single", "ms", 1000.0), ("prefill", "s", 1.0), ("decode", "ms", 1000.0)):
         o, f = (statistics.median(times[v, what]) for v in ("openft", "former"))
