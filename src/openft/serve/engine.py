@@ -26,6 +26,7 @@ fails that request alone and never the thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import logging
@@ -182,6 +183,17 @@ def prefill_groups(reqs: list[_Request], budget: int) -> list[list[_Request]]:
     return groups
 
 
+@functools.cache
+def _libc_trim():
+    """glibc's malloc_trim, or None where there is no glibc."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def release_free_memory() -> None:
     """Hand memory freed after a burst back to the OS (glibc only; elsewhere a no-op).
 
@@ -189,12 +201,9 @@ def release_free_memory() -> None:
     tensors under glibc's mmap threshold, so once freed they stay in the heap,
     counted in the server's resident memory until something reuses them. When
     the last running batch ends, malloc_trim returns those pages (~2 ms here)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim = _libc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class Engine:

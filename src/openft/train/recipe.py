@@ -172,18 +172,18 @@ def snapshot_weights(params: list[torch.nn.Parameter], run_dir: Path, *, spill: 
 def weight_delta_norm(params: list[torch.nn.Parameter], initial: list[torch.Tensor] | IO[bytes]) -> float:
     """||trained - initial||_2 over every trained weight; closes (frees) a spilled copy."""
     if isinstance(initial, list):
-        before = initial
-    else:
+        return _distance(params, initial)
+    with initial:
         try:  # memory-mapped through the open descriptor: read tensor by tensor
             before = torch.load(f"/proc/self/fd/{initial.fileno()}", mmap=True, weights_only=True)
         except (OSError, RuntimeError):
             initial.seek(0)
             before = torch.load(initial, weights_only=True)
-    total = sum(float((p.detach().cpu() - q).pow(2).sum()) for p, q in zip(params, before))
-    if not isinstance(initial, list):
-        del before
-        initial.close()
-    return math.sqrt(total)
+        return _distance(params, before)
+
+
+def _distance(params: list[torch.nn.Parameter], before: list[torch.Tensor]) -> float:
+    return math.sqrt(sum(float((p.detach().cpu() - q).pow(2).sum()) for p, q in zip(params, before)))
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
