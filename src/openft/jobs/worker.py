@@ -36,6 +36,7 @@ from pathlib import Path
 from openft import home
 from openft.config import JobSpec
 from openft.faults import fault_point
+from openft.heap import release_free_memory
 from openft.jobs.naming import checkpoint_model_name
 from openft.jobs.store import TERMINAL, NotOwner, Store
 from openft.train.recipe import DataError, Interrupted
@@ -357,14 +358,9 @@ def _fail(store: Store, jid: str, code: str, message: str, param: str | None) ->
 def release_memory() -> None:
     """Give a finished job's memory back to the system: the model, optimizer and
     activations are garbage once the job's frames are gone, but glibc keeps freed
-    heap pages mapped unless asked to return them."""
+    heap pages mapped unless asked to return them (training asks it to keep them)."""
     gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    release_free_memory()
 
 
 def run_worker(*, poll_s: float = 0.5, once: bool = False, parent_pid: int | None = None) -> None:

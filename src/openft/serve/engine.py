@@ -26,7 +26,6 @@ fails that request alone and never the thread.
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import json
 import logging
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from openft.heap import release_free_memory
 from openft.models.load import load_for_serving, load_tokenizer, setup_torch
 from openft.models.padding import left_pad
 from openft.serve.engine_batch import merge_into, mergeable, new_cache, sample, select_rows
@@ -181,29 +181,6 @@ def prefill_groups(reqs: list[_Request], budget: int) -> list[list[_Request]]:
     if cur:
         groups.append(cur)
     return groups
-
-
-@functools.cache
-def _libc_trim():
-    """glibc's malloc_trim, or None where there is no glibc."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_free_memory() -> None:
-    """Hand memory freed after a burst back to the OS (glibc only; elsewhere a no-op).
-
-    A batch's KV cache, activations and widened adapter copies are thousands of
-    tensors under glibc's mmap threshold, so once freed they stay in the heap,
-    counted in the server's resident memory until something reuses them. When
-    the last running batch ends, malloc_trim returns those pages (~2 ms here)."""
-    trim = _libc_trim()
-    if trim is not None:
-        trim(0)
 
 
 class Engine:

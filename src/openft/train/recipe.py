@@ -33,6 +33,7 @@ from openft.data.load import LoadResult, load_dataset, parse_columns
 from openft.data.split import split_examples
 from openft.data.types import Example
 from openft.faults import fault_point
+from openft.heap import keep_freed_memory
 from openft.models.load import LoadedModel, hash_weights, load_model
 from openft.train import checkpoint
 from openft.train.batching import micro_batches, plan_steps
@@ -208,6 +209,7 @@ def _atomic_write(path: Path, text: str) -> None:
 def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = None,
              progress: bool = True, loaded: LoadedModel | None = None, control: ControlFn | None = None) -> TrainResult:
     emit = on_event or (lambda kind, data: None)
+    keep_freed_memory()  # each micro-batch reuses the last one's buffers instead of faulting them in anew
     torch.manual_seed(spec.train.seed)
     loaded = loaded or load_model(spec.model)  # a run folder is merged first (see jobs.worker)
     model, tok = loaded.model, loaded.tokenizer
