@@ -16,10 +16,14 @@ NAME SPEC.json`), which writes one JSON object of figures to a temp file.
 Configurations:
   openft        openft.train.recipe.finetune, the real training path, unchanged
                 (length-sorted micro-batches under a token budget, LM head + CE
-                only at labelled positions, no gradient checkpointing).
-  trl_packed    the best-configured peer: SFTTrainer + PEFT, bf16=False (fp32:
-                bf16 is 10-50x slower on this CPU), packing=True, rest at TRL's
-                defaults -- which include gradient_checkpointing=True. TRL 1.16
+                only at labelled positions, no gradient checkpointing, precision
+                auto: on a CPU with AMX, as here, bf16 mixed precision -- base
+                weights stored bf16, adapter/optimizer/loss fp32, bf16 matmuls).
+  openft_fp32   the same with precision fp32 (only when named in --configs).
+  trl_packed    SFTTrainer + PEFT, bf16=False (fp32, as issue 5 prescribes: it
+                expected bf16 to be 10-50x slower on a CPU; with AMX it is not),
+                packing=True, rest at TRL's defaults -- which include
+                gradient_checkpointing=True. TRL 1.16
                 packs with packing_strategy="bfd" (best-fit decreasing, whole
                 examples, no splitting), which forces padding_free: each batch is
                 one flattened row with position_ids restarting at 0 per example
@@ -34,7 +38,10 @@ Configurations:
                 logits change with its neighbour). The cost is dense attention
                 over the whole packed row. The collator also masks the first
                 label of each packed example, so no example predicts the next.
-  trl_unpacked  the same without packing (padded to the longest in each batch).
+  trl_packed_bf16  the same with bf16=True (autocast over fp32 weights), so
+                TRL also gets this CPU's fast bf16. The best-configured peer is
+                whichever of trl_packed / trl_packed_bf16 trains faster in the run.
+  trl_unpacked  trl_packed without packing (fp32, padded to the longest in each batch).
   trl_defaults  TRL's pure defaults (only the dataset, the same LoRA config,
                 report_to="none" and a step cap set): bf16 autocast, lr 2e-5,
                 batch 8, 3 epochs. Reference only -- bf16 on this CPU makes it no
@@ -63,8 +70,11 @@ Figures per configuration:
                 not credit TRL's gradient-checkpointing recompute, nor charge the
                 LM head openft skips at unlabelled positions.
 
-Ratios: openft / trl_packed (throughput_ratio, peak_rss_ratio, val_loss_ratio),
-openft / trl_unpacked (throughput_ratio_unpacked); peak_fraction is openft's.
+Ratios: openft / the best-configured peer (throughput_ratio, peak_rss_ratio,
+val_loss_ratio; `best_peer` names it), openft / trl_packed (fp32:
+throughput_ratio_fp32_peer), openft / trl_unpacked (throughput_ratio_unpacked);
+peak_fraction is openft's, of the fp32 peak as the issue defines it, and
+peak_fraction_bf16 the same FLOP/s over the bf16 peak measured beside it.
 
 Commands (from the repo root; OPENFT_HOME must hold the converted built-in):
   OPENFT_HOME=.openft-home .venv/bin/python benchmarks/train_bench.py --quick
@@ -93,7 +103,8 @@ T_START = time.time()
 REPO = Path(__file__).resolve().parent.parent
 DATASET = REPO.parent / "shared" / "datasets" / "alpaca_en_demo.json"
 MODEL = "smollm2-135m-instruct"
-CONFIGS = ("openft", "trl_packed", "trl_unpacked", "trl_defaults")
+CONFIGS = ("openft", "trl_packed", "trl_packed_bf16", "trl_unpacked", "trl_defaults")
+EXTRA_CONFIGS = ("openft_fp32",)  # on request (--configs): openft with precision fp32, for the A/B
 LORA_R, LORA_ALPHA = 16, 32
 
 
@@ -138,7 +149,7 @@ def shared_val_loss(model, tok, rows: list[dict], device: str) -> float:
 
 def select_rows(tok, quick: bool, n_train: int, n_valid: int) -> tuple[list[dict], list[dict]]:
     rows = [to_prompt_completion(r) for r in json.loads(DATASET.read_text())]
-    if quick:  # short rows so four trainings (one in bf16) fit in two minutes
+    if quick:  # short rows so the five trainings fit in about two minutes
         rows = [r for r in rows if len(render_ids(tok, r)[0]) <= 128]
     valid, train = rows[:n_valid], rows[n_valid : n_valid + n_train]
     return train, valid
@@ -168,7 +179,7 @@ def _load_openft_model(spec: dict):
     return loaded
 
 
-def child_openft(spec: dict) -> dict:
+def child_openft(spec: dict, name: str) -> dict:
     from openft.config import DataConfig, JobSpec, LoraConfig, TrainConfig
     from openft.train.recipe import finetune
 
@@ -180,7 +191,8 @@ def child_openft(spec: dict) -> dict:
         lora=LoraConfig(rank=LORA_R, alpha=float(LORA_ALPHA), dropout=0.0),
         train=TrainConfig(method=spec["method"], epochs=h["epochs"], learning_rate=h["lr"], batch_size=h["batch_size"],
                           max_seq_length=h["max_length"], warmup_ratio=0.05, scheduler="cosine", weight_decay=0.0,
-                          max_grad_norm=1.0, seed=h["seed"], eval_every=10**9, save_every=10**9),
+                          max_grad_norm=1.0, seed=h["seed"], eval_every=10**9, save_every=10**9,
+                          precision="fp32" if name == "openft_fp32" else "auto"),
         output_dir=str(Path(spec["tmp"]) / "openft-run"),
     )
     marks: dict = {"steps": []}
@@ -193,7 +205,7 @@ def child_openft(spec: dict) -> dict:
             marks["steps"].append((now, data))
             marks["c1"] = cpu_s()
 
-    finetune(job, on_event=on_event, progress=False, loaded=loaded)
+    result = finetune(job, on_event=on_event, progress=False, loaded=loaded)
     t_end, _ = marks["steps"][-1]
     rows = [d for _, d in marks["steps"]]
     return {
@@ -205,6 +217,9 @@ def child_openft(spec: dict) -> dict:
         "positions": sum(r["padded_tokens"] for r in rows),
         "steps": len(rows),
         "peak_rss_mb": rss_mb(),
+        "precision": result.config["train"]["precision"],
+        # finetune hands the model back as loaded (fp32 base) + the trained adapter:
+        # the shared evaluation scores what `openft serve` would serve.
         "_model": loaded.model, "_tok": loaded.tokenizer,
     }
 
@@ -256,9 +271,9 @@ def child_trl(spec: dict, name: str) -> dict:
         args = SFTConfig(output_dir=out_dir, report_to="none", disable_tqdm=True, max_steps=h["defaults_steps"],
                          use_cpu=not cuda)
     else:
-        packed = name == "trl_packed"
+        packed = name.startswith("trl_packed")
         args = SFTConfig(
-            **common, bf16=cuda, packing=packed, max_length=h["max_length"],
+            **common, bf16=cuda or name == "trl_packed_bf16", packing=packed, max_length=h["max_length"],
             per_device_train_batch_size=h["packed_rows"] if packed else h["batch_size"], gradient_accumulation_steps=1,
             learning_rate=h["lr"], num_train_epochs=h["epochs"], lr_scheduler_type="cosine", warmup_steps=0.05,
             weight_decay=0.0, max_grad_norm=1.0, seed=h["seed"], logging_steps=1,
@@ -302,23 +317,28 @@ def child_trl(spec: dict, name: str) -> dict:
 def child_peak(spec: dict) -> dict:
     import torch
 
-    if spec["device"] == "cuda":
-        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-        b, n, sync = a.clone(), 8192, torch.cuda.synchronize
-    else:
-        a, n, sync = torch.randn(2048, 2048), 2048, (lambda: None)
-        b = torch.randn(2048, 2048)
-    c = torch.mm(a, b)
-    best = 0.0
-    deadline = time.time() + spec["peak_seconds"]
-    while time.time() < deadline:
-        sync()
-        t = time.perf_counter()
-        for _ in range(4):
-            torch.mm(a, b, out=c)
-        sync()
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t))
-    return {"peak_flops": best, "threads": torch.get_num_threads()}
+    def best_of(dtype) -> float:
+        if spec["device"] == "cuda":
+            a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+            b, n, sync = a.clone(), 8192, torch.cuda.synchronize
+        else:
+            a, n, sync = torch.randn(2048, 2048, dtype=dtype), 2048, (lambda: None)
+            b = torch.randn(2048, 2048, dtype=dtype)
+        c = torch.mm(a, b)
+        best = 0.0
+        deadline = time.time() + spec["peak_seconds"]
+        while time.time() < deadline:
+            sync()
+            t = time.perf_counter()
+            for _ in range(4):
+                torch.mm(a, b, out=c)
+            sync()
+            best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t))
+        return best
+
+    # On the CPU both: the issue's peak is fp32's; a CPU with AMX runs bf16 ~4x faster.
+    return {"peak_flops": best_of(torch.float32), "peak_flops_bf16": best_of(torch.bfloat16),
+            "threads": torch.get_num_threads()}
 
 
 def run_child(name: str, spec_path: str, out_path: str) -> None:
@@ -326,7 +346,7 @@ def run_child(name: str, spec_path: str, out_path: str) -> None:
     if name == "peak":
         res = child_peak(spec)
     else:
-        res = child_openft(spec) if name == "openft" else child_trl(spec, name)
+        res = child_openft(spec, name) if name.startswith("openft") else child_trl(spec, name)
         model, tok = res.pop("_model"), res.pop("_tok")
         valid = [json.loads(x) for x in Path(spec["valid_path"]).read_text().splitlines()]
         t = time.time()
@@ -351,13 +371,14 @@ def launch(name: str, spec_path: str, tmp: str, timeout: float) -> dict:
     return res
 
 
-def derive(res: dict, n_params: int, method: str, peak: float) -> dict:
+def derive(res: dict, n_params: int, method: str, peak: float, peak_bf16: float) -> dict:
     per_token = (4 if method == "lora" else 6) * n_params
     res["sup_tok_s"] = res["supervised_tokens"] / res["train_s"]
     res["sup_tok_per_cpu_s"] = res["supervised_tokens"] / res["train_cpu_s"]
     res["padding_fraction"] = 1.0 - res["real_tokens"] / res["positions"]
     res["flops"] = per_token * res["real_tokens"] / res["train_s"]
     res["peak_fraction"] = res["flops"] / peak
+    res["peak_fraction_bf16"] = res["flops"] / peak_bf16  # of the bf16 peak, for the runs that use it
     return res
 
 
@@ -373,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-length", type=int, help="default 1024; quick 512")
     ap.add_argument("--tokens-per-step", type=int, help="default 2048; quick 512")
     ap.add_argument("--defaults-steps", type=int, help="step cap for trl_defaults (default 6; quick 1)")
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help="comma-separated, from " + ",".join(CONFIGS + EXTRA_CONFIGS))
     ap.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._child:
@@ -402,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         "defaults_steps": a.defaults_steps or (1 if a.quick else 6),
     }
     configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    if a.device == "cuda":  # every TRL configuration is bf16 there already
+        configs = [c for c in configs if c != "trl_packed_bf16"]
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         train_path, valid_path = Path(tmp) / "train.jsonl", Path(tmp) / "valid.jsonl"
         train_path.write_text("".join(json.dumps(r) + "\n" for r in train))
@@ -418,13 +442,20 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = launch(name, str(spec_path), tmp, 3600)
     n_params = 134_515_008  # smollm2-135m: every parameter once (tied embeddings)
     for r in results.values():
-        derive(r, n_params, a.method, peak["peak_flops"])
+        derive(r, n_params, a.method, peak["peak_flops"], peak["peak_flops_bf16"])
     report = {
         "method": a.method, "device": a.device, "quick": a.quick, "train_rows": len(train), "valid_rows": len(valid),
         "mean_example_tokens": mean_len, "hyperparameters": hp, "matmul_peak_flops": peak["peak_flops"],
-        "threads": peak["threads"], "configs": results,
+        "matmul_peak_flops_bf16": peak["peak_flops_bf16"], "threads": peak["threads"], "configs": results,
     }
-    o, p, u = results.get("openft"), results.get("trl_packed"), results.get("trl_unpacked")
+    o, u = results.get("openft"), results.get("trl_unpacked")
+    # The best-configured peer: TRL packed in whichever precision trained faster here.
+    peers = [n for n in ("trl_packed", "trl_packed_bf16") if n in results]
+    best = max(peers, key=lambda n: results[n]["sup_tok_s"]) if peers else None
+    p = results.get(best) if best else None
+    report["best_peer"] = best
+    if o and "trl_packed" in results:
+        report["throughput_ratio_fp32_peer"] = o["sup_tok_s"] / results["trl_packed"]["sup_tok_s"]
     if o and p:
         report["throughput_ratio"] = o["sup_tok_s"] / p["sup_tok_s"]
         report["peak_rss_ratio"] = o["peak_rss_mb"] / p["peak_rss_mb"]
@@ -438,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         report["cpu_throughput_ratio_unpacked"] = o["sup_tok_per_cpu_s"] / u["sup_tok_per_cpu_s"]
     if o:
         report["peak_fraction"] = o["peak_fraction"]
+        report["peak_fraction_bf16"] = o["peak_fraction_bf16"]
+        report["openft_precision"] = o["precision"]
     if a.json:
         print(json.dumps(report, indent=2))
     else:
@@ -448,17 +481,20 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(r: dict) -> None:
     print(f"train_bench: {r['method']} on {r['device']}, {r['train_rows']} train rows (mean {r['mean_example_tokens']:.0f} "
           f"tokens), {r['valid_rows']} held out, hp {r['hyperparameters']}")
-    print(f"fp32 matmul peak: {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s ({r['threads']} threads)")
-    head = f"{'config':<14}{'sup tok/s':>10}{'/cpu-s':>8}{'padding':>9}{'wall s':>8}{'1st step s':>11}{'peak RSS MB':>12}" \
+    print(f"matmul peak: fp32 {r['matmul_peak_flops'] / 1e9:.1f}, bf16 {r['matmul_peak_flops_bf16'] / 1e9:.1f} GFLOP/s "
+          f"({r['threads']} threads); openft trained in {r.get('openft_precision', '-')}; "
+          f"best-configured peer: {r.get('best_peer')}")
+    head = f"{'config':<17}{'sup tok/s':>10}{'/cpu-s':>8}{'padding':>9}{'wall s':>8}{'1st step s':>11}{'peak RSS MB':>12}" \
            f"{'val loss':>10}{'GFLOP/s':>9}{'of peak':>9}{'steps':>7}"
     print(head)
     print("-" * len(head))
     for name, c in r["configs"].items():
-        print(f"{name:<14}{c['sup_tok_s']:>10.1f}{c['sup_tok_per_cpu_s']:>8.1f}{c['padding_fraction']:>9.1%}{c['wall_s']:>8.1f}{c['first_step_s']:>11.1f}"
+        print(f"{name:<17}{c['sup_tok_s']:>10.1f}{c['sup_tok_per_cpu_s']:>8.1f}{c['padding_fraction']:>9.1%}{c['wall_s']:>8.1f}{c['first_step_s']:>11.1f}"
               f"{c['peak_rss_mb']:>12.0f}{c['val_loss']:>10.4f}{c['flops'] / 1e9:>9.1f}{c['peak_fraction']:>9.1%}"
               f"{c['steps']:>7}")
     targets = [("throughput_ratio", ">= 1.3"), ("cpu_throughput_ratio", "(per CPU-second, cross-check)"), ("throughput_ratio_unpacked", ">= 2.0"), ("peak_rss_ratio", "<= 0.7"),
-               ("val_loss_ratio", "<= 1.01"), ("peak_fraction", ">= 0.5")]
+               ("val_loss_ratio", "<= 1.01"), ("peak_fraction", ">= 0.5 (of the fp32 peak)"),
+               ("peak_fraction_bf16", "(of the bf16 peak, reference)"), ("throughput_ratio_fp32_peer", "(vs trl_packed fp32)")]
     for key, target in targets:
         if key in r:
             print(f"{key:<28}{r[key]:>8.3f}   target {target}")

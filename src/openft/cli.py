@@ -46,7 +46,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         group = p.add_argument_group(section)
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
-            flag, help_ = "--" + _flag(section, f.name), f.metadata.get("help", "")
+            flag, help_ = "--" + _flag(section, f.name), f.metadata.get("help", "").replace("%", "%%")  # argparse formats help
             dest = f"{section}__{f.name}"
             hint, origin = hints[f.name], typing.get_origin(hints[f.name])
             args = typing.get_args(hint)

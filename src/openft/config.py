@@ -60,6 +60,7 @@ class TrainConfig:
     early_stopping_patience: int = _f(0, "stop after this many validations without improvement (0 = off)")
     keep_checkpoints: int = _f(3, "how many of the latest checkpoints to keep (older ones are deleted)")
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = no limit; for smoke runs)")
+    precision: Literal["auto", "fp32", "bf16"] = _f(AUTO, "matmul precision; auto: bf16 (mixed, fp32 adapter weights and loss) on a GPU with bf16 or a CPU with AMX, else fp32")
 
 
 @dataclass

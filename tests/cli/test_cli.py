@@ -29,6 +29,15 @@ def test_models_list_shows_the_builtin(session_home):
     assert "smollm2-135m-instruct" in out and "available" in out
 
 
+@pytest.mark.parametrize("command", ["finetune", "compare", "serve"])
+def test_help_lists_every_flag(command, session_home):
+    # Help strings with a literal % once crashed argparse's formatter.
+    out = openft(command, "--help", home=session_home, check=True).stdout
+    assert "usage:" in out
+    if command == "finetune":
+        assert "--precision {auto,fp32,bf16}" in out and "--lora-dropout" in out and "10-20% advised" in out
+
+
 def test_validate_json_report_names_every_bad_line(tmp_path, session_home, tiny_model_dir):
     lines = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
              for i in range(12)]

@@ -61,7 +61,15 @@ class Resolved:
     total_steps: int
 
 
-def resolve_train(cfg: TrainConfig, n_examples: int, max_len: int) -> TrainConfig:
+def resolve_train(cfg: TrainConfig, n_examples: int, max_len: int, device: "torch.device | None" = None) -> TrainConfig:
+    """Every `auto` made concrete; `device` is where the model trains (default:
+    the GPU if there is one)."""
+    import torch
+
+    from openft.train.precision import resolve_precision
+
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     def pick(value, default):
         return default if value == AUTO else value
 
@@ -76,13 +84,14 @@ def resolve_train(cfg: TrainConfig, n_examples: int, max_len: int) -> TrainConfi
         epochs=epochs,
         batch_size=batch,
         learning_rate=float(pick(cfg.learning_rate, auto_learning_rate(cfg.method))),
-        micro_batch_tokens=int(pick(cfg.micro_batch_tokens, auto_micro_batch_tokens())),
+        micro_batch_tokens=int(pick(cfg.micro_batch_tokens, auto_micro_batch_tokens(device.type == "cuda"))),
         max_seq_length=int(max_len),
         warmup_ratio=float(pick(cfg.warmup_ratio, 0.05)),
         scheduler=pick(cfg.scheduler, "cosine"),
         weight_decay=float(pick(cfg.weight_decay, 0.0 if cfg.method == "lora" else 0.01)),
         eval_every=eval_every,
         save_every=int(pick(cfg.save_every, eval_every)),
+        precision=resolve_precision(cfg.precision, device),
     )
 
 

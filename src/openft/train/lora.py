@@ -37,7 +37,7 @@ def add_low_rank(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.T
     h2 = h.reshape(-1, h.shape[-1])
     if torch.is_grad_enabled() and (out.requires_grad or h.requires_grad or b.requires_grad):
         return torch.addmm(out2, h2, b.t()).view(out.shape)
-    out2.addmm_(h2, b.t())
+    out2.addmm_(h2, b.t().to(h2.dtype))  # in-place ops skip autocast: an fp32 adapter on a bf16 base
     return out
 
 

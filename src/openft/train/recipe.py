@@ -14,6 +14,7 @@ glue over it. Everything a run writes goes into its run folder:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -40,6 +41,7 @@ from openft.train.batching import micro_batches, plan_steps
 from openft.train.hparams import resolve_lora, resolve_train, auto_max_seq_length, lr_at
 from openft.train.lora import LoraParams, apply_lora, default_targets, save_adapter
 from openft.train.loss import causal_lm_loss
+from openft.train.precision import Precision, weights_on_disk
 from openft.train.progress import ProgressBar
 from openft.train.tokenize import Encoded, encode_all
 
@@ -137,14 +139,16 @@ def default_run_dir(spec: JobSpec) -> Path:
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, encoded: list[Encoded], pad_id: int, token_budget: int) -> tuple[float, float]:
+def evaluate(model: torch.nn.Module, encoded: list[Encoded], pad_id: int, token_budget: int,
+             precision: Precision | None = None) -> tuple[float, float]:
     """Mean loss and token accuracy over trained tokens of `encoded`."""
     was_training = model.training
     model.eval()
     loss_sum, n, correct = 0.0, 0, 0
     for mb in micro_batches(encoded, pad_id, token_budget):
         fault_point("eval")
-        out = causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels)
+        with precision.autocast() if precision else contextlib.nullcontext():
+            out = causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels)
         loss_sum += float(out.loss_sum)
         n += out.n_tokens
         correct += out.n_correct
@@ -208,16 +212,27 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = None,
              progress: bool = True, loaded: LoadedModel | None = None, control: ControlFn | None = None) -> TrainResult:
-    emit = on_event or (lambda kind, data: None)
     keep_freed_memory()  # each micro-batch reuses the last one's buffers instead of faulting them in anew
-    torch.manual_seed(spec.train.seed)
     loaded = loaded or load_model(spec.model)  # a run folder is merged first (see jobs.worker)
+    undo: list[Callable[[], None]] = []
+    try:
+        return _finetune(spec, loaded, undo, resume=resume, emit=on_event or (lambda kind, data: None),
+                         progress=progress, control=control)
+    finally:  # however training ends, the caller's model is left as loaded (fp32 base)
+        for step in undo:
+            step()
+
+
+def _finetune(spec: JobSpec, loaded: LoadedModel, undo: list[Callable[[], None]], *, resume: bool, emit: EventFn,
+              progress: bool, control: ControlFn | None) -> TrainResult:
+    torch.manual_seed(spec.train.seed)
     model, tok = loaded.model, loaded.tokenizer
     context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     data = prepare_data(spec, tok, context)
     if not data.train_enc:
         raise ValueError("no training example has a trained token left (all fully masked or truncated)")
-    cfg = resolve_train(spec.train, len(data.train_enc), data.max_len)
+    device = next(model.parameters()).device
+    cfg = resolve_train(spec.train, len(data.train_enc), data.max_len, device)
     run_dir = Path(spec.output_dir) if spec.output_dir else default_run_dir(spec)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output")
@@ -232,6 +247,10 @@ def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = 
     else:
         for p in model.parameters():
             p.requires_grad_(True)
+    precision = Precision(cfg.precision, device.type)
+    converted = precision.prepare(model)  # LoRA's frozen base in bf16
+    if converted:
+        undo.append(lambda: precision.restore(model, converted, weights_on_disk(loaded.path)))
     params = [p for p in model.parameters() if p.requires_grad]
     initial = snapshot_weights(params, run_dir, spill=cfg.method != "lora")
     optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay)
@@ -285,7 +304,8 @@ def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = 
         loss_total, correct, real, padded = 0.0, 0, 0, 0
         for mb in micro_batches(items, pad_id, cfg.micro_batch_tokens):
             real, padded = real + mb.n_tokens, padded + mb.input_ids.numel()
-            out = causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels)
+            with precision.autocast():
+                out = causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels)
             # Divide by the whole step's trained tokens: the gradient is the same
             # however the step is split into micro-batches.
             (out.loss_sum / n_step).backward()
@@ -309,7 +329,7 @@ def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = 
         if data.valid_enc and (state.step % cfg.eval_every == 0 or is_last):
             # Interval checks use a fixed sample (as OpenAI's valid_loss does);
             # the whole validation set is scored once at the end (full_valid_loss).
-            vl, va = evaluate(model, data.valid_enc[:VALID_SAMPLE], pad_id, cfg.micro_batch_tokens)
+            vl, va = evaluate(model, data.valid_enc[:VALID_SAMPLE], pad_id, cfg.micro_batch_tokens, precision)
             row["valid_loss"], row["valid_mean_token_accuracy"] = vl, va
             if state.best_valid_loss is None or vl < state.best_valid_loss - 1e-4:
                 state.best_valid_loss, state.evals_without_improvement = vl, 0
@@ -356,7 +376,7 @@ def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = 
     if data.valid_enc and len(data.valid_enc) <= VALID_SAMPLE and hist and "valid_loss" in hist[-1]:
         full_valid = hist[-1]["valid_loss"]  # the last interval check already scored every example
     elif data.valid_enc:
-        full_valid = evaluate(model, data.valid_enc, pad_id, cfg.micro_batch_tokens)[0]
+        full_valid = evaluate(model, data.valid_enc, pad_id, cfg.micro_batch_tokens, precision)[0]
     signals = {
         "first_train_loss": hist[0]["train_loss"] if hist else None,
         "last_train_loss": _tail_mean([r["train_loss"] for r in hist]) if hist else None,

@@ -1,0 +1,106 @@
+"""Training precision: fp32, or bf16 matmuls where the hardware has fast bf16.
+
+On a CPU with AMX (this machine: Sapphire Rapids class) a bf16 matmul runs
+~4x faster than fp32 (oneDNN; `benchmarks/train_step_ab.py` measures a whole
+LoRA step), and on recent GPUs bf16 is the native training type. So `auto`
+picks bf16 there and fp32 elsewhere (a CPU without AMX emulates bf16 slowly).
+
+bf16 here means mixed precision, the usual recipe:
+- LoRA: the frozen base weights are stored in bf16 (half the memory, no cast
+  per step); the adapter's A/B weights, their gradients and AdamW's moments
+  stay fp32, and autocast runs each matmul in bf16 with fp32 accumulation.
+- full fine-tuning: every weight stays fp32 (the optimizer updates fp32
+  masters) and autocast casts them for the matmuls.
+The loss and its softmax are computed in fp32 (`openft.train.loss`).
+After training, `restore` puts the base weights back exactly as loaded, so the
+in-process model (the before/after comparison) is the one that gets served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return "amx_bf16" in flags.split()
+
+
+def fast_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_amx() and torch.backends.mkldnn.is_available()
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
+    if requested == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    return requested
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # "fp32" or "bf16"
+    device_type: str
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.name == "bf16":
+            return torch.autocast(self.device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare(self, model: nn.Module) -> list[str]:
+        """Store the frozen fp32 weights in bf16 (LoRA's base); trainable ones stay
+        fp32. Returns the names of the parameters converted, for `restore`."""
+        if self.name != "bf16":
+            return []
+        names = []
+        for name, p in model.named_parameters():
+            if not p.requires_grad and p.dtype == torch.float32:
+                p.data = p.data.to(torch.bfloat16)
+                names.append(name)
+        return names
+
+    def restore(self, model: nn.Module, names: list[str], original: Callable[[str], torch.Tensor | None]) -> None:
+        """Put the converted weights back in fp32: the tensor as loaded where
+        `original(name)` has it, else the upcast bf16 value."""
+        params = dict(model.named_parameters())
+        for name in names:
+            p = params[name]
+            src = original(name)
+            p.data = src.to(p.device, torch.float32) if src is not None else p.data.float()
+
+
+def weights_on_disk(path: Path) -> Callable[[str], torch.Tensor | None]:
+    """Look up a parameter's tensor, by its name in the (possibly LoRA-wrapped)
+    model, in the safetensors files of the directory it was loaded from; each
+    tensor is read on its own (no second copy of the model in memory)."""
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            where.update({k: f for k in h.keys()})
+
+    def lookup(name: str) -> torch.Tensor | None:
+        key = name.replace(".base.", ".")  # LoraLinear keeps the wrapped layer as .base
+        if key not in where:
+            return None
+        with safe_open(str(where[key]), "pt") as h:
+            return h.get_tensor(key)
+
+    return lookup
