@@ -92,3 +92,27 @@ def test_fused_head_lora_gradients_and_accuracy(tiny_model_dir, tiny_tokenizer):
         assert out.n_correct == int((logits.argmax(-1)[sel] == target[sel]).sum())
         no_grad = causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels)  # the evaluation path
     torch.testing.assert_close(no_grad.loss_sum, out.loss_sum.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_shape_buckets_bound_padding_and_reuse_widths(tiny_model_dir, tiny_tokenizer):
+    from openft.train.batching import shape_bucket
+
+    widths = [shape_bucket(n) for n in range(1, 2049)]
+    assert all(n <= w <= n * 1.125 for n, w in zip(range(1, 2049), widths))
+    assert len(set(widths[256:])) <= 8 * 3 + 1  # 8 widths per power of two from 257 to 2048
+    exs = [Example(messages=[Message("user", "x " * n), Message("assistant", "y " * 3)]) for n in (30, 31, 45, 60, 90)]
+    items = [encode(tiny_tokenizer, e, 512) for e in exs]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    total = sum(e.n_trained for e in items)
+    losses = {}
+    for name, width in (("exact", None), ("bucketed", shape_bucket)):
+        mbs = micro_batches(items, tiny_tokenizer.pad_token_id, 200, width)
+        for mb in mbs:
+            assert mb.input_ids.shape[1] == (width or (lambda n: n))(max(int(r.sum()) for r in mb.attention_mask))
+            assert mb.input_ids.numel() <= 200 or mb.input_ids.shape[0] == 1  # the budget counts padded widths
+        assert sum(mb.n_tokens for mb in mbs) == sum(len(e) for e in items)
+        with torch.no_grad():
+            losses[name] = sum(float(causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels).loss_sum)
+                               for mb in mbs) / total
+    # Padding is masked: the wider rows leave the loss as it was.
+    assert abs(losses["exact"] - losses["bucketed"]) < 1e-5

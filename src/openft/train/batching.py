@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -61,8 +62,21 @@ class MicroBatch:
     n_trained: int
 
 
-def collate(items: list[Encoded], pad_id: int) -> MicroBatch:
-    width = max(len(e) for e in items)
+def shape_bucket(n: int) -> int:
+    """`n` rounded up to one of 8 widths per power of two (at most 12.5% more).
+
+    oneDNN, which runs bf16 matmuls on the CPU, compiles a kernel for every new
+    matrix shape: ~5 ms for each of the ~60 matmuls a LoRA step runs per new
+    micro-batch shape, a quarter of the step when every shape is new. Widths from
+    a small set make later micro-batches reuse the kernels of earlier ones."""
+    if n <= 16:
+        return n
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step
+
+
+def collate(items: list[Encoded], pad_id: int, width: int | None = None) -> MicroBatch:
+    width = max(width or 0, max(len(e) for e in items))
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -74,17 +88,20 @@ def collate(items: list[Encoded], pad_id: int) -> MicroBatch:
     return MicroBatch(ids, mask, labels, int(mask.sum()), sum(e.n_trained for e in items))
 
 
-def micro_batches(items: list[Encoded], pad_id: int, token_budget: int) -> list[MicroBatch]:
+def micro_batches(items: list[Encoded], pad_id: int, token_budget: int,
+                  width: Callable[[int], int] | None = None) -> list[MicroBatch]:
     """Cut `items` (any order) into length-sorted micro-batches whose padded size
-    (rows x longest row) stays within `token_budget` (a lone longer row still goes)."""
+    (rows x padded width) stays within `token_budget` (a lone longer row still
+    goes). `width` maps the longest row to the padded width (default: itself)."""
+    width = width or (lambda n: n)
     items = sorted(items, key=len)
     out: list[MicroBatch] = []
     cur: list[Encoded] = []
     for e in items:
-        if cur and (len(cur) + 1) * len(e) > token_budget:
-            out.append(collate(cur, pad_id))
+        if cur and (len(cur) + 1) * width(len(e)) > token_budget:
+            out.append(collate(cur, pad_id, width(len(cur[-1]))))
             cur = []
         cur.append(e)
     if cur:
-        out.append(collate(cur, pad_id))
+        out.append(collate(cur, pad_id, width(len(cur[-1]))))
     return out

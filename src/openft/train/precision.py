@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from openft.train.batching import shape_bucket
+
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -62,6 +64,11 @@ class Precision:
         if self.name == "bf16":
             return torch.autocast(self.device_type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def widths(self) -> Callable[[int], int] | None:
+        """How micro-batches pad their rows: oneDNN (bf16 on a CPU) compiles a
+        kernel per matmul shape, so there rows go to a few bucketed widths."""
+        return shape_bucket if self.name == "bf16" and self.device_type == "cpu" else None
 
     def prepare(self, model: nn.Module) -> list[str]:
         """Store the frozen fp32 weights in bf16 (LoRA's base); trainable ones stay

@@ -145,7 +145,7 @@ def evaluate(model: torch.nn.Module, encoded: list[Encoded], pad_id: int, token_
     was_training = model.training
     model.eval()
     loss_sum, n, correct = 0.0, 0, 0
-    for mb in micro_batches(encoded, pad_id, token_budget):
+    for mb in micro_batches(encoded, pad_id, token_budget, precision.widths() if precision else None):
         fault_point("eval")
         with precision.autocast() if precision else contextlib.nullcontext():
             out = causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels)
@@ -251,6 +251,7 @@ def _finetune(spec: JobSpec, loaded: LoadedModel, undo: list[Callable[[], None]]
     converted = precision.prepare(model)  # LoRA's frozen base in bf16
     if converted:
         undo.append(lambda: precision.restore(model, converted, weights_on_disk(loaded.path)))
+    widths = precision.widths()
     params = [p for p in model.parameters() if p.requires_grad]
     initial = snapshot_weights(params, run_dir, spill=cfg.method != "lora")
     optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay)
@@ -302,7 +303,7 @@ def _finetune(spec: JobSpec, loaded: LoadedModel, undo: list[Callable[[], None]]
         items = [data.train_enc[i] for i in plan.examples]
         n_step = sum(e.n_trained for e in items)
         loss_total, correct, real, padded = 0.0, 0, 0, 0
-        for mb in micro_batches(items, pad_id, cfg.micro_batch_tokens):
+        for mb in micro_batches(items, pad_id, cfg.micro_batch_tokens, widths):
             real, padded = real + mb.n_tokens, padded + mb.input_ids.numel()
             with precision.autocast():
                 out = causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels)
