@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from openft.heap import release_free_memory
 from openft.train.batching import shape_bucket
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -85,11 +86,15 @@ class Precision:
     def restore(self, model: nn.Module, names: list[str], original: Callable[[str], torch.Tensor | None]) -> None:
         """Put the converted weights back in fp32: the tensor as loaded where
         `original(name)` has it, else the upcast bf16 value."""
+        # Training's freed activations are still held by the heap (openft.heap):
+        # return them first, so the fp32 weights do not stack on top of them.
+        release_free_memory()
         params = dict(model.named_parameters())
         for name in names:
             p = params[name]
             src = original(name)
-            p.data = src.to(p.device, torch.float32) if src is not None else p.data.float()
+            # copy=True: an owned tensor, never a view of the file's mapping
+            p.data = src.to(p.device, torch.float32, copy=True) if src is not None else p.data.float()
 
 
 def weights_on_disk(path: Path) -> Callable[[str], torch.Tensor | None]:
