@@ -193,7 +193,7 @@ def child_openft(spec: dict, name: str) -> dict:
                           max_seq_length=h["max_length"], warmup_ratio=0.05, scheduler="cosine", weight_decay=0.0,
                           max_grad_norm=1.0, seed=h["seed"], eval_every=10**9, save_every=10**9,
                           precision="fp32" if name == "openft_fp32" else "auto"),
-        output_dir=str(Path(spec["tmp"]) / "openft-run"),
+        output_dir=str(Path(spec["tmp"]) / f"{name}-run"),
     )
     marks: dict = {"steps": []}
 

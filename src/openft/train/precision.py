@@ -1,9 +1,10 @@
 """Training precision: fp32, or bf16 matmuls where the hardware has fast bf16.
 
 On a CPU with AMX (this machine: Sapphire Rapids class) a bf16 matmul runs
-~4x faster than fp32 (oneDNN; `benchmarks/train_step_ab.py` measures a whole
-LoRA step), and on recent GPUs bf16 is the native training type. So `auto`
-picks bf16 there and fp32 elsewhere (a CPU without AMX emulates bf16 slowly).
+~3-4x faster than fp32 (oneDNN: 665-930 vs 230-310 GFLOP/s for a 2048^3 mm;
+`benchmarks/train_bench.py --configs openft,openft_fp32` compares whole runs),
+and on recent GPUs bf16 is the native training type. So `auto` picks bf16
+there and fp32 elsewhere (a CPU without AMX emulates bf16 slowly).
 
 bf16 here means mixed precision, the usual recipe:
 - LoRA: the frozen base weights are stored in bf16 (half the memory, no cast
