@@ -104,16 +104,13 @@ def weights_on_disk(path: Path) -> Callable[[str], torch.Tensor | None]:
     tensor is read on its own (no second copy of the model in memory)."""
     from safetensors import safe_open
 
-    where: dict[str, Path] = {}
+    where = {}  # tensor name -> the open file holding it
     for f in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            where.update({k: f for k in h.keys()})
+        h = safe_open(str(f), "pt")
+        where.update({k: h for k in h.keys()})
 
     def lookup(name: str) -> torch.Tensor | None:
         key = name.replace(".base.", ".")  # LoraLinear keeps the wrapped layer as .base
-        if key not in where:
-            return None
-        with safe_open(str(where[key]), "pt") as h:
-            return h.get_tensor(key)
+        return where[key].get_tensor(key) if key in where else None
 
     return lookup
