@@ -14,7 +14,6 @@ glue over it. Everything a run writes goes into its run folder:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -140,14 +139,14 @@ def default_run_dir(spec: JobSpec) -> Path:
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, encoded: list[Encoded], pad_id: int, token_budget: int,
-             precision: Precision | None = None) -> tuple[float, float]:
+             precision: Precision) -> tuple[float, float]:
     """Mean loss and token accuracy over trained tokens of `encoded`."""
     was_training = model.training
     model.eval()
     loss_sum, n, correct = 0.0, 0, 0
-    for mb in micro_batches(encoded, pad_id, token_budget, precision.widths() if precision else None):
+    for mb in micro_batches(encoded, pad_id, token_budget, precision.widths()):
         fault_point("eval")
-        with precision.autocast() if precision else contextlib.nullcontext():
+        with precision.autocast():
             out = causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels)
         loss_sum += float(out.loss_sum)
         n += out.n_tokens
