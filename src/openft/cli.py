@@ -241,7 +241,8 @@ def cmd_serve(args) -> int:
     from openft.serve.app import ServeConfig, serve
 
     serve(ServeConfig(host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
-                      run_worker=not args.no_worker, max_batch_size=args.max_batch_size))
+                      run_worker=not args.no_worker, max_batch_size=args.max_batch_size,
+                      precision=args.precision))
     return 0
 
 
@@ -330,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload")
     sv.add_argument("--max-batch-size", type=int, default=8, help="concurrent sequences decoded together")
+    sv.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="dtype of the served weights; auto: bf16 on a GPU or a CPU with AMX, else fp32")
     sv.add_argument("--no-worker", action="store_true", help="do not start a worker (run 'openft worker' yourself)")
     sv.set_defaults(fn=cmd_serve)
     wk = sub.add_parser("worker", help="run fine-tuning jobs from the store")

@@ -57,6 +57,26 @@ def test_padded_prefill_and_cached_decode_match_transformers(varied_model_dir):
         assert cache.layers[0].keys.shape[-2] == ids.shape[1] + 3
 
 
+def test_extra_left_padding_changes_nothing(varied_model_dir):
+    """Prompts padded to a wider (bucketed) width, as the bf16 engine does for
+    oneDNN's per-shape kernels: the real positions' logits are those of the
+    exact width, and so are the next decode step's."""
+    ours = fastllama.load(varied_model_dir)
+    with torch.inference_mode():
+        outs = []
+        for width in (0, 13):
+            ids, mask, pos = left_pad(_prompts(), 0, width=width)
+            assert ids.shape[1] == max(8, width) and int(mask.sum()) == 16
+            cache = ours.new_cache()
+            first = ours(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+            nxt = first[:, -1].argmax(-1, keepdim=True)
+            step = ours(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1),
+                        position_ids=pos[:, -1:] + 1, past_key_values=cache).logits
+            outs.append((first[mask.bool()], step[:, -1]))
+        for exact, padded in zip(*outs):
+            torch.testing.assert_close(padded, exact, atol=1e-5, rtol=1e-5)
+
+
 def test_grouped_attention_equals_repeated_kv_heads():
     """Query heads laid along the query axis (no K/V copies) give what SDPA gives
     with K/V repeated to every query head, for a padded prefill and a decode step."""

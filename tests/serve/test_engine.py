@@ -68,9 +68,11 @@ def adapters(talkative_dir, tmp_path_factory) -> tuple[Path, Path]:
             make_adapter(talkative_dir, root / "b", seed=2, targets=("k_proj", "o_proj", "up_proj")))
 
 
+# The engines here run fp32 (the default on a CPU with AMX is bf16): these tests
+# compare tokens with transformers' fp32 generate; test_bf16_* cover bf16.
 @pytest.fixture(scope="module")
 def engine():
-    eng = Engine(max_batch_size=8, device="cpu")
+    eng = Engine(max_batch_size=8, device="cpu", dtype=torch.float32)
     eng.start()
     yield eng
     eng.stop()
@@ -183,7 +185,7 @@ def test_request_joins_running_batch_mid_flight(engine, base, adapters):
 
 
 def test_adapters_share_one_copy_of_the_base(base, adapters):
-    eng = Engine(device="cpu")
+    eng = Engine(device="cpu", dtype=torch.float32)
     eng.start()
     try:
         ids = prompt(eng, base)
@@ -209,7 +211,7 @@ def test_adapters_share_one_copy_of_the_base(base, adapters):
 
 
 def test_adapter_lru_and_rewritten_adapter_is_reloaded(base, talkative_dir, tmp_path):
-    eng = Engine(max_loaded_adapters=1, device="cpu")
+    eng = Engine(max_loaded_adapters=1, device="cpu", dtype=torch.float32)
     eng.start()
     try:
         ids = prompt(eng, base)
@@ -464,7 +466,7 @@ def test_abandoned_stream_frees_its_row(engine, base):
 def test_two_bases_share_one_slot_in_turn(talkative_dir, short_context_dir):
     """With room for one base, a request for a second base waits until the first
     base's batch drains, then evicts it; both answers are right."""
-    eng = Engine(max_loaded_bases=1, device="cpu")
+    eng = Engine(max_loaded_bases=1, device="cpu", dtype=torch.float32)
     eng.start()
     try:
         a, b = ModelHandle(name="a", base_path=talkative_dir), ModelHandle(name="b", base_path=short_context_dir)
@@ -484,7 +486,7 @@ def test_two_bases_share_one_slot_in_turn(talkative_dir, short_context_dir):
 def test_waves_when_caches_cannot_merge(base, adapters, monkeypatch):
     """Models whose KV cache cannot be merged (sliding windows) batch in waves:
     a late request waits for the running batch to drain, and still gets its answer."""
-    eng = Engine(device="cpu")
+    eng = Engine(device="cpu", dtype=torch.float32)
     eng.start()
     monkeypatch.setattr(engine_mod, "mergeable", lambda cache: False)
     try:
@@ -507,7 +509,7 @@ def test_waves_when_caches_cannot_merge(base, adapters, monkeypatch):
 
 
 def test_stop_fails_waiting_requests(base):
-    eng = Engine(device="cpu")
+    eng = Engine(device="cpu", dtype=torch.float32)
     ids = prompt(eng, base)
 
     async def go():
@@ -548,7 +550,7 @@ def test_cuda_engine_matches_cpu_and_runs_in_bf16(base, adapters, talkative_dir)
 
 
 def test_forget_drops_a_deleted_adapter(base, talkative_dir, tmp_path):
-    eng = Engine(device="cpu")
+    eng = Engine(device="cpu", dtype=torch.float32)
     try:
         handle = ModelHandle(name="ft:tiny:me:x:ftjob-1", base_path=base.base_path,
                              adapter_path=make_adapter(talkative_dir, tmp_path / "x", seed=4))
@@ -597,7 +599,7 @@ def test_adapters_stored_compact_answers_unchanged_and_working_copies_freed(base
     """Under an fp32 base, loaded adapters are kept in fp16 (half the bytes) and
     answer as the fp32 adapters do; the widened working copies and mixed stacks of a
     batch are freed when it drains, and one tokenizer serves adapters that saved identical files."""
-    exact, compact = Engine(device="cpu", adapter_dtype=torch.float32), Engine(device="cpu")
+    exact, compact = Engine(device="cpu", dtype=torch.float32, adapter_dtype=torch.float32), Engine(device="cpu", dtype=torch.float32)
     handles = [with_adapter(base, adapters[0]), with_adapter(base, adapters[1]), base]
     try:
         prompts = [prompt(compact, h, q) for h, q in zip(handles, ["Tell me about the sea.", "Why?", "Hi"])]

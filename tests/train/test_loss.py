@@ -95,7 +95,7 @@ def test_fused_head_lora_gradients_and_accuracy(tiny_model_dir, tiny_tokenizer):
 
 
 def test_shape_buckets_bound_padding_and_reuse_widths(tiny_model_dir, tiny_tokenizer):
-    from openft.train.batching import shape_bucket
+    from openft.hardware import shape_bucket
 
     widths = [shape_bucket(n) for n in range(1, 2049)]
     assert all(n <= w <= n * 1.125 for n, w in zip(range(1, 2049), widths))

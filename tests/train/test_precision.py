@@ -11,7 +11,8 @@ import torch
 from openft.models.load import load_model
 from openft.train.lora import LoraParams, apply_lora, lora_layers
 from openft.train.loss import causal_lm_loss
-from openft.train.precision import Precision, cpu_has_amx, resolve_precision, weights_on_disk
+from openft.hardware import cpu_has_amx, resolve_precision
+from openft.train.precision import Precision, weights_on_disk
 from openft.train.recipe import finetune
 
 from .helpers import write_chat_jsonl

@@ -17,9 +17,11 @@ import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import torch
 from fastapi import FastAPI
 
 from openft import __version__, home
+from openft.hardware import PRECISIONS
 from openft.jobs.store import Store
 from openft.serve import errors
 from openft.serve.errors import envelope
@@ -34,6 +36,7 @@ class ServeConfig:
     max_upload_mb: int = 512
     run_worker: bool = True
     max_batch_size: int = 8
+    precision: str = "auto"  # the served weights' dtype: auto (bf16 where fast), fp32 or bf16
 
 
 class WorkerSupervisor:
@@ -144,7 +147,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     app.state.files_dir = home.home() / "files"
     app.state.files_dir.mkdir(parents=True, exist_ok=True)
     app.state.max_upload_bytes = config.max_upload_mb << 20
-    app.state.engine = Engine(max_batch_size=config.max_batch_size)
+    app.state.engine = Engine(max_batch_size=config.max_batch_size, dtype=serving_dtype(config.precision))
     app.state.supervisor = supervisor
     errors.install(app)
     app.add_middleware(UploadLimit, limit_bytes_fn=lambda: app.state.max_upload_bytes)
@@ -156,12 +159,20 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         proc = supervisor.proc if supervisor else None
         return {"status": "ok", "version": __version__,
                 "worker_pid": proc.pid if proc and proc.poll() is None else None,
-                "worker_restarts": supervisor.restarts if supervisor else 0}
+                "worker_restarts": supervisor.restarts if supervisor else 0,
+                "precision": "bf16" if app.state.engine.dtype == torch.bfloat16 else "fp32"}
 
     from openft.console import mount as mount_console
     mount_console(app)  # the web console at / (static files; a client of the API above)
     app.openapi = lambda: schemas.document(app)
     return app
+
+
+def serving_dtype(precision: str) -> torch.dtype | None:
+    """The engine's dtype for a precision setting (None: the engine's own auto choice)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision)
 
 
 def serve(config: ServeConfig) -> None:

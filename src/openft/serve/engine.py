@@ -3,10 +3,11 @@
 Memory. One copy of each base model's weights (LRU, `max_loaded_bases`); every
 LoRA adapter of that base is a small pair of matrices per layer inside
 `MultiLoraLinear` wrappers (LRU, `max_loaded_adapters`), never merged into the
-base, kept in fp16 under an fp32 base (half the memory; the running batch's
-adapters are widened back once per batch and freed when it drains). A new adapter directory is loaded on its first request, from safetensors;
-an adapter file rewritten in place is reloaded (its key includes the file's
-mtime and size).
+base, kept compact at rest (fp16 under an fp32 base, int8 per rank component
+under a bf16 one: `engine_lora.storage_dtype`); the running batch's adapters
+are widened once per batch and freed when it drains. A new adapter directory
+is loaded on its first request, from safetensors; an adapter file rewritten in
+place is reloaded (its key includes the file's mtime and size).
 
 Batching: continuous. One scheduler thread owns all models and tensors. Between
 decode steps it admits waiting requests: they are prefilled together in one
@@ -26,6 +27,7 @@ fails that request alone and never the thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -39,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from openft.hardware import fast_bf16, onednn_shapes, shape_bucket, without_onednn
 from openft.heap import release_free_memory
 from openft.models.load import load_for_serving, load_tokenizer, setup_torch
 from openft.models.padding import left_pad
@@ -191,11 +194,16 @@ class Engine:
         self.max_loaded_bases = max_loaded_bases
         self.max_loaded_adapters = max_loaded_adapters
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        # fp32 on CPU (bf16 has no hardware support there and runs 10-50x slower), bf16 on GPUs.
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        # bf16 where the hardware runs it fast (a GPU, a CPU with AMX: prefill ~2.4x,
+        # a 16-row decode step ~1.3x faster than fp32 here), fp32 elsewhere (a CPU
+        # without AMX emulates bf16 10-50x slower). benchmarks/serve_bench.py measures both.
+        self.dtype = dtype or (torch.bfloat16 if fast_bf16(self.device) else torch.float32)
+        # oneDNN (bf16 on a CPU) compiles a kernel per matmul shape: prompts are
+        # padded to a few bucketed widths so later prefills reuse earlier kernels.
+        self._prefill_width = shape_bucket if onednn_shapes(self.dtype, self.device) else (lambda n: n)
         # Padded tokens per prefill forward (see prefill_groups); a GPU wants big ones.
         self.prefill_tokens = prefill_tokens or (16384 if self.device.type == "cuda" else 2048)
-        # How adapters are kept at rest (engine_lora.storage_dtype: fp16 under an fp32 model).
+        # How adapters are kept at rest (default: engine_lora.storage_dtype of the model's dtype).
         self.adapter_dtype = adapter_dtype
         if self.device.type == "cpu":
             # transformers' SDPA path expands grouped K/V heads to every query head
@@ -458,7 +466,8 @@ class Engine:
                 rows.append(_Row(req=req, index=i, generator=gen, detok=Detokenizer(base.tokenizer, req.prompt_ids),
                                  stopper=StopMatcher(req.params.stop), pos=len(req.prompt_ids)))
         # input_ids, mask, positions: (rows, longest prompt), prompts right-aligned
-        ids, mask, pos = left_pad([r.req.prompt_ids for r in rows], base.pad_id, self.device)
+        prompts = [r.req.prompt_ids for r in rows]
+        ids, mask, pos = left_pad(prompts, base.pad_id, self.device, self._prefill_width(max(map(len, prompts))))
         new = _Batch(base=base, rows=rows, cache=None, mask=mask, next_ids=ids[:, -1])
         self.stats.prefills += 1
         try:
@@ -505,8 +514,10 @@ class Engine:
         """logits (B, vocab) for each row's last position, and the updated cache."""
         base.routing.set_rows(batch.adapter_keys, self.device)
         kwargs = {base.cache_kw: cache}
-        out = base.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                         logits_to_keep=1, **kwargs)
+        one_row = ids.numel() == 1 and onednn_shapes(self.dtype, self.device)
+        with without_onednn() if one_row else contextlib.nullcontext():
+            out = base.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                             logits_to_keep=1, **kwargs)
         new_cache = out.cache if base.cache_kw == "cache" else out.past_key_values
         return out.logits[:, -1, :], new_cache
 

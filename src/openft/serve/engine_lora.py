@@ -88,7 +88,7 @@ class MultiLoraLinear(nn.Module):
         self.routing = routing
         # adapter key -> (A: (r, in), B: (out, r), scaling). Plain tensors, not
         # parameters: they are not part of the base's state dict.
-        self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.adapters: dict[str, tuple] = {}  # A, B: tensors or Int8PerRank
         # Stacked weights for the current mix of adapters: built once per mix (a
         # running batch keeps its mix for many steps), dropped by release().
         self._stack_keys: tuple[str, ...] | None = None
@@ -130,8 +130,8 @@ class MultiLoraLinear(nn.Module):
                 self._stack = None
             else:
                 dtype = self.base.weight.dtype
-                a = torch.cat([ab[0] for _, ab in present]).to(dtype)  # (R, in), R = sum of ranks
-                b = torch.cat([ab[1] for _, ab in present], 1).to(dtype)  # (out, R)
+                a = torch.cat([ab[0].to(dtype) for _, ab in present])  # (R, in), R = sum of ranks
+                b = torch.cat([ab[1].to(dtype) for _, ab in present], 1)  # (out, R)
                 owners = torch.cat([torch.full((ab[0].shape[0],), slot, dtype=torch.long, device=a.device)
                                     for slot, ab in present])
                 scales = torch.cat([torch.full((ab[0].shape[0],), ab[2], dtype=a.dtype, device=a.device)
@@ -170,22 +170,72 @@ def release_stacks(model: nn.Module) -> None:
             module.release()
 
 
+@dataclass(frozen=True)
+class Int8PerRank:
+    """A LoRA factor kept as int8 with one fp32 scale per rank component: A (r,
+    in) scaled per row, B (out, r) per column (`axis` is the dimension each scale
+    covers). Behaves as far as the engine needs like the tensor it stands for:
+    `.to(dtype)` gives the dequantized matrix, `.shape` its shape."""
+
+    q: torch.Tensor  # int8, the factor's shape
+    scale: torch.Tensor  # fp32, (r, 1) for A, (1, r) for B
+
+    @classmethod
+    def of(cls, t: torch.Tensor, axis: int) -> "Int8PerRank":
+        scale = t.float().abs().amax(axis, keepdim=True) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero component stays zero
+        return cls(torch.round(t.float() / scale).clamp_(-127, 127).to(torch.int8).contiguous(), scale)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.int8
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.numel() * 4
+
+    def to(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.q.float() * self.scale).to(dtype)
+
+
 @dataclass
 class AdapterWeights:
     """A validated adapter, read from disk, not yet installed in a model."""
 
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module path -> (A, B, scaling)
+    layers: dict[str, tuple]  # module path -> (A, B, scaling); A, B: tensors or Int8PerRank
     nbytes: int
 
 
 def storage_dtype(compute: torch.dtype) -> torch.dtype:
-    """How loaded adapters are kept at rest. fp32 models keep them in fp16: half
-    the memory (an r=16 adapter of the 135M model: 9.8 MB, not 19.5), and fp16's
-    11-bit significand keeps the weights to about 5e-4 relative (LoRA weights are
-    far from fp16's range limits). The running batch's adapters are widened back
-    to the compute dtype once per batch (`MultiLoraLinear._weights`). bf16/fp16
-    models keep them in their own dtype."""
-    return torch.float16 if compute == torch.float32 else compute
+    """How loaded adapters are kept at rest; the running batch's adapters are
+    widened back to the compute dtype once per batch (`MultiLoraLinear._weights`).
+
+    - fp32 models: fp16. Half the memory (an r=16 adapter of the 135M model:
+      9.8 MB, not 19.5), and fp16's 11-bit significand keeps the weights to
+      about 5e-4 relative (LoRA weights are far from fp16's range limits).
+    - bf16 models: int8 with a scale per rank component (`Int8PerRank`, 4.9 MB).
+      A bf16 base halves the base's memory, so adapters stored in bf16 would
+      weigh twice as much next to it: 8 of them +14% of the server's memory
+      (benchmarks/serve_bench.py), int8 +7%. The rounding (at most half a step
+      of 1/127 of a component's largest entry) changes a layer's output less
+      than bf16 arithmetic on the base weights already does (tests/serve/
+      test_engine.py::test_int8_adapters_*).
+    - fp16 models keep them in fp16."""
+    return {torch.float32: torch.float16, torch.bfloat16: torch.int8}.get(compute, compute)
+
+
+def _store(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, device: torch.device) -> tuple:
+    if dtype == torch.int8:
+        return Int8PerRank.of(a.to(device), axis=1), Int8PerRank.of(b.to(device), axis=0)
+    return a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous()
+
+
+def _nbytes(t) -> int:
+    return t.nbytes if isinstance(t, Int8PerRank) else t.numel() * t.element_size()
 
 
 def read_adapter(adapter_dir: Path, model: nn.Module, dtype: torch.dtype | None = None) -> AdapterWeights:
@@ -249,10 +299,9 @@ def read_adapter(adapter_dir: Path, model: nn.Module, dtype: torch.dtype | None 
                               "adapter_incompatible")
         r_cfg, alpha_cfg = _pattern(config.get("rank_pattern"), path, rank), _pattern(config.get("alpha_pattern"), path, alpha)
         scaling = alpha_cfg / math.sqrt(r_cfg) if config.get("use_rslora") else alpha_cfg / r_cfg
-        store = dtype or storage_dtype(ref.dtype)
-        a, b = a.to(ref.device, store).contiguous(), b.to(ref.device, store).contiguous()
+        a, b = _store(a, b, dtype or storage_dtype(ref.dtype), ref.device)
         layers[path] = (a, b, scaling)
-        nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
+        nbytes += _nbytes(a) + _nbytes(b)
     return AdapterWeights(layers=layers, nbytes=nbytes)
 
 

@@ -231,6 +231,7 @@ class Health(_Open):
     version: str
     worker_pid: int | None
     worker_restarts: int
+    precision: Literal["fp32", "bf16"]  # the dtype chat completions run in
 
 
 class FileStats(_Open):

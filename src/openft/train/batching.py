@@ -62,19 +62,6 @@ class MicroBatch:
     n_trained: int
 
 
-def shape_bucket(n: int) -> int:
-    """`n` rounded up to one of 8 widths per power of two (at most 12.5% more).
-
-    oneDNN, which runs bf16 matmuls on the CPU, compiles a kernel for every new
-    matrix shape: ~5 ms for each of the ~60 matmuls a LoRA step runs per new
-    micro-batch shape, a quarter of the step when every shape is new. Widths from
-    a small set make later micro-batches reuse the kernels of earlier ones."""
-    if n <= 16:
-        return n
-    step = 1 << (n.bit_length() - 4)
-    return -(-n // step) * step
-
-
 def collate(items: list[Encoded], pad_id: int, width: int | None = None) -> MicroBatch:
     width = max(width or 0, max(len(e) for e in items))
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)

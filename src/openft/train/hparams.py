@@ -66,7 +66,7 @@ def resolve_train(cfg: TrainConfig, n_examples: int, max_len: int, device: "torc
     the GPU if there is one)."""
     import torch
 
-    from openft.train.precision import resolve_precision
+    from openft.hardware import resolve_precision
 
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

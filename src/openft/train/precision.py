@@ -1,10 +1,8 @@
 """Training precision: fp32, or bf16 matmuls where the hardware has fast bf16.
 
-On a CPU with AMX (this machine: Sapphire Rapids class) a bf16 matmul runs
-~3-4x faster than fp32 (oneDNN: 665-930 vs 230-310 GFLOP/s for a 2048^3 mm;
-`benchmarks/train_bench.py --configs openft,openft_fp32` compares whole runs),
-and on recent GPUs bf16 is the native training type. So `auto` picks bf16
-there and fp32 elsewhere (a CPU without AMX emulates bf16 slowly).
+`auto` resolves to bf16 where the hardware runs it fast (`openft.hardware`:
+a CPU with AMX, a GPU with bf16) and to fp32 elsewhere;
+`benchmarks/train_bench.py --configs openft,openft_fp32` compares whole runs.
 
 bf16 here means mixed precision, the usual recipe:
 - LoRA: the frozen base weights are stored in bf16 (half the memory, no cast
@@ -20,7 +18,6 @@ in-process model (the before/after comparison) is the one that gets served.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,34 +25,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from openft.hardware import shape_bucket
 from openft.heap import release_free_memory
-from openft.train.batching import shape_bucket
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-@functools.cache
-def cpu_has_amx() -> bool:
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        return False
-    return "amx_bf16" in flags.split()
-
-
-def fast_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_amx() and torch.backends.mkldnn.is_available()
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    if requested not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
-    if requested == "auto":
-        return "bf16" if fast_bf16(device) else "fp32"
-    return requested
-
 
 @dataclass(frozen=True)
 class Precision:
