@@ -3,6 +3,7 @@
   OPENFT_HOME=.openft-home .venv/bin/python benchmarks/prefill_ab.py            # prompt grouping
   OPENFT_HOME=.openft-home .venv/bin/python benchmarks/prefill_ab.py --lora     # LoRA add: addmm vs matmul + add
   OPENFT_HOME=.openft-home .venv/bin/python benchmarks/prefill_ab.py --attention  # grouped-query attention
+  OPENFT_HOME=.openft-home .venv/bin/python benchmarks/prefill_ab.py --precision  # serving in fp32 vs bf16
 
 Grouping: 16 prompts of 380-440 tokens prefilled in one forward, or in groups of
 4, 2, 1 (what Engine.prefill_tokens trades). --lora: the same 16 prompts in one
@@ -14,6 +15,12 @@ then decode steps of all 16 rows on their ~450-token cache, and one prompt
 prefilled alone, with openft's attention (query heads grouped per KV head,
 additive mask built once per forward) or the former one (SDPA's enable_gqa, a bool mask converted in every
 layer); rounds alternate between the two, medians of 6.
+--precision: the built-in model loaded in fp32 and in bf16 (what `openft serve
+--precision auto` picks on a CPU with AMX), the same workloads as --attention
+(one prompt alone, 16 prompts in groups of 4, a 16-row decode step on their
+cache) plus a one-row decode step on a 400-token cache; bf16 as the engine runs
+it (prompts padded to shape_bucket widths, a one-row step off oneDNN) and, for
+the one-row step, on oneDNN too. Rounds alternate, medians of 6.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--attention", action="store_true")
+    ap.add_argument("--precision", action="store_true")
     a = ap.parse_args()
     from openft.models.load import load_for_serving, setup_torch
     from openft.models.padding import left_pad
@@ -57,6 +65,9 @@ def main() -> None:
     variants: dict[str, callable] = {}
     if a.attention:
         attention_ab(model, seqs)
+        return
+    if a.precision:
+        precision_ab(str(base), seqs)
         return
     if a.lora:
         import serve_bench
@@ -155,6 +166,75 @@ def attention_ab(model, seqs: list[list[int]]) -> None:
         o, f = (statistics.median(times[v, what]) for v in ("openft", "former"))
         label = labels[what]
         print(f"{what} ({label}): openft {o * scale:.2f} {unit}, former {f * scale:.2f} {unit}, ratio {o / f:.3f}")
+
+
+@torch.inference_mode()
+def precision_ab(path: str, seqs: list[list[int]]) -> None:
+    import statistics
+
+    from openft.hardware import shape_bucket, without_onednn
+    from openft.models.load import load_for_serving
+    from openft.models.padding import left_pad
+
+    def workloads(model, bucket: bool) -> dict:
+        widths = shape_bucket if bucket else (lambda n: n)
+
+        def pad(group):
+            return left_pad(group, 0, width=widths(max(map(len, group))))
+
+        def single() -> float:
+            i, m, p = pad(seqs[:1])
+            t = time.perf_counter()
+            model(input_ids=i, attention_mask=m, position_ids=p, past_key_values=model.new_cache(), logits_to_keep=1)
+            return time.perf_counter() - t
+
+        def prefill() -> float:
+            t = time.perf_counter()
+            for g in range(0, len(seqs), 4):
+                i, m, p = pad(seqs[g : g + 4])
+                model(input_ids=i, attention_mask=m, position_ids=p, past_key_values=model.new_cache(),
+                      logits_to_keep=1)
+            return time.perf_counter() - t
+
+        def decoder(rows: int):
+            ids, mask, pos = pad(seqs[:rows])
+            cache = model.new_cache()
+            model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=1)
+            saved = [(layer.keys, layer.values) for layer in cache.layers]
+            step_mask = torch.cat([mask, mask.new_ones((rows, 1))], 1)
+
+            def step() -> float:
+                for layer, (k, v) in zip(cache.layers, saved):  # the same cache length every step
+                    layer.keys, layer.values = k, v
+                t = time.perf_counter()
+                model(input_ids=ids[:, -1:], attention_mask=step_mask, position_ids=pos[:, -1:] + 1,
+                      past_key_values=cache, logits_to_keep=1)
+                return time.perf_counter() - t
+            return step
+
+        return {"single": single, "prefill": prefill, "decode16": decoder(16), "decode1": decoder(1)}
+
+    fp32 = workloads(load_for_serving(path).model, bucket=False)
+    bf16 = workloads(load_for_serving(path, dtype=torch.bfloat16).model, bucket=True)
+
+    def off(step):
+        def go() -> float:
+            with without_onednn():
+                return step()
+        return go
+
+    variants = {"fp32": fp32, "bf16": {**bf16, "decode1": off(bf16["decode1"]), "decode1_onednn": bf16["decode1"]}}
+    times: dict = {(v, w): [] for v, ws in variants.items() for w in ws}
+    for _ in range(7):  # the first round warms up (kernels, buffers) and is dropped
+        for v, ws in variants.items():
+            for w, fn in ws.items():
+                times[v, w].append(fn())
+    labels = {"single": "1 prompt", "prefill": "16 prompts, groups of 4", "decode16": "decode step, 16 rows",
+              "decode1": "decode step, 1 row", "decode1_onednn": "decode step, 1 row, bf16 on oneDNN"}
+    for w, label in labels.items():
+        f = statistics.median(times["fp32", "decode1" if w == "decode1_onednn" else w][1:])
+        b = statistics.median(times["bf16", w][1:])
+        print(f"{label:36s} fp32 {f * 1000:8.1f} ms   bf16 {b * 1000:8.1f} ms   bf16/fp32 {b / f:.2f}")
 
 
 if __name__ == "__main__":

@@ -71,8 +71,9 @@ def without_onednn() -> Iterator[None]:
 
     For one-row bf16 products (a decode step of a single sequence) oneDNN's
     kernels are slower than torch's native bf16 gemv: a 1-row decode step of
-    the built-in model took 50.1 ms with oneDNN, 38.8 ms without, 41.0 ms in
-    fp32 (medians of 30, one run). With 2 or more rows oneDNN wins. The switch
+    the built-in model took 42.9 ms with oneDNN, 36.3 ms without, 37.9 ms in
+    fp32 (benchmarks/prefill_ab.py --precision). With 2 or more rows oneDNN
+    wins (a 1536x576 product at 2 rows: 99 vs 156 us). The switch
     is process-wide: only for a process whose one thread runs all the models
     (the serving engine's scheduler)."""
     before = torch._C._get_mkldnn_enabled()

@@ -194,9 +194,9 @@ class Engine:
         self.max_loaded_bases = max_loaded_bases
         self.max_loaded_adapters = max_loaded_adapters
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        # bf16 where the hardware runs it fast (a GPU, a CPU with AMX: prefill ~2.4x,
-        # a 16-row decode step ~1.3x faster than fp32 here), fp32 elsewhere (a CPU
-        # without AMX emulates bf16 10-50x slower). benchmarks/serve_bench.py measures both.
+        # bf16 where the hardware runs it fast (a GPU, a CPU with AMX: prefill ~3x, a
+        # 16-row decode step ~1.25x faster than fp32 here, benchmarks/prefill_ab.py
+        # --precision), fp32 elsewhere (a CPU without AMX emulates bf16 10-50x slower).
         self.dtype = dtype or (torch.bfloat16 if fast_bf16(self.device) else torch.float32)
         # oneDNN (bf16 on a CPU) compiles a kernel per matmul shape: prompts are
         # padded to a few bucketed widths so later prefills reuse earlier kernels.
