@@ -43,6 +43,16 @@ class Precision:
         kernel per matmul shape, so there rows go to a few bucketed widths."""
         return shape_bucket if self.name == "bf16" and self.device_type == "cpu" else None
 
+    def use_attention(self, model: nn.Module) -> Callable[[], None]:
+        """bf16 on a CPU: attention as matmuls with a hand-written backward
+        (`openft.train.attention`; torch's CPU flash kernel is slow backward in
+        bf16). Returns the undo."""
+        if self.name == "bf16" and self.device_type == "cpu":
+            from openft.train import attention
+
+            return attention.use(model)
+        return lambda: None
+
     def prepare(self, model: nn.Module) -> list[str]:
         """Store the frozen fp32 weights in bf16 (LoRA's base); trainable ones stay
         fp32. Returns the names of the parameters converted, for `restore`."""
