@@ -102,6 +102,28 @@ def main() -> None:
         print(f"{k:24s} {v:6.2f} s   {v / first:.2f}x of the first")
 
 
+def prefill_timers(model, seqs: list[list[int]], pad) -> tuple:
+    """Two timed workloads: one prompt alone (a lone client's time to first
+    token), and all prompts prefilled in groups of 4 (as the engine cuts them).
+    `pad(group)` -> (input_ids, attention_mask, position_ids)."""
+    def run(group: list[list[int]]) -> None:
+        i, m, p = pad(group)
+        model(input_ids=i, attention_mask=m, position_ids=p, past_key_values=model.new_cache(), logits_to_keep=1)
+
+    def single() -> float:
+        t = time.perf_counter()
+        run(seqs[:1])
+        return time.perf_counter() - t
+
+    def prefill() -> float:
+        t = time.perf_counter()
+        for g in range(0, len(seqs), 4):
+            run(seqs[g : g + 4])
+        return time.perf_counter() - t
+
+    return single, prefill
+
+
 @torch.inference_mode()
 def attention_ab(model, seqs: list[list[int]]) -> None:
     import statistics
@@ -131,18 +153,7 @@ def attention_ab(model, seqs: list[list[int]]) -> None:
     step_mask = torch.cat([mask, mask.new_ones((len(seqs), 1))], 1)
     step_ids, step_pos = ids[:, -1:], pos[:, -1:] + 1
 
-    def single() -> float:  # one prompt alone (a lone client's time to first token)
-        i, m, p = left_pad(seqs[:1], 0)
-        t = time.perf_counter()
-        model(input_ids=i, attention_mask=m, position_ids=p, past_key_values=model.new_cache(), logits_to_keep=1)
-        return time.perf_counter() - t
-
-    def prefill() -> float:
-        t = time.perf_counter()
-        for g in range(0, len(seqs), 4):
-            i, m, p = left_pad(seqs[g : g + 4], 0)
-            model(input_ids=i, attention_mask=m, position_ids=p, past_key_values=model.new_cache(), logits_to_keep=1)
-        return time.perf_counter() - t
+    single, prefill = prefill_timers(model, seqs, lambda group: left_pad(group, 0))
 
     def decode(steps: int = 5) -> float:
         t = time.perf_counter()
@@ -182,19 +193,7 @@ def precision_ab(path: str, seqs: list[list[int]]) -> None:
         def pad(group):
             return left_pad(group, 0, width=widths(max(map(len, group))))
 
-        def single() -> float:
-            i, m, p = pad(seqs[:1])
-            t = time.perf_counter()
-            model(input_ids=i, attention_mask=m, position_ids=p, past_key_values=model.new_cache(), logits_to_keep=1)
-            return time.perf_counter() - t
-
-        def prefill() -> float:
-            t = time.perf_counter()
-            for g in range(0, len(seqs), 4):
-                i, m, p = pad(seqs[g : g + 4])
-                model(input_ids=i, attention_mask=m, position_ids=p, past_key_values=model.new_cache(),
-                      logits_to_keep=1)
-            return time.perf_counter() - t
+        single, prefill = prefill_timers(model, seqs, pad)
 
         def decoder(rows: int):
             ids, mask, pos = pad(seqs[:rows])
