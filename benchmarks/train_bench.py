@@ -82,7 +82,7 @@ Commands (from the repo root; OPENFT_HOME must hold the converted built-in):
   OPENFT_HOME=.openft-home .venv/bin/python benchmarks/train_bench.py --method full --json
   # GPU (bf16; all four configurations in bf16 there):
   OPENFT_HOME=... python benchmarks/train_bench.py --device cuda --json
---quick uses 24 short rows (<= 128 tokens) + 8 held-out rows, 1 epoch,
+--quick uses 16 short rows (<= 128 tokens) + 8 held-out rows, 1 epoch,
 max length 512, 512 tokens per step; the default uses 160 rows + 32 held out.
 """
 
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--method", choices=("lora", "full"), default="lora")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--rows", type=int, help="training rows (default 160; quick 24)")
+    ap.add_argument("--rows", type=int, help="training rows (default 160; quick 16)")
     ap.add_argument("--valid", type=int, help="held-out rows (default 32; quick 8)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--max-length", type=int, help="default 1024; quick 512")
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     from openft.models.load import load_builtin_tokenizer
 
     tok = load_builtin_tokenizer()
-    n_train = a.rows or (24 if a.quick else 160)
+    n_train = a.rows or (16 if a.quick else 160)
     n_valid = a.valid or (8 if a.quick else 32)
     max_length = a.max_length or (512 if a.quick else 1024)
     tps = a.tokens_per_step or (512 if a.quick else 2048)
