@@ -200,7 +200,8 @@ class Engine:
         self.dtype = dtype or (torch.bfloat16 if fast_bf16(self.device) else torch.float32)
         # oneDNN (bf16 on a CPU) compiles a kernel per matmul shape: prompts are
         # padded to a few bucketed widths so later prefills reuse earlier kernels.
-        self._prefill_width = shape_bucket if onednn_shapes(self.dtype, self.device) else (lambda n: n)
+        self._onednn = onednn_shapes(self.dtype, self.device)
+        self._prefill_width = shape_bucket if self._onednn else (lambda n: n)
         # Padded tokens per prefill forward (see prefill_groups); a GPU wants big ones.
         self.prefill_tokens = prefill_tokens or (16384 if self.device.type == "cuda" else 2048)
         # How adapters are kept at rest (default: engine_lora.storage_dtype of the model's dtype).
@@ -514,7 +515,7 @@ class Engine:
         """logits (B, vocab) for each row's last position, and the updated cache."""
         base.routing.set_rows(batch.adapter_keys, self.device)
         kwargs = {base.cache_kw: cache}
-        one_row = ids.numel() == 1 and onednn_shapes(self.dtype, self.device)
+        one_row = self._onednn and ids.numel() == 1
         with without_onednn() if one_row else contextlib.nullcontext():
             out = base.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                              logits_to_keep=1, **kwargs)
