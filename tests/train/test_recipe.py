@@ -135,3 +135,20 @@ def test_early_stopping_stops_when_validation_stops_improving(tiny_model_dir, tm
     assert result.stopped_early
     assert result.history[-1]["step"] == 3  # best at step 1, no improvement at 2 and 3
     assert checkpoint.latest(result.run_dir).name == "step-000003"
+
+
+def test_spilled_weight_copy_reads_back_across_chunk_boundaries(tmp_path, monkeypatch):
+    from openft.train import recipe
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(11)), torch.nn.Parameter(torch.randn(2))]
+    monkeypatch.setattr(recipe, "SPILL_CHUNK", 4)  # every weight spans several reads, none ends on a boundary
+    spilled = recipe.snapshot_weights(params, tmp_path, spill=True)
+    kept = recipe.snapshot_weights(params, tmp_path, spill=False)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.1)
+    expected = recipe.weight_delta_norm(params, kept)
+    assert expected > 0
+    assert abs(recipe.weight_delta_norm(params, spilled) - expected) <= 1e-6 * expected
+    assert spilled.closed and list(tmp_path.iterdir()) == []  # unnamed: nothing left behind
