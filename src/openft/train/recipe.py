@@ -169,16 +169,12 @@ def snapshot_weights(params: list[torch.nn.Parameter], run_dir: Path, *, spill: 
         return [p.detach().clone() for p in params]
     f = tempfile.TemporaryFile(dir=run_dir)
     for p in params:
-        f.write(_raw(p.detach().cpu().contiguous()))
+        f.write(checkpoint.raw_bytes(p.detach().cpu().contiguous()))
     f.flush()
     return f
 
 
 SPILL_CHUNK = 1 << 22  # elements read back at a time (16 MB of fp32)
-
-
-def _raw(t: torch.Tensor) -> memoryview:
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def weight_delta_norm(params: list[torch.nn.Parameter], initial: list[torch.Tensor] | IO[bytes]) -> float:
@@ -197,7 +193,7 @@ def weight_delta_norm(params: list[torch.nn.Parameter], initial: list[torch.Tens
             buf = torch.empty(min(SPILL_CHUNK, flat.numel()), dtype=flat.dtype)
             for s in range(0, flat.numel(), SPILL_CHUNK):
                 part = buf[: min(SPILL_CHUNK, flat.numel() - s)]
-                view = _raw(part)
+                view = checkpoint.raw_bytes(part)
                 if initial.readinto(view) != len(view):
                     raise OSError("the spilled copy of the initial weights is shorter than the weights")
                 total += float((flat[s : s + len(part)].float() - part.float()).pow(2).sum())
