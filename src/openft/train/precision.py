@@ -9,7 +9,8 @@ bf16 here means mixed precision, the usual recipe:
   per step); the adapter's A/B weights, their gradients and AdamW's moments
   stay fp32, and autocast runs each matmul in bf16 with fp32 accumulation.
 - full fine-tuning: every weight stays fp32 (the optimizer updates fp32
-  masters) and autocast casts them for the matmuls.
+  masters) and is cast for each matmul, in backward again rather than kept
+  (`openft.train.castlinear`).
 The loss and its softmax are computed in fp32 (`openft.train.loss`).
 After training, `restore` puts the base weights back exactly as loaded, so the
 in-process model (the before/after comparison) is the one that gets served.
@@ -43,15 +44,27 @@ class Precision:
         kernel per matmul shape, so there rows go to a few bucketed widths."""
         return shape_bucket if self.name == "bf16" and self.device_type == "cpu" else None
 
-    def use_attention(self, model: nn.Module) -> Callable[[], None]:
-        """bf16 on a CPU: attention as matmuls with a hand-written backward
-        (`openft.train.attention`; torch's CPU flash kernel is slow backward in
-        bf16). Returns the undo."""
-        if self.name == "bf16" and self.device_type == "cpu":
-            from openft.train import attention
+    def use_kernels(self, model: nn.Module, *, full: bool) -> Callable[[], None]:
+        """bf16's training kernels; returns the undo of all of them.
+        - on a CPU, attention as matmuls with a hand-written backward
+          (`openft.train.attention`; torch's CPU flash kernel is slow backward
+          in bf16);
+        - full fine-tuning: the fp32 weights are cast per use and not kept in
+          bf16 between forward and backward (`openft.train.castlinear`; LoRA's
+          adapters are too small for it to matter)."""
+        if self.name != "bf16":
+            return lambda: None
+        from openft.train import attention, castlinear
 
-            return attention.use(model)
-        return lambda: None
+        undos = [castlinear.use(model)] if full else []
+        if self.device_type == "cpu":
+            undos.append(attention.use(model))
+
+        def undo() -> None:
+            for u in reversed(undos):
+                u()
+
+        return undo
 
     def prepare(self, model: nn.Module) -> list[str]:
         """Store the frozen fp32 weights in bf16 (LoRA's base); trainable ones stay

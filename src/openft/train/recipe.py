@@ -264,7 +264,7 @@ def _finetune(spec: JobSpec, loaded: LoadedModel, undo: list[Callable[[], None]]
     converted = precision.prepare(model)  # LoRA's frozen base in bf16
     if converted:
         undo.append(lambda: precision.restore(model, converted, weights_on_disk(loaded.path)))
-    undo.append(precision.use_attention(model))  # bf16 on a CPU: attention as matmuls
+    undo.append(precision.use_kernels(model, full=cfg.method == "full"))  # bf16: matmul attention, no kept weight casts
     widths = precision.widths()
     params = [p for p in model.parameters() if p.requires_grad]
     initial = snapshot_weights(params, run_dir, spill=cfg.method != "lora")
