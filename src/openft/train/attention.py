@@ -9,11 +9,13 @@ batches interleaved (`benchmarks/attention_ab.py`: 355.7 vs 324.4 tok/s). In
 fp32 it gains nothing (0.98x), so it is used for bf16 on a CPU only
 (`Precision.use_kernels`).
 
-Memory. Nothing the size of the scores is kept for backward: only q, k, v and
-each row's log-sum-exp, from which backward recomputes the probabilities (one
-more q k^T product), as flash attention does. Keeping the bf16 probabilities
-instead cost 2 bytes per score, 9 x 640 x 640 x 2 B x 30 layers = 221 MB on a
-640-token row of the built-in; transformers' own "eager" attention keeps 6.
+Memory. transformers' own "eager" attention is a little faster (1.14x) but
+keeps the fp32 softmax and its bf16 copy for backward (6 bytes per score); this
+keeps the bf16 probabilities alone (2 bytes) and derives the softmax gradient
+from them. Saved for backward on a 512-token row: 676 MB, SDPA 579, eager 969.
+Keeping only each row's log-sum-exp and recomputing the probabilities in
+backward (as flash attention does) saved 2 B per score but made it 0.81x of
+SDPA instead of 1.15x (the extra q k^T and exp on a CPU; attention_ab, session 8).
 
 Grouped-query heads read their shared K/V head through a broadcast, never a copy.
 """
@@ -42,41 +44,30 @@ class MatmulAttention(torch.autograd.Function):
         q5 = q.to(dtype).reshape(b, kv, h // kv, t, d)  # the g heads of one KV head together
         k5, v5 = k.to(dtype)[:, :, None], v.to(dtype)[:, :, None]  # (B, KV, 1, S, D)
         with torch.autocast("cpu", enabled=False):
-            scores = _scores(q5, k5, bias, scale)  # (B, KV, g, T, S), fp32
-            lse = torch.logsumexp(scores, -1, keepdim=True)
-            p = scores.sub_(lse).exp_().to(dtype)
+            scores = torch.matmul(q5, k5.transpose(-1, -2)).float().mul_(scale)  # (B, KV, g, T, S)
+            if bias is not None:
+                scores.add_(bias.float()[:, :, None])
+            p = torch.softmax(scores, -1).to(dtype)
             del scores
             out = torch.matmul(p, v5).reshape(b, h, t, d)
-        ctx.save_for_backward(q5, k5, v5, lse, bias)
+        ctx.save_for_backward(q5, k5, v5, p)
         ctx.scale = scale
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q5, k5, v5, lse, bias = ctx.saved_tensors
+        q5, k5, v5, p = ctx.saved_tensors
         b, kv, g, t, d = q5.shape
-        # The probabilities again, from the same scores and the saved log-sum-exp.
-        pf = _scores(q5, k5, bias, ctx.scale).sub_(lse).exp_()
-        p = pf.to(q5.dtype)
         do = dout.to(p.dtype).reshape(b, kv, g, t, d)
         dv = torch.matmul(p.transpose(-1, -2), do).sum(2)  # (B, KV, S, D): summed over the group's heads
-        del p
         dp = torch.matmul(do, v5.transpose(-1, -2)).float()  # (B, KV, g, T, S)
-        ds = pf.mul_(dp.sub_((dp * pf).sum(-1, keepdim=True))).mul_(ctx.scale).to(q5.dtype)  # softmax backward
-        del pf, dp
+        pf = p.float()
+        ds = (pf * (dp - (dp * pf).sum(-1, keepdim=True))).mul_(ctx.scale).to(p.dtype)  # softmax backward
         dq = torch.matmul(ds, k5).reshape(b, kv * g, t, d)
         dk = torch.matmul(ds.transpose(-1, -2), q5).sum(2)
         qd, kd, vd = ctx.dtypes
         return dq.to(qd), dk.to(kd), dv.to(vd), None, None
-
-
-def _scores(q5: torch.Tensor, k5: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """fp32 q k^T * scale + bias, the products in the inputs' dtype."""
-    scores = torch.matmul(q5, k5.transpose(-1, -2)).float().mul_(scale)
-    if bias is not None:
-        scores.add_(bias.float()[:, :, None])
-    return scores
 
 
 def causal_bias(t: int, s: int, device) -> torch.Tensor:
