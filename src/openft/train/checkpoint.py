@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from openft.faults import fault_point
 
@@ -156,7 +156,7 @@ def _write(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(tmp / "rng.safetensors"))
+    write_safetensors(rng, tmp / "rng.safetensors")
     py_state = random.getstate()
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
     (tmp / "python_rng.json").write_text(json.dumps([py_state[0], list(py_state[1]), py_state[2]]))
