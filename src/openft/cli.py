@@ -350,6 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands that train run under the training allocator (openft.heap).
+TRAINING_COMMANDS = frozenset({"finetune", "demo", "worker"})
+
+
+def entry() -> int:
+    """The `openft` executable (and `python -m openft.cli`). A command that
+    trains first re-executes itself with tcmalloc preloaded, where there is
+    one, before anything heavy is imported; `main` is what tests call in-process."""
+    if len(sys.argv) > 1 and sys.argv[1] in TRAINING_COMMANDS:
+        from openft.heap import reexec_with_training_allocator
+
+        reexec_with_training_allocator()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from openft.models.registry import ModelNotFound
@@ -367,4 +382,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from openft.heap import training_allocator
+
 pytestmark = pytest.mark.integration
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "src" / "openft" / "examples"
@@ -92,6 +94,10 @@ def test_finetune_compare_export_from_the_command_line(session_home, tiny_model_
     assert len(report["rows"]) == 2 and {"before", "after"} <= set(report["rows"][0])
     assert "step 3/3" in proc.stderr  # the progress bar
     assert "Training" in proc.stdout  # the plain-words verdict
+    # A training command runs under tcmalloc where the machine has it (openft.heap).
+    expected = "system" if training_allocator() is None else Path(training_allocator()).name
+    used = json.loads((run / "summary.json").read_text())["allocator"]
+    assert used == "system" if expected == "system" else used in expected, (used, expected)
 
     cmp_dir = tmp_path / "cmp"
     openft("compare", "--before", str(tiny_model_dir), "--after", str(run), "--questions", str(questions),

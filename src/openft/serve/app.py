@@ -22,6 +22,7 @@ from fastapi import FastAPI
 
 from openft import __version__, home
 from openft.hardware import PRECISIONS
+from openft.heap import training_env
 from openft.jobs.store import Store
 from openft.serve import errors
 from openft.serve.errors import envelope
@@ -54,7 +55,8 @@ class WorkerSupervisor:
 
     def _spawn(self) -> None:
         cmd = [sys.executable, "-m", "openft.cli", "worker", "--parent-pid", str(os.getpid())]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "OPENFT_HOME": str(home.home())})
+        # Started under the training allocator directly, so it need not re-execute itself.
+        self.proc = subprocess.Popen(cmd, env=training_env({**os.environ, "OPENFT_HOME": str(home.home())}))
         log.info("worker started (pid %s)", self.proc.pid)
 
     def _loop(self) -> None:

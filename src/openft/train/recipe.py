@@ -33,7 +33,7 @@ from openft.data.load import LoadResult, load_dataset, parse_columns
 from openft.data.split import split_examples
 from openft.data.types import Example
 from openft.faults import fault_point
-from openft.heap import keep_freed_memory
+from openft.heap import allocator_in_use, keep_freed_memory
 from openft.models.load import LoadedModel, hash_weights, load_model
 from openft.train import checkpoint
 from openft.train.batching import micro_batches, plan_steps
@@ -406,7 +406,8 @@ def _finetune(spec: JobSpec, loaded: LoadedModel, undo: list[Callable[[], None]]
     elapsed = time.monotonic() - t0
     summary = {"trained_tokens": state.trained_tokens, "elapsed_s": elapsed, "full_valid_loss": full_valid,
                "tokens_per_s": state.trained_tokens / max(1e-9, elapsed), "signals": signals,
-               "stopped_early": stopped_early, "steps": state.step}
+               "stopped_early": stopped_early, "steps": state.step,
+               "allocator": allocator_in_use()}  # tcmalloc or system: it moves speed and memory (openft.heap)
     _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     emit("finished", summary)
     return TrainResult(run_dir=run_dir, output_dir=out_dir, history=hist, trained_tokens=state.trained_tokens,
