@@ -361,7 +361,11 @@ def entry() -> int:
     if len(sys.argv) > 1 and sys.argv[1] in TRAINING_COMMANDS:
         from openft.heap import reexec_with_training_allocator
 
-        reexec_with_training_allocator()
+        try:
+            reexec_with_training_allocator()
+        except ValueError as e:  # OPENFT_MALLOC names no file
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return main()
 
 

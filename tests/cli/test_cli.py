@@ -18,8 +18,8 @@ pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parents[2] / "src" / "openft" / "examples"
 
 
-def openft(*args: str, home: Path, check: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OPENFT_HOME": str(home)}
+def openft(*args: str, home: Path, check: bool = False, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OPENFT_HOME": str(home), **env_vars}
     proc = subprocess.run([sys.executable, "-m", "openft.cli", *args], capture_output=True, text=True, env=env, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"openft {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -38,6 +38,15 @@ def test_help_lists_every_flag(command, session_home):
     assert "usage:" in out
     if command == "finetune":
         assert "--precision {auto,fp32,bf16}" in out and "--lora-dropout" in out and "10-20% advised" in out
+
+
+def test_a_training_command_names_a_missing_allocator_library(session_home, tmp_path):
+    proc = openft("finetune", "--help", home=session_home, OPENFT_MALLOC=str(tmp_path / "libgone.so"))
+    assert proc.returncode == 2
+    assert "OPENFT_MALLOC=" in proc.stderr and "libgone.so: no such file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # Commands that do not train never look at it.
+    assert openft("models", "list", home=session_home, OPENFT_MALLOC=str(tmp_path / "libgone.so")).returncode == 0
 
 
 def test_validate_json_report_names_every_bad_line(tmp_path, session_home, tiny_model_dir):
