@@ -95,6 +95,8 @@ def test_training_env_preloads_ahead_of_the_users_preload_once(tmp_path, monkeyp
     assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) > 1 << 40
     assert training_env(env, dirs=[tmp_path]) == env  # already marked: nothing added twice
     assert training_env({"PATH": "/bin"}, dirs=[]) == {"PATH": "/bin"}  # no allocator: unchanged
+    # The choice is read from the environment being built, not this process's.
+    assert training_env({MALLOC_ENV: "system"}, dirs=[tmp_path]) == {MALLOC_ENV: "system"}
 
 
 @pytest.mark.skipif(training_allocator() is None, reason="no tcmalloc/jemalloc here (scripts/install-tcmalloc.sh)")

@@ -61,9 +61,10 @@ def _library_dirs() -> list[Path]:
             Path("/usr/lib64"), Path("/usr/lib"), Path("/usr/local/lib")]
 
 
-def training_allocator(dirs: list[Path] | None = None) -> str | None:
-    """The malloc library training processes preload, or None for the system's."""
-    choice = os.environ.get(MALLOC_ENV, "auto").strip()
+def training_allocator(dirs: list[Path] | None = None, env: dict[str, str] | None = None) -> str | None:
+    """The malloc library a training process started with `env` (default:
+    this process's) preloads, or None for the system's."""
+    choice = (os.environ if env is None else env).get(MALLOC_ENV, "auto").strip()
     if choice in ("system", "glibc", "none"):
         return None
     if choice not in ("", "auto"):
@@ -84,7 +85,7 @@ def training_env(env: dict[str, str] | None = None, *, dirs: list[Path] | None =
     allocator preloaded ahead of anything already there, and marked so the
     process does not re-execute itself. Unchanged when there is no allocator."""
     env = dict(os.environ if env is None else env)
-    lib = training_allocator(dirs)
+    lib = training_allocator(dirs, env)
     if lib is None or env.get(PRELOADED_ENV):
         return env
     env["LD_PRELOAD"] = ":".join(x for x in (lib, env.get("LD_PRELOAD", "")) if x)
