@@ -93,6 +93,8 @@ def test_training_env_preloads_ahead_of_the_users_preload_once(tmp_path, monkeyp
     env = training_env({"LD_PRELOAD": "/opt/mine.so", "PATH": "/bin"}, dirs=[tmp_path])
     assert env["LD_PRELOAD"] == f"{lib}:/opt/mine.so" and env[PRELOADED_ENV] == lib and env["PATH"] == "/bin"
     assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) > 1 << 40
+    assert "background_thread:true" in env["MALLOC_CONF"]  # jemalloc's, when it is the one found
+    assert training_env({"MALLOC_CONF": "narenas:1"}, dirs=[tmp_path])["MALLOC_CONF"] == "narenas:1"  # the user's wins
     assert training_env(env, dirs=[tmp_path]) == env  # already marked: nothing added twice
     assert training_env({"PATH": "/bin"}, dirs=[]) == {"PATH": "/bin"}  # no allocator: unchanged
     # The choice is read from the environment being built, not this process's.

@@ -50,9 +50,14 @@ PRELOADED_ENV = "OPENFT_MALLOC_PRELOADED"  # set on the re-executed process: nev
 # Searched in this order, in the virtual environment's lib/openft-malloc (where
 # `make install` puts it), then the system's library directories.
 ALLOCATORS = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libjemalloc.so.2")
-# gperftools reports every allocation over 1 GB on stderr; a larger model's
-# embedding gradients are that big, and it is not news.
-ALLOCATOR_ENV = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 62)}
+# Set unless the user has: gperftools reports every allocation over 1 GB on
+# stderr (a larger model's embedding gradients are that big, and it is not
+# news); jemalloc with its defaults hands freed pages back within 10 s and
+# faults them in again, 1.07x slower than glibc on the full fine-tune, while a
+# background purging thread and 30 s decay was 1.03x faster at the same memory
+# (results/2026-11-30/allocator_scan_*; without decay it grew to 19 GB).
+ALLOCATOR_ENV = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 62),
+                 "MALLOC_CONF": "background_thread:true,dirty_decay_ms:30000,muzzy_decay_ms:30000"}
 
 
 def _library_dirs() -> list[Path]:
