@@ -109,8 +109,8 @@ def reexec_with_training_allocator() -> None:
     one; if the loader refuses the library it says so and the run goes on
     under glibc, without looping."""
     env = training_env()
-    if PRELOADED_ENV in os.environ or PRELOADED_ENV not in env:
-        return
+    if PRELOADED_ENV in os.environ or PRELOADED_ENV not in env or not sys.executable:
+        return  # (an embedded interpreter has no executable to start again)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)
