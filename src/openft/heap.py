@@ -13,9 +13,10 @@ So the processes that train (`openft finetune`, `openft demo`, `openft
 worker`) re-execute themselves once at start with tcmalloc preloaded where the
 machine has it (`make install` unpacks Debian's libtcmalloc-minimal4 into the
 virtual environment; jemalloc is the second choice). Its size classes and
-page-level spans reuse freed memory without fragmenting it: on the built-in
-model's full fine-tune, peak RSS 5303 → 4004 MB and 1.35x the tokens/s of
-glibc in one A/B run; LoRA 1.19x (benchmarks/RESULTS.md, session 9). `OPENFT_MALLOC=system` keeps glibc;
+page-level spans reuse freed memory without fragmenting it. Against glibc in
+one A/B run each on the built-in model (benchmarks/RESULTS.md, session 9):
+full fine-tune 1.35x the tokens/s at 0.755x the peak RSS (4004 vs 5303 MB),
+LoRA 1.29x at 0.97x. `OPENFT_MALLOC=system` keeps glibc;
 `OPENFT_MALLOC=/path/to/lib.so` preloads that library instead. The server is
 left on glibc: its idle footprint shrinks with `release_free_memory`.
 """
