@@ -7,7 +7,7 @@ PIP     := $(PY) -m pip
 TORCH   ?= torch==2.13.0
 export OPENFT_HOME ?= $(HOME)/.openft
 
-.PHONY: install demo test test-fast test-slow clean
+.PHONY: install demo lint test test-fast test-slow clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -26,7 +26,11 @@ demo: install
 	$(VENV)/bin/openft demo
 
 # Every tier this machine can run: unit, integration and slow (gpu skips itself).
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install lint
 	$(PY) -m pytest -q -m "not gpu" --timeout=1500
 
 test-fast: install

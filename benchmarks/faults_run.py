@@ -75,11 +75,17 @@ def main() -> int:
                 resumes += figures["resumes"]
                 diffs.append(figures["max_weight_diff"])
             summary = campaign.summary()
-            summary.update({
-                "faults_survived": survived, "jobs_succeeded_as_reference": len(campaign.jobs) - len(failed),
-                "resumed_from_checkpoint": resumes, "max_adapter_weight_diff": max(diffs) if diffs else None,
-                "seed": args.seed, "wall_s": round(time.monotonic() - t0, 1), "failures": failed,
-            })
+            summary.update(
+                {
+                    "faults_survived": survived,
+                    "jobs_succeeded_as_reference": len(campaign.jobs) - len(failed),
+                    "resumed_from_checkpoint": resumes,
+                    "max_adapter_weight_diff": max(diffs) if diffs else None,
+                    "seed": args.seed,
+                    "wall_s": round(time.monotonic() - t0, 1),
+                    "failures": failed,
+                }
+            )
         finally:
             zygote.close()
             server.stop()
@@ -88,10 +94,12 @@ def main() -> int:
     else:
         print(f"\nfaults injected: {summary['faults_injected']}   survived: {summary['faults_survived']}")
         print("by moment: " + ", ".join(f"{k} {v}" for k, v in sorted(Counter(summary["by_point"]).items())))
-        print(f"jobs: {summary['jobs']} (all as the uninterrupted run: {summary['jobs_succeeded_as_reference']}), "
-              f"worker processes started: {summary['worker_starts']}, resumes from a checkpoint: "
-              f"{summary['resumed_from_checkpoint']}, largest adapter weight difference: "
-              f"{summary['max_adapter_weight_diff']}")
+        print(
+            f"jobs: {summary['jobs']} (all as the uninterrupted run: {summary['jobs_succeeded_as_reference']}), "
+            f"worker processes started: {summary['worker_starts']}, resumes from a checkpoint: "
+            f"{summary['resumed_from_checkpoint']}, largest adapter weight difference: "
+            f"{summary['max_adapter_weight_diff']}"
+        )
         print(f"wall time: {summary['wall_s']} s (seed {args.seed})")
         for jid, why in summary["failures"]:
             print(f"FAILED {jid}: {why}")

@@ -58,14 +58,13 @@ def print_table(rows: list[dict]) -> None:
     per_reader: Counter = Counter()
     for (reader, _), c in table.items():
         per_reader[reader] += c["valid"] + c["error"]
-    print(f"{'all':8} {'':18} {totals['valid']:8} {totals['error']:12} "
-          f"{totals['valid'] + totals['error']:8}")
+    print(f"{'all':8} {'':18} {totals['valid']:8} {totals['error']:12} {totals['valid'] + totals['error']:8}")
     print("per reader: " + ", ".join(f"{r} {n}" for r, n in sorted(per_reader.items())))
 
 
 # --------------------------------------------------------------------------- atheris
 
-ATHERIS_HARNESS = r'''
+ATHERIS_HARNESS = r"""
 import os, sys, tempfile
 import atheris
 with atheris.instrument_imports(include=["openft.data"]):
@@ -87,7 +86,7 @@ def one(data: bytes) -> None:
 
 atheris.Setup([sys.argv[0], *sys.argv[2:]], one)
 atheris.Fuzz()
-'''
+"""
 
 
 def run_atheris(seconds: int, readers: list[str]) -> dict[str, int | str]:
@@ -106,10 +105,20 @@ def run_atheris(seconds: int, readers: list[str]) -> dict[str, int | str]:
             corpus.mkdir()
             _seed_corpus(corpus, reader)
             proc = subprocess.run(
-                [sys.executable, str(harness), reader, str(corpus),
-                 f"-max_total_time={seconds}", "-rss_limit_mb=4096", "-timeout=30",
-                 f"-artifact_prefix={artifacts}/{reader}-"],
-                cwd=ROOT, capture_output=True, text=True)
+                [
+                    sys.executable,
+                    str(harness),
+                    reader,
+                    str(corpus),
+                    f"-max_total_time={seconds}",
+                    "-rss_limit_mb=4096",
+                    "-timeout=30",
+                    f"-artifact_prefix={artifacts}/{reader}-",
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            )
             done = re.findall(r"Done (\d+) runs", proc.stderr)
             if proc.returncode != 0:
                 print(proc.stderr[-4000:])
@@ -127,13 +136,16 @@ def _seed_corpus(corpus: Path, reader: str) -> None:
         "jsonl": [json.dumps(chat) + "\n" + json.dumps({"instruction": "i", "output": "o"}) + "\n"],
         "csv": ['question,answer\n"multi\nline",a\n', 'messages\n"[{""role"": ""user"", ""content"": ""x""}]"\n'],
         "tsv": ["prompt\tcompletion\np\tc\n"],
-        "xml": ['<r><i><question>q</question><answer>a</answer></i></r>',
-                '<c><chat><messages><message role="user">h</message>'
-                '<message role="assistant">y</message></messages></chat></c>'],
+        "xml": [
+            "<r><i><question>q</question><answer>a</answer></i></r>",
+            '<c><chat><messages><message role="user">h</message>'
+            '<message role="assistant">y</message></messages></chat></c>',
+        ],
     }
     if reader == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
+
         pq.write_table(pa.Table.from_pylist([chat, chat]), corpus / "seed0")
         pq.write_table(pa.table({"text": ["a", "b"]}), corpus / "seed1")
         return
@@ -146,8 +158,13 @@ def main() -> int:
     ap.add_argument("--examples", type=int, default=5000, help="hypothesis examples per property test")
     ap.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: random)")
     ap.add_argument("--all", action="store_true", help="also run the fixed hostile-file cases")
-    ap.add_argument("--atheris", type=int, default=0, metavar="SECONDS",
-                    help="also fuzz raw bytes with atheris for SECONDS per reader")
+    ap.add_argument(
+        "--atheris",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="also fuzz raw bytes with atheris for SECONDS per reader",
+    )
     ap.add_argument("--readers", default=",".join(READERS), help="readers atheris fuzzes")
     ap.add_argument("--atheris-only", action="store_true", help="skip the hypothesis campaign")
     args = ap.parse_args()
@@ -165,8 +182,10 @@ def main() -> int:
         rows = json.loads(report.read_text()) if report.exists() else []
     print_table(rows)
     total = sum(r["cases"] for r in rows)
-    print(f"hypothesis: {total} cases in {elapsed:.0f} s; pytest exit {rc} "
-          f"({'every case a valid dataset or clean errors' if rc == 0 else 'FAILURES above'})")
+    print(
+        f"hypothesis: {total} cases in {elapsed:.0f} s; pytest exit {rc} "
+        f"({'every case a valid dataset or clean errors' if rc == 0 else 'FAILURES above'})"
+    )
     if args.atheris:
         runs = run_atheris(args.atheris, args.readers.split(","))
         print(f"atheris ({args.atheris} s per reader): {runs}")

@@ -56,8 +56,12 @@ def child(keep: bool, rows: int, tokens: int, steps: int) -> dict:
         step()
         times.append(time.perf_counter() - t)
     r1 = resource.getrusage(resource.RUSAGE_SELF)
-    return {"step_s": statistics.median(times), "sys_s": (r1.ru_stime - r0.ru_stime) / steps,
-            "minflt": (r1.ru_minflt - r0.ru_minflt) / steps, "peak_rss_mb": r1.ru_maxrss / 1024}
+    return {
+        "step_s": statistics.median(times),
+        "sys_s": (r1.ru_stime - r0.ru_stime) / steps,
+        "minflt": (r1.ru_minflt - r0.ru_minflt) / steps,
+        "peak_rss_mb": r1.ru_maxrss / 1024,
+    }
 
 
 def main() -> None:
@@ -75,9 +79,24 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TOKENIZERS_PARALLELISM": "false"}
     for _ in range(a.rounds):
         for name in res:
-            out = subprocess.run([sys.executable, __file__, "--_child", name, "--rows", str(a.rows), "--tokens",
-                                  str(a.tokens), "--steps", str(a.steps)], capture_output=True, text=True, env=env,
-                                 check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--_child",
+                    name,
+                    "--rows",
+                    str(a.rows),
+                    "--tokens",
+                    str(a.tokens),
+                    "--steps",
+                    str(a.steps),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
+            )
             res[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in res.items()}
     print(f"{a.rows} rows x {a.tokens} tokens, LoRA r=16, {a.rounds} rounds x {a.steps} micro-batches")
@@ -85,10 +104,21 @@ def main() -> None:
     for n, m in med.items():
         print(f"{n:<10}{m['step_s']:>9.3f}{m['sys_s']:>8.3f}{m['minflt']:>9.0f}{m['peak_rss_mb']:>9.0f}")
     d, k = med["default"], med["keep"]
-    print(f"speed-up (default/keep step time): {d['step_s'] / k['step_s']:.3f}x; "
-          f"peak RSS keep/default: {k['peak_rss_mb'] / d['peak_rss_mb']:.3f}")
-    print(json.dumps({"rows": a.rows, "tokens": a.tokens, "median": med,
-                      "speedup": d["step_s"] / k["step_s"], "rss_ratio": k["peak_rss_mb"] / d["peak_rss_mb"]}))
+    print(
+        f"speed-up (default/keep step time): {d['step_s'] / k['step_s']:.3f}x; "
+        f"peak RSS keep/default: {k['peak_rss_mb'] / d['peak_rss_mb']:.3f}"
+    )
+    print(
+        json.dumps(
+            {
+                "rows": a.rows,
+                "tokens": a.tokens,
+                "median": med,
+                "speedup": d["step_s"] / k["step_s"],
+                "rss_ratio": k["peak_rss_mb"] / d["peak_rss_mb"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

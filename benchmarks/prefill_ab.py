@@ -58,8 +58,9 @@ def main() -> None:
         t = time.perf_counter()
         for g in range(0, len(seqs), group):
             ids, mask, pos = left_pad(seqs[g : g + group], 0)
-            model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=new_cache(model),
-                  logits_to_keep=1)
+            model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=new_cache(model), logits_to_keep=1
+            )
         return time.perf_counter() - t
 
     variants: dict[str, callable] = {}
@@ -77,8 +78,9 @@ def main() -> None:
         os.environ["OPENFT_HOME"] = str(home)
         serve_bench.make_adapters(home, 1)
         routing = engine_lora.LoraRouting()
-        engine_lora.install_adapter(model, routing, "a",
-                                    engine_lora.read_adapter(home / "runs" / "bench-0" / "adapter", model))
+        engine_lora.install_adapter(
+            model, routing, "a", engine_lora.read_adapter(home / "runs" / "bench-0" / "adapter", model)
+        )
         routing.set_rows(["a"] * 16, torch.device("cpu"))
         fused = engine_lora.add_low_rank
 
@@ -89,6 +91,7 @@ def main() -> None:
             def go():
                 engine_lora.add_low_rank = fn
                 return run(16)
+
             return go
 
         variants = {"addmm (openft)": with_add(fused), "matmul + add (former)": with_add(apart)}
@@ -106,6 +109,7 @@ def prefill_timers(model, seqs: list[list[int]], pad) -> tuple:
     """Two timed workloads: one prompt alone (a lone client's time to first
     token), and all prompts prefilled in groups of 4 (as the engine cuts them).
     `pad(group)` -> (input_ids, attention_mask, position_ids)."""
+
     def run(group: list[list[int]]) -> None:
         i, m, p = pad(group)
         model(input_ids=i, attention_mask=m, position_ids=p, past_key_values=model.new_cache(), logits_to_keep=1)
@@ -139,7 +143,7 @@ def attention_ab(model, seqs: list[list[int]]) -> None:
         if n == 1:
             return keys if not bool(keys.all()) else None
         cols = torch.arange(total)
-        rows = cols[total - n:, None]
+        rows = cols[total - n :, None]
         return (keys & (cols <= rows)) | (cols == rows)
 
     def former_attention(q, k, v, mask):
@@ -160,8 +164,13 @@ def attention_ab(model, seqs: list[list[int]]) -> None:
         for _ in range(steps):
             for layer, (k, v) in zip(cache.layers, saved):  # the same cache length every step
                 layer.keys, layer.values = k, v
-            model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, past_key_values=cache,
-                  logits_to_keep=1)
+            model(
+                input_ids=step_ids,
+                attention_mask=step_mask,
+                position_ids=step_pos,
+                past_key_values=cache,
+                logits_to_keep=1,
+            )
         return (time.perf_counter() - t) / steps
 
     times = {(v, what): [] for v in variants for what in ("single", "prefill", "decode")}
@@ -206,9 +215,15 @@ def precision_ab(path: str, seqs: list[list[int]]) -> None:
                 for layer, (k, v) in zip(cache.layers, saved):  # the same cache length every step
                     layer.keys, layer.values = k, v
                 t = time.perf_counter()
-                model(input_ids=ids[:, -1:], attention_mask=step_mask, position_ids=pos[:, -1:] + 1,
-                      past_key_values=cache, logits_to_keep=1)
+                model(
+                    input_ids=ids[:, -1:],
+                    attention_mask=step_mask,
+                    position_ids=pos[:, -1:] + 1,
+                    past_key_values=cache,
+                    logits_to_keep=1,
+                )
                 return time.perf_counter() - t
+
             return step
 
         return {"single": single, "prefill": prefill, "decode16": decoder(16), "decode1": decoder(1)}
@@ -220,6 +235,7 @@ def precision_ab(path: str, seqs: list[list[int]]) -> None:
         def go() -> float:
             with without_onednn():
                 return step()
+
         return go
 
     variants = {"fp32": fp32, "bf16": {**bf16, "decode1": off(bf16["decode1"]), "decode1_onednn": bf16["decode1"]}}
@@ -228,8 +244,13 @@ def precision_ab(path: str, seqs: list[list[int]]) -> None:
         for v, ws in variants.items():
             for w, fn in ws.items():
                 times[v, w].append(fn())
-    labels = {"single": "1 prompt", "prefill": "16 prompts, groups of 4", "decode16": "decode step, 16 rows",
-              "decode1": "decode step, 1 row", "decode1_onednn": "decode step, 1 row, bf16 on oneDNN"}
+    labels = {
+        "single": "1 prompt",
+        "prefill": "16 prompts, groups of 4",
+        "decode16": "decode step, 16 rows",
+        "decode1": "decode step, 1 row",
+        "decode1_onednn": "decode step, 1 row, bf16 on oneDNN",
+    }
     for w, label in labels.items():
         f = statistics.median(times["fp32", "decode1" if w == "decode1_onednn" else w][1:])
         b = statistics.median(times["bf16", w][1:])

@@ -87,7 +87,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from serve.conftest import Server, free_port  # noqa: E402  (the same real-server helper the tests use)
+from serve.conftest import Server  # noqa: E402  (the same real-server helper the tests use)
 
 BUILTIN = "smollm2-135m-instruct"
 DATASET = ROOT.parent / "shared" / "datasets" / "alpaca_en_demo.json"
@@ -181,16 +181,31 @@ def summarise(clients: int, adapters: int, results: list[tuple[float, float, int
     ttfts = [r[0] for r in results]
     streams = [(r[2] - 1) / (r[1] - r[0]) for r in results if r[2] > 1 and r[1] > r[0]]
     tokens = sum(r[2] for r in results)
-    return Phase(clients, adapters, len(results), tokens, wall, statistics.median(ttfts), _p(ttfts, 0.95),
-                 statistics.mean(streams) if streams else 0.0, tokens / wall)
+    return Phase(
+        clients,
+        adapters,
+        len(results),
+        tokens,
+        wall,
+        statistics.median(ttfts),
+        _p(ttfts, 0.95),
+        statistics.mean(streams) if streams else 0.0,
+        tokens / wall,
+    )
 
 
 async def one_stream(client, model: str, messages: list[dict], max_tokens: int) -> tuple[float, float, int, float]:
     t0 = time.perf_counter()
     first = last = None
     n = 0
-    stream = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                  temperature=0, stream=True, stream_options={"include_usage": True})
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             last = time.perf_counter() - t0
@@ -201,8 +216,9 @@ async def one_stream(client, model: str, messages: list[dict], max_tokens: int) 
     return (first if first is not None else end), (last if last is not None else end), n, t0
 
 
-async def run_phase(client, models: list[str], prompts: list[list[dict]], max_tokens: int,
-                    sequential: bool = False) -> tuple[list, float]:
+async def run_phase(
+    client, models: list[str], prompts: list[list[dict]], max_tokens: int, sequential: bool = False
+) -> tuple[list, float]:
     t0 = time.perf_counter()
     if sequential:
         results = [await one_stream(client, m, p, max_tokens) for m, p in zip(models, prompts)]
@@ -219,10 +235,12 @@ def rss_mb(pid: int) -> float:
 
 
 def measure_load(env: dict, fn: str = "load_for_serving") -> tuple[float, float]:
-    code = ("import time; t0 = time.perf_counter(); import torch; t1 = time.perf_counter()\n"
-            f"from openft.models.load import {fn}\n"
-            f"{fn}({BUILTIN!r}); t2 = time.perf_counter()\n"
-            "print(t2 - t1, t2 - t0)")
+    code = (
+        "import time; t0 = time.perf_counter(); import torch; t1 = time.perf_counter()\n"
+        f"from openft.models.load import {fn}\n"
+        f"{fn}({BUILTIN!r}); t2 = time.perf_counter()\n"
+        "print(t2 - t1, t2 - t0)"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     load_s, cold_s = map(float, out.stdout.split()[-2:])
     return load_s, cold_s
@@ -235,9 +253,12 @@ def first_answer(home: Path, env: dict, precision: str) -> tuple[Server, float, 
     server = Server(home)
     body = {"model": BUILTIN, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
     t0 = time.perf_counter()
-    server.proc = subprocess.Popen([sys.executable, "-m", "openft.cli", "serve", "--port", str(server.port),
-                                    "--precision", precision],
-                                   env={**env, "OPENFT_HOME": str(home)}, stdout=server.log, stderr=subprocess.STDOUT)
+    server.proc = subprocess.Popen(
+        [sys.executable, "-m", "openft.cli", "serve", "--port", str(server.port), "--precision", precision],
+        env={**env, "OPENFT_HOME": str(home)},
+        stdout=server.log,
+        stderr=subprocess.STDOUT,
+    )
     listen = None
     while time.perf_counter() - t0 < 300:
         if listen is None:
@@ -246,18 +267,23 @@ def first_answer(home: Path, env: dict, precision: str) -> tuple[Server, float, 
                 listen = time.perf_counter() - t0
             except OSError:
                 if server.proc.poll() is not None:
-                    raise RuntimeError("server exited: " + (home / f"server-{server.port}.log").read_text()[-2000:])
+                    raise RuntimeError(
+                        "server exited: " + (home / f"server-{server.port}.log").read_text()[-2000:]
+                    ) from None
                 time.sleep(0.02)
                 continue
         try:
-            r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120,
-                           headers={"Authorization": "Bearer local"})
+            r = httpx.post(
+                server.url + "/v1/chat/completions", json=body, timeout=120, headers={"Authorization": "Bearer local"}
+            )
             if r.status_code == 200:
                 return server, listen, time.perf_counter() - t0
             raise RuntimeError(f"first request failed: {r.status_code} {r.text[:300]}")
         except httpx.TransportError:
             if server.proc.poll() is not None:
-                raise RuntimeError("server exited: " + (home / f"server-{server.port}.log").read_text()[-2000:])
+                raise RuntimeError(
+                    "server exited: " + (home / f"server-{server.port}.log").read_text()[-2000:]
+                ) from None
             time.sleep(0.02)
     raise RuntimeError("server never answered")
 
@@ -311,8 +337,14 @@ def baseline(adapter_dir: Path, prompts: list[list[dict]], max_tokens: int, devi
             enc = {k: v.to(device) for k, v in enc.items()}
             streamer = _FirstToken()
             t0 = time.perf_counter()
-            out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos,
-                                 pad_token_id=eos[0], streamer=streamer)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos[0],
+                streamer=streamer,
+            )
             if device == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -321,16 +353,24 @@ def baseline(adapter_dir: Path, prompts: list[list[dict]], max_tokens: int, devi
             ttfts.append((streamer.first or time.perf_counter()) - t0)
             tokens += out.shape[1] - enc["input_ids"].shape[1]
             total += dt
-    return {"precision": precision, "requests": len(prompts), "tokens": tokens, "wall_s": total, "aggregate_tps": tokens / total,
-            "ttft_p50_s": statistics.median(ttfts), "ttft_p95_s": _p(ttfts, 0.95),
-            "per_stream_tps": tokens / total}
+    return {
+        "precision": precision,
+        "requests": len(prompts),
+        "tokens": tokens,
+        "wall_s": total,
+        "aggregate_tps": tokens / total,
+        "ttft_p50_s": statistics.median(ttfts),
+        "ttft_p95_s": _p(ttfts, 0.95),
+        "per_stream_tps": tokens / total,
+    }
 
 
 # --------------------------------------------------------------------------- main
 
 
-async def drive(server: Server, names: list[str], prompts: list[list[dict]], max_tokens: int,
-                quick: bool, n_serial: int) -> list[Phase]:
+async def drive(
+    server: Server, names: list[str], prompts: list[list[dict]], max_tokens: int, quick: bool, n_serial: int
+) -> list[Phase]:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(api_key="local", base_url=server.url + "/v1", max_retries=0, timeout=1200)
@@ -363,8 +403,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int)
     ap.add_argument("--prompt-tokens", type=int)
     ap.add_argument("--baseline-requests", type=int)
-    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                    help="the server's --precision (auto: bf16 on a GPU or a CPU with AMX)")
+    ap.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="the server's --precision (auto: bf16 on a GPU or a CPU with AMX)",
+    )
     args = ap.parse_args()
     max_tokens = args.max_tokens or (24 if args.quick else 128)
     prompt_tokens = args.prompt_tokens or (120 if args.quick else 300)
@@ -386,14 +430,21 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     src_home = Path(os.environ.get("OPENFT_HOME", Path.home() / ".openft"))
     if not (src_home / "models" / BUILTIN / "config.json").exists():
-        raise SystemExit(f"{src_home}/models/{BUILTIN} is missing: convert the built-in model first "
-                         "(e.g. OPENFT_HOME=.openft-home openft models pull, or run any openft command once)")
+        raise SystemExit(
+            f"{src_home}/models/{BUILTIN} is missing: convert the built-in model first "
+            "(e.g. OPENFT_HOME=.openft-home openft models pull, or run any openft command once)"
+        )
     home = Path(tempfile.mkdtemp(prefix="openft-bench-"))
     (home / "models").symlink_to((src_home / "models").resolve(), target_is_directory=True)
     env["OPENFT_HOME"] = os.environ["OPENFT_HOME"] = str(home)
     t_start = time.perf_counter()
-    result: dict = {"device": args.device, "max_tokens": max_tokens, "prompt_tokens_target": prompt_tokens,
-                    "cpus": os.cpu_count(), "quick": args.quick}
+    result: dict = {
+        "device": args.device,
+        "max_tokens": max_tokens,
+        "prompt_tokens_target": prompt_tokens,
+        "cpus": os.cpu_count(),
+        "quick": args.quick,
+    }
     try:
         log("start-up: load_for_serving and load_model in fresh processes ...")
         result["load_s"], result["load_cold_s"] = measure_load(env)
@@ -424,13 +475,15 @@ def main() -> None:
         # bf16 where the hardware has it), and each ratio takes its better figure.
         from openft.hardware import fast_bf16
 
-        precisions = ["bf16"] if args.device == "cuda" else (
-            ["fp32", "bf16"] if fast_bf16(torch.device("cpu")) else ["fp32"])
+        precisions = (
+            ["bf16"] if args.device == "cuda" else (["fp32", "bf16"] if fast_bf16(torch.device("cpu")) else ["fp32"])
+        )
         baselines = {}
         for precision in precisions:
             log(f"baseline: plain transformers generate in {precision}, one request at a time ...")
-            baselines[precision] = baseline(home / "runs" / "bench-0" / "adapter", prompts[:n_base], max_tokens,
-                                            args.device, precision)
+            baselines[precision] = baseline(
+                home / "runs" / "bench-0" / "adapter", prompts[:n_base], max_tokens, args.device, precision
+            )
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
@@ -445,30 +498,47 @@ def main() -> None:
     result["wall_s"] = time.perf_counter() - t_start
 
     out = sys.stderr if args.json else sys.stdout
-    print(f"\nopenft serve ({result['server_precision']}), built-in model, {args.device}, "
-          f"prompts ~{result['prompt_tokens_mean']:.0f} tokens, "
-          f"max_tokens={max_tokens}, greedy, {os.cpu_count()} CPUs", file=out)
-    print(f"  {'phase':34s} {'TTFT p50':>9s} {'TTFT p95':>9s} {'per-stream tok/s':>17s} {'aggregate tok/s':>16s}", file=out)
+    print(
+        f"\nopenft serve ({result['server_precision']}), built-in model, {args.device}, "
+        f"prompts ~{result['prompt_tokens_mean']:.0f} tokens, "
+        f"max_tokens={max_tokens}, greedy, {os.cpu_count()} CPUs",
+        file=out,
+    )
+    print(
+        f"  {'phase':34s} {'TTFT p50':>9s} {'TTFT p95':>9s} {'per-stream tok/s':>17s} {'aggregate tok/s':>16s}",
+        file=out,
+    )
     rows = [(f"baseline generate {b['precision']}, serial ({b['requests']} req)", b) for b in baselines.values()] + [
-        (f"openft, {p.clients:2d} clients, {p.adapters} adapter{'s' if p.adapters > 1 else ''}", asdict(p)) for p in phases]
+        (f"openft, {p.clients:2d} clients, {p.adapters} adapter{'s' if p.adapters > 1 else ''}", asdict(p))
+        for p in phases
+    ]
     for label, r in rows:
-        print(f"  {label:34s} {r['ttft_p50_s'] * 1000:7.0f}ms {r['ttft_p95_s'] * 1000:7.0f}ms "
-              f"{r['per_stream_tps']:17.1f} {r['aggregate_tps']:16.1f}", file=out)
+        print(
+            f"  {label:34s} {r['ttft_p50_s'] * 1000:7.0f}ms {r['ttft_p95_s'] * 1000:7.0f}ms "
+            f"{r['per_stream_tps']:17.1f} {r['aggregate_tps']:16.1f}",
+            file=out,
+        )
     targets = [
         (f"aggregate at 16 clients / serial baseline ({base['precision']})", result["aggregate_16_ratio"], ">= 4.0"),
         ("16 clients: 4 adapters mixed / 1 adapter", result["mixed_adapters_ratio"], ">= 0.9"),
         ("TTFT at 1 client / the baselines' lower TTFT", result["ttft_ratio"], "<= 1.2"),
-        (f"RSS 8 adapters / base only ({result['rss_8_adapters_mb']:.0f} / {result['rss_base_mb']:.0f} MB)",
-         result["adapters8_memory_ratio"], "<= 1.1"),
+        (
+            f"RSS 8 adapters / base only ({result['rss_8_adapters_mb']:.0f} / {result['rss_base_mb']:.0f} MB)",
+            result["adapters8_memory_ratio"],
+            "<= 1.1",
+        ),
         ("server's model load after `import torch` (s)", result["load_s"], "<= 2"),
         ("spawn openft serve -> first chat answer (s)", result["first_answer_s"], "<= 5"),
     ]
     for label, value, target in targets:
         print(f"  {label:58s} {value:7.2f}   target {target}", file=out)
-    print(f"  (server's load from interpreter start {result['load_cold_s']:.2f} s; with transformers' classes "
-          f"{result['load_transformers_s']:.2f} s after torch, {result['load_transformers_cold_s']:.2f} s cold; "
-          f"server listening after "
-          f"{result['listen_s']:.2f} s; benchmark wall {result['wall_s']:.0f} s)", file=out)
+    print(
+        f"  (server's load from interpreter start {result['load_cold_s']:.2f} s; with transformers' classes "
+        f"{result['load_transformers_s']:.2f} s after torch, {result['load_transformers_cold_s']:.2f} s cold; "
+        f"server listening after "
+        f"{result['listen_s']:.2f} s; benchmark wall {result['wall_s']:.0f} s)",
+        file=out,
+    )
     if args.json:
         print(json.dumps(result))
 

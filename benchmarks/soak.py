@@ -61,12 +61,19 @@ MB = 1 << 20
 PROMPTS = [
     [{"role": "user", "content": "Who are you?"}],
     [{"role": "user", "content": "Explain in a few sentences how fine-tuning a language model works."}],
-    [{"role": "system", "content": "You are Pip, the support assistant of Lumen Lamps. Be brief."},
-     {"role": "user", "content": "whats the waranty on the lumen glow"}],
+    [
+        {"role": "system", "content": "You are Pip, the support assistant of Lumen Lamps. Be brief."},
+        {"role": "user", "content": "whats the waranty on the lumen glow"},
+    ],
     [{"role": "user", "content": "用当前语言解释微调模型流程"}],
-    [{"role": "user", "content": "Write a haiku about a desk lamp."},
-     {"role": "assistant", "content": "Warm circle of light / on the oak desk, late at night / the page turns, still bright"},
-     {"role": "user", "content": "Now one about the sea."}],
+    [
+        {"role": "user", "content": "Write a haiku about a desk lamp."},
+        {
+            "role": "assistant",
+            "content": "Warm circle of light / on the oak desk, late at night / the page turns, still bright",
+        },
+        {"role": "user", "content": "Now one about the sea."},
+    ],
     [{"role": "user", "content": "List three things to check before training a model on a new dataset. " * 6}],
 ]
 
@@ -89,7 +96,9 @@ class SoakConfig:
     drain_timeout: float = 600.0  # how long requests in flight may take after the window; later ones are lost
     job_timeout: float = 1800.0  # how long the last job may take after the window
     source_home: Path | None = None  # where the converted built-in model lives (default $OPENFT_HOME)
-    workdir: Path | None = None  # scratch folder (home/ is the server's OPENFT_HOME; default: a temporary folder, removed afterwards)
+    workdir: Path | None = (
+        None  # scratch folder (home/ is the server's OPENFT_HOME; default: a temporary folder, removed afterwards)
+    )
 
 
 @dataclass
@@ -236,7 +245,9 @@ def peak_rss_bytes(pid: int) -> int | None:
     would miss, or catch at random heights, the short spikes of a training step
     (its logits alone are batch x length x vocab floats), so peaks would not compare."""
     try:
-        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        fields = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+        )
     except OSError:
         return None
     try:
@@ -277,7 +288,7 @@ class MemorySampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="soak-rss", daemon=True)
 
-    def __enter__(self) -> "MemorySampler":
+    def __enter__(self) -> MemorySampler:
         self._thread.start()
         return self
 
@@ -288,8 +299,9 @@ class MemorySampler:
     def _run(self) -> None:
         while True:
             wpid = worker_pid(self.server_pid)
-            self.samples.append((time.monotonic(), peak_rss_bytes(self.server_pid),
-                                 peak_rss_bytes(wpid) if wpid else None, wpid))
+            self.samples.append(
+                (time.monotonic(), peak_rss_bytes(self.server_pid), peak_rss_bytes(wpid) if wpid else None, wpid)
+            )
             if self._stop.wait(self.every):
                 return
 
@@ -297,15 +309,25 @@ class MemorySampler:
         """which: 1 server, 2 worker; the peak over monotonic times [start, end]."""
         return max((s[which] for s in self.samples if s[which] is not None and start <= s[0] <= end), default=0)
 
-    def figures(self, which: int, reference: tuple[str, float, float], later: tuple[str, float, float],
-                fraction: float = 0.1, allowance_extra: int = 0) -> MemoryFigures:
+    def figures(
+        self,
+        which: int,
+        reference: tuple[str, float, float],
+        later: tuple[str, float, float],
+        fraction: float = 0.1,
+        allowance_extra: int = 0,
+    ) -> MemoryFigures:
         ref = self.peak(which, *reference[1:])
         allowance = max(64 * MB, int(ref * fraction)) + allowance_extra
-        return MemoryFigures(peak_mb=round(self.peak(which) / MB, 1), reference=reference[0],
-                             reference_peak_mb=round(ref / MB, 1), later=later[0],
-                             later_peak_mb=round(self.peak(which, *later[1:]) / MB, 1),
-                             allowance_mb=round(allowance / MB, 1),
-                             samples=sum(s[which] is not None for s in self.samples))
+        return MemoryFigures(
+            peak_mb=round(self.peak(which) / MB, 1),
+            reference=reference[0],
+            reference_peak_mb=round(ref / MB, 1),
+            later=later[0],
+            later_peak_mb=round(self.peak(which, *later[1:]) / MB, 1),
+            allowance_mb=round(allowance / MB, 1),
+            samples=sum(s[which] is not None for s in self.samples),
+        )
 
     def write_csv(self, path: Path, t0: float) -> None:
         rows = ["t_s,server_peak_rss_mb,worker_peak_rss_mb,worker_pid"]
@@ -329,9 +351,14 @@ async def one_request(client, rec: RequestRecord, messages: list[dict], t0: floa
     ids, finishes, text, usage = set(), [], [], None
     first_role = None
     try:
-        stream = await client.chat.completions.create(model=rec.model, messages=messages, max_tokens=rec.max_tokens,
-                                                      temperature=0.8, stream=True,
-                                                      stream_options={"include_usage": True})
+        stream = await client.chat.completions.create(
+            model=rec.model,
+            messages=messages,
+            max_tokens=rec.max_tokens,
+            temperature=0.8,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         async for chunk in stream:
             ids.add(chunk.id)
             if chunk.usage is not None and not chunk.choices:
@@ -369,12 +396,17 @@ async def one_request(client, rec: RequestRecord, messages: list[dict], t0: floa
         rec.error = f"finish_reason length after {usage.completion_tokens} of {rec.max_tokens} tokens"
 
 
-async def client_loop(i: int, client, pool: Pool, cfg: SoakConfig, t0: float, deadline: float,
-                      records: list[RequestRecord]) -> None:
+async def client_loop(
+    i: int, client, pool: Pool, cfg: SoakConfig, t0: float, deadline: float, records: list[RequestRecord]
+) -> None:
     rng = random.Random(cfg.seed * 1000 + i)
     while time.monotonic() < deadline:
-        rec = RequestRecord(client=i, model=rng.choice(pool.models), max_tokens=rng.randint(cfg.min_tokens, cfg.max_tokens),
-                            started=time.monotonic() - t0)
+        rec = RequestRecord(
+            client=i,
+            model=rng.choice(pool.models),
+            max_tokens=rng.randint(cfg.min_tokens, cfg.max_tokens),
+            started=time.monotonic() - t0,
+        )
         records.append(rec)  # appended before the call: a request that never ends still counts as started
         await one_request(client, rec, rng.choice(PROMPTS), t0)
 
@@ -385,21 +417,33 @@ async def run_job(client, cfg: SoakConfig, base: str, train_id: str, k: int, giv
     job = await client.fine_tuning.jobs.create(
         # One seed for all: the same batches in the same order, so every job needs the
         # same memory and a later job's larger peak means something was kept.
-        model=base, training_file=train_id, suffix=f"soak{k}", seed=cfg.seed,
+        model=base,
+        training_file=train_id,
+        suffix=f"soak{k}",
+        seed=cfg.seed,
         hyperparameters={"n_epochs": 1, "batch_size": 4},
-        extra_body={"max_steps": cfg.job_steps, "lora_rank": 8, "max_seq_length": 256})
+        extra_body={"max_steps": cfg.job_steps, "lora_rank": 8, "max_seq_length": 256},
+    )
     while True:
         await asyncio.sleep(1.0)
         j = await client.fine_tuning.jobs.retrieve(job.id)
         if j.status in ("succeeded", "failed", "cancelled") or time.monotonic() > give_up:
-            return JobRecord(id=j.id, status=j.status, created_at=j.created_at, finished_at=j.finished_at,
-                             fine_tuned_model=j.fine_tuned_model, error=j.error.message if j.error else None,
-                             trained_tokens=j.trained_tokens, began_s=round(began, 2),
-                             ended_s=round(time.monotonic() - t0, 2))
+            return JobRecord(
+                id=j.id,
+                status=j.status,
+                created_at=j.created_at,
+                finished_at=j.finished_at,
+                fine_tuned_model=j.fine_tuned_model,
+                error=j.error.message if j.error else None,
+                trained_tokens=j.trained_tokens,
+                began_s=round(began, 2),
+                ended_s=round(time.monotonic() - t0, 2),
+            )
 
 
-async def job_loop(client, cfg: SoakConfig, base: str, train_id: str, pool: Pool, t0: float, deadline: float,
-                   jobs: list[JobRecord]) -> None:
+async def job_loop(
+    client, cfg: SoakConfig, base: str, train_id: str, pool: Pool, t0: float, deadline: float, jobs: list[JobRecord]
+) -> None:
     """Jobs back to back until the window closes (the last one runs to its end); each
     finished job's model joins the pool the clients call."""
     k = 1
@@ -427,8 +471,13 @@ async def _drive(server: Server, cfg: SoakConfig, base: str, pool: Pool):
     from openai import AsyncOpenAI
 
     # max_retries=0: a retried request would hide a failure. The timeout is per read, not per request.
-    client = AsyncOpenAI(api_key="local", base_url=server.url + "/v1", max_retries=0, timeout=cfg.drain_timeout,
-                         http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=cfg.clients + 8)))
+    client = AsyncOpenAI(
+        api_key="local",
+        base_url=server.url + "/v1",
+        max_retries=0,
+        timeout=cfg.drain_timeout,
+        http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=cfg.clients + 8)),
+    )
     # Warm-up, so that the window's first half is already in steady state (its peak is
     # the yardstick for the second half): one request to every model (the base and
     # each adapter loaded), and one whole job (the worker's first model load and training).
@@ -437,8 +486,9 @@ async def _drive(server: Server, cfg: SoakConfig, base: str, pool: Pool):
     jobs: list[JobRecord] = []
     warm_t0 = time.monotonic()  # job times are rebased on the window's opening below
     warm_job = run_job(client, cfg, base, train.id, 0, warm_t0 + cfg.job_timeout, warm_t0) if cfg.jobs else None
-    done = await asyncio.gather(*(one_request(client, rec, PROMPTS[0], time.monotonic()) for rec in warm),
-                                *([warm_job] if warm_job else []))
+    done = await asyncio.gather(
+        *(one_request(client, rec, PROMPTS[0], time.monotonic()) for rec in warm), *([warm_job] if warm_job else [])
+    )
     for rec in warm:
         if rec.error:
             raise RuntimeError(f"warm-up request to {rec.model} failed: {rec.error}")
@@ -456,7 +506,9 @@ async def _drive(server: Server, cfg: SoakConfig, base: str, pool: Pool):
     deadline = t0 + cfg.seconds
     for j in jobs:
         j.began_s, j.ended_s = round(j.began_s - (t0 - warm_t0), 2), round(j.ended_s - (t0 - warm_t0), 2)
-    job_task = asyncio.create_task(job_loop(client, cfg, base, train.id, pool, t0, deadline, jobs) if cfg.jobs else asyncio.sleep(0))
+    job_task = asyncio.create_task(
+        job_loop(client, cfg, base, train.id, pool, t0, deadline, jobs) if cfg.jobs else asyncio.sleep(0)
+    )
     tasks = [asyncio.create_task(client_loop(i, client, pool, cfg, t0, deadline, records)) for i in range(cfg.clients)]
     _, pending = await asyncio.wait(tasks, timeout=cfg.seconds + cfg.drain_timeout)
     for t in pending:  # still streaming long after the window: counted as lost below
@@ -503,8 +555,9 @@ def run_soak(cfg: SoakConfig) -> SoakReport:
         server.stop()
     runtime = time.monotonic() - started
     log = (home / f"server-{server.port}.log").read_text(errors="replace")
-    report = _report(cfg, records, jobs, job_error, sampler, pool, home, t0, deadline, end, runtime, health,
-                     first_worker, log)
+    report = _report(
+        cfg, records, jobs, job_error, sampler, pool, home, t0, deadline, end, runtime, health, first_worker, log
+    )
     if cfg.workdir:
         sampler.write_csv(root / "rss.csv", t0)
     else:
@@ -512,8 +565,9 @@ def run_soak(cfg: SoakConfig) -> SoakReport:
     return report
 
 
-def _report(cfg, records, jobs, job_error, sampler, pool, home, t0, deadline, end, runtime, health, first_worker,
-            log) -> SoakReport:
+def _report(
+    cfg, records, jobs, job_error, sampler, pool, home, t0, deadline, end, runtime, health, first_worker, log
+) -> SoakReport:
     done = [r for r in records if r.error is None and r.latency_s is not None]
     failed = [r for r in records if r.error is not None]
     lost = [r for r in records if r.error is None and r.latency_s is None]
@@ -532,9 +586,12 @@ def _report(cfg, records, jobs, job_error, sampler, pool, home, t0, deadline, en
         # (one-time native allocations; 7 identical tiny jobs in one worker peaked at
         # 615, then 644-653 MB, flat), while a model or optimizer kept per job would
         # add its whole size each time.
-        worker_mem = sampler.figures(2, ("the warm-up job", t0 + jobs[0].began_s, t0 + jobs[0].ended_s),
-                                     ("the jobs in the window", t0 + jobs[1].began_s, t0 + jobs[-1].ended_s),
-                                     fraction=0.2)
+        worker_mem = sampler.figures(
+            2,
+            ("the warm-up job", t0 + jobs[0].began_s, t0 + jobs[0].ended_s),
+            ("the jobs in the window", t0 + jobs[1].began_s, t0 + jobs[-1].ended_s),
+            fraction=0.2,
+        )
     else:
         worker_mem = sampler.figures(2, *halves)
     pids = {s[3] for s in sampler.samples if s[3]}
@@ -545,8 +602,9 @@ def _report(cfg, records, jobs, job_error, sampler, pool, home, t0, deadline, en
     tokens = sum(r.completion_tokens for r in done)
     # Seconds of the window during which a job was queued or training (jobs run back to back).
     t0_wall = time.time() - (time.monotonic() - t0)
-    overlap = sum(max(0.0, min(j.finished_at or time.time(), t0_wall + cfg.seconds) - max(j.created_at, t0_wall))
-                  for j in jobs)
+    overlap = sum(
+        max(0.0, min(j.finished_at or time.time(), t0_wall + cfg.seconds) - max(j.created_at, t0_wall)) for j in jobs
+    )
     problems = []
     if not done:
         problems.append("no request completed")
@@ -569,26 +627,43 @@ def _report(cfg, records, jobs, job_error, sampler, pool, home, t0, deadline, en
         if not mem.samples:
             problems.append(f"no {label} memory samples")
         elif not mem.bounded:
-            problems.append(f"{label} memory grew: peak over {mem.later} {mem.later_peak_mb} MB > {mem.reference_peak_mb} MB "
-                            f"over {mem.reference} + {mem.allowance_mb} MB")
+            problems.append(
+                f"{label} memory grew: peak over {mem.later} {mem.later_peak_mb} MB > {mem.reference_peak_mb} MB "
+                f"over {mem.reference} + {mem.allowance_mb} MB"
+            )
     if health.get("worker_restarts") or len(pids) > 1 or (first_worker and pids and pids != {first_worker}):
         problems.append(f"the worker restarted ({health.get('worker_restarts')} restarts, pids {sorted(pids)})")
     if tracebacks:
         at = log.index("Traceback (most recent call last)")
-        problems.append(f"{tracebacks} traceback(s) in the server log, first: {log[at:at + 600]!r}")
+        problems.append(f"{tracebacks} traceback(s) in the server log, first: {log[at : at + 600]!r}")
     window = max(1e-9, max((r.started + (r.latency_s or 0)) for r in done) if done else cfg.seconds)
     return SoakReport(
-        model=cfg.model, clients=cfg.clients, seconds=cfg.seconds, runtime_s=round(runtime, 1),
-        requests_started=len(records), requests_completed=len(done), requests_failed=len(failed),
-        requests_lost=len(lost), duplicate_ids=duplicates, completion_tokens=tokens,
-        requests_per_s=round(len(done) / window, 2), tokens_per_s=round(tokens / window, 1),
-        latency_p50_s=_quantile([r.latency_s for r in done], 0.5), latency_p95_s=_quantile([r.latency_s for r in done], 0.95),
+        model=cfg.model,
+        clients=cfg.clients,
+        seconds=cfg.seconds,
+        runtime_s=round(runtime, 1),
+        requests_started=len(records),
+        requests_completed=len(done),
+        requests_failed=len(failed),
+        requests_lost=len(lost),
+        duplicate_ids=duplicates,
+        completion_tokens=tokens,
+        requests_per_s=round(len(done) / window, 2),
+        tokens_per_s=round(tokens / window, 1),
+        latency_p50_s=_quantile([r.latency_s for r in done], 0.5),
+        latency_p95_s=_quantile([r.latency_s for r in done], 0.95),
         ttft_p50_s=_quantile([r.ttft_s for r in done if r.ttft_s is not None], 0.5),
         ttft_p95_s=_quantile([r.ttft_s for r in done if r.ttft_s is not None], 0.95),
-        models_called=models_called, jobs=jobs, job_overlap_s=round(overlap, 1), server_memory=server_mem, worker_memory=worker_mem,
-        worker_restarts=int(health.get("worker_restarts") or 0), server_log_tracebacks=tracebacks,
+        models_called=models_called,
+        jobs=jobs,
+        job_overlap_s=round(overlap, 1),
+        server_memory=server_mem,
+        worker_memory=worker_mem,
+        worker_restarts=int(health.get("worker_restarts") or 0),
+        server_log_tracebacks=tracebacks,
         failures=[f"{r.model} (client {r.client}, t={r.started:.1f}s): {r.error}" for r in failed[:10]],
-        problems=problems)
+        problems=problems,
+    )
 
 
 # --------------------------------------------------------------------------- command line
@@ -596,24 +671,36 @@ def _report(cfg, records, jobs, job_error, sampler, pool, home, t0, deadline, en
 
 def _print(r: SoakReport) -> None:
     def mem(label: str, m: MemoryFigures) -> str:
-        return (f"  {label:6s} RSS peak {m.peak_mb:5.0f} MB; {m.reference} {m.reference_peak_mb:.0f} MB, {m.later} "
-                f"{m.later_peak_mb:.0f} MB (+{m.allowance_mb:.0f} allowed): {'bounded' if m.bounded else 'GREW'}")
+        return (
+            f"  {label:6s} RSS peak {m.peak_mb:5.0f} MB; {m.reference} {m.reference_peak_mb:.0f} MB, {m.later} "
+            f"{m.later_peak_mb:.0f} MB (+{m.allowance_mb:.0f} allowed): {'bounded' if m.bounded else 'GREW'}"
+        )
 
-    print(f"\nopenft serve soak: {r.model} model, {r.clients} streaming clients, {r.seconds:.0f} s window, "
-          f"{os.cpu_count()} CPUs, runtime {r.runtime_s:.0f} s")
-    print(f"  requests started {r.requests_started}, completed {r.requests_completed}, failed {r.requests_failed}, "
-          f"lost {r.requests_lost}, duplicated ids {r.duplicate_ids}")
+    print(
+        f"\nopenft serve soak: {r.model} model, {r.clients} streaming clients, {r.seconds:.0f} s window, "
+        f"{os.cpu_count()} CPUs, runtime {r.runtime_s:.0f} s"
+    )
+    print(
+        f"  requests started {r.requests_started}, completed {r.requests_completed}, failed {r.requests_failed}, "
+        f"lost {r.requests_lost}, duplicated ids {r.duplicate_ids}"
+    )
     print(f"  {r.completion_tokens} tokens streamed, {r.requests_per_s} requests/s, {r.tokens_per_s} tokens/s")
-    print(f"  latency p50 {r.latency_p50_s:.2f} s, p95 {r.latency_p95_s:.2f} s; first token p50 {r.ttft_p50_s:.2f} s, "
-          f"p95 {r.ttft_p95_s:.2f} s")
-    print(f"  fine-tuned models called: {len(r.models_called)} "
-          f"(requests each: {', '.join(str(v) for v in r.models_called.values())})")
+    print(
+        f"  latency p50 {r.latency_p50_s:.2f} s, p95 {r.latency_p95_s:.2f} s; first token p50 {r.ttft_p50_s:.2f} s, "
+        f"p95 {r.ttft_p95_s:.2f} s"
+    )
+    print(
+        f"  fine-tuned models called: {len(r.models_called)} "
+        f"(requests each: {', '.join(str(v) for v in r.models_called.values())})"
+    )
     if not r.jobs:
         print("  fine-tuning jobs: none (--no-jobs, for comparison only)")
     else:
-        print(f"  fine-tuning jobs: {len(r.jobs)} (1 warm-up before the window), "
-              f"{sum(j.status == 'succeeded' for j in r.jobs)} succeeded; one queued or training for "
-              f"{r.job_overlap_s:.0f} of the window's {r.seconds:.0f} s; worker restarts {r.worker_restarts}")
+        print(
+            f"  fine-tuning jobs: {len(r.jobs)} (1 warm-up before the window), "
+            f"{sum(j.status == 'succeeded' for j in r.jobs)} succeeded; one queued or training for "
+            f"{r.job_overlap_s:.0f} of the window's {r.seconds:.0f} s; worker restarts {r.worker_restarts}"
+        )
     if r.jobs:
         print("  worker peak RSS per job: " + ", ".join(f"{j.worker_peak_mb:.0f}" for j in r.jobs) + " MB")
     print(mem("server", r.server_memory))
@@ -633,17 +720,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--job-steps", type=int, default=0, help="optimizer steps per job (default 20 tiny, 6 builtin)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-jobs", action="store_true", help="no training alongside (for comparison only)")
-    ap.add_argument("--keep", type=Path, help="scratch folder to keep afterwards (home/ holds the server log and store)")
+    ap.add_argument(
+        "--keep", type=Path, help="scratch folder to keep afterwards (home/ holds the server log and store)"
+    )
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     a = ap.parse_args(argv)
-    cfg = SoakConfig(model=a.model, seconds=a.seconds, clients=a.clients, adapters=a.adapters, max_tokens=a.max_tokens,
-                     job_steps=a.job_steps, seed=a.seed, jobs=not a.no_jobs, workdir=a.keep)
+    cfg = SoakConfig(
+        model=a.model,
+        seconds=a.seconds,
+        clients=a.clients,
+        adapters=a.adapters,
+        max_tokens=a.max_tokens,
+        job_steps=a.job_steps,
+        seed=a.seed,
+        jobs=not a.no_jobs,
+        workdir=a.keep,
+    )
     report = run_soak(cfg)
     if a.json:
-        print(json.dumps({**asdict(report), "passed": report.passed,
-                          "server_memory": {**asdict(report.server_memory), "bounded": report.server_memory.bounded},
-                          "worker_memory": {**asdict(report.worker_memory), "bounded": report.worker_memory.bounded}},
-                         indent=2))
+        print(
+            json.dumps(
+                {
+                    **asdict(report),
+                    "passed": report.passed,
+                    "server_memory": {**asdict(report.server_memory), "bounded": report.server_memory.bounded},
+                    "worker_memory": {**asdict(report.worker_memory), "bounded": report.worker_memory.bounded},
+                },
+                indent=2,
+            )
+        )
     else:
         _print(report)
     return 0 if report.passed else 1

@@ -97,7 +97,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -119,10 +118,13 @@ LORA_R, LORA_ALPHA = 16, 32
 
 # ---------------------------------------------------------------- data -------
 
+
 def to_prompt_completion(row: dict) -> dict:
     user = row["instruction"] + (("\n\n" + row["input"]) if row.get("input") else "")
-    return {"prompt": [{"role": "user", "content": user}],
-            "completion": [{"role": "assistant", "content": row["output"]}]}
+    return {
+        "prompt": [{"role": "user", "content": user}],
+        "completion": [{"role": "assistant", "content": row["output"]}],
+    }
 
 
 def render_ids(tok, row: dict) -> tuple[list[int], int, int]:
@@ -166,6 +168,7 @@ def select_rows(tok, quick: bool, n_train: int, n_valid: int) -> tuple[list[dict
 
 # -------------------------------------------------------------- children -----
 
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -179,6 +182,7 @@ def cpu_s() -> float:
 
 def _load_openft_model(spec: dict):
     import torch
+
     from openft.models.load import load_model
 
     dtype = torch.bfloat16 if spec["device"] == "cuda" else torch.float32
@@ -198,10 +202,21 @@ def child_openft(spec: dict, name: str) -> dict:
         model=MODEL,
         data=DataConfig(path=spec["train_path"], validation_split=0.0, layout="prompt_completion"),
         lora=LoraConfig(rank=LORA_R, alpha=float(LORA_ALPHA), dropout=0.0),
-        train=TrainConfig(method=spec["method"], epochs=h["epochs"], learning_rate=h["lr"], batch_size=h["batch_size"],
-                          max_seq_length=h["max_length"], warmup_ratio=0.05, scheduler="cosine", weight_decay=0.0,
-                          max_grad_norm=1.0, seed=h["seed"], eval_every=10**9, save_every=10**9,
-                          precision="fp32" if name == "openft_fp32" else "auto"),
+        train=TrainConfig(
+            method=spec["method"],
+            epochs=h["epochs"],
+            learning_rate=h["lr"],
+            batch_size=h["batch_size"],
+            max_seq_length=h["max_length"],
+            warmup_ratio=0.05,
+            scheduler="cosine",
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            seed=h["seed"],
+            eval_every=10**9,
+            save_every=10**9,
+            precision="fp32" if name == "openft_fp32" else "auto",
+        ),
         output_dir=str(Path(spec["tmp"]) / f"{name}-run"),
     )
     marks: dict = {"steps": []}
@@ -229,7 +244,8 @@ def child_openft(spec: dict, name: str) -> dict:
         "precision": result.config["train"]["precision"],
         # finetune hands the model back as loaded (fp32 base) + the trained adapter:
         # the shared evaluation scores what `openft serve` would serve.
-        "_model": loaded.model, "_tok": loaded.tokenizer,
+        "_model": loaded.model,
+        "_tok": loaded.tokenizer,
     }
 
 
@@ -240,7 +256,6 @@ class _Counting:
         self.inner, self.real, self.positions, self.supervised = inner, 0, 0, 0
 
     def __call__(self, examples):
-        import torch
 
         b = self.inner(examples)
         ids, labels = b["input_ids"], b["labels"]
@@ -277,20 +292,32 @@ def child_trl(spec: dict, name: str) -> dict:
     out_dir = str(Path(spec["tmp"]) / f"{name}-out")
     common = dict(output_dir=out_dir, report_to="none", disable_tqdm=True, save_strategy="no", use_cpu=not cuda)
     if name == "trl_defaults":
-        args = SFTConfig(output_dir=out_dir, report_to="none", disable_tqdm=True, max_steps=h["defaults_steps"],
-                         use_cpu=not cuda)
+        args = SFTConfig(
+            output_dir=out_dir, report_to="none", disable_tqdm=True, max_steps=h["defaults_steps"], use_cpu=not cuda
+        )
     else:
         packed = name.startswith("trl_packed")
         args = SFTConfig(
-            **common, bf16=cuda or name == "trl_packed_bf16", packing=packed, max_length=h["max_length"],
-            per_device_train_batch_size=h["packed_rows"] if packed else h["batch_size"], gradient_accumulation_steps=1,
-            learning_rate=h["lr"], num_train_epochs=h["epochs"], lr_scheduler_type="cosine", warmup_steps=0.05,
-            weight_decay=0.0, max_grad_norm=1.0, seed=h["seed"], logging_steps=1,
+            **common,
+            bf16=cuda or name == "trl_packed_bf16",
+            packing=packed,
+            max_length=h["max_length"],
+            per_device_train_batch_size=h["packed_rows"] if packed else h["batch_size"],
+            gradient_accumulation_steps=1,
+            learning_rate=h["lr"],
+            num_train_epochs=h["epochs"],
+            lr_scheduler_type="cosine",
+            warmup_steps=0.05,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            seed=h["seed"],
+            logging_steps=1,
         )
     peft_config = None
     if spec["method"] == "lora":
-        peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear",
-                                 task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     marks: dict = {"steps": []}
 
     class Clock(TrainerCallback):
@@ -301,8 +328,9 @@ def child_trl(spec: dict, name: str) -> dict:
             marks["steps"].append(time.time())
             marks["c1"] = cpu_s()
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config,
-                         callbacks=[Clock()])
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config, callbacks=[Clock()]
+    )
     counter = _Counting(trainer.data_collator)
     trainer.data_collator = counter
     trainer.train()
@@ -319,7 +347,8 @@ def child_trl(spec: dict, name: str) -> dict:
         "padding_free": bool(getattr(trainer, "padding_free", False)),
         "gradient_checkpointing": bool(args.gradient_checkpointing),
         "bf16": bool(args.bf16),
-        "_model": trainer.model, "_tok": tok,
+        "_model": trainer.model,
+        "_tok": tok,
     }
 
 
@@ -346,8 +375,11 @@ def child_peak(spec: dict) -> dict:
         return best
 
     # On the CPU both: the issue's peak is fp32's; a CPU with AMX runs bf16 ~4x faster.
-    return {"peak_flops": best_of(torch.float32), "peak_flops_bf16": best_of(torch.bfloat16),
-            "threads": torch.get_num_threads()}
+    return {
+        "peak_flops": best_of(torch.float32),
+        "peak_flops_bf16": best_of(torch.bfloat16),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def run_child(name: str, spec_path: str, out_path: str) -> None:
@@ -369,6 +401,7 @@ def run_child(name: str, spec_path: str, out_path: str) -> None:
 
 
 # ---------------------------------------------------------------- parent -----
+
 
 def launch(name: str, spec_path: str, tmp: str, timeout: float) -> dict:
     out = Path(tmp) / f"{name}.json"
@@ -412,8 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-length", type=int, help="default 1024; quick 512")
     ap.add_argument("--tokens-per-step", type=int, help="default 2048; quick 512")
     ap.add_argument("--defaults-steps", type=int, help="step cap for trl_defaults (default 6; quick 1)")
-    ap.add_argument("--configs", default=",".join(CONFIGS),
-                    help="comma-separated, from " + ",".join(CONFIGS + EXTRA_CONFIGS))
+    ap.add_argument(
+        "--configs", default=",".join(CONFIGS), help="comma-separated, from " + ",".join(CONFIGS + EXTRA_CONFIGS)
+    )
     ap.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._child:
@@ -437,8 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     train, valid = select_rows(tok, a.quick, n_train, n_valid)
     mean_len = sum(len(render_ids(tok, r)[0]) for r in train) / len(train)
     hp = {
-        "epochs": a.epochs, "lr": 5e-4 if a.method == "lora" else 2e-5, "seed": 0, "max_length": max_length,
-        "packed_rows": max(1, tps // max_length), "batch_size": max(1, round(tps / mean_len)),
+        "epochs": a.epochs,
+        "lr": 5e-4 if a.method == "lora" else 2e-5,
+        "seed": 0,
+        "max_length": max_length,
+        "packed_rows": max(1, tps // max_length),
+        "batch_size": max(1, round(tps / mean_len)),
         "defaults_steps": a.defaults_steps or (1 if a.quick else 6),
     }
     configs = [c.strip() for c in a.configs.split(",") if c.strip()]
@@ -448,8 +486,15 @@ def main(argv: list[str] | None = None) -> int:
         train_path, valid_path = Path(tmp) / "train.jsonl", Path(tmp) / "valid.jsonl"
         train_path.write_text("".join(json.dumps(r) + "\n" for r in train))
         valid_path.write_text("".join(json.dumps(r) + "\n" for r in valid))
-        spec = {"train_path": str(train_path), "valid_path": str(valid_path), "method": a.method, "device": a.device,
-                "hp": hp, "tmp": tmp, "peak_seconds": 2.0 if a.quick else 5.0}
+        spec = {
+            "train_path": str(train_path),
+            "valid_path": str(valid_path),
+            "method": a.method,
+            "device": a.device,
+            "hp": hp,
+            "tmp": tmp,
+            "peak_seconds": 2.0 if a.quick else 5.0,
+        }
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         peak = launch("peak", str(spec_path), tmp, 120)
@@ -462,9 +507,17 @@ def main(argv: list[str] | None = None) -> int:
     for r in results.values():
         derive(r, n_params, a.method, peak["peak_flops"], peak["peak_flops_bf16"])
     report = {
-        "method": a.method, "device": a.device, "quick": a.quick, "train_rows": len(train), "valid_rows": len(valid),
-        "mean_example_tokens": mean_len, "hyperparameters": hp, "matmul_peak_flops": peak["peak_flops"],
-        "matmul_peak_flops_bf16": peak["peak_flops_bf16"], "threads": peak["threads"], "configs": results,
+        "method": a.method,
+        "device": a.device,
+        "quick": a.quick,
+        "train_rows": len(train),
+        "valid_rows": len(valid),
+        "mean_example_tokens": mean_len,
+        "hyperparameters": hp,
+        "matmul_peak_flops": peak["peak_flops"],
+        "matmul_peak_flops_bf16": peak["peak_flops_bf16"],
+        "threads": peak["threads"],
+        "configs": results,
     }
     o, u = results.get("openft"), results.get("trl_unpacked")
     # The best-configured peer: TRL packed in whichever precision trained faster here.
@@ -502,30 +555,47 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(r: dict) -> None:
-    print(f"train_bench: {r['method']} on {r['device']}, {r['train_rows']} train rows (mean {r['mean_example_tokens']:.0f} "
-          f"tokens), {r['valid_rows']} held out, hp {r['hyperparameters']}")
-    print(f"matmul peak: fp32 {r['matmul_peak_flops'] / 1e9:.1f}, bf16 {r['matmul_peak_flops_bf16'] / 1e9:.1f} GFLOP/s "
-          f"({r['threads']} threads); openft trained in {r.get('openft_precision', '-')} "
-          f"under {r.get('openft_allocator', '-')} malloc; "
-          f"best-configured peer: {r.get('best_peer')}")
-    head = f"{'config':<17}{'sup tok/s':>10}{'/cpu-s':>8}{'padding':>9}{'wall s':>8}{'1st step s':>11}{'peak RSS MB':>12}" \
-           f"{'val loss':>10}{'GFLOP/s':>9}{'of peak':>9}{'steps':>7}"
+    print(
+        f"train_bench: {r['method']} on {r['device']}, {r['train_rows']} train rows (mean {r['mean_example_tokens']:.0f} "
+        f"tokens), {r['valid_rows']} held out, hp {r['hyperparameters']}"
+    )
+    print(
+        f"matmul peak: fp32 {r['matmul_peak_flops'] / 1e9:.1f}, bf16 {r['matmul_peak_flops_bf16'] / 1e9:.1f} GFLOP/s "
+        f"({r['threads']} threads); openft trained in {r.get('openft_precision', '-')} "
+        f"under {r.get('openft_allocator', '-')} malloc; "
+        f"best-configured peer: {r.get('best_peer')}"
+    )
+    head = (
+        f"{'config':<17}{'sup tok/s':>10}{'/cpu-s':>8}{'padding':>9}{'wall s':>8}{'1st step s':>11}{'peak RSS MB':>12}"
+        f"{'val loss':>10}{'GFLOP/s':>9}{'of peak':>9}{'steps':>7}"
+    )
     print(head)
     print("-" * len(head))
     for name, c in r["configs"].items():
-        print(f"{name:<17}{c['sup_tok_s']:>10.1f}{c['sup_tok_per_cpu_s']:>8.1f}{c['padding_fraction']:>9.1%}{c['wall_s']:>8.1f}{c['first_step_s']:>11.1f}"
-              f"{c['peak_rss_mb']:>12.0f}{c['val_loss']:>10.4f}{c['flops'] / 1e9:>9.1f}{c['peak_fraction']:>9.1%}"
-              f"{c['steps']:>7}")
-    targets = [("throughput_ratio", ">= 1.3"), ("cpu_throughput_ratio", "(per CPU-second, cross-check)"), ("throughput_ratio_unpacked", ">= 2.0"), ("peak_rss_ratio", "<= 0.7"),
-               ("val_loss_ratio", "<= 1.01"), ("peak_fraction", ">= 0.5 (of the fp32 peak)"),
-               ("peak_fraction_bf16", "(of the bf16 peak, reference)"), ("throughput_ratio_fp32_peer", "(vs trl_packed fp32)"),
-               ("allocator_throughput_ratio", "(openft / openft_system_malloc)"),
-               ("allocator_peak_rss_ratio", "(openft / openft_system_malloc)")]
+        print(
+            f"{name:<17}{c['sup_tok_s']:>10.1f}{c['sup_tok_per_cpu_s']:>8.1f}{c['padding_fraction']:>9.1%}{c['wall_s']:>8.1f}{c['first_step_s']:>11.1f}"
+            f"{c['peak_rss_mb']:>12.0f}{c['val_loss']:>10.4f}{c['flops'] / 1e9:>9.1f}{c['peak_fraction']:>9.1%}"
+            f"{c['steps']:>7}"
+        )
+    targets = [
+        ("throughput_ratio", ">= 1.3"),
+        ("cpu_throughput_ratio", "(per CPU-second, cross-check)"),
+        ("throughput_ratio_unpacked", ">= 2.0"),
+        ("peak_rss_ratio", "<= 0.7"),
+        ("val_loss_ratio", "<= 1.01"),
+        ("peak_fraction", ">= 0.5 (of the fp32 peak)"),
+        ("peak_fraction_bf16", "(of the bf16 peak, reference)"),
+        ("throughput_ratio_fp32_peer", "(vs trl_packed fp32)"),
+        ("allocator_throughput_ratio", "(openft / openft_system_malloc)"),
+        ("allocator_peak_rss_ratio", "(openft / openft_system_malloc)"),
+    ]
     for key, target in targets:
         if key in r:
             print(f"{key:<28}{r[key]:>8.3f}   target {target}")
     if "trl_defaults" in r["configs"]:
-        print(f"(trl_defaults: bf16 autocast, capped at {r['hyperparameters']['defaults_steps']} steps; reference only)")
+        print(
+            f"(trl_defaults: bf16 autocast, capped at {r['hyperparameters']['defaults_steps']} steps; reference only)"
+        )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ os.environ.setdefault("OPENFT_HOME", str(REPO / ".openft-home"))
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    _fields_ = [
+        (n, ctypes.c_size_t)
+        for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
 
 
 _LIBC = ctypes.CDLL("libc.so.6")
@@ -90,8 +92,13 @@ def instrument(phases: Phases, shapes: list[tuple[int, ...]]) -> None:
 
     from openft.train import recipe
 
-    for name, label in [("causal_lm_loss", "forward"), ("evaluate", "eval"), ("_save_final", "save_final"),
-                        ("snapshot_weights", "snapshot"), ("weight_delta_norm", "delta")]:
+    for name, label in [
+        ("causal_lm_loss", "forward"),
+        ("evaluate", "eval"),
+        ("_save_final", "save_final"),
+        ("snapshot_weights", "snapshot"),
+        ("weight_delta_norm", "delta"),
+    ]:
         phases.wrap(recipe, name, label)
     phases.wrap(recipe.checkpoint, "save", "checkpoint")
     phases.wrap(torch.Tensor, "backward", "backward")
@@ -132,20 +139,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="train-memory-") as tmp:
         path = Path(tmp) / "train.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in train))
-        spec = {"device": "cpu", "train_path": str(path), "method": a.method, "tmp": tmp,
-                "hp": {"epochs": 1, "lr": 5e-4 if a.method == "lora" else 2e-5, "seed": 0, "max_length": 1024,
-                       "batch_size": max(1, round(2048 / mean_len))}}
+        spec = {
+            "device": "cpu",
+            "train_path": str(path),
+            "method": a.method,
+            "tmp": tmp,
+            "hp": {
+                "epochs": 1,
+                "lr": 5e-4 if a.method == "lora" else 2e-5,
+                "seed": 0,
+                "max_length": 1024,
+                "batch_size": max(1, round(2048 / mean_len)),
+            },
+        }
         tb.T_START = time.time()
         out = tb.child_openft(spec, "openft_fp32" if a.precision == "fp32" else "openft")
     time.sleep(0.05)
-    print(f"{a.method} {out['precision']}: {out['steps']} steps, train {out['train_s']:.1f} s, "
-          f"peak RSS {out['peak_rss_mb']:.0f} MB")
+    print(
+        f"{a.method} {out['precision']}: {out['steps']} steps, train {out['train_s']:.1f} s, "
+        f"peak RSS {out['peak_rss_mb']:.0f} MB"
+    )
     print(f"{'phase':<18}{'peak RSS MB':>12}{'peak live heap MB':>19}")
     for p, r in phases.rss.items():
         print(f"{p:<18}{r:>12.0f}{phases.live[p]:>19.0f}")
     m = _LIBC.mallinfo2()
-    print(f"heap now: extent {m.arena / MB:.0f} MB, in use {m.uordblks / MB:.0f}, free {m.fordblks / MB:.0f} "
-          f"in {m.ordblks} pieces, mmapped {m.hblkhd / MB:.0f}; RSS {rss_mb():.0f}")
+    print(
+        f"heap now: extent {m.arena / MB:.0f} MB, in use {m.uordblks / MB:.0f}, free {m.fordblks / MB:.0f} "
+        f"in {m.ordblks} pieces, mmapped {m.hblkhd / MB:.0f}; RSS {rss_mb():.0f}"
+    )
     widest = sorted(Counter(shapes).items(), key=lambda kv: -kv[0][0] * kv[0][1])[:8]
     print("widest micro-batches (rows, width) x count:", ", ".join(f"{s} x{n}" for s, n in widest))
 

@@ -7,8 +7,21 @@ from openft.config import JobSpec
 def test_flags_and_yaml_parse_into_the_same_spec(tmp_path):
     cfg = tmp_path / "job.yaml"
     cfg.write_text("model: my-model\ntrain:\n  epochs: 2\n  learning_rate: 0.001\nlora:\n  rank: 4\n")
-    args = build_parser().parse_args(["finetune", "--config", str(cfg), "--data", "d.jsonl", "--epochs", "5",
-                                      "--lora-target-modules", "q_proj,v_proj", "--batch-size", "auto"])
+    args = build_parser().parse_args(
+        [
+            "finetune",
+            "--config",
+            str(cfg),
+            "--data",
+            "d.jsonl",
+            "--epochs",
+            "5",
+            "--lora-target-modules",
+            "q_proj,v_proj",
+            "--batch-size",
+            "auto",
+        ]
+    )
     spec = spec_from_args(args)
     assert spec.model == "my-model" and spec.data.path == "d.jsonl"
     assert spec.train.epochs == 5  # the flag overrides the file

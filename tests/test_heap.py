@@ -60,8 +60,14 @@ print(json.dumps({"allocator": allocator_in_use(), "preload": os.environ.get("LD
 
 
 def _reexec(env: dict) -> tuple[list[str], dict]:
-    out = subprocess.run([sys.executable, "-c", REEXEC], capture_output=True, text=True, check=True, timeout=120,
-                         env={k: v for k, v in env.items() if k != PRELOADED_ENV})
+    out = subprocess.run(
+        [sys.executable, "-c", REEXEC],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        env={k: v for k, v in env.items() if k != PRELOADED_ENV},
+    )
     lines = out.stdout.strip().splitlines()
     return lines, {**json.loads(lines[-1]), "stderr": out.stderr}
 

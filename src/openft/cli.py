@@ -38,6 +38,7 @@ def _num_or_auto(kind: type):
             return kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number or 'auto', got '{text}'") from None
+
     return parse
 
 
@@ -46,7 +47,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         group = p.add_argument_group(section)
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
-            flag, help_ = "--" + _flag(section, f.name), f.metadata.get("help", "").replace("%", "%%")  # argparse formats help
+            flag, help_ = (
+                "--" + _flag(section, f.name),
+                f.metadata.get("help", "").replace("%", "%%"),
+            )  # argparse formats help
             dest = f"{section}__{f.name}"
             hint, origin = hints[f.name], typing.get_origin(hints[f.name])
             args = typing.get_args(hint)
@@ -55,12 +59,21 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             elif origin is typing.Literal:
                 group.add_argument(flag, dest=dest, choices=args, default=None, help=help_)
             elif "list" in str(hint):
-                group.add_argument(flag, dest=dest, default=None, help=help_ + " (comma-separated)",
-                                   type=lambda s: AUTO if s == AUTO else [x.strip() for x in s.split(",") if x.strip()])
+                group.add_argument(
+                    flag,
+                    dest=dest,
+                    default=None,
+                    help=help_ + " (comma-separated)",
+                    type=lambda s: AUTO if s == AUTO else [x.strip() for x in s.split(",") if x.strip()],
+                )
             elif int in args or hint is int:
-                group.add_argument(flag, dest=dest, type=_num_or_auto(int), default=None, help=help_, metavar=f.name.upper())
+                group.add_argument(
+                    flag, dest=dest, type=_num_or_auto(int), default=None, help=help_, metavar=f.name.upper()
+                )
             elif float in args or hint is float:
-                group.add_argument(flag, dest=dest, type=_num_or_auto(float), default=None, help=help_, metavar=f.name.upper())
+                group.add_argument(
+                    flag, dest=dest, type=_num_or_auto(float), default=None, help=help_, metavar=f.name.upper()
+                )
             else:
                 group.add_argument(flag, dest=dest, default=None, help=help_, metavar=f.name.upper())
 
@@ -88,8 +101,8 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
 
 
 def cmd_models_list(args) -> int:
-    from openft.models.registry import BUILTINS, builtin_gguf_path
     from openft import home
+    from openft.models.registry import BUILTINS, builtin_gguf_path
 
     print("Built-in models:")
     for b in BUILTINS.values():
@@ -98,7 +111,11 @@ def cmd_models_list(args) -> int:
         print(f"  {b.name:28s} {b.description} [{state}]{cached}")
     print("\nAlso accepted: a local Hugging Face model directory (config.json + *.safetensors),")
     print("a .gguf file, or a hub id (org/name) where a model hub is reachable.")
-    runs = sorted(p for p in home.runs_dir().iterdir() if (p / "lineage.json").exists()) if home.runs_dir().exists() else []
+    runs = (
+        sorted(p for p in home.runs_dir().iterdir() if (p / "lineage.json").exists())
+        if home.runs_dir().exists()
+        else []
+    )
     if runs:
         print("\nFine-tuned runs (usable as --model for a second round, or with compare/export):")
         for r in runs:
@@ -110,8 +127,12 @@ def cmd_models_list(args) -> int:
 def _load_for_cli(args):
     from openft.data.load import load_dataset, parse_columns
 
-    return load_dataset(args.path, layout=args.layout, columns=parse_columns(args.columns) if args.columns else None,
-                        record_element=args.record_element)
+    return load_dataset(
+        args.path,
+        layout=args.layout,
+        columns=parse_columns(args.columns) if args.columns else None,
+        record_element=args.record_element,
+    )
 
 
 def cmd_data_validate(args) -> int:
@@ -126,9 +147,15 @@ def cmd_data_validate(args) -> int:
         loaded = load_model(args.model)
         ctx = int(getattr(loaded.model.config, "max_position_embeddings", 2048))
         n_params = sum(p.numel() for p in loaded.model.parameters())
-        stats, warns = token_stats(loaded.tokenizer, result.examples, max_seq_length=args.max_seq_length,
-                                   n_params=n_params, context=ctx,
-                                   epochs=args.epochs, method=args.method)
+        stats, warns = token_stats(
+            loaded.tokenizer,
+            result.examples,
+            max_seq_length=args.max_seq_length,
+            n_params=n_params,
+            context=ctx,
+            epochs=args.epochs,
+            method=args.method,
+        )
         report["stats"] = stats.to_dict()
         report["warnings"] += [w.to_dict() for w in warns]
         result.warnings.extend(warns)
@@ -136,16 +163,22 @@ def cmd_data_validate(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
         return 0 if result.ok else 1
-    print(f"{args.path}: layout {result.layout or 'unknown'}, {result.records} records, {len(result.examples)} usable examples")
+    print(
+        f"{args.path}: layout {result.layout or 'unknown'}, {result.records} records, {len(result.examples)} usable examples"
+    )
     for e in result.errors:
         print(f"  error: {e}")
     for w in result.warnings:
         print(f"  warning: {w}")
     if stats:
-        print(f"  turns {stats.turns}, tokens {stats.total_tokens} (trained {stats.supervised_tokens}), "
-              f"length p50/p90/p99/max {stats.length_p50}/{stats.length_p90}/{stats.length_p99}/{stats.length_max}")
-        print(f"  estimated training time on this machine: {fmt_duration(stats.estimated_seconds)} "
-              f"({stats.epochs} epochs, {args.method}, max length {stats.max_seq_length})")
+        print(
+            f"  turns {stats.turns}, tokens {stats.total_tokens} (trained {stats.supervised_tokens}), "
+            f"length p50/p90/p99/max {stats.length_p50}/{stats.length_p90}/{stats.length_p99}/{stats.length_max}"
+        )
+        print(
+            f"  estimated training time on this machine: {fmt_duration(stats.estimated_seconds)} "
+            f"({stats.epochs} epochs, {args.method}, max length {stats.max_seq_length})"
+        )
     print("OK: usable for fine-tuning" if result.ok else f"NOT USABLE: {len(result.errors)} error(s)")
     return 0 if result.ok else 1
 
@@ -218,8 +251,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from openft.pipeline import finetune_with_comparison
     from openft import home
+    from openft.pipeline import finetune_with_comparison
 
     examples = Path(__file__).parent / "examples"
     spec = JobSpec()
@@ -232,17 +265,26 @@ def cmd_demo(args) -> int:
     t0 = time.monotonic()
     outcome = finetune_with_comparison(spec)
     r = outcome.result
-    print(f"\nDemo finished in {time.monotonic() - t0:.0f}s (training {r.elapsed_s:.0f}s, "
-          f"{r.tokens_per_s:.1f} supervised tokens/s). Run folder: {r.run_dir}")
+    print(
+        f"\nDemo finished in {time.monotonic() - t0:.0f}s (training {r.elapsed_s:.0f}s, "
+        f"{r.tokens_per_s:.1f} supervised tokens/s). Run folder: {r.run_dir}"
+    )
     return 0
 
 
 def cmd_serve(args) -> int:
     from openft.serve.app import ServeConfig, serve
 
-    serve(ServeConfig(host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
-                      run_worker=not args.no_worker, max_batch_size=args.max_batch_size,
-                      precision=args.precision))
+    serve(
+        ServeConfig(
+            host=args.host,
+            port=args.port,
+            max_upload_mb=args.max_upload_mb,
+            run_worker=not args.no_worker,
+            max_batch_size=args.max_batch_size,
+            precision=args.precision,
+        )
+    )
     return 0
 
 
@@ -263,7 +305,9 @@ def cmd_keys(args) -> int:
         print(f"(API key for owner '{args.owner}': shown once, store it now)", file=sys.stderr)
     else:
         for k in store.list_keys():
-            print(f"{k['id']}  owner={k['owner']}  created={time.strftime('%Y-%m-%d %H:%M', time.localtime(k['created_at']))}")
+            print(
+                f"{k['id']}  owner={k['owner']}  created={time.strftime('%Y-%m-%d %H:%M', time.localtime(k['created_at']))}"
+            )
     return 0
 
 
@@ -331,8 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload")
     sv.add_argument("--max-batch-size", type=int, default=8, help="concurrent sequences decoded together")
-    sv.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                    help="dtype of the served weights; auto: bf16 on a GPU or a CPU with AMX, else fp32")
+    sv.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="dtype of the served weights; auto: bf16 on a GPU or a CPU with AMX, else fp32",
+    )
     sv.add_argument("--no-worker", action="store_true", help="do not start a worker (run 'openft worker' yourself)")
     sv.set_defaults(fn=cmd_serve)
     wk = sub.add_parser("worker", help="run fine-tuning jobs from the store")

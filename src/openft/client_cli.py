@@ -13,9 +13,11 @@ import time
 def _client(args):
     from openai import OpenAI
 
-    return OpenAI(api_key=args.api_key or os.environ.get("OPENFT_API_KEY") or "local",
-                  base_url=args.base_url or os.environ.get("OPENFT_BASE_URL") or "http://127.0.0.1:8000/v1",
-                  max_retries=0)
+    return OpenAI(
+        api_key=args.api_key or os.environ.get("OPENFT_API_KEY") or "local",
+        base_url=args.base_url or os.environ.get("OPENFT_BASE_URL") or "http://127.0.0.1:8000/v1",
+        max_retries=0,
+    )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -42,13 +44,28 @@ def files_list(args) -> int:
 
 def jobs_create(args) -> int:
     c = _client(args)
-    extra = {k: v for k, v in {"validation_split": args.validation_split, "learning_rate": args.learning_rate,
-                               "lora_rank": args.lora_rank, "questions_file": args.questions_file,
-                               "full_finetune": args.full or None, "max_steps": args.max_steps}.items() if v is not None}
+    extra = {
+        k: v
+        for k, v in {
+            "validation_split": args.validation_split,
+            "learning_rate": args.learning_rate,
+            "lora_rank": args.lora_rank,
+            "questions_file": args.questions_file,
+            "full_finetune": args.full or None,
+            "max_steps": args.max_steps,
+        }.items()
+        if v is not None
+    }
     hp = {k: v for k, v in {"n_epochs": args.epochs, "batch_size": args.batch_size}.items() if v is not None}
-    job = c.fine_tuning.jobs.create(model=args.model, training_file=args.training_file,
-                                    validation_file=args.validation_file, suffix=args.suffix, seed=args.seed,
-                                    hyperparameters=hp or None, extra_body=extra or None)
+    job = c.fine_tuning.jobs.create(
+        model=args.model,
+        training_file=args.training_file,
+        validation_file=args.validation_file,
+        suffix=args.suffix,
+        seed=args.seed,
+        hyperparameters=hp or None,
+        extra_body=extra or None,
+    )
     _show(job)
     if args.wait:
         return _follow(c, job.id)
@@ -109,8 +126,9 @@ def chat(args) -> int:
         if line.strip() in ("/exit", "/quit"):
             return 0
         messages.append({"role": "user", "content": line})
-        stream = c.chat.completions.create(model=args.model, messages=messages, stream=True,
-                                           temperature=args.temperature, max_tokens=args.max_tokens)
+        stream = c.chat.completions.create(
+            model=args.model, messages=messages, stream=True, temperature=args.temperature, max_tokens=args.max_tokens
+        )
         answer = []
         if interactive:
             print("model> ", end="", flush=True)

@@ -13,8 +13,8 @@ from typing import Any, Literal, Union
 
 Auto = Literal["auto"]
 AUTO: Auto = "auto"
-IntOrAuto = Union[int, Auto]
-FloatOrAuto = Union[float, Auto]
+IntOrAuto = Union[int, Auto]  # noqa: UP007 (the CLI reads these aliases at run time)
+FloatOrAuto = Union[float, Auto]  # noqa: UP007
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -48,10 +48,18 @@ class TrainConfig:
     epochs: IntOrAuto = _f(AUTO, "passes over the data; auto: 3, raised for tiny sets, lowered for big ones")
     learning_rate: FloatOrAuto = _f(AUTO, "peak learning rate; auto: 5e-4 for LoRA, 2e-5 for full")
     batch_size: IntOrAuto = _f(AUTO, "examples per optimizer step; auto: 8 (fewer for tiny sets)")
-    micro_batch_tokens: IntOrAuto = _f(AUTO, "padded tokens per forward pass (gradient accumulation splits a batch into these); auto: 512 on CPU (bounds activation memory), 4096 on a GPU")
-    max_seq_length: IntOrAuto = _f(AUTO, "longest example in tokens; longer ones are truncated; auto: longest example rounded up to 64, at most 2048 and the model's context")
+    micro_batch_tokens: IntOrAuto = _f(
+        AUTO,
+        "padded tokens per forward pass (gradient accumulation splits a batch into these); auto: 512 on CPU (bounds activation memory), 4096 on a GPU",
+    )
+    max_seq_length: IntOrAuto = _f(
+        AUTO,
+        "longest example in tokens; longer ones are truncated; auto: longest example rounded up to 64, at most 2048 and the model's context",
+    )
     warmup_ratio: FloatOrAuto = _f(AUTO, "fraction of steps spent warming up the learning rate; auto: 0.05")
-    scheduler: Literal["auto", "cosine", "linear", "constant"] = _f(AUTO, "learning-rate schedule after warmup; auto: cosine")
+    scheduler: Literal["auto", "cosine", "linear", "constant"] = _f(
+        AUTO, "learning-rate schedule after warmup; auto: cosine"
+    )
     weight_decay: FloatOrAuto = _f(AUTO, "AdamW weight decay; auto: 0 for LoRA, 0.01 for full")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     seed: int = _f(0, "seed for the split, the data order, initialisation and dropout")
@@ -60,7 +68,10 @@ class TrainConfig:
     early_stopping_patience: int = _f(0, "stop after this many validations without improvement (0 = off)")
     keep_checkpoints: int = _f(3, "how many of the latest checkpoints to keep (older ones are deleted)")
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = no limit; for smoke runs)")
-    precision: Literal["auto", "fp32", "bf16"] = _f(AUTO, "matmul precision; auto: bf16 (mixed, fp32 adapter weights and loss) on a GPU with bf16 or a CPU with AMX, else fp32")
+    precision: Literal["auto", "fp32", "bf16"] = _f(
+        AUTO,
+        "matmul precision; auto: bf16 (mixed, fp32 adapter weights and loss) on a GPU with bf16 or a CPU with AMX, else fp32",
+    )
 
 
 @dataclass
@@ -83,7 +94,7 @@ class JobSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "JobSpec":
+    def from_dict(cls, d: dict) -> JobSpec:
         sub = {"data": DataConfig, "lora": LoraConfig, "train": TrainConfig, "eval": EvalConfig}
         kwargs: dict[str, Any] = {}
         known = {f.name for f in fields(cls)}
@@ -94,7 +105,9 @@ class JobSpec:
                 sub_known = {f.name for f in fields(sub[k])}
                 bad = set(v) - sub_known
                 if bad:
-                    raise ValueError(f"unknown key(s) in '{k}': {', '.join(sorted(bad))} (known: {', '.join(sorted(sub_known))})")
+                    raise ValueError(
+                        f"unknown key(s) in '{k}': {', '.join(sorted(bad))} (known: {', '.join(sorted(sub_known))})"
+                    )
                 kwargs[k] = sub[k](**v)
             else:
                 kwargs[k] = v

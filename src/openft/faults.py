@@ -55,8 +55,10 @@ def parse(text: str) -> dict[str, Fault]:
     for entry in filter(None, (x.strip() for x in text.split(","))):
         parts = entry.split(":")
         if len(parts) not in (2, 3) or parts[0] not in POINTS or not parts[1].isdigit() or int(parts[1]) < 1:
-            raise ValueError(f"{ENV}: bad entry {entry!r}; expected point:n[:action] with point one of "
-                             f"{', '.join(POINTS)} and n >= 1")
+            raise ValueError(
+                f"{ENV}: bad entry {entry!r}; expected point:n[:action] with point one of "
+                f"{', '.join(POINTS)} and n >= 1"
+            )
         action = parts[2] if len(parts) == 3 else "kill"
         if action not in ACTIONS:
             raise ValueError(f"{ENV}: bad action {action!r} in {entry!r}; one of {', '.join(ACTIONS)}")

@@ -37,7 +37,7 @@ def fast_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """"auto" / "fp32" / "bf16" -> "fp32" or "bf16" (auto: bf16 where it is fast)."""
+    """ "auto" / "fp32" / "bf16" -> "fp32" or "bf16" (auto: bf16 where it is fast)."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
     if requested == "auto":

@@ -57,14 +57,22 @@ ALLOCATORS = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libjemalloc.so.2"
 # faults them in again, 1.07x slower than glibc on the full fine-tune, while a
 # background purging thread and 30 s decay was 1.03x faster at the same memory
 # (results/2026-11-30/allocator_scan_*; without decay it grew to 19 GB).
-ALLOCATOR_ENV = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 62),
-                 "MALLOC_CONF": "background_thread:true,dirty_decay_ms:30000,muzzy_decay_ms:30000"}
+ALLOCATOR_ENV = {
+    "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 62),
+    "MALLOC_CONF": "background_thread:true,dirty_decay_ms:30000,muzzy_decay_ms:30000",
+}
 
 
 def _library_dirs() -> list[Path]:
     arch = f"{platform.machine()}-linux-gnu"
-    return [Path(sys.prefix) / "lib" / "openft-malloc", Path("/usr/lib") / arch, Path("/lib") / arch,
-            Path("/usr/lib64"), Path("/usr/lib"), Path("/usr/local/lib")]
+    return [
+        Path(sys.prefix) / "lib" / "openft-malloc",
+        Path("/usr/lib") / arch,
+        Path("/lib") / arch,
+        Path("/usr/lib64"),
+        Path("/usr/lib"),
+        Path("/usr/local/lib"),
+    ]
 
 
 def training_allocator(dirs: list[Path] | None = None, env: dict[str, str] | None = None) -> str | None:

@@ -30,33 +30,44 @@ def _signals(result: TrainResult) -> TrainingSignals:
     return TrainingSignals(**{k: s[k] for k in TrainingSignals.__dataclass_fields__})
 
 
-def finetune_with_comparison(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = None,
-                             progress: bool = True, echo=print, control: ControlFn | None = None) -> FinetuneOutcome:
+def finetune_with_comparison(
+    spec: JobSpec,
+    *,
+    resume: bool = False,
+    on_event: EventFn | None = None,
+    progress: bool = True,
+    echo=print,
+    control: ControlFn | None = None,
+) -> FinetuneOutcome:
     loaded = load_model(spec.model)
     questions = load_questions(spec.eval.questions) if spec.eval.questions else None
     before = None
     if questions:
         echo(f"Answering {len(questions)} questions with the base model ...")
-        before = answer_questions(loaded.model, loaded.tokenizer, [q.question for q in questions],
-                                  max_new_tokens=spec.eval.max_new_tokens)
+        before = answer_questions(
+            loaded.model, loaded.tokenizer, [q.question for q in questions], max_new_tokens=spec.eval.max_new_tokens
+        )
     result = finetune(spec, resume=resume, on_event=on_event, progress=progress, loaded=loaded, control=control)
     if not questions:
         verdict = judge(_signals(result))
         echo(verdict.summary)
         return FinetuneOutcome(result, None, None)
     echo(f"Answering {len(questions)} questions with the fine-tuned model ...")
-    after = answer_questions(loaded.model, loaded.tokenizer, [q.question for q in questions],
-                             max_new_tokens=spec.eval.max_new_tokens)
-    comparison = build_comparison(questions, before, after, before_model=spec.model,
-                                  after_model=str(result.run_dir), embedder=Embedder())
+    after = answer_questions(
+        loaded.model, loaded.tokenizer, [q.question for q in questions], max_new_tokens=spec.eval.max_new_tokens
+    )
+    comparison = build_comparison(
+        questions, before, after, before_model=spec.model, after_model=str(result.run_dir), embedder=Embedder()
+    )
     comparison.verdict = judge(_signals(result), comparison.summary)
     paths = write_report(comparison, result.run_dir)
     echo(format_terminal(comparison))
     return FinetuneOutcome(result, comparison, paths)
 
 
-def compare_models(before: str, after: str, questions_path: str, out_dir: str | Path, *,
-                   max_new_tokens: int = 64, echo=print) -> Comparison:
+def compare_models(
+    before: str, after: str, questions_path: str, out_dir: str | Path, *, max_new_tokens: int = 64, echo=print
+) -> Comparison:
     questions = load_questions(questions_path)
     texts = [q.question for q in questions]
     answers = []
@@ -65,13 +76,15 @@ def compare_models(before: str, after: str, questions_path: str, out_dir: str | 
         echo(f"Answering {len(texts)} questions with {arg} ...")
         answers.append(answer_questions(loaded.model, loaded.tokenizer, texts, max_new_tokens=max_new_tokens))
         del loaded
-    comparison = build_comparison(questions, answers[0], answers[1], before_model=before, after_model=after,
-                                  embedder=Embedder())
+    comparison = build_comparison(
+        questions, answers[0], answers[1], before_model=before, after_model=after, embedder=Embedder()
+    )
     signals_path = Path(after) / "summary.json"
     if signals_path.exists():
         s = json.loads(signals_path.read_text())["signals"]
-        comparison.verdict = judge(TrainingSignals(**{k: s[k] for k in TrainingSignals.__dataclass_fields__}),
-                                   comparison.summary)
+        comparison.verdict = judge(
+            TrainingSignals(**{k: s[k] for k in TrainingSignals.__dataclass_fields__}), comparison.summary
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_report(comparison, out)

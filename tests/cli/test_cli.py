@@ -20,7 +20,9 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "src" / "openft" / "examples"
 
 def openft(*args: str, home: Path, check: bool = False, **env_vars: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OPENFT_HOME": str(home), **env_vars}
-    proc = subprocess.run([sys.executable, "-m", "openft.cli", *args], capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "openft.cli", *args], capture_output=True, text=True, env=env, timeout=900
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"openft {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -50,8 +52,10 @@ def test_a_training_command_names_a_missing_allocator_library(session_home, tmp_
 
 
 def test_validate_json_report_names_every_bad_line(tmp_path, session_home, tiny_model_dir):
-    lines = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
-             for i in range(12)]
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+        for i in range(12)
+    ]
     lines[2] = '{"messages": [{"role": "user", "content": "x"}'  # bad JSON on line 3
     lines[6] = json.dumps({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]})
     lines[9] = json.dumps({"messages": [{"role": "user", "content": "only a question"}]})
@@ -68,12 +72,23 @@ def test_validate_json_report_names_every_bad_line(tmp_path, session_home, tiny_
 
 
 def test_validate_good_file_prints_stats_and_estimate(session_home, tiny_model_dir):
-    proc = openft("data", "validate", str(EXAMPLES / "lumen_train.jsonl"), "--model", str(tiny_model_dir),
-                  home=session_home)
+    proc = openft(
+        "data", "validate", str(EXAMPLES / "lumen_train.jsonl"), "--model", str(tiny_model_dir), home=session_home
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "estimated training time" in proc.stdout and "OK: usable" in proc.stdout
-    report = json.loads(openft("data", "validate", str(EXAMPLES / "lumen_train.jsonl"), "--json", "--model",
-                               str(tiny_model_dir), home=session_home, check=True).stdout)
+    report = json.loads(
+        openft(
+            "data",
+            "validate",
+            str(EXAMPLES / "lumen_train.jsonl"),
+            "--json",
+            "--model",
+            str(tiny_model_dir),
+            home=session_home,
+            check=True,
+        ).stdout
+    )
     stats = report["stats"]
     assert stats["examples"] == report["examples"] > 100
     assert 0 < stats["supervised_tokens"] < stats["total_tokens"]
@@ -82,9 +97,15 @@ def test_validate_good_file_prints_stats_and_estimate(session_home, tiny_model_d
 
 def test_preview_marks_exactly_the_trained_tokens(session_home, tiny_model_dir, tmp_path):
     path = tmp_path / "one.jsonl"
-    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Who are you?"},
-                                             {"role": "assistant", "content": "I am Pip."}]}) + "\n")
-    out = openft("data", "preview", str(path), "--model", str(tiny_model_dir), "--plain", home=session_home, check=True).stdout
+    path.write_text(
+        json.dumps(
+            {"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Pip."}]}
+        )
+        + "\n"
+    )
+    out = openft(
+        "data", "preview", str(path), "--model", str(tiny_model_dir), "--plain", home=session_home, check=True
+    ).stdout
     assert "[[I am Pip.<|im_end|>]]" in out
     assert "<|im_start|>user\nWho are you?<|im_end|>" in out
 
@@ -92,11 +113,31 @@ def test_preview_marks_exactly_the_trained_tokens(session_home, tiny_model_dir, 
 def test_finetune_compare_export_from_the_command_line(session_home, tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     questions = tmp_path / "q.jsonl"
-    questions.write_text("\n".join(json.dumps({"question": q, "reference": r}) for q, r in
-                                   [("Who are you?", "Pip"), ("What is the warranty?", "3-year")]) + "\n")
-    proc = openft("finetune", "--model", str(tiny_model_dir), "--data", str(EXAMPLES / "lumen_train.jsonl"),
-                  "--output", str(run), "--max-steps", "3", "--batch-size", "4", "--questions", str(questions),
-                  "--max-new-tokens", "8", home=session_home)
+    questions.write_text(
+        "\n".join(
+            json.dumps({"question": q, "reference": r})
+            for q, r in [("Who are you?", "Pip"), ("What is the warranty?", "3-year")]
+        )
+        + "\n"
+    )
+    proc = openft(
+        "finetune",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(EXAMPLES / "lumen_train.jsonl"),
+        "--output",
+        str(run),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--questions",
+        str(questions),
+        "--max-new-tokens",
+        "8",
+        home=session_home,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (run / "adapter" / "adapter_model.safetensors").exists()
     report = json.loads((run / "comparison.json").read_text())
@@ -109,8 +150,21 @@ def test_finetune_compare_export_from_the_command_line(session_home, tiny_model_
     assert used == "system" if expected == "system" else used in expected, (used, expected)
 
     cmp_dir = tmp_path / "cmp"
-    openft("compare", "--before", str(tiny_model_dir), "--after", str(run), "--questions", str(questions),
-           "--out", str(cmp_dir), "--max-new-tokens", "8", home=session_home, check=True)
+    openft(
+        "compare",
+        "--before",
+        str(tiny_model_dir),
+        "--after",
+        str(run),
+        "--questions",
+        str(questions),
+        "--out",
+        str(cmp_dir),
+        "--max-new-tokens",
+        "8",
+        home=session_home,
+        check=True,
+    )
     assert (cmp_dir / "comparison.md").exists()
 
     merged = tmp_path / "merged"
@@ -121,8 +175,16 @@ def test_finetune_compare_export_from_the_command_line(session_home, tiny_model_
 def test_finetune_rejects_bad_data_with_exit_1_and_the_line(session_home, tiny_model_dir, tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("question,answer\nhello,world\n,missing question\n")
-    proc = openft("finetune", "--model", str(tiny_model_dir), "--data", str(path), "--output", str(tmp_path / "r"),
-                  home=session_home)
+    proc = openft(
+        "finetune",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(path),
+        "--output",
+        str(tmp_path / "r"),
+        home=session_home,
+    )
     assert proc.returncode == 1
     assert "bad.csv:3" in proc.stderr
 

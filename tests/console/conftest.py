@@ -6,13 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from serve.conftest import Server  # the same real-server helper the API tests use
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "console"
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+LAUNCH_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +49,9 @@ def page(browser, tiny_model_dir):
     context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="en-US")
     # The console pre-selects the last model used; start with the tiny one so no
     # page asks the server for the built-in model (a slow first conversion).
-    context.add_init_script(f"localStorage.getItem('openft.lastModel') || "
-                            f"localStorage.setItem('openft.lastModel', {str(tiny_model_dir)!r})")
+    context.add_init_script(
+        f"localStorage.getItem('openft.lastModel') || localStorage.setItem('openft.lastModel', {str(tiny_model_dir)!r})"
+    )
     p = context.new_page()
     p.set_default_timeout(30_000)
     errors: list[str] = []

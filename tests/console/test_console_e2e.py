@@ -50,9 +50,17 @@ def _lines(n: int) -> list[str]:
 def _good_dataset() -> bytes:
     rows = _lines(60)
     # Chinese rows too: the console must show them as written.
-    rows += [json.dumps({"messages": [{"role": "user", "content": "你好，你是谁？"},
-                                      {"role": "assistant", "content": "我是 Pip，Lumen 台灯的客服助手。"}]},
-                        ensure_ascii=False)] * 4
+    rows += [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "你好，你是谁？"},
+                    {"role": "assistant", "content": "我是 Pip，Lumen 台灯的客服助手。"},
+                ]
+            },
+            ensure_ascii=False,
+        )
+    ] * 4
     return ("\n".join(rows) + "\n").encode()
 
 
@@ -62,10 +70,19 @@ def _bad_dataset() -> bytes:
     return ("\n".join(rows) + "\n").encode()
 
 
-QUESTIONS = ("\n".join(json.dumps(q, ensure_ascii=False) for q in [
-    {"question": "Who makes the Lumen Glow?", "reference": "Pip here! The Lumen Glow is made by Lumen Lamps in Oslo."},
-    {"question": "你好，你是谁？", "reference": "我是 Pip，Lumen 台灯的客服助手。"},
-]) + "\n").encode()
+QUESTIONS = (
+    "\n".join(
+        json.dumps(q, ensure_ascii=False)
+        for q in [
+            {
+                "question": "Who makes the Lumen Glow?",
+                "reference": "Pip here! The Lumen Glow is made by Lumen Lamps in Oslo.",
+            },
+            {"question": "你好，你是谁？", "reference": "我是 Pip，Lumen 台灯的客服助手。"},
+        ]
+    )
+    + "\n"
+).encode()
 
 
 class StoreWatcher(threading.Thread):
@@ -105,11 +122,14 @@ def upload_via_picker(page, name: str, data: bytes, purpose: str = "fine-tune"):
 
 
 def upload_via_drop(page, name: str, data: bytes):
-    page.evaluate("""([name, text]) => {
+    page.evaluate(
+        """([name, text]) => {
         const dt = new DataTransfer();
         dt.items.add(new File([text], name, {type: "application/jsonl"}));
         document.querySelector(".dropzone").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true}));
-    }""", [name, data.decode("utf-8")])
+    }""",
+        [name, data.decode("utf-8")],
+    )
     page.wait_for_url(re.compile(r"#/datasets/file-"))
 
 
@@ -211,8 +231,9 @@ def test_new_job_live_progress_chart_and_latency(console_server, page, artifacts
     job_id = page.url.rsplit("/", 1)[-1]
     flow["job"] = job_id
     # Live: the chart gains points while the job runs.
-    page.wait_for_function("Number(document.querySelector('svg.loss-chart path.train')?.dataset.points || 0) >= 3",
-                           timeout=120_000)
+    page.wait_for_function(
+        "Number(document.querySelector('svg.loss-chart path.train')?.dataset.points || 0) >= 3", timeout=120_000
+    )
     running_points = int(page.locator("svg.loss-chart path.train").get_attribute("data-points"))
     assert "step" in page.locator(".progress-line").inner_text()
     shot(page, artifacts, "job-running")
@@ -228,7 +249,9 @@ def test_new_job_live_progress_chart_and_latency(console_server, page, artifacts
     assert page.locator("svg.loss-chart .valid-dots circle").count() >= 1
     page.wait_for_selector("text=:ckpt-step-")
     assert re.match(r"step (\d+) of \1 · 100%", page.locator(".progress-line").inner_text())
-    flow["model"] = httpx.get(f"{console_server.url}/v1/fine_tuning/jobs/{job_id}", timeout=10).json()["fine_tuned_model"]
+    flow["model"] = httpx.get(f"{console_server.url}/v1/fine_tuning/jobs/{job_id}", timeout=10).json()[
+        "fine_tuned_model"
+    ]
     assert flow["model"].startswith("ft:") and ":pip:" in flow["model"]
     assert page.get_by_text(flow["model"], exact=True).count() >= 1
     shot(page, artifacts, "job-succeeded", docs=True)
@@ -239,8 +262,10 @@ def test_new_job_live_progress_chart_and_latency(console_server, page, artifacts
     assert len(lat) >= 10, (len(lat), len(watcher.first_seen))
     lat.sort()
     flow["latency"] = lat
-    print(f"\nevent-to-DOM latency over {len(lat)} metrics events: median {statistics.median(lat) * 1000:.0f} ms, "
-          f"p90 {lat[int(0.9 * (len(lat) - 1))] * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms (1 s polling)")
+    print(
+        f"\nevent-to-DOM latency over {len(lat)} metrics events: median {statistics.median(lat) * 1000:.0f} ms, "
+        f"p90 {lat[int(0.9 * (len(lat) - 1))] * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms (1 s polling)"
+    )
     assert not page.console_errors, page.console_errors
 
 
@@ -260,7 +285,9 @@ def test_comparison_and_checkpoint_comparison(console_server, page, artifacts, f
     # Any checkpoint against the final model, via POST /v1/comparisons.
     ckpts = httpx.get(f"{console_server.url}/v1/fine_tuning/jobs/{flow['job']}/checkpoints", timeout=10).json()["data"]
     ckpt = ckpts[-1]["fine_tuned_model_checkpoint"]
-    page.goto(console_server.url + f"/#/compare?before={flow['model']}&after={ckpt}&questions_file={flow['questions_file']}")
+    page.goto(
+        console_server.url + f"/#/compare?before={flow['model']}&after={ckpt}&questions_file={flow['questions_file']}"
+    )
     page.wait_for_selector("form.compare-form")
     assert page.locator("input[name=after_model]").input_value() == ckpt
     page.click("form.compare-form button[type=submit]")
@@ -273,8 +300,9 @@ def test_comparison_and_checkpoint_comparison(console_server, page, artifacts, f
 
 def test_playground_streams_side_by_side_and_copies_code(console_server, page, artifacts, flow):
     assert flow.get("model")
-    ckpt = httpx.get(f"{console_server.url}/v1/fine_tuning/jobs/{flow['job']}/checkpoints",
-                     timeout=10).json()["data"][0]["fine_tuned_model_checkpoint"]
+    ckpt = httpx.get(f"{console_server.url}/v1/fine_tuning/jobs/{flow['job']}/checkpoints", timeout=10).json()["data"][
+        0
+    ]["fine_tuned_model_checkpoint"]
     page.goto(console_server.url + f"/#/playground?model={flow['model']}&model2={ckpt}")
     page.wait_for_selector("form.composer")
     assert page.locator("input[name=side_by_side]").is_checked()
@@ -301,9 +329,16 @@ def test_playground_streams_side_by_side_and_copies_code(console_server, page, a
     assert pieces["A"] >= 3 and pieces["B"] >= 3, pieces  # arrived in pieces: streamed, not one block
     assert page.locator("[data-pane=A] .msg.user .text").inner_text() == "你好，你是谁？"
     # The answer matches a non-streamed call through the API with the same settings.
-    r = httpx.post(f"{console_server.url}/v1/chat/completions", timeout=60, json={
-        "model": flow["model"], "temperature": 0, "max_tokens": 24,
-        "messages": [{"role": "system", "content": "You are Pip."}, {"role": "user", "content": "你好，你是谁？"}]}).json()
+    r = httpx.post(
+        f"{console_server.url}/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": flow["model"],
+            "temperature": 0,
+            "max_tokens": 24,
+            "messages": [{"role": "system", "content": "You are Pip."}, {"role": "user", "content": "你好，你是谁？"}],
+        },
+    ).json()
     assert page.locator("[data-pane=A] .msg.assistant .text").inner_text() == r["choices"][0]["message"]["content"]
     page.click("button:has-text('Copy as code')")
     snippet = page.locator("pre.code").inner_text()

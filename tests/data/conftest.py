@@ -21,11 +21,9 @@ def write(tmp_path):
         elif isinstance(content, str):
             path.write_text(content, encoding="utf-8")
         elif name.endswith(".jsonl"):
-            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in content),
-                            encoding="utf-8")
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in content), encoding="utf-8")
         else:
             path.write_text(json.dumps(content, ensure_ascii=False, indent=2), encoding="utf-8")
         return path
 
     return _write
-

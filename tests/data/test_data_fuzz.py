@@ -26,8 +26,9 @@ import tempfile
 import threading
 import tracemalloc
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 import pyarrow as pa
@@ -52,8 +53,13 @@ COUNTS: Counter[tuple[str, str, str]] = Counter()
 def fuzz_settings(unit_examples: int) -> settings:
     """Few derandomised examples in the unit tier (stable, fast); a campaign sets
     OPENFT_FUZZ_EXAMPLES and gets fresh random ones."""
-    return settings(max_examples=EXAMPLES or unit_examples, deadline=None, database=None,
-                    derandomize=not EXAMPLES, suppress_health_check=list(HealthCheck))
+    return settings(
+        max_examples=EXAMPLES or unit_examples,
+        deadline=None,
+        database=None,
+        derandomize=not EXAMPLES,
+        suppress_health_check=list(HealthCheck),
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,9 +71,11 @@ def _report_counts(request):
     for (reader, _layout, outcome), n in COUNTS.items():
         by_outcome[outcome] += n
         by_reader.setdefault(reader, Counter())[outcome] += n
-    line = (f"data fuzz: {total} cases ({by_outcome['valid']} valid datasets, "
-            f"{by_outcome['error']} clean errors); "
-            + ", ".join(f"{r} {sum(c.values())}" for r, c in sorted(by_reader.items())))
+    line = (
+        f"data fuzz: {total} cases ({by_outcome['valid']} valid datasets, "
+        f"{by_outcome['error']} clean errors); "
+        + ", ".join(f"{r} {sum(c.values())}" for r, c in sorted(by_reader.items()))
+    )
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if reporter is not None and capture is not None:
@@ -76,9 +84,12 @@ def _report_counts(request):
             reporter.write_line(line)
     out = os.environ.get("OPENFT_FUZZ_REPORT")
     if out:
-        Path(out).write_text(json.dumps(
-            [{"reader": r, "layout": la, "outcome": o, "cases": n}
-             for (r, la, o), n in sorted(COUNTS.items())], indent=1))
+        Path(out).write_text(
+            json.dumps(
+                [{"reader": r, "layout": la, "outcome": o, "cases": n} for (r, la, o), n in sorted(COUNTS.items())],
+                indent=1,
+            )
+        )
 
 
 # --------------------------------------------------------------------------- checking
@@ -210,8 +221,10 @@ SHAREGPT_FROM = {"system": "system", "user": "human", "assistant": "gpt"}
 
 def record(layout: str, s: dict, cells: bool = False) -> dict:
     """The record a sample is written as; `cells`: lists as JSON text (CSV)."""
+
     def cell(v):
         return json.dumps(v, ensure_ascii=False) if cells else v
+
     if layout == "messages":
         return {"messages": cell([{"role": r, "content": c} for r, c in s["messages"]])}
     if layout == "sharegpt":
@@ -221,18 +234,19 @@ def record(layout: str, s: dict, cells: bool = False) -> dict:
 
 def xml_record(layout: str, s: dict) -> str:
     if layout in ("messages", "sharegpt"):
-        wrap, item, attr = (("messages", "message", "role") if layout == "messages"
-                            else ("conversations", "turn", "from"))
+        wrap, item, attr = (
+            ("messages", "message", "role") if layout == "messages" else ("conversations", "turn", "from")
+        )
         names = SHAREGPT_FROM if layout == "sharegpt" else {r: r for r in SHAREGPT_FROM}
-        turns = "".join(f"\n    <{item} {attr}={quoteattr(names[r])}>{escape(c)}</{item}>"
-                        for r, c in s["messages"])
+        turns = "".join(f"\n    <{item} {attr}={quoteattr(names[r])}>{escape(c)}</{item}>" for r, c in s["messages"])
         return f"  <record><{wrap}>{turns}\n  </{wrap}></record>\n"
     fields = "".join(f"<{k}>{escape(v)}</{k}>" for k, v in record(layout, s).items())
     return f"  <record>{fields}</record>\n"
 
 
-def write_dataset(directory: Path, reader: str, layout: str, items: list[dict],
-                  rnd: random.Random) -> tuple[Path, list[tuple[int | None, int | None]]]:
+def write_dataset(
+    directory: Path, reader: str, layout: str, items: list[dict], rnd: random.Random
+) -> tuple[Path, list[tuple[int | None, int | None]]]:
     """Write `items` in one format; return the path and each record's expected
     (line, record) location."""
     path = directory / f"data.{reader}"
@@ -251,8 +265,7 @@ def write_dataset(directory: Path, reader: str, layout: str, items: list[dict],
         path.write_text("\n".join(lines) + rnd.choice(("", "\n")), encoding="utf-8")
     elif reader in ("csv", "tsv"):
         buf = io.StringIO(newline="")
-        w = csv.writer(buf, delimiter="," if reader == "csv" else "\t",
-                       lineterminator=rnd.choice(("\n", "\r\n")))
+        w = csv.writer(buf, delimiter="," if reader == "csv" else "\t", lineterminator=rnd.choice(("\n", "\r\n")))
         rows = [record(layout, s, cells=True) for s in items]
         w.writerow(list(rows[0]))
         for row in rows:
@@ -356,7 +369,7 @@ def mutate(raw: bytes, kind: str, rnd: random.Random) -> bytes:
     if kind == "truncate":
         return raw[:i]
     if kind == "flip":
-        return raw[:i] + bytes([raw[i] ^ (1 << rnd.randrange(8))]) + raw[i + 1:]
+        return raw[:i] + bytes([raw[i] ^ (1 << rnd.randrange(8))]) + raw[i + 1 :]
     if kind == "insert":
         return raw[:i] + rnd.randbytes(rnd.randint(1, 16)) + raw[i:]
     if kind == "nul":
@@ -367,8 +380,7 @@ def mutate(raw: bytes, kind: str, rnd: random.Random) -> bytes:
 
 
 @fuzz_settings(150)
-@given(datasets(), st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=4),
-       st.sampled_from([None, *LAYOUTS]))
+@given(datasets(), st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=4), st.sampled_from([None, *LAYOUTS]))
 def test_damaged_files_load_or_fail_cleanly(case, kinds, forced):
     reader, layout, items, seed = case
     rnd = random.Random(seed)
@@ -382,9 +394,11 @@ def test_damaged_files_load_or_fail_cleanly(case, kinds, forced):
 
 
 @fuzz_settings(120)
-@given(st.sampled_from(READERS), st.one_of(st.binary(max_size=2048),
-                                            st.text(max_size=512).map(str.encode)),
-       st.sampled_from([None, *LAYOUTS]))
+@given(
+    st.sampled_from(READERS),
+    st.one_of(st.binary(max_size=2048), st.text(max_size=512).map(str.encode)),
+    st.sampled_from([None, *LAYOUTS]),
+)
 def test_random_bytes_load_or_fail_cleanly(reader, raw, forced):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / f"x.{reader}"
@@ -393,28 +407,69 @@ def test_random_bytes_load_or_fail_cleanly(reader, raw, forced):
 
 
 # Structured garbage: records that parse but mean nothing, or nearly something.
-FIELD_NAMES = ("messages", "conversations", "role", "content", "from", "value", "type", "text",
-               "instruction", "input", "output", "prompt", "completion", "question", "answer",
-               "system", "history", "tool_calls", "context", "response", "Q", "A")
-ROLE_WORDS = ("user", "assistant", "system", "tool", "developer", "function", "human", "gpt",
-              "observation", "nobody", "")
+FIELD_NAMES = (
+    "messages",
+    "conversations",
+    "role",
+    "content",
+    "from",
+    "value",
+    "type",
+    "text",
+    "instruction",
+    "input",
+    "output",
+    "prompt",
+    "completion",
+    "question",
+    "answer",
+    "system",
+    "history",
+    "tool_calls",
+    "context",
+    "response",
+    "Q",
+    "A",
+)
+ROLE_WORDS = (
+    "user",
+    "assistant",
+    "system",
+    "tool",
+    "developer",
+    "function",
+    "human",
+    "gpt",
+    "observation",
+    "nobody",
+    "",
+)
 json_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
-    st.text(max_size=12), st.sampled_from(ROLE_WORDS),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.sampled_from(ROLE_WORDS),
     st.sampled_from(("\ud800", "a\udfffb", " ", "\x00", "[", "[1,", '[{"role": "user"}]')),
 )
 json_values = st.recursive(
     json_scalars,
     lambda inner: st.one_of(
         st.lists(inner, max_size=4),
-        st.dictionaries(st.one_of(st.sampled_from(FIELD_NAMES), st.text(max_size=6)), inner, max_size=5)),
-    max_leaves=25)
+        st.dictionaries(st.one_of(st.sampled_from(FIELD_NAMES), st.text(max_size=6)), inner, max_size=5),
+    ),
+    max_leaves=25,
+)
 json_records = st.dictionaries(st.sampled_from(FIELD_NAMES), json_values, max_size=5)
 
 
 @fuzz_settings(150)
-@given(st.lists(json_records, min_size=1, max_size=5), st.sampled_from(("json", "jsonl", "csv", "xml", "parquet")),
-       st.sampled_from([None, *LAYOUTS]))
+@given(
+    st.lists(json_records, min_size=1, max_size=5),
+    st.sampled_from(("json", "jsonl", "csv", "xml", "parquet")),
+    st.sampled_from([None, *LAYOUTS]),
+)
 def test_odd_records_load_or_fail_cleanly(records, reader, forced):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / f"x.{reader}"
@@ -428,10 +483,10 @@ def test_odd_records_load_or_fail_cleanly(records, reader, forced):
             w = csv.writer(buf)
             w.writerow(header)
             for r in records:
-                w.writerow([v if isinstance(v, str) else json.dumps(v) for v in
-                            (r.get(h, "") for h in header)])
-            path.write_text(buf.getvalue().encode("utf-8", "surrogatepass").decode("utf-8", "replace"),
-                            encoding="utf-8")
+                w.writerow([v if isinstance(v, str) else json.dumps(v) for v in (r.get(h, "") for h in header)])
+            path.write_text(
+                buf.getvalue().encode("utf-8", "surrogatepass").decode("utf-8", "replace"), encoding="utf-8"
+            )
         elif reader == "xml":
             path.write_text(_xml_of(records), encoding="utf-8")
         else:
@@ -442,14 +497,18 @@ def test_odd_records_load_or_fail_cleanly(records, reader, forced):
         check(path, reader, layout=forced)
 
 
-odd_keys = st.one_of(st.sampled_from(FIELD_NAMES + ("data", "train", "\ud800", "k\udc80" * 30)),
-                    st.text(max_size=8))
+odd_keys = st.one_of(st.sampled_from(FIELD_NAMES + ("data", "train", "\ud800", "k\udc80" * 30)), st.text(max_size=8))
 
 
 @fuzz_settings(100)
-@given(st.one_of(json_values, st.dictionaries(odd_keys, json_values, max_size=6),
-                 st.dictionaries(odd_keys, st.lists(json_records, max_size=3), max_size=3)),
-       st.booleans())
+@given(
+    st.one_of(
+        json_values,
+        st.dictionaries(odd_keys, json_values, max_size=6),
+        st.dictionaries(odd_keys, st.lists(json_records, max_size=3), max_size=3),
+    ),
+    st.booleans(),
+)
 def test_any_json_document_loads_or_fails_cleanly(document, ascii_):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "x.json"
@@ -463,17 +522,26 @@ def _xml_of(records: list[dict]) -> str:
         if isinstance(v, dict):
             return f"<{tag}>" + "".join(el(k, x) for k, x in v.items()) + f"</{tag}>"
         if isinstance(v, list):
-            return f"<{tag}>" + "".join(
-                f"<item role={quoteattr(_xml_text(x)[:8])}>{_xml_text(x)}</item>" if not isinstance(x, (dict, list))
-                else el("item", x) for x in v) + f"</{tag}>"
+            return (
+                f"<{tag}>"
+                + "".join(
+                    f"<item role={quoteattr(_xml_text(x)[:8])}>{_xml_text(x)}</item>"
+                    if not isinstance(x, (dict, list))
+                    else el("item", x)
+                    for x in v
+                )
+                + f"</{tag}>"
+            )
         return f"<{tag}>{_xml_text(v)}</{tag}>"
+
     return "<root>" + "".join(el("record", r) for r in records) + "</root>"
 
 
 def _xml_text(v: Any) -> str:
     s = "" if v is None else str(v)
-    return escape("".join(c for c in s if c in "\t\n" or (" " <= c and not "\ud800" <= c <= "\udfff"
-                                                          and c not in "\ufffe\uffff")))
+    return escape(
+        "".join(c for c in s if c in "\t\n" or (" " <= c and not "\ud800" <= c <= "\udfff" and c not in "\ufffe\uffff"))
+    )
 
 
 # --------------------------------------------------------------------------- hostile files
@@ -525,8 +593,9 @@ def test_parquet_nesting_is_capped(tmp_path):
 def test_parquet_column_name_not_utf8(tmp_path):
     """Found by atheris (benchmarks/fuzz_data.py --atheris): pyarrow raised
     UnicodeDecodeError, not an ArrowException, for a damaged footer."""
-    pq.write_table(pa.table({"question": ["a", "b"], "answer": ["c", "d"]}),
-                   tmp_path / "ok.parquet", store_schema=False)
+    pq.write_table(
+        pa.table({"question": ["a", "b"], "answer": ["c", "d"]}), tmp_path / "ok.parquet", store_schema=False
+    )
     raw = (tmp_path / "ok.parquet").read_bytes().replace(b"question", b"qu\xe5stion")
     result = check(_write(str(tmp_path), "bad.parquet", raw), "parquet")
     assert "cannot read Parquet file" in result.errors[0].message
@@ -547,18 +616,19 @@ SECRET = "openft-secret-7f3a9c"
 
 def _bombs(secret_uri: str) -> dict[str, str]:
     lol = '<!ENTITY lol0 "lol">' + "".join(
-        f'<!ENTITY lol{i} "{("&lol" + str(i - 1) + ";") * 10}">' for i in range(1, 10))
+        f'<!ENTITY lol{i} "{("&lol" + str(i - 1) + ";") * 10}">' for i in range(1, 10)
+    )
     big = "x" * 50_000
     return {
-        "billion-laughs": f'<!DOCTYPE r [{lol}]>\n<r><i><text>&lol9;</text></i><i><text>a</text></i></r>',
+        "billion-laughs": f"<!DOCTYPE r [{lol}]>\n<r><i><text>&lol9;</text></i><i><text>a</text></i></r>",
         "quadratic": f'<!DOCTYPE r [<!ENTITY b "{big}">]>\n<r><i><text>{"&b;" * 2000}</text></i></r>',
         "external-entity": f'<!DOCTYPE r [<!ENTITY s SYSTEM "{secret_uri}">]>\n'
-                           '<r><i><text>&s;</text></i><i><text>&s;</text></i></r>',
+        "<r><i><text>&s;</text></i><i><text>&s;</text></i></r>",
         "parameter-entity": f'<!DOCTYPE r [<!ENTITY % p SYSTEM "{secret_uri}"> %p;]>\n'
-                            '<r><i><text>a</text></i><i><text>b</text></i></r>',
+        "<r><i><text>a</text></i><i><text>b</text></i></r>",
         "external-dtd": f'<!DOCTYPE r SYSTEM "{secret_uri}">\n<r><i><text>a</text></i><i><text>b</text></i></r>',
-        "plain-doctype": '<!DOCTYPE r>\n<r><i><text>a</text></i><i><text>b</text></i></r>',
-        "entity-before-root-comment": f'<!-- x -->\n<!DOCTYPE r [{lol}]>\n<r><i><text>&lol9;</text></i></r>',
+        "plain-doctype": "<!DOCTYPE r>\n<r><i><text>a</text></i><i><text>b</text></i></r>",
+        "entity-before-root-comment": f"<!-- x -->\n<!DOCTYPE r [{lol}]>\n<r><i><text>&lol9;</text></i></r>",
     }
 
 
@@ -581,8 +651,7 @@ def test_xml_bombs_and_external_entities_are_refused(tmp_path, bomb, encoding):
     secret = tmp_path / "secret.txt"
     secret.write_text(SECRET)
     declaration, codec = XML_ENCODINGS[encoding]
-    path = _write(str(tmp_path), "bomb.xml",
-                  (declaration + _bombs(secret.as_uri())[bomb]).encode(codec))
+    path = _write(str(tmp_path), "bomb.xml", (declaration + _bombs(secret.as_uri())[bomb]).encode(codec))
     result, peak = peak_memory(lambda: check(path, "xml"))
     assert not result.ok
     assert any("DOCTYPE" in e.message for e in result.errors), [str(e) for e in result.errors]
@@ -594,16 +663,35 @@ def test_xml_bombs_and_external_entities_are_refused(tmp_path, bomb, encoding):
 def test_xinclude_is_not_followed(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text(SECRET)
-    xml = ('<r xmlns:xi="http://www.w3.org/2001/XInclude">'
-           f'<i><text>a<xi:include href="{secret.as_uri()}" parse="text"/></text></i>'
-           '<i><text>b</text></i></r>')
+    xml = (
+        '<r xmlns:xi="http://www.w3.org/2001/XInclude">'
+        f'<i><text>a<xi:include href="{secret.as_uri()}" parse="text"/></text></i>'
+        "<i><text>b</text></i></r>"
+    )
     result = check(_write(str(tmp_path), "x.xml", xml.encode()), "xml")
     assert SECRET not in everything_said(result)
 
 
-EMPTY = (b"", b"\n", b" \n\t\r\n", b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff", b"\x00",
-         b"\x00" * 64, b"[]", b"{}", b"null", b'""', b"<r/>", b"<r></r>", b"text\n",
-         b"question,answer\n", b'{"data": []}', b"\xef\xbb\xbf\n\n")
+EMPTY = (
+    b"",
+    b"\n",
+    b" \n\t\r\n",
+    b"\xef\xbb\xbf",
+    b"\xff\xfe",
+    b"\xfe\xff",
+    b"\x00",
+    b"\x00" * 64,
+    b"[]",
+    b"{}",
+    b"null",
+    b'""',
+    b"<r/>",
+    b"<r></r>",
+    b"text\n",
+    b"question,answer\n",
+    b'{"data": []}',
+    b"\xef\xbb\xbf\n\n",
+)
 
 
 @pytest.mark.parametrize("reader", READERS)
@@ -634,8 +722,7 @@ def test_nul_bytes_anywhere(tmp_path, reader, where):
 @pytest.mark.parametrize("reader", READERS)
 def test_very_long_lines_load(tmp_path, reader):
     long = "word " * 1_600_000 + "end"  # 8 MB on one line
-    path, _ = write_dataset(tmp_path, reader, "qa", [{"question": "q", "answer": long}],
-                            random.Random(0))
+    path, _ = write_dataset(tmp_path, reader, "qa", [{"question": "q", "answer": long}], random.Random(0))
     result = check(path, reader)
     assert result.ok and result.examples[0].messages[1].content == long
 
@@ -647,16 +734,16 @@ def test_one_very_long_line_of_garbage_gives_a_short_error(tmp_path, reader):
 
 
 def test_csv_quoted_newlines_keep_line_numbers(tmp_path):
-    raw = ('question,answer\n"line one\nline two",a1\n"q2","x\r\ny\r\nz"\n\n'
-           '"with ""quotes""",a3\nq4,"trailing\n"\n').encode()
+    raw = b'question,answer\n"line one\nline two",a1\n"q2","x\r\ny\r\nz"\n\n"with ""quotes""",a3\nq4,"trailing\n"\n'
     result = check(_write(str(tmp_path), "q.csv", raw), "csv")
     assert result.ok
     assert [ex.where.line for ex in result.examples] == [2, 4, 8, 9]
     assert [m.content for m in result.examples[1].messages] == ["q2", "x\r\ny\r\nz"]
 
 
-@pytest.mark.parametrize("raw", (b'text\n"never closed\nmore\n', b'a,b\n"x"y,z\n', b'text\n"a"""\n',
-                                 b"text\n\r\r\r\n\"x\r"))
+@pytest.mark.parametrize(
+    "raw", (b'text\n"never closed\nmore\n', b'a,b\n"x"y,z\n', b'text\n"a"""\n', b'text\n\r\r\r\n"x\r')
+)
 def test_csv_quoting_errors_are_clean(tmp_path, raw):
     check(_write(str(tmp_path), "bad.csv", raw), "csv")
 
@@ -670,9 +757,13 @@ def test_fifo_named_like_a_dataset_is_refused(tmp_path):
 
 @pytest.mark.parametrize("reader", TEXT_READERS)
 def test_gbk_and_utf16_with_bom(tmp_path, reader):
-    path, _ = write_dataset(tmp_path, reader, "qa",
-                            [{"question": "你好，世界", "answer": "café"}, {"question": "b", "answer": "c"}],
-                            random.Random(1))
+    path, _ = write_dataset(
+        tmp_path,
+        reader,
+        "qa",
+        [{"question": "你好，世界", "answer": "café"}, {"question": "b", "answer": "c"}],
+        random.Random(1),
+    )
     text = path.read_text(encoding="utf-8").replace(' encoding="UTF-8"', "")
     if reader == "json":  # not \u-escaped: the non-ASCII must reach the bytes
         text = json.dumps(json.loads(text), ensure_ascii=False)

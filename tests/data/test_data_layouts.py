@@ -11,8 +11,7 @@ from openft.data.types import Location
 
 
 def chat(i: int = 0) -> dict:
-    return {"messages": [{"role": "user", "content": f"question {i}"},
-                         {"role": "assistant", "content": f"answer {i}"}]}
+    return {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
 
 
 def msgs(example):
@@ -20,13 +19,17 @@ def msgs(example):
 
 
 def test_messages_layout_multiturn_tools_and_parts(write):
-    rows = [{"messages": [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "what"}, {"type": "text", "text": "time?"}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "function": {"name": "clock"}}]},
-        {"role": "tool", "content": "12:00", "tool_call_id": "1"},
-        {"role": "assistant", "content": "noon"},
-    ]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "what"}, {"type": "text", "text": "time?"}]},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "function": {"name": "clock"}}]},
+                {"role": "tool", "content": "12:00", "tool_call_id": "1"},
+                {"role": "assistant", "content": "noon"},
+            ]
+        }
+    ]
     r = load_dataset(write("d.jsonl", rows))
     assert r.layout == "messages" and not r.errors
     ex = r.examples[0]
@@ -37,15 +40,27 @@ def test_messages_layout_multiturn_tools_and_parts(write):
 
 
 def test_sharegpt_layout_roles_and_system(write):
-    rows = [{"system": "sys", "conversations": [
-        {"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"},
-        {"from": "observation", "value": "obs"}, {"from": "gpt", "value": "a"}]},
+    rows = [
+        {
+            "system": "sys",
+            "conversations": [
+                {"from": "human", "value": "q"},
+                {"from": "function_call", "value": "{}"},
+                {"from": "observation", "value": "obs"},
+                {"from": "gpt", "value": "a"},
+            ],
+        },
         # ShareGPT turns under a "messages" key are recognised by their from/value keys
-        ]
+    ]
     r = load_dataset(write("d.json", rows))
     assert r.layout == "sharegpt" and not r.errors
-    assert msgs(r.examples[0]) == [("system", "sys"), ("user", "q"), ("assistant", "{}"),
-                                   ("tool", "obs"), ("assistant", "a")]
+    assert msgs(r.examples[0]) == [
+        ("system", "sys"),
+        ("user", "q"),
+        ("assistant", "{}"),
+        ("tool", "obs"),
+        ("assistant", "a"),
+    ]
     rows = [{"messages": [{"from": "user", "value": "q"}, {"from": "bard", "value": "a"}]}]
     r = load_dataset(write("e.json", rows))
     assert r.layout == "sharegpt" and msgs(r.examples[0]) == [("user", "q"), ("assistant", "a")]
@@ -54,30 +69,36 @@ def test_sharegpt_layout_roles_and_system(write):
 def test_alpaca_layout_input_history_system(write):
     rows = [
         {"instruction": "Translate", "input": "chat", "output": "cat"},
-        {"instruction": "Say hi", "input": "", "output": "hi", "system": "S",
-         "history": [["q0", "a0"]]},
+        {"instruction": "Say hi", "input": "", "output": "hi", "system": "S", "history": [["q0", "a0"]]},
         {"instruction": "Dolly", "context": "ctx", "response": "r", "category": "x"},
     ]
     r = load_dataset(write("d.json", rows))
     assert r.layout == "alpaca" and not r.errors
     assert msgs(r.examples[0]) == [("user", "Translate\n\nchat"), ("assistant", "cat")]
-    assert msgs(r.examples[1]) == [("system", "S"), ("user", "q0"), ("assistant", "a0"),
-                                   ("user", "Say hi"), ("assistant", "hi")]
+    assert msgs(r.examples[1]) == [
+        ("system", "S"),
+        ("user", "q0"),
+        ("assistant", "a0"),
+        ("user", "Say hi"),
+        ("assistant", "hi"),
+    ]
     assert msgs(r.examples[2]) == [("user", "Dolly\n\nctx"), ("assistant", "r")]
 
 
 def test_prompt_completion_layout(write):
-    rows = [{"prompt": "2+2=", "completion": "4"},
-            {"prompt": [{"role": "user", "content": "hi"}],
-             "completion": [{"role": "assistant", "content": "hello"}]}]
+    rows = [
+        {"prompt": "2+2=", "completion": "4"},
+        {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "hello"}]},
+    ]
     r = load_dataset(write("d.jsonl", rows))
     assert r.layout == "prompt_completion" and not r.errors
     assert msgs(r.examples[0]) == [("user", "2+2="), ("assistant", "4")]
     assert msgs(r.examples[1]) == [("user", "hi"), ("assistant", "hello")]
 
 
-@pytest.mark.parametrize("q,a", [("question", "answer"), ("Q", "A"), ("query", "response"),
-                                 ("Question", "Response"), ("input", "output")])
+@pytest.mark.parametrize(
+    "q,a", [("question", "answer"), ("Q", "A"), ("query", "response"), ("Question", "Response"), ("input", "output")]
+)
 def test_qa_layout_common_column_names(write, q, a):
     r = load_dataset(write("d.csv", f"{q},{a},System\nwhy?,because,be kind\n"))
     assert r.layout == "qa" and not r.errors
@@ -85,9 +106,11 @@ def test_qa_layout_common_column_names(write, q, a):
 
 
 def test_qa_from_nested_xml(write):
-    xml = ("<docs><doc>" + "".join(
-        f"<QAPair><Question>q{i}</Question><Answer>a{i}</Answer></QAPair>" for i in range(3))
-        + "</doc></docs>")
+    xml = (
+        "<docs><doc>"
+        + "".join(f"<QAPair><Question>q{i}</Question><Answer>a{i}</Answer></QAPair>" for i in range(3))
+        + "</doc></docs>"
+    )
     r = load_dataset(write("d.xml", xml))
     assert r.layout == "qa" and not r.errors
     assert msgs(r.examples[2]) == [("user", "q2"), ("assistant", "a2")]
@@ -144,9 +167,18 @@ def test_guess_layout():
 
 
 def test_unknown_role_at_its_line(write):
-    rows = [chat(0), chat(1), {"messages": [
-        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
-        {"role": "bot", "content": "x"}, {"role": "assistant", "content": "a"}]}]
+    rows = [
+        chat(0),
+        chat(1),
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+                {"role": "bot", "content": "x"},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+    ]
     r = load_dataset(write("d.jsonl", rows))
     assert not r.ok and len(r.examples) == 2
     [e] = r.errors
@@ -158,8 +190,13 @@ def test_empty_content_no_assistant_last_turn(write):
     rows = [
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
         {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]},
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
-                      {"role": "user", "content": "thanks"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "thanks"},
+            ]
+        },
         {"messages": [{"role": "user", "content": 5}, {"role": "assistant"}]},
         {"messages": "hello"},
     ]
@@ -175,12 +212,14 @@ def test_empty_content_no_assistant_last_turn(write):
 
 
 def test_all_errors_of_a_record_are_reported():
-    record = {"messages": [{"role": "bot", "content": "x"}, {"role": "user", "content": ""},
-                           {"content": "y"}]}
+    record = {"messages": [{"role": "bot", "content": "x"}, {"role": "user", "content": ""}, {"content": "y"}]}
     ex, problems = normalise(record, Location("f.json", record=7), "messages")
     assert ex is None
     assert [(p.record, p.field) for p in problems] == [
-        (7, "messages[0].role"), (7, "messages[1].content"), (7, "messages[2].role")]
+        (7, "messages[0].role"),
+        (7, "messages[1].content"),
+        (7, "messages[2].role"),
+    ]
 
 
 def test_sharegpt_errors_name_the_from_field(write):
@@ -191,15 +230,16 @@ def test_sharegpt_errors_name_the_from_field(write):
 
 
 def test_alpaca_errors(write):
-    rows = [{"instruction": "i", "output": ""},
-            {"instruction": "i", "output": ["a", "b"]},
-            {"instruction": "", "input": "", "output": "o"},
-            {"input": "x", "output": "o", "instruction": None},
-            {"instruction": "i", "output": "o", "history": [["q"]]}]
+    rows = [
+        {"instruction": "i", "output": ""},
+        {"instruction": "i", "output": ["a", "b"]},
+        {"instruction": "", "input": "", "output": "o"},
+        {"input": "x", "output": "o", "instruction": None},
+        {"instruction": "i", "output": "o", "history": [["q"]]},
+    ]
     r = load_dataset(write("d.jsonl", rows))
     got = [(e.line, e.field) for e in r.errors]
-    assert got == [(1, "output"), (2, "output"), (3, "instruction"), (4, "instruction"),
-                   (5, "history[0]")]
+    assert got == [(1, "output"), (2, "output"), (3, "instruction"), (4, "instruction"), (5, "history[0]")]
     assert "empty 'output'" in r.errors[0].message
     assert "must be a string, got list" in r.errors[1].message
 

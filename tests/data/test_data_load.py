@@ -12,8 +12,7 @@ from openft.data.load import LoadResult, load_dataset, parse_columns
 
 
 def chat(i: int = 0) -> dict:
-    return {"messages": [{"role": "user", "content": f"question {i}"},
-                         {"role": "assistant", "content": f"answer {i}"}]}
+    return {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
 
 
 def test_good_dataset_is_ok_without_warnings(write):
@@ -47,8 +46,9 @@ def test_any_error_makes_it_not_ok(write):
     rows = [chat(i) for i in range(20)] + [{"messages": []}]
     r = load_dataset(write("d.jsonl", rows))
     assert not r.ok and len(r.examples) == 20
-    assert r.to_dict()["errors"] == [{"message": "no messages", "file": str(r.files[0]),
-                                      "line": 21, "field": "messages"}]
+    assert r.to_dict()["errors"] == [
+        {"message": "no messages", "file": str(r.files[0]), "line": 21, "field": "messages"}
+    ]
 
 
 def test_unreadable_or_empty_dataset(write, tmp_path):
@@ -75,8 +75,9 @@ def test_folder_errors_name_each_file(write, tmp_path):
 
 
 def test_parquet_dataset(tmp_path):
-    pq.write_table(pa.table({"instruction": ["a", "b"], "input": [None, "x"], "output": ["1", "2"]}),
-                   tmp_path / "d.parquet")
+    pq.write_table(
+        pa.table({"instruction": ["a", "b"], "input": [None, "x"], "output": ["1", "2"]}), tmp_path / "d.parquet"
+    )
     r = load_dataset(tmp_path / "d.parquet")
     assert r.layout == "alpaca" and not r.errors
     assert r.examples[1].messages[0].content == "b\n\nx"
@@ -101,10 +102,19 @@ def test_parse_columns():
 
 
 def test_xml_chat_dataset_end_to_end(write):
-    xml = "<chats>" + "".join(
-        f'<chat><messages><message role="system">s</message><message role="user">q{i}</message>'
-        f'<message role="assistant">a{i}</message></messages></chat>' for i in range(3)) + "</chats>"
+    xml = (
+        "<chats>"
+        + "".join(
+            f'<chat><messages><message role="system">s</message><message role="user">q{i}</message>'
+            f'<message role="assistant">a{i}</message></messages></chat>'
+            for i in range(3)
+        )
+        + "</chats>"
+    )
     r = load_dataset(write("d.xml", xml))
     assert r.layout == "messages" and not r.errors
     assert [(m.role, m.content) for m in r.examples[2].messages] == [
-        ("system", "s"), ("user", "q2"), ("assistant", "a2")]
+        ("system", "s"),
+        ("user", "q2"),
+        ("assistant", "a2"),
+    ]

@@ -78,9 +78,12 @@ def test_tsv(write):
 
 
 def test_not_utf8_names_the_byte(write):
-    raw = '[{"text": "caf'.encode() + b"\xe9" + b'"}]'
-    for name, content in (("d.json", raw), ("d.jsonl", b'{"text": "ok"}\n' + raw[1:-1]),
-                          ("d.csv", b"text\nok\ncaf\xe9\n")):
+    raw = b'[{"text": "caf' + b"\xe9" + b'"}]'
+    for name, content in (
+        ("d.json", raw),
+        ("d.jsonl", b'{"text": "ok"}\n' + raw[1:-1]),
+        ("d.csv", b"text\nok\ncaf\xe9\n"),
+    ):
         r = read_path(write(name, content))
         assert len(r.errors) == 1, name
         e = r.errors[0]
@@ -135,8 +138,9 @@ def test_xml_messages_as_repeated_elements(write):
 </chats>"""
     r = read_path(write("d.xml", xml))
     assert not r.errors
-    assert r.records[0].data == {"messages": [{"role": "user", "content": "hi"},
-                                              {"role": "assistant", "content": "hello"}]}
+    assert r.records[0].data == {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    }
 
 
 def test_xml_rejects_doctype_and_reports_parse_errors(write):
@@ -154,15 +158,19 @@ def test_xml_declared_latin1_is_valid(write):
 
 
 def test_parquet_lists_and_structs(tmp_path):
-    table = pa.table({
-        "messages": [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]] * 2,
-        "n": [1, 2],
-    })
+    table = pa.table(
+        {
+            "messages": [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]] * 2,
+            "n": [1, 2],
+        }
+    )
     pq.write_table(table, tmp_path / "d.parquet")
     r = read_path(tmp_path / "d.parquet")
     assert not r.errors
-    assert r.records[1].data == {"messages": [{"role": "user", "content": "q"},
-                                              {"role": "assistant", "content": "a"}], "n": 2}
+    assert r.records[1].data == {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        "n": 2,
+    }
     assert [x.where.record for x in r.records] == [0, 1]
 
 
@@ -212,7 +220,10 @@ def test_folder_reads_every_supported_file_sorted(write, tmp_path):
     r = read_path(tmp_path / "ds")
     assert not r.errors
     assert [(x.data["text"], x.where.file.rsplit("/", 1)[1], x.where.line) for x in r.records] == [
-        ("a1", "a.csv", 2), ("b1", "b.jsonl", 1), ("b2", "b.jsonl", 2)]
+        ("a1", "a.csv", 2),
+        ("b1", "b.jsonl", 1),
+        ("b2", "b.jsonl", 2),
+    ]
     assert [f.rsplit("/", 1)[1] for f in r.files] == ["a.csv", "b.jsonl"]
     assert "README.md" in r.warnings[0].message
 
@@ -225,16 +236,18 @@ def test_unknown_extension_and_missing_file(write, tmp_path):
 
 
 def test_xml_field_attributes_do_not_hide_the_text(write):
-    xml = ('<qa><pair><Question id="1">q1</Question><Answer lang="en">a1</Answer></pair>'
-           '<pair><Question id="2">q2</Question><Answer>a2</Answer></pair></qa>')
+    xml = (
+        '<qa><pair><Question id="1">q1</Question><Answer lang="en">a1</Answer></pair>'
+        '<pair><Question id="2">q2</Question><Answer>a2</Answer></pair></qa>'
+    )
     r = read_path(write("d.xml", xml))
-    assert [x.data for x in r.records] == [{"Question": "q1", "Answer": "a1"},
-                                           {"Question": "q2", "Answer": "a2"}]
+    assert [x.data for x in r.records] == [{"Question": "q1", "Answer": "a1"}, {"Question": "q2", "Answer": "a2"}]
 
 
 def test_xml_flat_repeated_turns_become_a_list(write):
-    xml = ('<chats><chat><turn from="human">q</turn><turn from="gpt">a</turn></chat>'
-           '<chat><turn from="human">q2</turn><turn from="gpt">a2</turn></chat></chats>')
+    xml = (
+        '<chats><chat><turn from="human">q</turn><turn from="gpt">a</turn></chat>'
+        '<chat><turn from="human">q2</turn><turn from="gpt">a2</turn></chat></chats>'
+    )
     r = read_path(write("d.xml", xml))
-    assert r.records[1].data == {"turn": [{"from": "human", "content": "q2"},
-                                          {"from": "gpt", "content": "a2"}]}
+    assert r.records[1].data == {"turn": [{"from": "human", "content": "q2"}, {"from": "gpt", "content": "a2"}]}

@@ -11,8 +11,9 @@ from openft.data.types import Example, Location, Message
 
 
 def make(prompt: str, answer: str, i: int = 0) -> Example:
-    return Example(messages=[Message("user", prompt), Message("assistant", answer)],
-                   where=Location("f.jsonl", line=i + 1))
+    return Example(
+        messages=[Message("user", prompt), Message("assistant", answer)], where=Location("f.jsonl", line=i + 1)
+    )
 
 
 def grouped_dataset(seed: int) -> list[Example]:

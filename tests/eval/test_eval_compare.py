@@ -39,7 +39,13 @@ AFTER = ["The capital of France is Paris.", "Saturn, I think.", "北京。", "Yo
 
 def make(embedder=None, signals=None):
     return build_comparison(
-        QUESTIONS, BEFORE, AFTER, before_model="base", after_model="ft:base:me:run:1", embedder=embedder, signals=signals
+        QUESTIONS,
+        BEFORE,
+        AFTER,
+        before_model="base",
+        after_model="ft:base:me:run:1",
+        embedder=embedder,
+        signals=signals,
     )
 
 
@@ -84,7 +90,12 @@ def test_json_round_trips_with_stable_keys():
     assert again == data
     assert list(data) == ["before_model", "after_model", "rows", "summary", "verdict"]
     assert list(data["rows"][0]) == ["question", "reference", "before", "after", "before_scores", "after_scores"]
-    assert data["rows"][0]["after_scores"] == {"exact": False, "contains": True, "rouge_l": data["rows"][0]["after_scores"]["rouge_l"], "similarity": 1.0}
+    assert data["rows"][0]["after_scores"] == {
+        "exact": False,
+        "contains": True,
+        "rouge_l": data["rows"][0]["after_scores"]["rouge_l"],
+        "similarity": 1.0,
+    }
     assert data["verdict"]["ok"] is True
     assert to_json(make())["verdict"] is None
 

@@ -20,8 +20,14 @@ def test_jsonl_with_aliases_and_optional_reference(tmp_path):
         {"question": "Say hi"},
         {"question": "数字?", "answer": 7},
     ]
-    p = write(tmp_path, "q.jsonl", "\n".join(json.dumps(x, ensure_ascii=False) for x in lines[:2]) + "\n\n"
-              + "\n".join(json.dumps(x, ensure_ascii=False) for x in lines[2:]) + "\n")
+    p = write(
+        tmp_path,
+        "q.jsonl",
+        "\n".join(json.dumps(x, ensure_ascii=False) for x in lines[:2])
+        + "\n\n"
+        + "\n".join(json.dumps(x, ensure_ascii=False) for x in lines[2:])
+        + "\n",
+    )
     qs = load_questions(p)
     assert [q.question for q in qs] == ["What is the capital of France?", "2+2?", "Say hi", "数字?"]
     assert [q.reference for q in qs] == ["Paris", "4", None, "7"]
@@ -30,14 +36,16 @@ def test_jsonl_with_aliases_and_optional_reference(tmp_path):
 
 
 def test_jsonl_errors_are_gathered_with_line_numbers(tmp_path):
-    text = "\n".join([
-        '{"question": "ok"}',
-        '{"question": ',
-        '["not", "an", "object"]',
-        '{"reference": "no question here"}',
-        '{"question": "  "}',
-        '{"question": "q", "reference": ["x"]}',
-    ])
+    text = "\n".join(
+        [
+            '{"question": "ok"}',
+            '{"question": ',
+            '["not", "an", "object"]',
+            '{"reference": "no question here"}',
+            '{"question": "  "}',
+            '{"question": "q", "reference": ["x"]}',
+        ]
+    )
     with pytest.raises(QuestionFileError) as e:
         load_questions(write(tmp_path, "questions.jsonl", text))
     problems = e.value.problems

@@ -23,8 +23,13 @@ def by_name(verdict):
 
 
 SUMMARY_BETTER = {
-    "questions": 10, "with_reference": 10, "answers_changed": 9, "metric": "rouge_l",
-    "improved": 8, "worse": 1, "unchanged": 1,
+    "questions": 10,
+    "with_reference": 10,
+    "answers_changed": 9,
+    "metric": "rouge_l",
+    "improved": 8,
+    "worse": 1,
+    "unchanged": 1,
     "before": {"exact": 0, "contains": 0, "exact_rate": 0.0, "contains_rate": 0.0, "rouge_l": 0.12, "similarity": None},
     "after": {"exact": 3, "contains": 8, "exact_rate": 0.3, "contains_rate": 0.8, "rouge_l": 0.61, "similarity": None},
 }

@@ -68,8 +68,12 @@ class Zygote:
     """Client of tests/faults/zygote.py: forks worker processes on request."""
 
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("zygote.py"))],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("zygote.py"))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+        )
         self._pids: queue.Queue[int] = queue.Queue()
         self.exits: dict[int, int] = {}
         self._ready = threading.Event()
@@ -87,13 +91,23 @@ class Zygote:
             elif "exit" in msg:
                 self.exits[msg["exit"]] = msg["code"]
 
-    def fork(self, home: Path, plan: str = "", faults_dir: Path | None = None, env: dict | None = None,
-             log: Path | None = None) -> int:
+    def fork(
+        self,
+        home: Path,
+        plan: str = "",
+        faults_dir: Path | None = None,
+        env: dict | None = None,
+        log: Path | None = None,
+    ) -> int:
         """A new worker on OPENFT_HOME=`home` with fault plan `plan`; its output goes to `log`
         (home/workers.log by default)."""
         log = Path(log or Path(home) / "workers.log")
-        req = {"plan": plan, "faults_dir": str(faults_dir or home), "log": str(log),
-               "env": {**(env or {}), "OPENFT_HOME": str(home)}}
+        req = {
+            "plan": plan,
+            "faults_dir": str(faults_dir or home),
+            "log": str(log),
+            "env": {**(env or {}), "OPENFT_HOME": str(home)},
+        }
         with open(log, "a") as fh:
             fh.write(f"--- worker plan={plan!r}\n")
         self.proc.stdin.write((json.dumps(req) + "\n").encode())
@@ -116,7 +130,7 @@ class Worker:
     log: Path | None = None
     pid: int = 0
 
-    def start(self) -> "Worker":
+    def start(self) -> Worker:
         self.pid = self.zygote.fork(self.home, self.plan, self.faults_dir, self.env, self.log)
         return self
 
@@ -185,8 +199,11 @@ class Campaign:
     # ------------------------------------------------------------------ jobs
     def create_job(self) -> str:
         job = self.server.client().fine_tuning.jobs.create(
-            model=str(self.model_dir), training_file=self.file_id, seed=3,
-            hyperparameters={"n_epochs": 1, "batch_size": 1})
+            model=str(self.model_dir),
+            training_file=self.file_id,
+            seed=3,
+            hyperparameters={"n_epochs": 1, "batch_size": 1},
+        )
         wait_for(lambda: job_row(self.home, job.id)["status"] != "validating_files", timeout=60)
         return job.id
 
@@ -213,9 +230,14 @@ class Campaign:
         pending = [k for k in KINDS if k not in landed]
         kind = self.rng.choice(pending or KINDS + ("timed",))
         total = self._total_steps()
-        hit = {"step": lambda: self.rng.randint(1, total // 2), "eval": lambda: self.rng.randint(1, 3),
-               "checkpoint.write": lambda: self.rng.randint(1, 3), "checkpoint.commit": lambda: self.rng.randint(1, 3),
-               "checkpoint.prune": lambda: self.rng.randint(1, 2), "register": lambda: 1}
+        hit = {
+            "step": lambda: self.rng.randint(1, total // 2),
+            "eval": lambda: self.rng.randint(1, 3),
+            "checkpoint.write": lambda: self.rng.randint(1, 3),
+            "checkpoint.commit": lambda: self.rng.randint(1, 3),
+            "checkpoint.prune": lambda: self.rng.randint(1, 2),
+            "register": lambda: 1,
+        }
         return (kind, f"{kind}:{hit[kind]()}") if kind in hit else (kind, "")
 
     def _total_steps(self) -> int:
@@ -280,8 +302,15 @@ class Campaign:
 
     def _watch(self, jid: str, w: Worker, *, timed: bool) -> bool:
         """Run until the job ends (False) or the worker dies inside it (True)."""
-        claimed = wait_for(lambda: w.poll() is not None or job_row(self.home, jid)["worker_pid"] == w.pid
-                           or job_row(self.home, jid)["status"] in TERMINAL, timeout=300, every=0.05)
+        claimed = wait_for(
+            lambda: (
+                w.poll() is not None
+                or job_row(self.home, jid)["worker_pid"] == w.pid
+                or job_row(self.home, jid)["status"] in TERMINAL
+            ),
+            timeout=300,
+            every=0.05,
+        )
         assert claimed
         if timed and w.poll() is None and job_row(self.home, jid)["worker_pid"] == w.pid:
             delay = self.rng.uniform(0.0, 3.0)
@@ -290,8 +319,7 @@ class Campaign:
                 time.sleep(0.02)
             if job_row(self.home, jid)["status"] not in TERMINAL:
                 os.kill(w.pid, signal.SIGKILL)
-        wait_for(lambda: w.poll() is not None or job_row(self.home, jid)["status"] in TERMINAL,
-                 timeout=600, every=0.05)
+        wait_for(lambda: w.poll() is not None or job_row(self.home, jid)["status"] in TERMINAL, timeout=600, every=0.05)
         if w.poll() is None:
             return False
         rc = w.wait()
@@ -334,12 +362,18 @@ class Campaign:
         assert diff < 1e-5, (jid, diff)
         assert job["fine_tuned_model"]
         with db(self.home) as conn:
-            assert conn.execute("SELECT COUNT(*) FROM models WHERE id = ?", (job["fine_tuned_model"],)).fetchone()[0] == 1
+            assert (
+                conn.execute("SELECT COUNT(*) FROM models WHERE id = ?", (job["fine_tuned_model"],)).fetchone()[0] == 1
+            )
         finished = [e for e in ev if e["message"] == "The job has successfully completed"]
         assert len(finished) == 1
         return {"max_weight_diff": diff, "resumes": sum(e["message"].startswith("Resumed from") for e in ev)}
 
     def summary(self) -> dict:
         kills = [k for r in self.jobs for k in r.kills]
-        return {"faults_injected": len(kills), "by_point": dict(Counter(k.how for k in kills)),
-                "jobs": len(self.jobs), "worker_starts": sum(r.attempts for r in self.jobs)}
+        return {
+            "faults_injected": len(kills),
+            "by_point": dict(Counter(k.how for k in kills)),
+            "jobs": len(self.jobs),
+            "worker_starts": sum(r.attempts for r in self.jobs),
+        }

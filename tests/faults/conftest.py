@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from serve.conftest import Server  # the real-server helper the API tests use
 
 from .campaign import Zygote

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from serve.conftest import jsonl
 
 from .campaign import TRAIN_ROWS, Worker, rows, wait_for
@@ -43,11 +42,18 @@ def test_cancel_stops_within_the_step_and_frees_the_memory(bare_server, zygote, 
     warmup_steps, hold_at = 4, 5
 
     def create(**extra):
-        return c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=f.id, seed=3,
-                                         hyperparameters={"n_epochs": 1, "batch_size": 1}, extra_body=extra)
+        return c.fine_tuning.jobs.create(
+            model=str(tiny_model_dir),
+            training_file=f.id,
+            seed=3,
+            hyperparameters={"n_epochs": 1, "batch_size": 1},
+            extra_body=extra,
+        )
 
     # Fault hits count per process: hold in the second job's step `hold_at`, after its backward pass.
-    w = Worker(zygote, bare_server.home, f"step:{warmup_steps + hold_at}:hold", tmp_path, log=tmp_path / "w.log").start()
+    w = Worker(
+        zygote, bare_server.home, f"step:{warmup_steps + hold_at}:hold", tmp_path, log=tmp_path / "w.log"
+    ).start()
     try:
         warm = create(max_steps=warmup_steps)  # a first job loads every module the worker keeps
         wait_for(lambda: c.fine_tuning.jobs.retrieve(warm.id).status == "succeeded", timeout=300)
@@ -57,8 +63,9 @@ def test_cancel_stops_within_the_step_and_frees_the_memory(bare_server, zygote, 
         in_job = _status_kb(w.pid, "VmRSS")
         assert c.fine_tuning.jobs.cancel(job.id).status == "cancelled"
         (tmp_path / "step.go").write_text("")
-        stopped = wait_for(lambda: [e for e in _events(c, job.id) if e.message.startswith("Job cancelled at step")],
-                           timeout=300)
+        stopped = wait_for(
+            lambda: [e for e in _events(c, job.id) if e.message.startswith("Job cancelled at step")], timeout=300
+        )
         assert stopped[0].message == f"Job cancelled at step {hold_at}"  # it finished the step it was in, no more
         events = _events(c, job.id)
         assert max(e.data["step"] for e in events if e.type == "metrics") == hold_at
@@ -69,8 +76,9 @@ def test_cancel_stops_within_the_step_and_frees_the_memory(bare_server, zygote, 
         # wait for the worker to get there; the assertion is on the level).
         assert in_job - idle > 50 * MB  # the job did hold memory worth measuring
         try:
-            after = wait_for(lambda: (rss := _status_kb(w.pid, "VmRSS")) < idle + (in_job - idle) / 4 and rss,
-                             timeout=120, every=0.5)
+            after = wait_for(
+                lambda: (rss := _status_kb(w.pid, "VmRSS")) < idle + (in_job - idle) / 4 and rss, timeout=120, every=0.5
+            )
         except AssertionError:
             after = _status_kb(w.pid, "VmRSS")
         print(f"worker RSS: idle {idle / MB:.0f} MB, in the job {in_job / MB:.0f} MB, after {after / MB:.0f} MB")

@@ -12,11 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from serve.conftest import Server, jsonl
 
 from .campaign import TRAIN_ROWS, Worker, rows, wait_for
-from .conftest import make_home
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +44,14 @@ def tmpfs_home(tmp_path, session_home):
     subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def _run_until_disk_full(srv: Server, zygote, model_dir: Path, plan: str, faults_dir: Path, *, disk: Path | None,
-                         worker_log: Path) -> tuple[str, dict]:
+def _run_until_disk_full(
+    srv: Server, zygote, model_dir: Path, plan: str, faults_dir: Path, *, disk: Path | None, worker_log: Path
+) -> tuple[str, dict]:
     c = srv.client()
     f = c.files.create(file=("train.jsonl", jsonl(rows(TRAIN_ROWS))), purpose="fine-tune")
-    job = c.fine_tuning.jobs.create(model=str(model_dir), training_file=f.id, seed=3,
-                                    hyperparameters={"n_epochs": 1, "batch_size": 1})
+    job = c.fine_tuning.jobs.create(
+        model=str(model_dir), training_file=f.id, seed=3, hyperparameters={"n_epochs": 1, "batch_size": 1}
+    )
     w = Worker(zygote, srv.home, plan, faults_dir, log=worker_log).start()
     try:
         if disk is not None:
@@ -59,8 +59,10 @@ def _run_until_disk_full(srv: Server, zygote, model_dir: Path, plan: str, faults
             wait_for(lambda: (faults_dir / "checkpoint.write.held").exists(), timeout=300, every=0.05)
             _fill(disk)
             (faults_dir / "checkpoint.write.go").write_text("")
-        done = wait_for(lambda: (j := c.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled")
-                        and j, timeout=300)
+        done = wait_for(
+            lambda: (j := c.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j,
+            timeout=300,
+        )
         assert w.poll() is None, worker_log.read_text()[-3000:]  # the worker survives a full disk
     finally:
         w.stop()
@@ -83,12 +85,20 @@ def _check(srv: Server, job_id: str, done) -> None:
     run = Path(srv.home) / "runs" / job_id / "checkpoints"
     assert sorted(p.name for p in run.iterdir()) == ["step-000003", "step-000006"]  # no half-written folder
     for p in run.iterdir():
-        assert {"trainable.safetensors", "optimizer.safetensors", "trainer_state.json",
-                "adapter_model.safetensors"} <= {x.name for x in p.iterdir()}
+        assert {
+            "trainable.safetensors",
+            "optimizer.safetensors",
+            "trainer_state.json",
+            "adapter_model.safetensors",
+        } <= {x.name for x in p.iterdir()}
         assert json.loads((p / "trainer_state.json").read_text())["step"] == int(p.name.split("-")[1])
     latest = max(ckpts, key=lambda ck: ck.step_number)
-    reply = c.chat.completions.create(model=latest.fine_tuned_model_checkpoint, max_tokens=5, temperature=0,
-                                      messages=[{"role": "user", "content": "Who are you?"}])
+    reply = c.chat.completions.create(
+        model=latest.fine_tuned_model_checkpoint,
+        max_tokens=5,
+        temperature=0,
+        messages=[{"role": "user", "content": "Who are you?"}],
+    )
     assert reply.choices[0].message.content is not None and reply.usage.completion_tokens >= 1
     with sqlite3.connect(f"file:{Path(srv.home) / 'openft.db'}?mode=ro", uri=True) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -103,8 +113,15 @@ def test_disk_full_on_a_size_limited_data_folder(tmpfs_home, tmp_path, zygote, t
     srv.log = open(tmp_path / "server.log", "ab")  # the server's own log is not on the disk that fills up
     srv.start()
     try:
-        job_id, done = _run_until_disk_full(srv, zygote, tiny_model_dir, "checkpoint.write:3:hold", faults_dir,
-                                            disk=tmpfs_home, worker_log=tmpfs_home / "workers.log")
+        job_id, done = _run_until_disk_full(
+            srv,
+            zygote,
+            tiny_model_dir,
+            "checkpoint.write:3:hold",
+            faults_dir,
+            disk=tmpfs_home,
+            worker_log=tmpfs_home / "workers.log",
+        )
         _check(srv, job_id, done)  # all of it with the disk still full
         (tmpfs_home / "ballast").unlink()
         f = srv.client().files.create(file=("more.jsonl", jsonl(rows(3))), purpose="fine-tune")
@@ -114,6 +131,13 @@ def test_disk_full_on_a_size_limited_data_folder(tmpfs_home, tmp_path, zygote, t
 
 
 def test_disk_full_injected_enospc(bare_server, tmp_path, zygote, tiny_model_dir):
-    job_id, done = _run_until_disk_full(bare_server, zygote, tiny_model_dir, "checkpoint.write:3:enospc", tmp_path,
-                                        disk=None, worker_log=tmp_path / "worker.log")
+    job_id, done = _run_until_disk_full(
+        bare_server,
+        zygote,
+        tiny_model_dir,
+        "checkpoint.write:3:enospc",
+        tmp_path,
+        disk=None,
+        worker_log=tmp_path / "worker.log",
+    )
     _check(bare_server, job_id, done)

@@ -20,8 +20,13 @@ def test_fault_plans_parse_and_bad_ones_name_the_entry():
     assert plan["checkpoint.write"] == faults.Fault("checkpoint.write", 2, "kill")
     assert plan["eval"].action == "hold" and plan["register"].at == 3
     assert faults.parse("") == {}
-    for bad, named in (("nowhere:1", "nowhere:1"), ("step:0", "step:0"), ("step", "step"), ("step:x", "step:x"),
-                       ("step:1:explode", "explode")):
+    for bad, named in (
+        ("nowhere:1", "nowhere:1"),
+        ("step:0", "step:0"),
+        ("step", "step"),
+        ("step:x", "step:x"),
+        ("step:1:explode", "explode"),
+    ):
         with pytest.raises(ValueError, match=named):
             faults.parse(bad)
 
@@ -35,9 +40,15 @@ def _tiny_training():
 
 
 def _state(step: int) -> checkpoint.TrainerState:
-    return checkpoint.TrainerState(step=step, epoch=0.0, best_valid_loss=None, evals_without_improvement=0,
-                                   history=[{"step": s, "train_loss": 1.0 / s} for s in range(1, step + 1)],
-                                   trained_tokens=step, elapsed_s=0.0)
+    return checkpoint.TrainerState(
+        step=step,
+        epoch=0.0,
+        best_valid_loss=None,
+        evals_without_improvement=0,
+        history=[{"step": s, "train_loss": 1.0 / s} for s in range(1, step + 1)],
+        trained_tokens=step,
+        elapsed_s=0.0,
+    )
 
 
 def test_a_checkpoint_that_hits_a_full_disk_leaves_nothing_half_written(tmp_path, monkeypatch):
@@ -61,8 +72,10 @@ def test_a_checkpoint_that_hits_a_full_disk_leaves_nothing_half_written(tmp_path
 
 
 def test_safetensors_io_errors_map_to_their_errno():
-    assert checkpoint.os_errno(Exception("Error while serializing: I/O error: No space left on device (os error 28)")) \
+    assert (
+        checkpoint.os_errno(Exception("Error while serializing: I/O error: No space left on device (os error 28)"))
         == errno.ENOSPC
+    )
     assert checkpoint.os_errno(OSError(errno.EIO, "io")) == errno.EIO
     assert checkpoint.os_errno(ValueError("shape mismatch")) is None
 
@@ -91,8 +104,10 @@ def test_an_older_database_gains_the_stalls_column(tmp_path):
     assert "stalls" not in old_schema
     with sqlite3.connect(db) as conn:
         conn.executescript(old_schema)
-        conn.execute("INSERT INTO jobs (id, owner, model, status, created_at, training_file, spec, hyperparameters, "
-                     "method, seed) VALUES ('ftjob-1', 'o', 'm', 'queued', 1, 'f', '{}', '{}', 'supervised', 0)")
+        conn.execute(
+            "INSERT INTO jobs (id, owner, model, status, created_at, training_file, spec, hyperparameters, "
+            "method, seed) VALUES ('ftjob-1', 'o', 'm', 'queued', 1, 'f', '{}', '{}', 'supervised', 0)"
+        )
     store = Store(db)
     job = store.claim_next_job(123)
     assert job["id"] == "ftjob-1" and job["stalls"] == 1 and job["attempts"] == 1

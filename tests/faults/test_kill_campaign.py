@@ -60,7 +60,9 @@ def test_a_job_whose_worker_dies_without_progress_fails_after_max_attempts(campa
     assert error["code"] == "worker_lost"
     assert f"stopped {MAX_STALLS} times in a row without reaching a new checkpoint" in error["message"]
     ev = events(campaign.home, rec.id)
-    assert ev[-1]["message"].startswith("Job failed: the worker running this job stopped") and ev[-1]["level"] == "error"
+    assert (
+        ev[-1]["message"].startswith("Job failed: the worker running this job stopped") and ev[-1]["level"] == "error"
+    )
     assert len(rec.kills) == 1 + MAX_STALLS
 
 

@@ -9,12 +9,10 @@ import os
 import signal
 import sqlite3
 import threading
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-
 from serve.conftest import Server, jsonl
 
 from .campaign import TRAIN_ROWS, events, rows, store_checkpoints, wait_for
@@ -38,8 +36,12 @@ class Streamer(threading.Thread):
     def run(self) -> None:
         try:
             stream = self.client.chat.completions.create(
-                model=self.model, max_tokens=1500, temperature=1.0,
-                messages=[{"role": "user", "content": "Tell me a long story."}], stream=True)
+                model=self.model,
+                max_tokens=1500,
+                temperature=1.0,
+                messages=[{"role": "user", "content": "Tell me a long story."}],
+                stream=True,
+            )
             for chunk in stream:
                 self.chunks.append(chunk)
             self.completed = True
@@ -54,8 +56,12 @@ def test_server_killed_mid_job_and_mid_stream_loses_nothing(tmp_path_factory, se
     try:
         c = first.client()
         f = c.files.create(file=("train.jsonl", jsonl(rows(TRAIN_ROWS))), purpose="fine-tune")
-        jobs = [c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=f.id, seed=3,
-                                          hyperparameters={"n_epochs": 1, "batch_size": 1}) for _ in range(2)]
+        jobs = [
+            c.fine_tuning.jobs.create(
+                model=str(tiny_model_dir), training_file=f.id, seed=3, hyperparameters={"n_epochs": 1, "batch_size": 1}
+            )
+            for _ in range(2)
+        ]
         ckpt = wait_for(lambda: c.fine_tuning.jobs.checkpoints.list(jobs[0].id).data, timeout=300, every=0.05)[0]
         # Chat with that checkpoint (the tiny model: 1500 random tokens stream for seconds).
         streams = [Streamer(first, ckpt.fine_tuned_model_checkpoint) for _ in range(2)]

@@ -22,10 +22,11 @@ import sys
 
 
 def _preload() -> None:
+    from transformers import LlamaForCausalLM  # noqa: F401
+
     import openft.cli  # noqa: F401
     import openft.jobs.worker  # noqa: F401
     import openft.pipeline  # noqa: F401
-    from transformers import LlamaForCausalLM  # noqa: F401
 
 
 def _child(req: dict) -> None:

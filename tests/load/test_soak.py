@@ -19,8 +19,17 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def report(session_home, tmp_path_factory):
-    cfg = SoakConfig(model="tiny", seconds=15, clients=32, adapters=3, min_tokens=4, max_tokens=10, job_steps=3,
-                     source_home=session_home, workdir=tmp_path_factory.mktemp("soak"))
+    cfg = SoakConfig(
+        model="tiny",
+        seconds=15,
+        clients=32,
+        adapters=3,
+        min_tokens=4,
+        max_tokens=10,
+        job_steps=3,
+        source_home=session_home,
+        workdir=tmp_path_factory.mktemp("soak"),
+    )
     return run_soak(cfg)
 
 

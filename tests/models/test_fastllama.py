@@ -50,8 +50,9 @@ def test_padded_prefill_and_cached_decode_match_transformers(varied_model_dir):
             seq, seq_mask = torch.cat([seq, nxt], 1), torch.cat([seq_mask, torch.ones_like(nxt)], 1)
             step_pos = step_pos + 1
             out = ours(input_ids=nxt, attention_mask=seq_mask, position_ids=step_pos, past_key_values=cache).logits
-            full = theirs(input_ids=seq, attention_mask=seq_mask,
-                          position_ids=(seq_mask.cumsum(1) - 1).clamp(min=0)).logits
+            full = theirs(
+                input_ids=seq, attention_mask=seq_mask, position_ids=(seq_mask.cumsum(1) - 1).clamp(min=0)
+            ).logits
             assert torch.isfinite(out).all()
             assert torch.allclose(out[:, -1], full[:, -1], atol=1e-4, rtol=1e-4)
         assert cache.layers[0].keys.shape[-2] == ids.shape[1] + 3
@@ -70,8 +71,12 @@ def test_extra_left_padding_changes_nothing(varied_model_dir):
             cache = ours.new_cache()
             first = ours(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
             nxt = first[:, -1].argmax(-1, keepdim=True)
-            step = ours(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1),
-                        position_ids=pos[:, -1:] + 1, past_key_values=cache).logits
+            step = ours(
+                input_ids=nxt,
+                attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1),
+                position_ids=pos[:, -1:] + 1,
+                past_key_values=cache,
+            ).logits
             outs.append((first[mask.bool()], step[:, -1]))
         for exact, padded in zip(*outs):
             torch.testing.assert_close(padded, exact, atol=1e-5, rtol=1e-5)
@@ -90,7 +95,8 @@ def test_grouped_attention_equals_repeated_kv_heads():
         q = torch.randn(b, kv * g, n, d)
         seen = fastllama.attention_bias(mask, n, 1, torch.float32) == 0  # (B, 1, n, total)
         ref = torch.nn.functional.scaled_dot_product_attention(
-            q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=seen)
+            q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=seen
+        )
         out = fastllama.grouped_attention(q, k, v, fastllama.attention_bias(mask, n, g, torch.float32))
         assert torch.isfinite(out).all()  # padding queries still see their own column
         assert torch.allclose(out, ref, atol=1e-6)
@@ -110,8 +116,11 @@ def test_logits_to_keep_and_tied_head(tiny_model_dir):
 
 def test_unsupported_configs_fall_back(tmp_path, tiny_model_dir):
     config = json.loads((tiny_model_dir / "config.json").read_text())
-    for change in ({"model_type": "qwen2"}, {"attention_bias": True},
-                   {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}):
+    for change in (
+        {"model_type": "qwen2"},
+        {"attention_bias": True},
+        {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+    ):
         assert fastllama.shape_of({**config, **change}) is None, change
     assert fastllama.shape_of(config) is not None
     # Weights that do not match the config's layout: None, so transformers reports the problem.
@@ -125,8 +134,12 @@ def test_unsupported_configs_fall_back(tmp_path, tiny_model_dir):
 
 MESSAGES = [
     [{"role": "user", "content": "Hi there! What's 2+2?"}],
-    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Explain LoRA.\nIn one line."},
-     {"role": "assistant", "content": "Low-rank adapters."}, {"role": "user", "content": "中文也可以吗？ 🙂"}],
+    [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Explain LoRA.\nIn one line."},
+        {"role": "assistant", "content": "Low-rank adapters."},
+        {"role": "user", "content": "中文也可以吗？ 🙂"},
+    ],
 ]
 
 
@@ -134,7 +147,10 @@ def test_light_tokenizer_matches_transformers(tiny_model_dir):
     ours, theirs = fasttok.load(tiny_model_dir), load_builtin_tokenizer()
     assert ours is not None
     assert (ours.eos_token_id, ours.pad_token_id, ours.bos_token_id) == (
-        theirs.eos_token_id, theirs.pad_token_id, theirs.bos_token_id)
+        theirs.eos_token_id,
+        theirs.pad_token_id,
+        theirs.bos_token_id,
+    )
     assert ours.get_vocab() == theirs.get_vocab() and len(ours) == len(theirs)
     for messages in MESSAGES:
         for gen in (True, False):
@@ -143,10 +159,12 @@ def test_light_tokenizer_matches_transformers(tiny_model_dir):
             ids = ours(text, add_special_tokens=False)["input_ids"]
             assert ids == theirs(text, add_special_tokens=False)["input_ids"]
             assert ours(text, return_offsets_mapping=True)["offset_mapping"] == [
-                tuple(o) for o in theirs(text, return_offsets_mapping=True)["offset_mapping"]]
+                tuple(o) for o in theirs(text, return_offsets_mapping=True)["offset_mapping"]
+            ]
             for skip in (True, False):
                 assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
-                    ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+                    ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False
+                )
 
 
 def test_template_errors_and_generation_tag(tmp_path, tiny_model_dir):
@@ -155,7 +173,8 @@ def test_template_errors_and_generation_tag(tmp_path, tiny_model_dir):
             (tmp_path / f.name).write_bytes(f.read_bytes())
     (tmp_path / "chat_template.jinja").write_text(
         "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools') }}{% endif %}"
-        "{% generation %}{{ m['content'] | tojson }}{% endgeneration %}{% endfor %}")
+        "{% generation %}{{ m['content'] | tojson }}{% endgeneration %}{% endfor %}"
+    )
     tok = fasttok.load(tmp_path)
     assert tok.apply_chat_template([{"role": "user", "content": "é"}], tokenize=False) == '"é"'
     with pytest.raises(Exception, match="no tools"):

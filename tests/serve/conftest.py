@@ -30,10 +30,14 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.log = open(home / f"server-{self.port}.log", "ab")
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         env = {**os.environ, "OPENFT_HOME": str(self.home)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "openft.cli", "serve", "--port", str(self.port), *self.extra],
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "openft.cli", "serve", "--port", str(self.port), *self.extra],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.time() + 120
         while time.time() < deadline:
             try:

@@ -28,14 +28,26 @@ def _rows(n=40):
 def finished_job(server, tiny_model_dir):
     c = server.client()
     train = c.files.create(file=("train.jsonl", jsonl(_rows())), purpose="fine-tune")
-    questions = c.files.create(file=("q.jsonl", jsonl([{"question": "Who are you?", "reference": "Pip"},
-                                                       {"question": "你好，你是谁？", "reference": "Pip"}])),
-                               purpose="evals")
-    job = c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id, suffix="pip", seed=7,
-                                    hyperparameters={"n_epochs": 2, "batch_size": 4},
-                                    extra_body={"learning_rate": 1e-2, "questions_file": questions.id,
-                                                "lora_rank": 8})
-    done = wait_for(lambda: (j := c.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j)
+    questions = c.files.create(
+        file=(
+            "q.jsonl",
+            jsonl(
+                [{"question": "Who are you?", "reference": "Pip"}, {"question": "你好，你是谁？", "reference": "Pip"}]
+            ),
+        ),
+        purpose="evals",
+    )
+    job = c.fine_tuning.jobs.create(
+        model=str(tiny_model_dir),
+        training_file=train.id,
+        suffix="pip",
+        seed=7,
+        hyperparameters={"n_epochs": 2, "batch_size": 4},
+        extra_body={"learning_rate": 1e-2, "questions_file": questions.id, "lora_rank": 8},
+    )
+    done = wait_for(
+        lambda: (j := c.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j
+    )
     assert done.status == "succeeded", done.error
     return {"train": train, "job": done, "created": job}
 
@@ -93,8 +105,9 @@ def test_job_lifecycle_events_checkpoints_and_schema(server, finished_job, opena
     assert page1.has_more and not {e.id for e in page1.data} & {e.id for e in page2.data}
     ckpts = c.fine_tuning.jobs.checkpoints.list(job.id)
     openapi(ckpts, "ListFineTuningJobCheckpointsResponse")
-    assert ckpts.data and all(ck.fine_tuned_model_checkpoint.startswith(job.fine_tuned_model + ":ckpt-step-")
-                              for ck in ckpts.data)
+    assert ckpts.data and all(
+        ck.fine_tuned_model_checkpoint.startswith(job.fine_tuned_model + ":ckpt-step-") for ck in ckpts.data
+    )
     assert "train_loss" in ckpts.data[0].metrics.model_dump(exclude_none=True)
     listed = c.fine_tuning.jobs.list(limit=50)
     openapi(listed, "ListPaginatedFineTuningJobsResponse")
@@ -124,21 +137,33 @@ def test_chat_with_the_fine_tuned_model_and_a_checkpoint(server, finished_job, o
     name = finished_job["job"].fine_tuned_model
     ckpt = c.fine_tuning.jobs.checkpoints.list(finished_job["job"].id).data[-1].fine_tuned_model_checkpoint
     for model in (name, ckpt):
-        r = c.chat.completions.create(model=model, messages=[{"role": "system", "content": "Be brief."},
-                                                             {"role": "user", "content": "Who are you?"}],
-                                      max_tokens=12, temperature=0)
+        r = c.chat.completions.create(
+            model=model,
+            messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are you?"}],
+            max_tokens=12,
+            temperature=0,
+        )
         openapi(r, "CreateChatCompletionResponse")
         assert r.model == model and r.choices[0].finish_reason in ("stop", "length")
-        assert r.usage.completion_tokens <= 12 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    stream = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "Who are you?"}],
-                                       max_tokens=12, temperature=0, stream=True,
-                                       stream_options={"include_usage": True})
+        assert (
+            r.usage.completion_tokens <= 12
+            and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        )
+    stream = c.chat.completions.create(
+        model=name,
+        messages=[{"role": "user", "content": "Who are you?"}],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     for ch in chunks:
         openapi(ch, "CreateChatCompletionStreamResponse")
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-    whole = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "Who are you?"}],
-                                      max_tokens=12, temperature=0)
+    whole = c.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "Who are you?"}], max_tokens=12, temperature=0
+    )
     assert text == whole.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("stop", "length")
@@ -149,7 +174,7 @@ def test_the_issue_snippet_runs_verbatim(server, finished_job):
 from openai import OpenAI
 client = OpenAI(api_key="local", base_url="{server.url}/v1")
 messages = [{{"role": "user", "content": "用当前语言解释微调模型流程"}}]
-response = client.chat.completions.create(model="{finished_job['job'].fine_tuned_model}",
+response = client.chat.completions.create(model="{finished_job["job"].fine_tuned_model}",
     messages=messages, stream=True, max_tokens=4096)
 for chunk in response:
     print(chunk.choices[0].delta.content, end='')
@@ -174,8 +199,12 @@ def test_unknown_and_bad_requests_get_the_error_envelope(server):
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "wizard", "content": "hi"}])
     assert "messages.0.role" in e.value.body["param"]
-    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", timeout=10,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=b"{not json",
+        timeout=10,
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     with pytest.raises(openai.NotFoundError):
         c.fine_tuning.jobs.retrieve("ftjob-doesnotexist")
@@ -184,8 +213,12 @@ def test_unknown_and_bad_requests_get_the_error_envelope(server):
 def test_idempotency_key_creates_one_job(server, tiny_model_dir):
     c = server.client()
     f = c.files.create(file=("t.jsonl", jsonl(_rows(12))), purpose="fine-tune")
-    kwargs = dict(model=str(tiny_model_dir), training_file=f.id, extra_body={"max_steps": 1},
-                  extra_headers={"Idempotency-Key": "retry-me-123"})
+    kwargs = dict(
+        model=str(tiny_model_dir),
+        training_file=f.id,
+        extra_body={"max_steps": 1},
+        extra_headers={"Idempotency-Key": "retry-me-123"},
+    )
     a = c.fine_tuning.jobs.create(**kwargs)
     b = c.fine_tuning.jobs.create(**kwargs)
     assert a.id == b.id
@@ -198,8 +231,14 @@ def test_cli_as_a_client_of_the_running_server(server, finished_job, tmp_path):
     env = {**os.environ, "OPENFT_BASE_URL": server.url + "/v1", "OPENFT_API_KEY": "local"}
 
     def cli(*args, stdin=None):
-        return subprocess.run([sys.executable, "-m", "openft.cli", *args], capture_output=True, text=True,
-                              env=env, input=stdin, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "openft.cli", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            input=stdin,
+            timeout=300,
+        )
 
     data = tmp_path / "d.jsonl"
     data.write_bytes(jsonl(_rows(12)))
@@ -212,19 +251,26 @@ def test_cli_as_a_client_of_the_running_server(server, finished_job, tmp_path):
     assert json.loads(cli("jobs", "show", job_id).stdout)["status"] == "succeeded"
     events = cli("jobs", "events", job_id, "--limit", "200").stdout
     assert "Created fine-tuning job" in events and "successfully completed" in events
-    chat = cli("chat", finished_job["job"].fine_tuned_model, "--max-tokens", "8", "--temperature", "0",
-               stdin="Who are you?\n")
+    chat = cli(
+        "chat", finished_job["job"].fine_tuned_model, "--max-tokens", "8", "--temperature", "0", stdin="Who are you?\n"
+    )
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
-    down = subprocess.run([sys.executable, "-m", "openft.cli", "jobs", "list"], capture_output=True, text=True,
-                          env={**env, "OPENFT_BASE_URL": "http://127.0.0.1:9/v1"}, timeout=60)
+    down = subprocess.run(
+        [sys.executable, "-m", "openft.cli", "jobs", "list"],
+        capture_output=True,
+        text=True,
+        env={**env, "OPENFT_BASE_URL": "http://127.0.0.1:9/v1"},
+        timeout=60,
+    )
     assert down.returncode == 1 and "error:" in down.stderr  # server unreachable: a clear message, no traceback
     assert "Traceback" not in down.stderr
 
 
 def test_plain_completions_endpoint(server, finished_job, openapi):
     c = server.client()
-    r = c.completions.create(model=finished_job["job"].fine_tuned_model, prompt="Once upon a time", max_tokens=5,
-                             temperature=0)
+    r = c.completions.create(
+        model=finished_job["job"].fine_tuned_model, prompt="Once upon a time", max_tokens=5, temperature=0
+    )
     openapi(r, "CreateCompletionResponse")
     assert r.object == "text_completion" and r.usage.completion_tokens <= 5
 

@@ -44,8 +44,12 @@ class FuzzReport:
 
 def _checks(negative: bool):
     from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
-                                                   response_schema_conformance, status_code_conformance)
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        negative_data_rejection,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     return checks + [negative_data_rejection] if negative else checks
@@ -65,14 +69,16 @@ def _run_case(case, url: str, headers: dict, report: FuzzReport, negative: bool)
         report.failures.append(f"{label} -> {response.status_code}: {str(e)[:1500]}")
 
 
-def fuzz(url: str, api_key: str, *, examples: int, budget_s: float, seed: int = 0,
-         real_ids: dict[str, str] | None = None) -> FuzzReport:
+def fuzz(
+    url: str, api_key: str, *, examples: int, budget_s: float, seed: int = 0, real_ids: dict[str, str] | None = None
+) -> FuzzReport:
     """Generate `examples` requests per operation and mode (positive, negative),
     then one pass per operation with the real ids in `real_ids` (path parameter
     name -> id), stopping early once `budget_s` is spent. Deletes come last, so
     they do not remove what the other operations look at."""
     import schemathesis
-    from hypothesis import HealthCheck, Phase, given, seed as hseed, settings
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hseed
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
 
@@ -91,12 +97,18 @@ def fuzz(url: str, api_key: str, *, examples: int, budget_s: float, seed: int = 
             if ids is not None and not names and op.method != "get":
                 continue  # the real-id pass re-checks reads of real objects only
             negative = mode == GenerationMode.NEGATIVE
-            strategy = op.as_strategy(generation_mode=mode,
-                                      path_parameters={k: ids[k] for k in names} if ids is not None else None)
+            strategy = op.as_strategy(
+                generation_mode=mode, path_parameters={k: ids[k] for k in names} if ids is not None else None
+            )
 
             @hseed(seed)
-            @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
-                      suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=examples,
+                deadline=None,
+                database=None,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
             @given(strategy)
             def run(case):
                 if time.monotonic() < stop:
@@ -115,8 +127,13 @@ def fuzz(url: str, api_key: str, *, examples: int, budget_s: float, seed: int = 
 
 
 def create_key(home: Path, owner: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "openft.cli", "keys", "create", "--owner", owner],
-                         env={**os.environ, "OPENFT_HOME": str(home)}, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "openft.cli", "keys", "create", "--owner", owner],
+        env={**os.environ, "OPENFT_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()[-1]
 
@@ -127,8 +144,9 @@ def real_objects(s: Server, key: str, model: str) -> dict[str, str]:
     rows = [json.loads(x) for x in (EXAMPLES / "lumen_train.jsonl").read_text().splitlines()[:12]]
     f = c.files.create(file=("train.jsonl", jsonl(rows)), purpose="fine-tune")
     job = c.fine_tuning.jobs.create(model=model, training_file=f.id, extra_body={"max_steps": 1})
-    done = wait_for(lambda: (j := c.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
-                    timeout=400)
+    done = wait_for(
+        lambda: (j := c.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j, timeout=400
+    )
     assert done.status == "succeeded", done.error
     # Load the built-in model's tokenizer once, before the clock of the campaign starts.
     httpx.get(f"{s.url}/v1/files/{f.id}/preview", headers={"Authorization": f"Bearer {key}"}, timeout=300)
@@ -168,12 +186,23 @@ def test_openapi_document_declares_responses_and_errors(keyed):
 
 
 # Our declared shape -> OpenAI's, for every OpenAI-compatible object.
-OPENAI_SHAPES = {"FileObject": "OpenAIFile", "FileList": "ListFilesResponse", "Deleted": "DeleteFileResponse",
-                 "Job": "FineTuningJob", "JobList": "ListPaginatedFineTuningJobsResponse",
-                 "Event": "FineTuningJobEvent", "EventList": "ListFineTuningJobEventsResponse",
-                 "Checkpoint": "FineTuningJobCheckpoint", "CheckpointList": "ListFineTuningJobCheckpointsResponse",
-                 "Model": "Model", "ModelList": "ListModelsResponse", "ChatCompletion": "CreateChatCompletionResponse",
-                 "Completion": "CreateCompletionResponse", "Error": "ErrorResponse", "ErrorBody": "Error"}
+OPENAI_SHAPES = {
+    "FileObject": "OpenAIFile",
+    "FileList": "ListFilesResponse",
+    "Deleted": "DeleteFileResponse",
+    "Job": "FineTuningJob",
+    "JobList": "ListPaginatedFineTuningJobsResponse",
+    "Event": "FineTuningJobEvent",
+    "EventList": "ListFineTuningJobEventsResponse",
+    "Checkpoint": "FineTuningJobCheckpoint",
+    "CheckpointList": "ListFineTuningJobCheckpointsResponse",
+    "Model": "Model",
+    "ModelList": "ListModelsResponse",
+    "ChatCompletion": "CreateChatCompletionResponse",
+    "Completion": "CreateCompletionResponse",
+    "Error": "ErrorResponse",
+    "ErrorBody": "Error",
+}
 
 
 def test_declared_shapes_stay_compatible_with_openai(keyed):
@@ -201,8 +230,10 @@ def test_schemathesis_finds_no_server_error_and_no_schema_break(keyed, tiny_mode
     s, key = keyed
     ids = real_objects(s, key, str(tiny_model_dir))
     report = fuzz(s.url, key, examples=8, budget_s=75, real_ids=ids)
-    print(f"\nschemathesis: {report.requests} requests over {len(report.by_operation)} operations; "
-          f"statuses {dict(sorted(report.statuses.items()))}; {len(report.failures)} failures")
+    print(
+        f"\nschemathesis: {report.requests} requests over {len(report.by_operation)} operations; "
+        f"statuses {dict(sorted(report.statuses.items()))}; {len(report.failures)} failures"
+    )
     assert not report.failures, "\n\n".join(report.failures[:10])
     doc = httpx.get(s.url + "/openapi.json", timeout=30).json()
     n_ops = sum(len(v) for v in doc["paths"].values())

@@ -20,8 +20,12 @@ def setup(server, tiny_model_dir):
     c = server.client()
     train = c.files.create(file=("train.jsonl", jsonl(_rows(30))), purpose="fine-tune")
     q = c.files.create(file=("q.jsonl", jsonl([{"question": "Who are you?", "reference": "Pip"}])), purpose="evals")
-    job = c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id, suffix="ins",
-                                    extra_body={"max_steps": 4, "learning_rate": 1e-2})
+    job = c.fine_tuning.jobs.create(
+        model=str(tiny_model_dir),
+        training_file=train.id,
+        suffix="ins",
+        extra_body={"max_steps": 4, "learning_rate": 1e-2},
+    )
     done = wait_for(lambda: (j := c.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j)
     assert done.status == "succeeded", done.error
     return {"train": train, "questions": q, "job": done, "model_dir": str(tiny_model_dir)}
@@ -37,8 +41,9 @@ def test_stats_count_tokens_and_draw_a_histogram(server, setup):
 
 
 def test_preview_marks_the_assistant_turns(server, setup):
-    r = httpx.get(f"{server.url}/v1/files/{setup['train'].id}/preview", params={"model": setup["model_dir"], "n": 2},
-                  timeout=60)
+    r = httpx.get(
+        f"{server.url}/v1/files/{setup['train'].id}/preview", params={"model": setup["model_dir"], "n": 2}, timeout=60
+    )
     ex = r.json()["examples"]
     assert len(ex) == 2 and ex[0]["where"] == "train.jsonl:1"
     trained = "".join(s["text"] for s in ex[0]["segments"] if s["trained"])
@@ -60,9 +65,16 @@ def test_estimate_before_starting(server, setup):
 def test_adhoc_comparison_of_a_checkpoint(server, setup):
     c = server.client()
     ckpt = c.fine_tuning.jobs.checkpoints.list(setup["job"].id).data[0].fine_tuned_model_checkpoint
-    r = httpx.post(f"{server.url}/v1/comparisons", timeout=300,
-                   json={"before_model": setup["job"].fine_tuned_model, "after_model": ckpt,
-                         "questions_file": setup["questions"].id, "max_tokens": 8})
+    r = httpx.post(
+        f"{server.url}/v1/comparisons",
+        timeout=300,
+        json={
+            "before_model": setup["job"].fine_tuned_model,
+            "after_model": ckpt,
+            "questions_file": setup["questions"].id,
+            "max_tokens": 8,
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["rows"][0]["question"] == "Who are you?" and "similarity" in body["rows"][0]["after_scores"]

@@ -30,8 +30,13 @@ def _rows(n=12):
 
 
 def _create_key(home: Path, owner: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "openft.cli", "keys", "create", "--owner", owner],
-                         env={**os.environ, "OPENFT_HOME": str(home)}, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "openft.cli", "keys", "create", "--owner", owner],
+        env={**os.environ, "OPENFT_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     key = out.stdout.strip().splitlines()[-1]
     assert key.startswith("sk-"), out.stdout
@@ -54,16 +59,26 @@ def a_objects(keyed, tiny_model_dir):
     s, keys = keyed
     a = s.client(keys["A"])
     train = a.files.create(file=("a-train.jsonl", jsonl(_rows())), purpose="fine-tune")
-    job = a.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id, suffix="alpha",
-                                    extra_body={"max_steps": 2, "learning_rate": 1e-2},
-                                    extra_headers={"Idempotency-Key": "shared-key-1"})
+    job = a.fine_tuning.jobs.create(
+        model=str(tiny_model_dir),
+        training_file=train.id,
+        suffix="alpha",
+        extra_body={"max_steps": 2, "learning_rate": 1e-2},
+        extra_headers={"Idempotency-Key": "shared-key-1"},
+    )
     done = wait_for(lambda: (j := a.fine_tuning.jobs.retrieve(job.id)).status in TERMINAL and j, timeout=400)
     assert done.status == "succeeded", done.error
     ckpts = a.fine_tuning.jobs.checkpoints.list(job.id).data
     assert ckpts
     events = a.fine_tuning.jobs.list_events(job.id, limit=200).data
-    return {"file": train, "job": done, "model": done.fine_tuned_model,
-            "ckpt": ckpts[0].fine_tuned_model_checkpoint, "n_ckpts": len(ckpts), "n_events": len(events)}
+    return {
+        "file": train,
+        "job": done,
+        "model": done.fine_tuned_model,
+        "ckpt": ckpts[0].fine_tuned_model_checkpoint,
+        "n_ckpts": len(ckpts),
+        "n_events": len(events),
+    }
 
 
 def _error(call) -> tuple[int, dict]:
@@ -83,8 +98,12 @@ def _error(call) -> tuple[int, dict]:
 
 def test_requests_without_a_valid_key_are_refused(keyed):
     s, keys = keyed
-    for method, path in (("GET", "/v1/files"), ("GET", "/v1/fine_tuning/jobs"), ("GET", "/v1/models"),
-                         ("POST", "/v1/chat/completions")):
+    for method, path in (
+        ("GET", "/v1/files"),
+        ("GET", "/v1/fine_tuning/jobs"),
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+    ):
         r = httpx.request(method, s.url + path, json={} if method == "POST" else None, timeout=30)
         assert r.status_code == 401, (path, r.text)
         err = r.json()["error"]
@@ -120,23 +139,44 @@ def test_another_owner_sees_nothing_and_can_change_nothing(keyed, a_objects, tin
         ("download file", lambda i: b.files.content(i), fid, missing_f),
         ("delete file", lambda i: b.files.delete(i), fid, missing_f),
         ("job with training_file", lambda i: b.fine_tuning.jobs.create(model=tiny, training_file=i), fid, missing_f),
-        ("job with validation_file", lambda i: b.fine_tuning.jobs.create(model=tiny, training_file=b_file.id,
-                                                                         validation_file=i), fid, missing_f),
-        ("job with questions_file", lambda i: b.fine_tuning.jobs.create(model=tiny, training_file=b_file.id,
-                                                                        extra_body={"questions_file": i}), fid, missing_f),
+        (
+            "job with validation_file",
+            lambda i: b.fine_tuning.jobs.create(model=tiny, training_file=b_file.id, validation_file=i),
+            fid,
+            missing_f,
+        ),
+        (
+            "job with questions_file",
+            lambda i: b.fine_tuning.jobs.create(model=tiny, training_file=b_file.id, extra_body={"questions_file": i}),
+            fid,
+            missing_f,
+        ),
         ("retrieve job", lambda i: b.fine_tuning.jobs.retrieve(i), jid, missing_j),
         ("cancel job", lambda i: b.fine_tuning.jobs.cancel(i), jid, missing_j),
         ("pause job", lambda i: b.fine_tuning.jobs.pause(i), jid, missing_j),
         ("resume job", lambda i: b.fine_tuning.jobs.resume(i), jid, missing_j),
         ("job events", lambda i: b.fine_tuning.jobs.list_events(i), jid, missing_j),
         ("job checkpoints", lambda i: b.fine_tuning.jobs.checkpoints.list(i), jid, missing_j),
-        ("job comparison", lambda i: httpx.get(f"{s.url}/v1/fine_tuning/jobs/{i}/comparison", headers=bh, timeout=30),
-         jid, missing_j),
+        (
+            "job comparison",
+            lambda i: httpx.get(f"{s.url}/v1/fine_tuning/jobs/{i}/comparison", headers=bh, timeout=30),
+            jid,
+            missing_j,
+        ),
         ("retrieve model", lambda i: b.models.retrieve(i), model, missing_m),
         ("retrieve checkpoint model", lambda i: b.models.retrieve(i), ckpt, missing_c),
-        ("chat with model", lambda i: b.chat.completions.create(model=i, messages=chat, max_tokens=4), model, missing_m),
-        ("chat with checkpoint", lambda i: b.chat.completions.create(model=i, messages=chat, max_tokens=4),
-         ckpt, missing_c),
+        (
+            "chat with model",
+            lambda i: b.chat.completions.create(model=i, messages=chat, max_tokens=4),
+            model,
+            missing_m,
+        ),
+        (
+            "chat with checkpoint",
+            lambda i: b.chat.completions.create(model=i, messages=chat, max_tokens=4),
+            ckpt,
+            missing_c,
+        ),
         ("completion with model", lambda i: b.completions.create(model=i, prompt="Hi", max_tokens=4), model, missing_m),
         ("train on model", lambda i: b.fine_tuning.jobs.create(model=i, training_file=b_file.id), model, missing_m),
         ("delete checkpoint model", lambda i: b.models.delete(i), ckpt, missing_c),
@@ -147,8 +187,12 @@ def test_another_owner_sees_nothing_and_can_change_nothing(keyed, a_objects, tin
         got_status, got = _error(lambda: call(real))
         want_status, want = _error(lambda: call(missing))
         assert want_status == 404, (name, want_status, want)  # the baseline really is "not found"
-        assert (got_status, got.get("type"), got.get("code"), got.get("param")) == \
-               (want_status, want.get("type"), want.get("code"), want.get("param")), (name, got, want)
+        assert (got_status, got.get("type"), got.get("code"), got.get("param")) == (
+            want_status,
+            want.get("type"),
+            want.get("code"),
+            want.get("param"),
+        ), (name, got, want)
         assert got["message"].replace(real, missing) == want["message"], (name, got["message"], want["message"])
         n += 1
 
@@ -161,8 +205,12 @@ def test_another_owner_sees_nothing_and_can_change_nothing(keyed, a_objects, tin
     assert model not in b_models and ckpt not in b_models
     n += 1
     # The same Idempotency-Key as A's job makes B a new job of B's own, never A's.
-    b_job = b.fine_tuning.jobs.create(model=tiny, training_file=b_file.id, extra_body={"max_steps": 1},
-                                      extra_headers={"Idempotency-Key": "shared-key-1"})
+    b_job = b.fine_tuning.jobs.create(
+        model=tiny,
+        training_file=b_file.id,
+        extra_body={"max_steps": 1},
+        extra_headers={"Idempotency-Key": "shared-key-1"},
+    )
     assert b_job.id != jid and b_job.organization_id == "B" and b_job.training_file == b_file.id
     b.fine_tuning.jobs.cancel(b_job.id)
     n += 1
@@ -191,8 +239,19 @@ def test_another_owner_sees_nothing_and_can_change_nothing(keyed, a_objects, tin
 
 # Fields through which a request names an object: any route taking one of these
 # (in its path, query or body) must be in the walk below.
-ID_FIELDS = {"file_id", "job_id", "model_id", "key_id", "model", "training_file", "validation_file",
-             "questions_file", "before_model", "after_model", "after"}
+ID_FIELDS = {
+    "file_id",
+    "job_id",
+    "model_id",
+    "key_id",
+    "model",
+    "training_file",
+    "validation_file",
+    "questions_file",
+    "before_model",
+    "after_model",
+    "after",
+}
 
 
 def _id_routes(doc: dict) -> dict[str, set[str]]:
@@ -234,8 +293,13 @@ def test_every_route_answers_for_another_owners_objects_as_for_missing_ones(keye
     id_routes = _id_routes(doc)
 
     def up(headers, name, body):
-        r = httpx.post(s.url + "/v1/files", headers=headers, files={"file": (name, body)},
-                       data={"purpose": "fine-tune"}, timeout=120)
+        r = httpx.post(
+            s.url + "/v1/files",
+            headers=headers,
+            files={"file": (name, body)},
+            data={"purpose": "fine-tune"},
+            timeout=120,
+        )
         assert r.status_code == 200, r.text
         return r.json()["id"]
 
@@ -245,27 +309,54 @@ def test_every_route_answers_for_another_owners_objects_as_for_missing_ones(keye
     fid, jid, model, ckpt = a_objects["file"].id, a_objects["job"].id, a_objects["model"], a_objects["ckpt"]
     a_key = httpx.get(s.url + "/v1/keys", headers=a_h, timeout=30).json()["data"][0]["id"]
     # A's earliest checkpoint: a cursor that leaked across jobs would hide B's own step-1 checkpoint.
-    a_ckpt_id = httpx.get(f"{s.url}/v1/fine_tuning/jobs/{jid}/checkpoints", headers=a_h, timeout=30).json()["data"][-1]["id"]
+    a_ckpt_id = httpx.get(f"{s.url}/v1/fine_tuning/jobs/{jid}/checkpoints", headers=a_h, timeout=30).json()["data"][-1][
+        "id"
+    ]
     a_event = httpx.get(f"{s.url}/v1/fine_tuning/jobs/{jid}/events", headers=a_h, timeout=30).json()["data"][0]["id"]
-    b_job = httpx.post(s.url + "/v1/fine_tuning/jobs", headers=b_h, timeout=120,
-                       json={"model": str(tiny_model_dir), "training_file": b_file, "max_steps": 1}).json()["id"]
-    b_done = wait_for(lambda: (j := httpx.get(f"{s.url}/v1/fine_tuning/jobs/{b_job}", headers=b_h,
-                                              timeout=30).json())["status"] in TERMINAL and j, timeout=400)
+    b_job = httpx.post(
+        s.url + "/v1/fine_tuning/jobs",
+        headers=b_h,
+        timeout=120,
+        json={"model": str(tiny_model_dir), "training_file": b_file, "max_steps": 1},
+    ).json()["id"]
+    b_done = wait_for(
+        lambda: (
+            (j := httpx.get(f"{s.url}/v1/fine_tuning/jobs/{b_job}", headers=b_h, timeout=30).json())["status"]
+            in TERMINAL
+            and j
+        ),
+        timeout=400,
+    )
     assert b_done["status"] == "succeeded", b_done["error"]
     tiny, builtin = str(tiny_model_dir), "smollm2-135m-instruct"
-    miss = {"file": "file-" + secrets.token_hex(12), "job": "ftjob-" + secrets.token_hex(12),
-            "key": "key-" + secrets.token_hex(8), "event": "ftevent-" + secrets.token_hex(12),
-            "ckpt_id": "ftckpt-" + secrets.token_hex(12)}
+    miss = {
+        "file": "file-" + secrets.token_hex(12),
+        "job": "ftjob-" + secrets.token_hex(12),
+        "key": "key-" + secrets.token_hex(8),
+        "event": "ftevent-" + secrets.token_hex(12),
+        "ckpt_id": "ftckpt-" + secrets.token_hex(12),
+    }
     miss["model"] = model.rsplit(":", 1)[0] + ":" + secrets.token_hex(12)
     miss["ckpt"] = miss["model"] + ":" + ckpt.rsplit(":", 1)[1]
     chat = [{"role": "user", "content": "Who are you?"}]
 
     def call(method, path, **kw):
-        return lambda i: httpx.request(method, s.url + path.format(i=i), headers=b_h, timeout=600,
-                                       **{k: (v(i) if callable(v) else v) for k, v in kw.items()})
+        return lambda i: httpx.request(
+            method,
+            s.url + path.format(i=i),
+            headers=b_h,
+            timeout=600,
+            **{k: (v(i) if callable(v) else v) for k, v in kw.items()},
+        )
 
-    F, J, M, C, K, E = ((fid, miss["file"]), (jid, miss["job"]), (model, miss["model"]), (ckpt, miss["ckpt"]),
-                        (a_key, miss["key"]), (a_event, miss["event"]))
+    F, J, M, C, K, E = (
+        (fid, miss["file"]),
+        (jid, miss["job"]),
+        (model, miss["model"]),
+        (ckpt, miss["ckpt"]),
+        (a_key, miss["key"]),
+        (a_event, miss["event"]),
+    )
     q = a_questions, miss["file"]
     walk = [  # (route, what, call(id), (A's id, a missing id))
         ("GET /v1/files", "list after A's file", call("GET", "/v1/files", params=lambda i: {"after": i}), F),
@@ -273,63 +364,176 @@ def test_every_route_answers_for_another_owners_objects_as_for_missing_ones(keye
         ("GET /v1/files/{file_id}/content", "download file", call("GET", "/v1/files/{i}/content"), F),
         ("DELETE /v1/files/{file_id}", "delete file", call("DELETE", "/v1/files/{i}"), F),
         ("GET /v1/files/{file_id}/stats", "file stats", call("GET", "/v1/files/{i}/stats"), F),
-        ("GET /v1/files/{file_id}/stats", "stats with A's model", call("GET", f"/v1/files/{b_file}/stats",
-                                                                       params=lambda i: {"model": i}), M),
+        (
+            "GET /v1/files/{file_id}/stats",
+            "stats with A's model",
+            call("GET", f"/v1/files/{b_file}/stats", params=lambda i: {"model": i}),
+            M,
+        ),
         ("GET /v1/files/{file_id}/preview", "file preview", call("GET", "/v1/files/{i}/preview"), F),
-        ("GET /v1/files/{file_id}/preview", "preview with A's checkpoint",
-         call("GET", f"/v1/files/{b_file}/preview", params=lambda i: {"model": i}), C),
-        ("GET /v1/fine_tuning/jobs", "list after A's job",
-         call("GET", "/v1/fine_tuning/jobs", params=lambda i: {"after": i}), J),
+        (
+            "GET /v1/files/{file_id}/preview",
+            "preview with A's checkpoint",
+            call("GET", f"/v1/files/{b_file}/preview", params=lambda i: {"model": i}),
+            C,
+        ),
+        (
+            "GET /v1/fine_tuning/jobs",
+            "list after A's job",
+            call("GET", "/v1/fine_tuning/jobs", params=lambda i: {"after": i}),
+            J,
+        ),
         ("GET /v1/fine_tuning/jobs/{job_id}", "retrieve job", call("GET", "/v1/fine_tuning/jobs/{i}"), J),
         ("POST /v1/fine_tuning/jobs/{job_id}/cancel", "cancel job", call("POST", "/v1/fine_tuning/jobs/{i}/cancel"), J),
         ("POST /v1/fine_tuning/jobs/{job_id}/pause", "pause job", call("POST", "/v1/fine_tuning/jobs/{i}/pause"), J),
         ("POST /v1/fine_tuning/jobs/{job_id}/resume", "resume job", call("POST", "/v1/fine_tuning/jobs/{i}/resume"), J),
         ("GET /v1/fine_tuning/jobs/{job_id}/events", "job events", call("GET", "/v1/fine_tuning/jobs/{i}/events"), J),
-        ("GET /v1/fine_tuning/jobs/{job_id}/events", "own events after A's event",
-         call("GET", f"/v1/fine_tuning/jobs/{b_job}/events", params=lambda i: {"after": i}), E),
-        ("GET /v1/fine_tuning/jobs/{job_id}/checkpoints", "job checkpoints",
-         call("GET", "/v1/fine_tuning/jobs/{i}/checkpoints"), J),
-        ("GET /v1/fine_tuning/jobs/{job_id}/checkpoints", "own checkpoints after A's checkpoint",
-         call("GET", f"/v1/fine_tuning/jobs/{b_job}/checkpoints", params=lambda i: {"after": i}),
-         (a_ckpt_id, miss["ckpt_id"])),
-        ("GET /v1/fine_tuning/jobs/{job_id}/comparison", "job comparison",
-         call("GET", "/v1/fine_tuning/jobs/{i}/comparison"), J),
+        (
+            "GET /v1/fine_tuning/jobs/{job_id}/events",
+            "own events after A's event",
+            call("GET", f"/v1/fine_tuning/jobs/{b_job}/events", params=lambda i: {"after": i}),
+            E,
+        ),
+        (
+            "GET /v1/fine_tuning/jobs/{job_id}/checkpoints",
+            "job checkpoints",
+            call("GET", "/v1/fine_tuning/jobs/{i}/checkpoints"),
+            J,
+        ),
+        (
+            "GET /v1/fine_tuning/jobs/{job_id}/checkpoints",
+            "own checkpoints after A's checkpoint",
+            call("GET", f"/v1/fine_tuning/jobs/{b_job}/checkpoints", params=lambda i: {"after": i}),
+            (a_ckpt_id, miss["ckpt_id"]),
+        ),
+        (
+            "GET /v1/fine_tuning/jobs/{job_id}/comparison",
+            "job comparison",
+            call("GET", "/v1/fine_tuning/jobs/{i}/comparison"),
+            J,
+        ),
         ("GET /v1/models/{model_id}", "retrieve model", call("GET", "/v1/models/{i}"), M),
         ("GET /v1/models/{model_id}", "retrieve checkpoint", call("GET", "/v1/models/{i}"), C),
         ("GET /v1/models/{model_id}/export", "export model", call("GET", "/v1/models/{i}/export"), M),
         ("GET /v1/models/{model_id}/export", "export checkpoint", call("GET", "/v1/models/{i}/export"), C),
-        ("POST /v1/chat/completions", "chat with model",
-         call("POST", "/v1/chat/completions", json=lambda i: {"model": i, "messages": chat, "max_tokens": 2}), M),
-        ("POST /v1/chat/completions", "chat with checkpoint",
-         call("POST", "/v1/chat/completions", json=lambda i: {"model": i, "messages": chat, "max_tokens": 2}), C),
-        ("POST /v1/completions", "completion with model",
-         call("POST", "/v1/completions", json=lambda i: {"model": i, "prompt": "Hi", "max_tokens": 2}), M),
-        ("POST /v1/fine_tuning/jobs", "train on A's file",
-         call("POST", "/v1/fine_tuning/jobs", json=lambda i: {"model": tiny, "training_file": i}), F),
-        ("POST /v1/fine_tuning/jobs", "validate on A's file", call("POST", "/v1/fine_tuning/jobs", json=lambda i: {
-            "model": tiny, "training_file": b_file, "validation_file": i}), F),
-        ("POST /v1/fine_tuning/jobs", "A's questions file", call("POST", "/v1/fine_tuning/jobs", json=lambda i: {
-            "model": tiny, "training_file": b_file, "questions_file": i}), q),
-        ("POST /v1/fine_tuning/jobs", "train A's model further",
-         call("POST", "/v1/fine_tuning/jobs", json=lambda i: {"model": i, "training_file": b_file}), M),
-        ("POST /v1/fine_tuning/jobs", "train A's checkpoint further",
-         call("POST", "/v1/fine_tuning/jobs", json=lambda i: {"model": i, "training_file": b_file}), C),
-        ("POST /v1/fine_tuning/estimate", "estimate on A's file",
-         call("POST", "/v1/fine_tuning/estimate", json=lambda i: {"model": tiny, "training_file": i}), F),
-        ("POST /v1/fine_tuning/estimate", "estimate validating on A's file",
-         call("POST", "/v1/fine_tuning/estimate", json=lambda i: {"model": tiny, "training_file": b_file,
-                                                                   "validation_file": i}), F),
-        ("POST /v1/fine_tuning/estimate", "estimate with A's questions",
-         call("POST", "/v1/fine_tuning/estimate", json=lambda i: {"model": tiny, "training_file": b_file,
-                                                                   "questions_file": i}), q),
-        ("POST /v1/fine_tuning/estimate", "estimate on A's model",
-         call("POST", "/v1/fine_tuning/estimate", json=lambda i: {"model": i, "training_file": b_file}), M),
-        ("POST /v1/comparisons", "compare on A's questions", call("POST", "/v1/comparisons", json=lambda i: {
-            "before_model": builtin, "after_model": builtin, "questions_file": i}), q),
-        ("POST /v1/comparisons", "compare A's model (before)", call("POST", "/v1/comparisons", json=lambda i: {
-            "before_model": i, "after_model": builtin, "questions_file": b_questions}), M),
-        ("POST /v1/comparisons", "compare A's checkpoint (after)", call("POST", "/v1/comparisons", json=lambda i: {
-            "before_model": builtin, "after_model": i, "questions_file": b_questions}), C),
+        (
+            "POST /v1/chat/completions",
+            "chat with model",
+            call("POST", "/v1/chat/completions", json=lambda i: {"model": i, "messages": chat, "max_tokens": 2}),
+            M,
+        ),
+        (
+            "POST /v1/chat/completions",
+            "chat with checkpoint",
+            call("POST", "/v1/chat/completions", json=lambda i: {"model": i, "messages": chat, "max_tokens": 2}),
+            C,
+        ),
+        (
+            "POST /v1/completions",
+            "completion with model",
+            call("POST", "/v1/completions", json=lambda i: {"model": i, "prompt": "Hi", "max_tokens": 2}),
+            M,
+        ),
+        (
+            "POST /v1/fine_tuning/jobs",
+            "train on A's file",
+            call("POST", "/v1/fine_tuning/jobs", json=lambda i: {"model": tiny, "training_file": i}),
+            F,
+        ),
+        (
+            "POST /v1/fine_tuning/jobs",
+            "validate on A's file",
+            call(
+                "POST",
+                "/v1/fine_tuning/jobs",
+                json=lambda i: {"model": tiny, "training_file": b_file, "validation_file": i},
+            ),
+            F,
+        ),
+        (
+            "POST /v1/fine_tuning/jobs",
+            "A's questions file",
+            call(
+                "POST",
+                "/v1/fine_tuning/jobs",
+                json=lambda i: {"model": tiny, "training_file": b_file, "questions_file": i},
+            ),
+            q,
+        ),
+        (
+            "POST /v1/fine_tuning/jobs",
+            "train A's model further",
+            call("POST", "/v1/fine_tuning/jobs", json=lambda i: {"model": i, "training_file": b_file}),
+            M,
+        ),
+        (
+            "POST /v1/fine_tuning/jobs",
+            "train A's checkpoint further",
+            call("POST", "/v1/fine_tuning/jobs", json=lambda i: {"model": i, "training_file": b_file}),
+            C,
+        ),
+        (
+            "POST /v1/fine_tuning/estimate",
+            "estimate on A's file",
+            call("POST", "/v1/fine_tuning/estimate", json=lambda i: {"model": tiny, "training_file": i}),
+            F,
+        ),
+        (
+            "POST /v1/fine_tuning/estimate",
+            "estimate validating on A's file",
+            call(
+                "POST",
+                "/v1/fine_tuning/estimate",
+                json=lambda i: {"model": tiny, "training_file": b_file, "validation_file": i},
+            ),
+            F,
+        ),
+        (
+            "POST /v1/fine_tuning/estimate",
+            "estimate with A's questions",
+            call(
+                "POST",
+                "/v1/fine_tuning/estimate",
+                json=lambda i: {"model": tiny, "training_file": b_file, "questions_file": i},
+            ),
+            q,
+        ),
+        (
+            "POST /v1/fine_tuning/estimate",
+            "estimate on A's model",
+            call("POST", "/v1/fine_tuning/estimate", json=lambda i: {"model": i, "training_file": b_file}),
+            M,
+        ),
+        (
+            "POST /v1/comparisons",
+            "compare on A's questions",
+            call(
+                "POST",
+                "/v1/comparisons",
+                json=lambda i: {"before_model": builtin, "after_model": builtin, "questions_file": i},
+            ),
+            q,
+        ),
+        (
+            "POST /v1/comparisons",
+            "compare A's model (before)",
+            call(
+                "POST",
+                "/v1/comparisons",
+                json=lambda i: {"before_model": i, "after_model": builtin, "questions_file": b_questions},
+            ),
+            M,
+        ),
+        (
+            "POST /v1/comparisons",
+            "compare A's checkpoint (after)",
+            call(
+                "POST",
+                "/v1/comparisons",
+                json=lambda i: {"before_model": builtin, "after_model": i, "questions_file": b_questions},
+            ),
+            C,
+        ),
         ("DELETE /v1/keys/{key_id}", "delete A's key", call("DELETE", "/v1/keys/{i}"), K),
         ("DELETE /v1/models/{model_id}", "delete checkpoint", call("DELETE", "/v1/models/{i}"), C),
         ("DELETE /v1/models/{model_id}", "delete model", call("DELETE", "/v1/models/{i}"), M),
@@ -345,13 +549,19 @@ def test_every_route_answers_for_another_owners_objects_as_for_missing_ones(keye
     uncovered = set(id_routes) - covered
     assert not uncovered, f"routes that take an id but are not walked: {sorted(uncovered)}"
     # Lists never show A's objects.
-    for path, ids in (("/v1/files", {fid, a_questions}), ("/v1/fine_tuning/jobs?limit=100", {jid}),
-                      ("/v1/models", {model, ckpt}), ("/v1/keys", {a_key})):
+    for path, ids in (
+        ("/v1/files", {fid, a_questions}),
+        ("/v1/fine_tuning/jobs?limit=100", {jid}),
+        ("/v1/models", {model, ckpt}),
+        ("/v1/keys", {a_key}),
+    ):
         seen = {x["id"] for x in httpx.get(s.url + path, headers=b_h, timeout=30).json()["data"]}
         assert not seen & ids, (path, seen & ids)
         n += 1
-    print(f"\n{n} isolation checks over {len(covered)} id-taking routes "
-          f"(of {sum(len(v) for v in doc['paths'].values())} operations)")
+    print(
+        f"\n{n} isolation checks over {len(covered)} id-taking routes "
+        f"(of {sum(len(v) for v in doc['paths'].values())} operations)"
+    )
     # A's objects are untouched, A's key still works.
     a = s.client(keys["A"])
     assert a.files.retrieve(fid).status == "processed" and a.files.retrieve(a_questions).id == a_questions

@@ -17,8 +17,8 @@ import httpx
 import psutil
 import pytest
 
-from .test_api_fuzz import create_key
 from .conftest import Server, jsonl
+from .test_api_fuzz import create_key
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,9 @@ def _envelope(r: httpx.Response) -> dict:
 
 
 def _tree(root: Path, skip=()) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*") if not any(str(p).startswith(str(root / s)) for s in skip)}
+    return {
+        str(p.relative_to(root)) for p in root.rglob("*") if not any(str(p).startswith(str(root / s)) for s in skip)
+    }
 
 
 def _file_ids(s) -> set[str]:
@@ -61,7 +63,9 @@ def _file_ids(s) -> set[str]:
 
 
 def _job_ids(s) -> set[str]:
-    return {j["id"] for j in httpx.get(s.url + "/v1/fine_tuning/jobs?limit=100", headers=s.h, timeout=30).json()["data"]}
+    return {
+        j["id"] for j in httpx.get(s.url + "/v1/fine_tuning/jobs?limit=100", headers=s.h, timeout=30).json()["data"]
+    }
 
 
 # ------------------------------------------------------------------ uploads
@@ -89,9 +93,14 @@ class RssWatch:
 
 
 def _multipart(name: bytes, chunks, boundary="openftlimits"):
-    yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nuser_data\r\n"
-           f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"").encode() + name + \
-        b"\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+    yield (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nuser_data\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="'
+        ).encode()
+        + name
+        + b'"\r\nContent-Type: application/octet-stream\r\n\r\n'
+    )
     yield from chunks
     yield f"\r\n--{boundary}--\r\n".encode()
 
@@ -119,33 +128,62 @@ def test_upload_ten_times_the_limit_is_cut_off_while_streaming_and_leaves_nothin
     print(f"\n10 MB upload against a 1 MB limit: server RSS grew by {grown:.1f} MB at most (sent {sent / MB:.1f} MB)")
     assert grown < 5, grown  # nowhere near the 10 MB sent: nothing was buffered
     # Declared up front: refused before a byte of the body is read.
-    r = httpx.post(srv.url + "/v1/files", headers=srv.h,
-                   files={"file": ("big.jsonl", b"x" * (10 * MB))}, data={"purpose": "user_data"}, timeout=120)
+    r = httpx.post(
+        srv.url + "/v1/files",
+        headers=srv.h,
+        files={"file": ("big.jsonl", b"x" * (10 * MB))},
+        data={"purpose": "user_data"},
+        timeout=120,
+    )
     assert r.status_code == 413 and _envelope(r)["code"] == "file_too_large"
     # Nothing behind: no rows, no folders, no partial or spooled temp files.
     assert _file_ids(srv) == before_ids
     assert _tree(srv.home / "files") == before_files
     assert _tree(srv.tmp) == before_tmp
     # And the server takes a normal upload right after.
-    ok = httpx.post(srv.url + "/v1/files", headers=srv.h, files={"file": ("t.jsonl", jsonl(_rows()))},
-                    data={"purpose": "fine-tune"}, timeout=120)
+    ok = httpx.post(
+        srv.url + "/v1/files",
+        headers=srv.h,
+        files={"file": ("t.jsonl", jsonl(_rows()))},
+        data={"purpose": "fine-tune"},
+        timeout=120,
+    )
     assert ok.status_code == 200 and ok.json()["status"] == "processed", ok.text
 
 
 # ----------------------------------------------------------- path traversal
 
-TRAVERSALS = ["../../etc/passwd", "..%2f..%2fopenft.db", "%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/etc/passwd",
-              "..\\..\\openft.db", "file-x%00.jsonl", "ft:x:y:z:../../../etc"]
+TRAVERSALS = [
+    "../../etc/passwd",
+    "..%2f..%2fopenft.db",
+    "%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    "/etc/passwd",
+    "..\\..\\openft.db",
+    "file-x%00.jsonl",
+    "ft:x:y:z:../../../etc",
+]
 
 
 def test_upload_names_never_become_paths(srv):
     outside_before = _tree(srv.home, skip=("files",))
-    names = [b"../../etc/passwd", b"/etc/passwd", b"..\\..\\evil.jsonl", b"..", b"a\x00b.jsonl", b"x" * 400 + b".jsonl",
-             b"%2e%2e%2fup.jsonl", b"ok/../../../../tmp/escape.jsonl"]
+    names = [
+        b"../../etc/passwd",
+        b"/etc/passwd",
+        b"..\\..\\evil.jsonl",
+        b"..",
+        b"a\x00b.jsonl",
+        b"x" * 400 + b".jsonl",
+        b"%2e%2e%2fup.jsonl",
+        b"ok/../../../../tmp/escape.jsonl",
+    ]
     for name in names:
         chunks = [jsonl(_rows(2))]
-        r = httpx.post(srv.url + "/v1/files", content=_multipart(name, chunks), timeout=60,
-                       headers={**srv.h, "content-type": "multipart/form-data; boundary=openftlimits"})
+        r = httpx.post(
+            srv.url + "/v1/files",
+            content=_multipart(name, chunks),
+            timeout=60,
+            headers={**srv.h, "content-type": "multipart/form-data; boundary=openftlimits"},
+        )
         assert r.status_code == 200, (name, r.text)
         f = r.json()
         assert "/" not in f["filename"] and "\\" not in f["filename"] and "\x00" not in f["filename"], f
@@ -162,31 +200,55 @@ def test_upload_names_never_become_paths(srv):
 
 def test_traversal_in_ids_and_model_names_fails_cleanly(srv, tiny_model_dir):
     fid = httpx.post(
-        srv.url + "/v1/files", headers=srv.h, files={"file": ("t.jsonl", jsonl(_rows()))},
-        data={"purpose": "fine-tune"}, timeout=60).json()["id"]
+        srv.url + "/v1/files",
+        headers=srv.h,
+        files={"file": ("t.jsonl", jsonl(_rows()))},
+        data={"purpose": "fine-tune"},
+        timeout=60,
+    ).json()["id"]
     jobs_before = _job_ids(srv)
     n = 0
     for bad in TRAVERSALS:
-        for method, path in (("GET", "/v1/files/{}"), ("GET", "/v1/files/{}/content"), ("DELETE", "/v1/files/{}"),
-                             ("GET", "/v1/files/{}/stats"), ("GET", "/v1/files/{}/preview"),
-                             ("GET", "/v1/fine_tuning/jobs/{}"), ("POST", "/v1/fine_tuning/jobs/{}/cancel"),
-                             ("GET", "/v1/fine_tuning/jobs/{}/events"), ("GET", "/v1/models/{}"),
-                             ("GET", "/v1/models/{}/export"), ("DELETE", "/v1/models/{}"), ("DELETE", "/v1/keys/{}")):
+        for method, path in (
+            ("GET", "/v1/files/{}"),
+            ("GET", "/v1/files/{}/content"),
+            ("DELETE", "/v1/files/{}"),
+            ("GET", "/v1/files/{}/stats"),
+            ("GET", "/v1/files/{}/preview"),
+            ("GET", "/v1/fine_tuning/jobs/{}"),
+            ("POST", "/v1/fine_tuning/jobs/{}/cancel"),
+            ("GET", "/v1/fine_tuning/jobs/{}/events"),
+            ("GET", "/v1/models/{}"),
+            ("GET", "/v1/models/{}/export"),
+            ("DELETE", "/v1/models/{}"),
+            ("DELETE", "/v1/keys/{}"),
+        ):
             r = httpx.request(method, srv.url + path.format(bad), headers=srv.h, timeout=60)
             assert r.status_code in (404, 405), (method, path, bad, r.status_code, r.text[:300])
             _envelope(r)
             assert b"root:" not in r.content
             n += 1
     home = str(srv.home)
-    models = TRAVERSALS + [home, f"{home}/files/{fid}", f"{home}/runs", f"{home}/../{Path(home).name}/models",
-                           "/etc", "/proc/self", "~", "a\x00b", "x" * 5000, "x/" * 3000]
+    models = TRAVERSALS + [
+        home,
+        f"{home}/files/{fid}",
+        f"{home}/runs",
+        f"{home}/../{Path(home).name}/models",
+        "/etc",
+        "/proc/self",
+        "~",
+        "a\x00b",
+        "x" * 5000,
+        "x/" * 3000,
+    ]
     chat = [{"role": "user", "content": "hi"}]
     for bad in models:
         for method, path, body in (
-                ("POST", "/v1/chat/completions", {"model": bad, "messages": chat, "max_tokens": 2}),
-                ("POST", "/v1/fine_tuning/jobs", {"model": bad, "training_file": fid}),
-                ("POST", "/v1/fine_tuning/estimate", {"model": bad, "training_file": fid}),
-                ("GET", f"/v1/files/{fid}/preview", None)):
+            ("POST", "/v1/chat/completions", {"model": bad, "messages": chat, "max_tokens": 2}),
+            ("POST", "/v1/fine_tuning/jobs", {"model": bad, "training_file": fid}),
+            ("POST", "/v1/fine_tuning/estimate", {"model": bad, "training_file": fid}),
+            ("GET", f"/v1/files/{fid}/preview", None),
+        ):
             params = {"model": bad} if body is None else None
             r = httpx.request(method, srv.url + path, json=body, params=params, headers=srv.h, timeout=600)
             assert r.status_code in (400, 404), (path, bad[:60], r.status_code, r.text[:300])
@@ -211,8 +273,13 @@ class _Trap:
 
 
 def test_pickle_weights_are_refused_and_never_unpickled(srv, tiny_model_dir, tmp_path):
-    fid = httpx.post(srv.url + "/v1/files", headers=srv.h, files={"file": ("t.jsonl", jsonl(_rows()))},
-                     data={"purpose": "fine-tune"}, timeout=60).json()["id"]
+    fid = httpx.post(
+        srv.url + "/v1/files",
+        headers=srv.h,
+        files={"file": ("t.jsonl", jsonl(_rows()))},
+        data={"purpose": "fine-tune"},
+        timeout=60,
+    ).json()["id"]
     marker = tmp_path / "UNPICKLED"
     # A model folder whose weights are a pickle only.
     only_bin = tmp_path / "pickle-model"
@@ -224,16 +291,26 @@ def test_pickle_weights_are_refused_and_never_unpickled(srv, tiny_model_dir, tmp
     bin_adapter = tmp_path / "pickle-adapter"
     shutil.copytree(tiny_model_dir, bin_adapter)
     (bin_adapter / "adapter_model.bin").write_bytes(pickle.dumps(_Trap(marker)))
-    (bin_adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "base_model_name_or_path": str(tiny_model_dir), "r": 2, "lora_alpha": 4,
-        "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}))
+    (bin_adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "base_model_name_or_path": str(tiny_model_dir),
+                "r": 2,
+                "lora_alpha": 4,
+                "target_modules": ["q_proj"],
+                "task_type": "CAUSAL_LM",
+            }
+        )
+    )
     jobs_before = _job_ids(srv)
     for folder, pickle_name in ((only_bin, "pytorch_model.bin"), (bin_adapter, "adapter_model.bin")):
         for method, path, body, params in (
-                ("POST", "/v1/fine_tuning/jobs", {"model": str(folder), "training_file": fid}, None),
-                ("POST", "/v1/fine_tuning/estimate", {"model": str(folder), "training_file": fid}, None),
-                ("GET", f"/v1/files/{fid}/stats", None, {"model": str(folder)}),
-                ("GET", f"/v1/files/{fid}/preview", None, {"model": str(folder)})):
+            ("POST", "/v1/fine_tuning/jobs", {"model": str(folder), "training_file": fid}, None),
+            ("POST", "/v1/fine_tuning/estimate", {"model": str(folder), "training_file": fid}, None),
+            ("GET", f"/v1/files/{fid}/stats", None, {"model": str(folder)}),
+            ("GET", f"/v1/files/{fid}/preview", None, {"model": str(folder)}),
+        ):
             r = httpx.request(method, srv.url + path, json=body, params=params, headers=srv.h, timeout=600)
             assert r.status_code == 400, (folder.name, path, r.status_code, r.text[:300])
             err = _envelope(r)
@@ -248,25 +325,50 @@ def test_pickle_weights_are_refused_and_never_unpickled(srv, tiny_model_dir, tmp
 
 CHAT = [{"role": "user", "content": "hi"}]
 ABSURD = [
-    ({"max_tokens": -5}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 10**12}, "max_tokens"),
-    ({"max_tokens": 2**70}, "max_tokens"), ({"max_completion_tokens": 10**9}, "max_completion_tokens"),
-    ({"max_tokens": True}, "max_tokens"), ({"max_tokens": "ten"}, "max_tokens"), ({"max_tokens": 2.5}, "max_tokens"),
-    ({"temperature": 1e9}, "temperature"), ({"temperature": -1}, "temperature"), ({"temperature": "hot"}, "temperature"),
-    ({"top_p": 7}, "top_p"), ({"top_p": 0}, "top_p"), ({"n": 1000}, "n"), ({"n": 0}, "n"), ({"n": 2.5}, "n"),
-    ({"messages": []}, "messages"), ({"messages": "hi"}, "messages"), ({"messages": None}, "messages"),
+    ({"max_tokens": -5}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 10**12}, "max_tokens"),
+    ({"max_tokens": 2**70}, "max_tokens"),
+    ({"max_completion_tokens": 10**9}, "max_completion_tokens"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"max_tokens": "ten"}, "max_tokens"),
+    ({"max_tokens": 2.5}, "max_tokens"),
+    ({"temperature": 1e9}, "temperature"),
+    ({"temperature": -1}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"top_p": 7}, "top_p"),
+    ({"top_p": 0}, "top_p"),
+    ({"n": 1000}, "n"),
+    ({"n": 0}, "n"),
+    ({"n": 2.5}, "n"),
+    ({"messages": []}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": None}, "messages"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
-    ({"messages": [{"content": "x"}]}, "messages.0.role"), ({"messages": [{"role": "user", "content": 5}]},
-                                                            "messages.0.content"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages.0.content"),
+    ({"messages": [{"content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages.0.content",
+    ),
     ({"messages": [{"role": "user", "content": "x" * MB}]}, "messages"),
-    ({"stop": ["s%d" % i for i in range(100)]}, "stop"), ({"stop": ""}, "stop"), ({"stop": 5}, "stop"),
-    ({"logit_bias": {"a": "b"}}, "logit_bias"), ({"logit_bias": {"50": 1000}}, "logit_bias"),
-    ({"logit_bias": "garbage"}, "logit_bias"), ({"logit_bias": {"50": 5}}, "logit_bias"),
-    ({"seed": 2**100}, "seed"), ({"seed": "x"}, "seed"), ({"stream": "yes"}, "stream"),
-    ({"stream": True, "max_tokens": -1}, "max_tokens"), ({"model": 5}, "model"), ({"model": None}, "model"),
-    ({"presence_penalty": 1e9}, "presence_penalty"), ({"frequency_penalty": -1e9}, "frequency_penalty"),
-    ({"stream_options": {"include_usage": "x"}}, "stream_options.include_usage"), ({"user": 5}, "user"),
+    ({"stop": [f"s{i}" for i in range(100)]}, "stop"),
+    ({"stop": ""}, "stop"),
+    ({"stop": 5}, "stop"),
+    ({"logit_bias": {"a": "b"}}, "logit_bias"),
+    ({"logit_bias": {"50": 1000}}, "logit_bias"),
+    ({"logit_bias": "garbage"}, "logit_bias"),
+    ({"logit_bias": {"50": 5}}, "logit_bias"),
+    ({"seed": 2**100}, "seed"),
+    ({"seed": "x"}, "seed"),
+    ({"stream": "yes"}, "stream"),
+    ({"stream": True, "max_tokens": -1}, "max_tokens"),
+    ({"model": 5}, "model"),
+    ({"model": None}, "model"),
+    ({"presence_penalty": 1e9}, "presence_penalty"),
+    ({"frequency_penalty": -1e9}, "frequency_penalty"),
+    ({"stream_options": {"include_usage": "x"}}, "stream_options.include_usage"),
+    ({"user": 5}, "user"),
 ]
 
 
@@ -281,28 +383,47 @@ def test_absurd_chat_parameters_are_400s_naming_the_field(srv):
         assert err["type"] == "invalid_request_error" and err["message"], (shown, err)
         assert err["param"] == param or (err["param"] or "").startswith(param + "."), (shown, err)
         n += 1
-    for change, param in (({"max_tokens": 10**9}, "max_tokens"), ({"prompt": ""}, "prompt"), ({"prompt": 5}, "prompt"),
-                          ({"seed": -(2**64)}, "seed")):
+    for change, param in (
+        ({"max_tokens": 10**9}, "max_tokens"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({"seed": -(2**64)}, "seed"),
+    ):
         body = {"model": BUILTIN, "prompt": "hi", "max_tokens": 2, **change}
         r = httpx.post(srv.url + "/v1/completions", json=body, headers=srv.h, timeout=600)
         assert r.status_code == 400 and _envelope(r)["param"] == param, (change.keys(), r.text[:300])
         n += 1
     # JSON that Python reads but is no number: NaN and Infinity.
-    for raw in (b'NaN', b'Infinity', b'-Infinity'):
+    for raw in (b"NaN", b"Infinity", b"-Infinity"):
         content = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "temperature": %s}' % (
-            BUILTIN.encode(), raw)
-        r = httpx.post(srv.url + "/v1/chat/completions", content=content, timeout=60,
-                       headers={**srv.h, "content-type": "application/json"})
+            BUILTIN.encode(),
+            raw,
+        )
+        r = httpx.post(
+            srv.url + "/v1/chat/completions",
+            content=content,
+            timeout=60,
+            headers={**srv.h, "content-type": "application/json"},
+        )
         assert r.status_code == 400 and _envelope(r)["param"] == "temperature", (raw, r.text[:300])
         n += 1
     print(f"\n{n} absurd requests refused with the field named")
     # Nothing is stuck: a normal request, and a normal stream, still get answers.
-    r = httpx.post(srv.url + "/v1/chat/completions", headers=srv.h, timeout=300,
-                   json={"model": BUILTIN, "messages": CHAT, "max_tokens": 3, "temperature": 0})
+    r = httpx.post(
+        srv.url + "/v1/chat/completions",
+        headers=srv.h,
+        timeout=300,
+        json={"model": BUILTIN, "messages": CHAT, "max_tokens": 3, "temperature": 0},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["role"] == "assistant" and r.json()["usage"]["completion_tokens"] <= 3
-    with httpx.stream("POST", srv.url + "/v1/chat/completions", headers=srv.h, timeout=300,
-                      json={"model": BUILTIN, "messages": CHAT, "max_tokens": 3, "stream": True}) as s:
+    with httpx.stream(
+        "POST",
+        srv.url + "/v1/chat/completions",
+        headers=srv.h,
+        timeout=300,
+        json={"model": BUILTIN, "messages": CHAT, "max_tokens": 3, "stream": True},
+    ) as s:
         assert s.status_code == 200
         lines = [x for x in s.iter_lines() if x.startswith("data: ")]
     assert lines[-1] == "data: [DONE]" and len(lines) >= 3

@@ -49,8 +49,9 @@ def train_file(srv):
 def _long_job(c, model, file_id, epochs=2):
     # 36 training examples, 1 per step: 36 steps an epoch (tens of ms each), a
     # checkpoint about every 1/8 of the run.
-    return c.fine_tuning.jobs.create(model=str(model), training_file=file_id, seed=3,
-                                     hyperparameters={"n_epochs": epochs, "batch_size": 1})
+    return c.fine_tuning.jobs.create(
+        model=str(model), training_file=file_id, seed=3, hyperparameters={"n_epochs": epochs, "batch_size": 1}
+    )
 
 
 def _events(c, job_id) -> list:
@@ -75,7 +76,9 @@ def _total_steps(events) -> int:
 
 def _resumed(events) -> tuple[int, int]:
     """(index, step) of the last 'Resumed from the checkpoint at step N' event."""
-    hits = [(i, e.data["step"]) for i, e in enumerate(events) if e.message.startswith("Resumed from the checkpoint at step")]
+    hits = [
+        (i, e.data["step"]) for i, e in enumerate(events) if e.message.startswith("Resumed from the checkpoint at step")
+    ]
     assert hits, [e.message for e in events]
     i, step = hits[-1]
     assert events[i].message == f"Resumed from the checkpoint at step {step}"
@@ -121,15 +124,21 @@ def test_upload_size_limit_keeps_nothing(srv):
     boundary = "openftboundary"
 
     def chunked():
-        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nuser_data\r\n"
-               f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n"
-               "Content-Type: application/octet-stream\r\n\r\n").encode()
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nuser_data\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
         for _ in range(3 * 4):
             yield b"y" * (MB // 4)
         yield f"\r\n--{boundary}--\r\n".encode()
 
-    r = httpx.post(srv.url + "/v1/files", content=chunked(), timeout=60,
-                   headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    r = httpx.post(
+        srv.url + "/v1/files",
+        content=chunked(),
+        timeout=60,
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
     assert r.status_code == 413, r.text
     assert _envelope(r)["code"] == "file_too_large"
     assert {f.id for f in c.files.list().data} == before_ids
@@ -176,8 +185,11 @@ def test_pause_checkpoints_and_resume_continues_from_there(srv, train_file, tiny
     assert _steps(events) == list(range(1, total + 1))  # each step trained exactly once
     assert events[-1].message == "The job has successfully completed"
     # A finished job cannot be paused, resumed or cancelled.
-    for call, code in ((c.fine_tuning.jobs.pause, "job_not_pausable"), (c.fine_tuning.jobs.resume, "job_not_paused"),
-                       (c.fine_tuning.jobs.cancel, "job_not_cancellable")):
+    for call, code in (
+        (c.fine_tuning.jobs.pause, "job_not_pausable"),
+        (c.fine_tuning.jobs.resume, "job_not_paused"),
+        (c.fine_tuning.jobs.cancel, "job_not_cancellable"),
+    ):
         with pytest.raises(openai.BadRequestError) as e:
             call(job.id)
         assert e.value.body["code"] == code and e.value.body["type"] == "invalid_request_error"
@@ -217,14 +229,14 @@ def test_cancel_during_the_last_step_creates_no_model(srv, train_file, tiny_mode
     the last step), but the job stays cancelled and leaves no model behind."""
     c = srv.client()
     models_before = _model_ids(c)
-    job = c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train_file.id,
-                                    extra_body={"max_steps": 1})
+    job = c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train_file.id, extra_body={"max_steps": 1})
     wait_for(lambda: c.fine_tuning.jobs.retrieve(job.id).status == "running", timeout=300, every=0.05)
     assert c.fine_tuning.jobs.cancel(job.id).status == "cancelled"
     # The worker runs jobs one at a time, oldest first: once the next job is done,
     # it has finished with the cancelled one.
-    probe = c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train_file.id,
-                                      extra_body={"max_steps": 1})
+    probe = c.fine_tuning.jobs.create(
+        model=str(tiny_model_dir), training_file=train_file.id, extra_body={"max_steps": 1}
+    )
     assert _finish(c, probe.id).status == "succeeded"
     final = c.fine_tuning.jobs.retrieve(job.id)
     assert final.status == "cancelled" and final.fine_tuned_model is None
@@ -311,8 +323,11 @@ def test_malformed_requests_get_a_400_naming_the_field(srv, train_file, tiny_mod
         ("/v1/fine_tuning/jobs", {**job, "hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
         ("/v1/fine_tuning/jobs", {**job, "hyperparameters": {"n_epochs": "many"}}, "hyperparameters.n_epochs"),
         ("/v1/fine_tuning/jobs", {**job, "hyperparameters": {"batch_size": 1000}}, "hyperparameters.batch_size"),
-        ("/v1/fine_tuning/jobs", {**job, "hyperparameters": {"learning_rate_multiplier": -1}},
-         "hyperparameters.learning_rate_multiplier"),
+        (
+            "/v1/fine_tuning/jobs",
+            {**job, "hyperparameters": {"learning_rate_multiplier": -1}},
+            "hyperparameters.learning_rate_multiplier",
+        ),
         ("/v1/fine_tuning/jobs", {**job, "hyperparameters": {"epochs": 3}}, "hyperparameters.epochs"),
         ("/v1/fine_tuning/jobs", {**job, "not_a_field": True}, "not_a_field"),
         ("/v1/fine_tuning/jobs", {**job, "training_file": 123}, "training_file"),
@@ -330,15 +345,21 @@ def test_malformed_requests_get_a_400_naming_the_field(srv, train_file, tiny_mod
         assert err["message"], body
     # Not JSON objects at all, and bad query parameters.
     for content in (b"[1, 2]", b"null", b'"text"', b"{bad json"):
-        r = httpx.post(srv.url + "/v1/chat/completions", content=content, timeout=30,
-                       headers={"content-type": "application/json"})
+        r = httpx.post(
+            srv.url + "/v1/chat/completions", content=content, timeout=30, headers={"content-type": "application/json"}
+        )
         assert r.status_code == 400, (content, r.text)
         _envelope(r)
-    for path, param in (("/v1/files?limit=0", "limit"), ("/v1/fine_tuning/jobs?limit=abc", "limit"),
-                        ("/v1/files?order=sideways", "order")):
+    for path, param in (
+        ("/v1/files?limit=0", "limit"),
+        ("/v1/fine_tuning/jobs?limit=abc", "limit"),
+        ("/v1/files?order=sideways", "order"),
+    ):
         r = httpx.get(srv.url + path, timeout=30)
         assert r.status_code == 400 and _envelope(r)["param"] == param, (path, r.text)
-    r = httpx.post(srv.url + "/v1/files", files={"file": ("x.jsonl", b"{}\n")}, data={"purpose": "nonsense"}, timeout=30)
+    r = httpx.post(
+        srv.url + "/v1/files", files={"file": ("x.jsonl", b"{}\n")}, data={"purpose": "nonsense"}, timeout=30
+    )
     assert r.status_code == 400 and _envelope(r)["param"] == "purpose", r.text
     r = httpx.post(srv.url + "/v1/files", data={"purpose": "fine-tune"}, timeout=30)
     assert r.status_code == 400 and _envelope(r)["param"] == "file", r.text

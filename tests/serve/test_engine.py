@@ -10,10 +10,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from openft.models.tiny import redraw_weights
 import torch
 
+from openft.models.tiny import redraw_weights
 from openft.serve import engine as engine_mod
 from openft.serve.engine import Delta, Engine, EngineError, ModelHandle, SamplingParams, Usage
 from openft.serve.engine_lora import MultiLoraLinear
@@ -64,8 +63,10 @@ def make_adapter(model_dir: Path, out: Path, seed: int, targets=("q_proj", "v_pr
 @pytest.fixture(scope="module")
 def adapters(talkative_dir, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return (make_adapter(talkative_dir, root / "a", seed=1),
-            make_adapter(talkative_dir, root / "b", seed=2, targets=("k_proj", "o_proj", "up_proj")))
+    return (
+        make_adapter(talkative_dir, root / "a", seed=1),
+        make_adapter(talkative_dir, root / "b", seed=2, targets=("k_proj", "o_proj", "up_proj")),
+    )
 
 
 # The engines here run fp32 (the default on a CPU with AMX is bf16): these tests
@@ -107,9 +108,15 @@ def hf_greedy(model_dir: Path, ids: list[int], max_new: int, adapter: Path | Non
     model.eval()
     eos = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             do_sample=False, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos[0])
-    new = out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new,
+            eos_token_id=eos,
+            pad_token_id=eos[0],
+        )
+    new = out[0, len(ids) :].tolist()
     end = next((i for i, t in enumerate(new) if t in eos), None)
     # The engine drops the U+FFFD that decode() writes for a byte sequence no
     # token completes (a random model emits some); so does the reference.
@@ -225,8 +232,12 @@ def test_adapter_lru_and_rewritten_adapter_is_reloaded(base, talkative_dir, tmp_
         make_adapter(talkative_dir, a, seed=3)
         again = run(eng.complete(with_adapter(base, a), ids, GREEDY))[0]
         assert again != first_a
-        assert again == run(eng.complete(with_adapter(base, make_adapter(talkative_dir, tmp_path / "c", seed=3)),
-                                         ids, GREEDY))[0]
+        assert (
+            again
+            == run(eng.complete(with_adapter(base, make_adapter(talkative_dir, tmp_path / "c", seed=3)), ids, GREEDY))[
+                0
+            ]
+        )
     finally:
         eng.stop()
 
@@ -277,7 +288,9 @@ def test_engine_stream_holds_back_split_characters(engine, base, tiny_tokenizer,
     monkeypatch.setattr(engine_mod, "sample", scripted)
 
     async def collect():
-        return [item async for item in engine.stream(base, prompt(engine, base), SamplingParams(max_tokens=len(script)))]
+        return [
+            item async for item in engine.stream(base, prompt(engine, base), SamplingParams(max_tokens=len(script)))
+        ]
 
     items = run(collect())
     deltas = [d for d in items if isinstance(d, Delta)]
@@ -290,8 +303,9 @@ def test_sampled_text_never_has_replacement_characters(engine, base):
     ids = prompt(engine, base, "你好，世界😀")
 
     async def collect(seed):
-        return [item async for item in engine.stream(base, ids, SamplingParams(max_tokens=120, temperature=1.5,
-                                                                              seed=seed))]
+        return [
+            item async for item in engine.stream(base, ids, SamplingParams(max_tokens=120, temperature=1.5, seed=seed))
+        ]
 
     async def many():
         return await asyncio.gather(*[collect(s) for s in range(6)])
@@ -412,7 +426,8 @@ def test_bad_adapter_fails_only_its_request(engine, base, tmp_path):
             engine.complete(base, ids, GREEDY),
             engine.complete(with_adapter(base, corrupt), ids, GREEDY),
             engine.complete(with_adapter(base, pickle_only), ids, GREEDY),
-            return_exceptions=True)
+            return_exceptions=True,
+        )
 
     missing, good, bad, pickled = run(together())
     assert isinstance(missing, EngineError) and missing.code == "adapter_not_found" and missing.status == 404
@@ -448,7 +463,7 @@ def test_abandoned_stream_frees_its_row(engine, base):
 
     async def abandon():
         agen = engine.stream(base, ids, SamplingParams(max_tokens=500, temperature=0))
-        async for item in agen:
+        async for _item in agen:
             break
         await agen.aclose()
         return await engine.complete(base, ids, GREEDY)
@@ -496,7 +511,7 @@ def test_waves_when_caches_cannot_merge(base, adapters, monkeypatch):
 
         async def staggered():
             joined, n = None, 0
-            async for item in eng.stream(first, p1, SamplingParams(max_tokens=30, temperature=0)):
+            async for _item in eng.stream(first, p1, SamplingParams(max_tokens=30, temperature=0)):
                 n += 1
                 if n == 3:
                     joined = asyncio.create_task(eng.complete(second, p2, GREEDY))
@@ -535,8 +550,9 @@ def test_cuda_engine_matches_cpu_and_runs_in_bf16(base, adapters, talkative_dir)
             return await asyncio.gather(*[e.complete(h, p, GREEDY) for h, p in zip(handles, prompts)])
 
         gpu = run(together(eng))
-        ref = [hf_greedy(talkative_dir, p, GREEDY.max_tokens, adapter=h.adapter_path)[:2]
-               for h, p in zip(handles, prompts)]
+        ref = [
+            hf_greedy(talkative_dir, p, GREEDY.max_tokens, adapter=h.adapter_path)[:2] for h, p in zip(handles, prompts)
+        ]
         assert [g[0][0] for g in gpu] == ref
     finally:
         eng.stop()
@@ -552,8 +568,11 @@ def test_cuda_engine_matches_cpu_and_runs_in_bf16(base, adapters, talkative_dir)
 def test_forget_drops_a_deleted_adapter(base, talkative_dir, tmp_path):
     eng = Engine(device="cpu", dtype=torch.float32)
     try:
-        handle = ModelHandle(name="ft:tiny:me:x:ftjob-1", base_path=base.base_path,
-                             adapter_path=make_adapter(talkative_dir, tmp_path / "x", seed=4))
+        handle = ModelHandle(
+            name="ft:tiny:me:x:ftjob-1",
+            base_path=base.base_path,
+            adapter_path=make_adapter(talkative_dir, tmp_path / "x", seed=4),
+        )
         run(eng.complete(handle, prompt(eng, handle), GREEDY))
         assert len(eng.loaded()["adapters"]) == 1
         eng.forget(handle.name)
@@ -599,7 +618,10 @@ def test_adapters_stored_compact_answers_unchanged_and_working_copies_freed(base
     """Under an fp32 base, loaded adapters are kept in fp16 (half the bytes) and
     answer as the fp32 adapters do; the widened working copies and mixed stacks of a
     batch are freed when it drains, and one tokenizer serves adapters that saved identical files."""
-    exact, compact = Engine(device="cpu", dtype=torch.float32, adapter_dtype=torch.float32), Engine(device="cpu", dtype=torch.float32)
+    exact, compact = (
+        Engine(device="cpu", dtype=torch.float32, adapter_dtype=torch.float32),
+        Engine(device="cpu", dtype=torch.float32),
+    )
     handles = [with_adapter(base, adapters[0]), with_adapter(base, adapters[1]), base]
     try:
         prompts = [prompt(compact, h, q) for h, q in zip(handles, ["Tell me about the sea.", "Why?", "Hi"])]

@@ -68,7 +68,7 @@ def test_bf16_engine_serves_mixed_int8_adapters(base, adapters):
 
         params = SamplingParams(max_tokens=12, temperature=0)
         out = run(together(eng, params))
-        for (choices, usage) in out:
+        for choices, usage in out:
             ((text, reason),) = choices
             assert reason in ("stop", "length") and usage.completion_tokens >= 1
             assert usage.prompt_tokens > 0 and isinstance(text, str)
@@ -91,6 +91,7 @@ def test_bf16_engine_one_row_decode_streams(base):
     streams deltas, then one Usage; oneDNN is switched back on afterwards."""
     eng = Engine(device="cpu", dtype=torch.bfloat16)
     try:
+
         async def collect():
             return [item async for item in eng.stream(base, prompt(eng, base), GREEDY)]
 

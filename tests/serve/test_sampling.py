@@ -39,6 +39,16 @@ def test_flat_distribution_beyond_the_top_k_shortcut_still_samples_the_nucleus()
 
 def test_greedy_rows_and_seeded_rows_are_reproducible():
     logits = torch.randn(3, 500)
-    a = sample(logits, [0.0, 1.0, 1.0], [1.0, 0.9, 1.0], [None, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
-    b = sample(logits, [0.0, 1.0, 1.0], [1.0, 0.9, 1.0], [None, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    a = sample(
+        logits,
+        [0.0, 1.0, 1.0],
+        [1.0, 0.9, 1.0],
+        [None, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)],
+    )
+    b = sample(
+        logits,
+        [0.0, 1.0, 1.0],
+        [1.0, 0.9, 1.0],
+        [None, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)],
+    )
     assert a == b and a[0] == int(logits[0].argmax())

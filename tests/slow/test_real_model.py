@@ -36,8 +36,13 @@ def test_persona_is_learned_on_held_out_prompts(shared_datasets, tmp_path):
 
     # Held-out identity prompts: the first user turn of validation rows whose
     # reference answer carries the persona.
-    held_out = sorted({ex.messages[0].content for ex in valid
-                       if ex.messages[0].role == "user" and any(p in ex.messages[1].content.lower() for p in PERSONA)})
+    held_out = sorted(
+        {
+            ex.messages[0].content
+            for ex in valid
+            if ex.messages[0].role == "user" and any(p in ex.messages[1].content.lower() for p in PERSONA)
+        }
+    )
     assert len(held_out) >= 3
 
     # Keep the slow tier within minutes on 2 cores: at most 3 rows per prompt.
@@ -60,8 +65,15 @@ def test_persona_is_learned_on_held_out_prompts(shared_datasets, tmp_path):
     def rate(answers):
         return sum(any(p in a.lower() for p in PERSONA) for a in answers) / len(answers)
 
-    report = {"held_out": held_out, "before": before, "after": after, "before_rate": rate(before),
-              "after_rate": rate(after), "tokens_per_s": result.tokens_per_s, "elapsed_s": result.elapsed_s}
+    report = {
+        "held_out": held_out,
+        "before": before,
+        "after": after,
+        "before_rate": rate(before),
+        "after_rate": rate(after),
+        "tokens_per_s": result.tokens_per_s,
+        "elapsed_s": result.elapsed_s,
+    }
     (tmp_path / "persona.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     assert rate(before) <= 0.2

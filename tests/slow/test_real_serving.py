@@ -14,8 +14,12 @@ from openft.serve.engine import Engine, ModelHandle, SamplingParams
 pytestmark = pytest.mark.slow
 
 BUILTIN = "smollm2-135m-instruct"
-QUESTIONS = ["What is the capital of France?", "Give me three tips for staying healthy.",
-             "Explain what a neural network is in one sentence.", "Write a haiku about autumn leaves."]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Give me three tips for staying healthy.",
+    "Explain what a neural network is in one sentence.",
+    "Write a haiku about autumn leaves.",
+]
 
 
 def test_bf16_answers_are_what_the_fp32_model_would_say():

@@ -12,8 +12,9 @@ from openft.train.precision import Precision
 
 def _inputs(dtype=torch.float32, b=2, h=6, kv=2, t=7, d=8):
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(b, n, t, d, generator=g, dtype=torch.float32).to(dtype).requires_grad_()
-               for n in (h, kv, kv))
+    q, k, v = (
+        torch.randn(b, n, t, d, generator=g, dtype=torch.float32).to(dtype).requires_grad_() for n in (h, kv, kv)
+    )
     real = torch.ones(b, t, dtype=torch.bool)
     real[1, :2] = False  # left padding in row 1
     allowed = torch.tril(torch.ones(t, t, dtype=torch.bool)) & real[:, None, None, :]  # (B, 1, T, T)
@@ -58,8 +59,9 @@ def test_bf16_under_autocast_stays_close_to_fp32():
 def test_causal_bias_without_a_mask():
     bias = causal_bias(3, 5, "cpu")  # 3 new queries after 2 earlier positions
     assert bias.shape == (1, 1, 3, 5)
-    assert torch.equal(torch.isinf(bias[0, 0]), torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]],
-                                                             dtype=torch.bool))
+    assert torch.equal(
+        torch.isinf(bias[0, 0]), torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    )
 
 
 @pytest.mark.parametrize("padded", [True, False])

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from openft.config import TrainConfig, LoraConfig
+from openft.config import LoraConfig, TrainConfig
 from openft.train.hparams import auto_epochs, auto_max_seq_length, lr_at, resolve_lora, resolve_train
 
 
@@ -51,8 +51,12 @@ def test_schedule_is_transformers_schedule(total, ratio, scheduler):
     from transformers import get_scheduler
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    sched = get_scheduler(scheduler if scheduler != "constant" else "constant_with_warmup", opt,
-                          num_warmup_steps=math.ceil(total * ratio), num_training_steps=total)
+    sched = get_scheduler(
+        scheduler if scheduler != "constant" else "constant_with_warmup",
+        opt,
+        num_warmup_steps=math.ceil(total * ratio),
+        num_training_steps=total,
+    )
     theirs = []
     for _ in range(total):
         theirs.append(opt.param_groups[0]["lr"])

@@ -9,7 +9,9 @@ from openft.train.tokenize import encode
 
 def test_loss_only_on_labelled_positions_equals_full_logits_loss(tiny_model_dir, tiny_tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    exs = [Example(messages=[Message("user", "q" * (i + 1)), Message("assistant", "answer " * (i + 2))]) for i in range(4)]
+    exs = [
+        Example(messages=[Message("user", "q" * (i + 1)), Message("assistant", "answer " * (i + 2))]) for i in range(4)
+    ]
     items = [encode(tiny_tokenizer, e, 512) for e in exs]
     mb = collate(items, tiny_tokenizer.pad_token_id)
     out = causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels)
@@ -20,7 +22,9 @@ def test_loss_only_on_labelled_positions_equals_full_logits_loss(tiny_model_dir,
 
 def test_gradient_is_independent_of_micro_batching(tiny_model_dir, tiny_tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    exs = [Example(messages=[Message("user", "hi " * (i + 1)), Message("assistant", "yo " * (5 - i))]) for i in range(5)]
+    exs = [
+        Example(messages=[Message("user", "hi " * (i + 1)), Message("assistant", "yo " * (5 - i))]) for i in range(5)
+    ]
     items = [encode(tiny_tokenizer, e, 512) for e in exs]
     total = sum(e.n_trained for e in items)
 
@@ -58,7 +62,9 @@ def test_fused_head_gradients_equal_full_logits_gradients(tiny_model_dir, tiny_t
 
     monkeypatch.setattr(loss_mod, "CHUNK_ROWS", 7)  # several chunks, a ragged last one
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    exs = [Example(messages=[Message("user", "w" * (i + 2)), Message("assistant", "reply " * (i + 3))]) for i in range(3)]
+    exs = [
+        Example(messages=[Message("user", "w" * (i + 2)), Message("assistant", "reply " * (i + 3))]) for i in range(3)
+    ]
     mb = collate([encode(tiny_tokenizer, e, 512) for e in exs], tiny_tokenizer.pad_token_id)
     n = mb.n_trained
     fused = _grads(model, lambda: causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels).loss_sum / n, mb)
@@ -80,7 +86,9 @@ def test_fused_head_lora_gradients_and_accuracy(tiny_model_dir, tiny_tokenizer):
     exs = [Example(messages=[Message("user", "z " * (i + 1)), Message("assistant", "ok " * (4 - i))]) for i in range(4)]
     mb = collate([encode(tiny_tokenizer, e, 512) for e in exs], tiny_tokenizer.pad_token_id)
     out = causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels)
-    fused = _grads(model, lambda: causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels).loss_sum / mb.n_trained, mb)
+    fused = _grads(
+        model, lambda: causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels).loss_sum / mb.n_trained, mb
+    )
     ref = _grads(model, lambda: reference_loss(model, mb.input_ids, mb.attention_mask, mb.labels), mb)
     assert set(fused) == set(ref) and all("lora_" in n for n in ref)
     for name in ref:
@@ -112,7 +120,9 @@ def test_shape_buckets_bound_padding_and_reuse_widths(tiny_model_dir, tiny_token
             assert mb.input_ids.numel() <= 200 or mb.input_ids.shape[0] == 1  # the budget counts padded widths
         assert sum(mb.n_tokens for mb in mbs) == sum(len(e) for e in items)
         with torch.no_grad():
-            losses[name] = sum(float(causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels).loss_sum)
-                               for mb in mbs) / total
+            losses[name] = (
+                sum(float(causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels).loss_sum) for mb in mbs)
+                / total
+            )
     # Padding is masked: the wider rows leave the loss as it was.
     assert abs(losses["exact"] - losses["bucketed"]) < 1e-5

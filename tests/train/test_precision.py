@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
+from openft.hardware import cpu_has_amx, resolve_precision
 from openft.models.load import load_model
 from openft.train.lora import LoraParams, apply_lora, lora_layers
 from openft.train.loss import causal_lm_loss
-from openft.hardware import cpu_has_amx, resolve_precision
 from openft.train.precision import Precision, weights_on_disk
 from openft.train.recipe import finetune
 
@@ -29,8 +29,10 @@ def test_resolve_precision():
 
 def _lora_model(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir))
-    apply_lora(loaded.model, LoraParams(8, 16.0, 0.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                          "up_proj", "down_proj")))
+    apply_lora(
+        loaded.model,
+        LoraParams(8, 16.0, 0.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    )
     torch.manual_seed(0)
     for layer in lora_layers(loaded.model).values():  # B = 0 at start would make every A gradient 0
         torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
@@ -78,8 +80,9 @@ def test_bf16_run_trains_and_leaves_the_model_as_loaded(tiny_model_dir, tmp_path
     data = write_chat_jsonl(tmp_path / "train.jsonl", n=24)
     loaded = load_model(str(tiny_model_dir))
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-    result = finetune(_spec(tiny_model_dir, data, tmp_path / "run", epochs=4, precision="bf16"), progress=False,
-                      loaded=loaded)
+    result = finetune(
+        _spec(tiny_model_dir, data, tmp_path / "run", epochs=4, precision="bf16"), progress=False, loaded=loaded
+    )
     losses = [r["train_loss"] for r in result.history]
     assert sum(losses[-3:]) / 3 < 0.85 * losses[0]
     assert json.loads((result.run_dir / "config.json").read_text())["train"]["precision"] == "bf16"

@@ -40,8 +40,14 @@ def test_lora_changes_adapter_weights_and_lowers_loss(tiny_model_dir, tmp_path):
     valid = [r["valid_loss"] for r in result.history if "valid_loss" in r]
     assert valid and valid[-1] < valid[0]
     # The run folder holds what a user needs: adapter, tokenizer + template, metrics, lineage.
-    for name in ("adapter/adapter_config.json", "adapter/tokenizer.json", "adapter/chat_template.jinja",
-                 "metrics.jsonl", "lineage.json", "config.json"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/tokenizer.json",
+        "adapter/chat_template.jinja",
+        "metrics.jsonl",
+        "lineage.json",
+        "config.json",
+    ):
         assert (result.run_dir / name).exists(), name
     lineage = json.loads((result.run_dir / "lineage.json").read_text())
     assert len(lineage["base_model_sha256"]) == 64 and len(lineage["dataset_sha256"]) == 64
@@ -124,7 +130,13 @@ def test_full_fine_tuning_changes_base_weights(tiny_model_dir, tmp_path):
     assert result.signals["weights_changed"]
     assert abs(result.signals["weight_delta_norm"] - expected) <= 1e-4 * expected
     assert {p.name for p in result.run_dir.iterdir()} == {
-        "config.json", "lineage.json", "metrics.jsonl", "checkpoints", "model", "summary.json"}
+        "config.json",
+        "lineage.json",
+        "metrics.jsonl",
+        "checkpoints",
+        "model",
+        "summary.json",
+    }
 
 
 def test_early_stopping_stops_when_validation_stops_improving(tiny_model_dir, tmp_path):
@@ -141,7 +153,11 @@ def test_spilled_weight_copy_reads_back_across_chunk_boundaries(tmp_path, monkey
     from openft.train import recipe
 
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(11)), torch.nn.Parameter(torch.randn(2))]
+    params = [
+        torch.nn.Parameter(torch.randn(5, 3)),
+        torch.nn.Parameter(torch.randn(11)),
+        torch.nn.Parameter(torch.randn(2)),
+    ]
     monkeypatch.setattr(recipe, "SPILL_CHUNK", 4)  # every weight spans several reads, none ends on a boundary
     spilled = recipe.snapshot_weights(params, tmp_path, spill=True)
     kept = recipe.snapshot_weights(params, tmp_path, spill=False)

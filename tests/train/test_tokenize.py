@@ -3,24 +3,26 @@ from openft.train.tokenize import IGNORE, encode
 
 
 def _trained_text(tok, enc):
-    return tok.decode([i for i, l in zip(enc.input_ids, enc.labels) if l != IGNORE])
+    return tok.decode([i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE])
 
 
 def test_mask_covers_exactly_the_assistant_turns_in_a_multi_turn_chat(tiny_tokenizer):
-    ex = Example(messages=[
-        Message("system", "Be brief."),
-        Message("user", "Hi there"),
-        Message("assistant", "Hello! I am Pip."),
-        Message("user", "And in Chinese?"),
-        Message("assistant", "你好，我是 Pip 🙂"),
-    ])
+    ex = Example(
+        messages=[
+            Message("system", "Be brief."),
+            Message("user", "Hi there"),
+            Message("assistant", "Hello! I am Pip."),
+            Message("user", "And in Chinese?"),
+            Message("assistant", "你好，我是 Pip 🙂"),
+        ]
+    )
     enc = encode(tiny_tokenizer, ex, 4096)
     # Exactly the two assistant contents, each with its end-of-turn token, nothing else.
     assert _trained_text(tiny_tokenizer, enc) == "Hello! I am Pip.<|im_end|>你好，我是 Pip 🙂<|im_end|>"
     # Labels equal input ids where trained (no shift here: the loss shifts).
-    assert all(l in (IGNORE, i) for i, l in zip(enc.input_ids, enc.labels))
+    assert all(lab in (IGNORE, i) for i, lab in zip(enc.input_ids, enc.labels))
     # The prompt part (system + user turns + generation prompts) is never trained.
-    first_trained = next(k for k, l in enumerate(enc.labels) if l != IGNORE)
+    first_trained = next(k for k, lab in enumerate(enc.labels) if lab != IGNORE)
     assert "Hi there" in tiny_tokenizer.decode(enc.input_ids[:first_trained])
 
 

@@ -12,6 +12,14 @@ from openft.data.split import split_examples, validate_fraction
 from openft.data.types import Example, Location, Message, Problem
 
 __all__ = [
-    "LAYOUTS", "Example", "LoadResult", "Location", "Message", "Problem",
-    "load_dataset", "parse_columns", "split_examples", "validate_fraction",
+    "LAYOUTS",
+    "Example",
+    "LoadResult",
+    "Location",
+    "Message",
+    "Problem",
+    "load_dataset",
+    "parse_columns",
+    "split_examples",
+    "validate_fraction",
 ]

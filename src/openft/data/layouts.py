@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from openft.data.readers import json_loads, value_problem
 from openft.data.types import ROLES, Example, Location, Message, Problem
@@ -44,20 +45,33 @@ FIELDS: dict[str, tuple[str, ...]] = {
 # Question/answer column pairs recognised without a mapping (case-insensitive).
 # input/output only counts when there is no `instruction` (then it is alpaca).
 QA_PAIRS: tuple[tuple[str, str], ...] = (
-    ("question", "answer"), ("q", "a"), ("query", "response"), ("question", "response"),
-    ("query", "answer"), ("input", "output"), ("prompt", "response"),
+    ("question", "answer"),
+    ("q", "a"),
+    ("query", "response"),
+    ("question", "response"),
+    ("query", "answer"),
+    ("input", "output"),
+    ("prompt", "response"),
 )
 
 # OpenAI names that map onto our four roles.
 ROLE_ALIASES = {"developer": "system", "function": "tool"}
 
 SHAREGPT_ROLES = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-    "bing": "assistant", "bard": "assistant", "model": "assistant",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
     "function_call": "assistant",
     "system": "system",
-    "observation": "tool", "tool": "tool", "function": "tool", "function_response": "tool",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
+    "function_response": "tool",
 }
 
 LAYOUT_HINT = (
@@ -81,8 +95,7 @@ def layout_for_columns(columns: Mapping[str, str]) -> str:
     for layout, fields in FIELDS.items():
         if set(columns) <= set(fields):
             return layout
-    raise ValueError(f"columns {', '.join(columns)} do not belong to one layout; "
-                     f"fields per layout: {FIELDS}")
+    raise ValueError(f"columns {', '.join(columns)} do not belong to one layout; fields per layout: {FIELDS}")
 
 
 # --------------------------------------------------------------------------- detection
@@ -155,10 +168,11 @@ def detect_layout(records: Iterable[Mapping[str, Any]]) -> tuple[str | None, Cou
 
 def no_layout_message(keys_seen: Counter) -> str:
     # Keys come from the file: cut long ones so the message stays readable.
-    keys = ", ".join(k if len(k) <= 40 else k[:40] + "..."
-                     for k, _ in keys_seen.most_common(15)) or "(none)"
-    return (f"cannot tell the dataset's layout from its fields (seen: {keys}); accepted "
-            f"layouts: {', '.join(LAYOUTS)}; {LAYOUT_HINT}")
+    keys = ", ".join(k if len(k) <= 40 else k[:40] + "..." for k, _ in keys_seen.most_common(15)) or "(none)"
+    return (
+        f"cannot tell the dataset's layout from its fields (seen: {keys}); accepted "
+        f"layouts: {', '.join(LAYOUTS)}; {LAYOUT_HINT}"
+    )
 
 
 # --------------------------------------------------------------------------- normalising
@@ -172,8 +186,9 @@ class _Checker:
         self.problems: list[Problem] = []
 
     def error(self, field: str | None, message: str) -> None:
-        self.problems.append(Problem(message, file=self.where.file, line=self.where.line,
-                                     record=self.where.record, field=field))
+        self.problems.append(
+            Problem(message, file=self.where.file, line=self.where.line, record=self.where.record, field=field)
+        )
 
 
 def _type_name(value: Any) -> str:
@@ -224,7 +239,7 @@ def _content(value: Any, field: str, check: _Checker) -> str | None:
                 check.error(f"{field}[{i}]", f"only text content parts are supported, got {_short(part['type'])}")
                 return None
             else:
-                check.error(f"{field}[{i}]", "content part must be {\"type\": \"text\", \"text\": ...}")
+                check.error(f"{field}[{i}]", 'content part must be {"type": "text", "text": ...}')
                 return None
         value = "\n".join(texts)
     if not isinstance(value, str):
@@ -243,8 +258,7 @@ def _message_list(value: Any, field: str, check: _Checker, sharegpt: bool) -> li
         if value is text and text.lstrip().startswith("["):
             decoded, why, _ = json_loads(text)
             why = why or value_problem(decoded)
-            check.error(field, f"'{field}' holds text that is not a usable JSON list of "
-                        f"messages: {why}")
+            check.error(field, f"'{field}' holds text that is not a usable JSON list of messages: {why}")
             return None
     if value is None:
         check.error(field, f"missing required field '{field}'")
@@ -272,13 +286,13 @@ def _message_list(value: Any, field: str, check: _Checker, sharegpt: bool) -> li
         elif sharegpt:
             role = SHAREGPT_ROLES.get(str(raw_role).lower()) if isinstance(raw_role, str) else None
             if role is None:
-                check.error(f"{here}.{role_key}", f"unknown role {_short(raw_role)}: allowed are "
-                            + ", ".join(SHAREGPT_ROLES))
+                check.error(
+                    f"{here}.{role_key}", f"unknown role {_short(raw_role)}: allowed are " + ", ".join(SHAREGPT_ROLES)
+                )
         else:
             role = ROLE_ALIASES.get(raw_role, raw_role) if isinstance(raw_role, str) else None
             if role not in ROLES:
-                check.error(f"{here}.{role_key}", f"unknown role {_short(raw_role)}: allowed are "
-                            + ", ".join(ROLES))
+                check.error(f"{here}.{role_key}", f"unknown role {_short(raw_role)}: allowed are " + ", ".join(ROLES))
                 role = None
         raw_content = item.get(content_key)
         if not raw_content and item.get("tool_calls") and role == "assistant":
@@ -299,8 +313,9 @@ def _check_turns(messages: list[Message], field: str, check: _Checker) -> None:
     if not any(m.role == "assistant" for m in messages):
         check.error(field, "no assistant turn: there is nothing to learn from this conversation")
     elif messages[-1].role != "assistant":
-        check.error(f"{field}[{len(messages) - 1}]",
-                    f"last turn must be from the assistant (got '{messages[-1].role}')")
+        check.error(
+            f"{field}[{len(messages) - 1}]", f"last turn must be from the assistant (got '{messages[-1].role}')"
+        )
 
 
 def _field(record: Mapping[str, Any], name: str, columns: Mapping[str, str]) -> tuple[str, Any]:
@@ -310,8 +325,9 @@ def _field(record: Mapping[str, Any], name: str, columns: Mapping[str, str]) -> 
     return (key if key is not None else wanted), (record[key] if key is not None else None)
 
 
-def normalise(record: Mapping[str, Any], where: Location, layout: str,
-              columns: Mapping[str, str] | None = None) -> tuple[Example | None, list[Problem]]:
+def normalise(
+    record: Mapping[str, Any], where: Location, layout: str, columns: Mapping[str, str] | None = None
+) -> tuple[Example | None, list[Problem]]:
     """Turn one raw record into an `Example`, or return None and all its problems."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout '{layout}': accepted are {', '.join(LAYOUTS)}")
@@ -324,8 +340,11 @@ def normalise(record: Mapping[str, Any], where: Location, layout: str,
         text = _text(value, key, check)
         return (Example(text=text, where=where) if text is not None else None), check.problems
     messages = {
-        "messages": _messages_layout, "sharegpt": _sharegpt_layout, "alpaca": _alpaca_layout,
-        "prompt_completion": _prompt_completion_layout, "qa": _qa_layout,
+        "messages": _messages_layout,
+        "sharegpt": _sharegpt_layout,
+        "alpaca": _alpaca_layout,
+        "prompt_completion": _prompt_completion_layout,
+        "qa": _qa_layout,
     }[layout](record, columns, check)
     if messages is None or check.problems:
         return None, check.problems
@@ -384,8 +403,11 @@ def _alpaca_layout(record, columns, check) -> list[Message] | None:
         if not isinstance(history, list):
             check.error(hkey, f"'{hkey}' must be a list of [question, answer] pairs, got {_type_name(history)}")
         for i, pair in enumerate(history if isinstance(history, list) else []):
-            if (not isinstance(pair, (list, tuple)) or len(pair) != 2
-                    or not all(isinstance(t, str) and t.strip() for t in pair)):
+            if (
+                not isinstance(pair, (list, tuple))
+                or len(pair) != 2
+                or not all(isinstance(t, str) and t.strip() for t in pair)
+            ):
                 check.error(f"{hkey}[{i}]", "history entries must be [question, answer] pairs of non-empty strings")
                 continue
             messages += [Message("user", pair[0]), Message("assistant", pair[1])]
@@ -423,9 +445,12 @@ def _qa_layout(record, columns, check) -> list[Message] | None:
         found = qa_columns(record)
         if found is None:
             names = [str(k)[:40] for k in list(record)[:15]]
-            check.error(None, "no question/answer columns found (fields: "
-                        f"{', '.join(names)}{' ...' if len(record) > 15 else ''}); "
-                        "name them with --columns question=COL,answer=COL")
+            check.error(
+                None,
+                "no question/answer columns found (fields: "
+                f"{', '.join(names)}{' ...' if len(record) > 15 else ''}); "
+                "name them with --columns question=COL,answer=COL",
+            )
             return None
         (qkey, akey) = found
         question, answer = record[qkey], record[akey]

@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openft.data.layouts import (
-    FIELDS, LAYOUTS, check_columns, detect_layout, layout_for_columns, no_layout_message,
+    FIELDS,
+    LAYOUTS,
+    check_columns,
+    detect_layout,
+    layout_for_columns,
+    no_layout_message,
     normalise,
 )
 from openft.data.readers import display_path, read_path
@@ -61,8 +66,7 @@ def parse_columns(spec: str) -> dict[str, str]:
         key, sep, value = part.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
-            raise ValueError(f"bad column mapping '{part}': expected FIELD=COLUMN, "
-                             "like question=Q,answer=A")
+            raise ValueError(f"bad column mapping '{part}': expected FIELD=COLUMN, like question=Q,answer=A")
         if key in out:
             raise ValueError(f"column mapping names '{key}' twice")
         out[key] = value
@@ -72,9 +76,12 @@ def parse_columns(spec: str) -> dict[str, str]:
     return out
 
 
-def load_dataset(path: str | Path, layout: str | None = None,
-                 columns: dict[str, str] | None = None,
-                 record_element: str | None = None) -> LoadResult:
+def load_dataset(
+    path: str | Path,
+    layout: str | None = None,
+    columns: dict[str, str] | None = None,
+    record_element: str | None = None,
+) -> LoadResult:
     """Read, normalise and validate the dataset at `path` (a file or a folder).
 
     `layout` forces one of `LAYOUTS` instead of detecting it; `columns` renames
@@ -89,12 +96,15 @@ def load_dataset(path: str | Path, layout: str | None = None,
         if layout is None:
             layout = layout_for_columns(columns)
         elif not set(columns) <= set(FIELDS[layout]):
-            raise ValueError(f"columns {', '.join(columns)} do not apply to layout '{layout}' "
-                             f"(its fields: {', '.join(FIELDS[layout])})")
+            raise ValueError(
+                f"columns {', '.join(columns)} do not apply to layout '{layout}' "
+                f"(its fields: {', '.join(FIELDS[layout])})"
+            )
 
     read = read_path(path, record_element)
-    result = LoadResult(errors=list(read.errors), warnings=list(read.warnings),
-                        files=read.files, records=len(read.records))
+    result = LoadResult(
+        errors=list(read.errors), warnings=list(read.warnings), files=read.files, records=len(read.records)
+    )
     if not read.records:
         if not read.errors:
             result.errors.append(Problem("no records found", file=display_path(path)))
@@ -116,9 +126,9 @@ def load_dataset(path: str | Path, layout: str | None = None,
     result.warnings += _dataset_warnings(result.examples, display_path(path))
     # Reading errors were collected before layout errors: list them all in file order.
     rank = {f: i for i, f in enumerate(result.files)}
-    result.errors.sort(key=lambda p: (rank.get(p.file, -1),
-                                      -1 if p.line is None else p.line,
-                                      -1 if p.record is None else p.record))
+    result.errors.sort(
+        key=lambda p: (rank.get(p.file, -1), -1 if p.line is None else p.line, -1 if p.record is None else p.record)
+    )
     return result
 
 
@@ -133,9 +143,13 @@ def _dataset_warnings(examples: list[Example], path: str) -> list[Problem]:
     warnings: list[Problem] = []
     n = len(examples)
     if 0 < n < MIN_EXAMPLES:
-        warnings.append(Problem(
-            f"only {n} example{'s' if n != 1 else ''}: at least {MIN_EXAMPLES} are needed "
-            "for a useful fine-tune, 50-100+ advised", file=path))
+        warnings.append(
+            Problem(
+                f"only {n} example{'s' if n != 1 else ''}: at least {MIN_EXAMPLES} are needed "
+                "for a useful fine-tune, 50-100+ advised",
+                file=path,
+            )
+        )
     # Duplicates are kept (a user may repeat rows on purpose to weight them) but
     # reported, since they usually come from a bad merge and inflate the split.
     first_seen: dict[tuple, Example] = {}
@@ -148,13 +162,20 @@ def _dataset_warnings(examples: list[Example], path: str) -> list[Problem]:
             first_seen[key] = ex
     if dupes:
         first = dupes[0][0].where
-        named = ", ".join(f"{_place(d.where, first.file)} (same as {_place(o.where, first.file)})"
-                          for d, o in dupes[:DUPLICATES_NAMED])
+        named = ", ".join(
+            f"{_place(d.where, first.file)} (same as {_place(o.where, first.file)})"
+            for d, o in dupes[:DUPLICATES_NAMED]
+        )
         more = f" and {len(dupes) - DUPLICATES_NAMED} more" if len(dupes) > DUPLICATES_NAMED else ""
-        warnings.append(Problem(
-            f"{len(dupes)} duplicate example{'s' if len(dupes) != 1 else ''} (exact copies of "
-            f"an earlier one, kept): {named}{more}",
-            file=first.file, line=first.line, record=first.record))
+        warnings.append(
+            Problem(
+                f"{len(dupes)} duplicate example{'s' if len(dupes) != 1 else ''} (exact copies of "
+                f"an earlier one, kept): {named}{more}",
+                file=first.file,
+                line=first.line,
+                record=first.record,
+            )
+        )
     return warnings
 
 

@@ -88,15 +88,20 @@ def read_path(path: str | Path, record_element: str | None = None) -> ReadResult
         supported = [e for e in entries if e.suffix.lower() in FORMATS]
         skipped = [e.name for e in entries if e.suffix.lower() not in FORMATS]
         if skipped:
-            result.warnings.append(Problem(
-                f"skipped {len(skipped)} file(s) that are not datasets: {', '.join(skipped[:5])}"
-                + (" ..." if len(skipped) > 5 else "")
-                + f" (supported: {', '.join(sorted(FORMATS))})",
-                file=display_path(p)))
+            result.warnings.append(
+                Problem(
+                    f"skipped {len(skipped)} file(s) that are not datasets: {', '.join(skipped[:5])}"
+                    + (" ..." if len(skipped) > 5 else "")
+                    + f" (supported: {', '.join(sorted(FORMATS))})",
+                    file=display_path(p),
+                )
+            )
         if not supported:
-            result.errors.append(Problem(
-                f"folder holds no dataset files (supported: {', '.join(sorted(FORMATS))})",
-                file=display_path(p)))
+            result.errors.append(
+                Problem(
+                    f"folder holds no dataset files (supported: {', '.join(sorted(FORMATS))})", file=display_path(p)
+                )
+            )
         for e in supported:
             result.extend(read_file(e, record_element))
         return result
@@ -110,9 +115,12 @@ def read_file(path: str | Path, record_element: str | None = None) -> ReadResult
     result = ReadResult(files=[name])
     fmt = FORMATS.get(p.suffix.lower())
     if fmt is None:
-        result.errors.append(Problem(
-            f"unknown file type '{p.suffix or '(no extension)'}': supported are "
-            f"{', '.join(sorted(FORMATS))}", file=name))
+        result.errors.append(
+            Problem(
+                f"unknown file type '{p.suffix or '(no extension)'}': supported are {', '.join(sorted(FORMATS))}",
+                file=name,
+            )
+        )
         return result
     if not p.exists():
         result.errors.append(Problem("no such file or folder", file=name))
@@ -140,7 +148,8 @@ def read_file(path: str | Path, record_element: str | None = None) -> ReadResult
         result.errors.append(Problem("file is empty", file=name))
         return result
     {"json": _read_json, "jsonl": _read_jsonl, "csv": _read_csv}[fmt](
-        text, name, result, **({"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}))
+        text, name, result, **({"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {})
+    )
     return result
 
 
@@ -155,8 +164,10 @@ def decode_text(raw: bytes, file: str) -> tuple[str, Problem | None]:
         raw = raw[3:]
     else:
         # UTF-32 first: its little-endian BOM begins with UTF-16's (FF FE 00 00).
-        for bom, codec in (((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"), "utf-32"),
-                           ((b"\xff\xfe", b"\xfe\xff"), "utf-16")):
+        for bom, codec in (
+            ((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"), "utf-32"),
+            ((b"\xff\xfe", b"\xfe\xff"), "utf-16"),
+        ):
             if raw.startswith(bom):
                 try:
                     return raw.decode(codec), None
@@ -164,7 +175,8 @@ def decode_text(raw: bytes, file: str) -> tuple[str, Problem | None]:
                     return "", Problem(
                         f"file starts with a {codec.upper()} byte-order mark but is not valid "
                         f"{codec.upper()} (byte offset {e.start}); re-save the file as UTF-8",
-                        file=file)
+                        file=file,
+                    )
     try:
         return raw.decode("utf-8"), None
     except UnicodeDecodeError as e:
@@ -174,7 +186,10 @@ def decode_text(raw: bytes, file: str) -> tuple[str, Problem | None]:
             f"file is not UTF-8: byte 0x{raw[e.start]:02X} at byte offset {e.start} "
             f"(line {line}, column {column}) cannot be decoded; re-save the file as UTF-8 "
             "(it may be Latin-1 or Windows-1252)",
-            file=file, line=line, column=column)
+            file=file,
+            line=line,
+            column=column,
+        )
 
 
 class _Lines:
@@ -247,8 +262,10 @@ def value_problem(value: Any) -> str | None:
                 try:
                     v.encode("utf-8")
                 except UnicodeEncodeError as e:
-                    return (f"text holds an unpaired surrogate \\u{ord(v[e.start]):04x} (at "
-                            f"character {e.start} of a string): not valid Unicode")
+                    return (
+                        f"text holds an unpaired surrogate \\u{ord(v[e.start]):04x} (at "
+                        f"character {e.start} of a string): not valid Unicode"
+                    )
         elif isinstance(v, (dict, list)):
             if depth >= MAX_DEPTH:
                 return f"values nest deeper than {MAX_DEPTH} levels"
@@ -284,11 +301,14 @@ def json_loads(text: str) -> tuple[Any, str | None, int | None]:
     except json.JSONDecodeError as e:
         return None, f"invalid JSON: {e.msg}", e.pos
     except RecursionError:
-        return None, (f"invalid JSON: nested too deeply (records may nest at most "
-                      f"{MAX_DEPTH} levels)"), _deep_offset(text, MAX_DEPTH)
+        return (
+            None,
+            (f"invalid JSON: nested too deeply (records may nest at most {MAX_DEPTH} levels)"),
+            _deep_offset(text, MAX_DEPTH),
+        )
     except ValueError as e:  # only the integer digit limit reaches here
         limit = sys.get_int_max_str_digits()
-        m = re.search(r"\d{%d,}" % (limit + 1), text)
+        m = re.search(rf"\d{{{limit + 1},}}", text)
         if m is None:
             return None, f"invalid JSON: {e}", None
         return None, f"invalid JSON: a number has more than {limit} digits", m.start()
@@ -312,9 +332,9 @@ def _read_json(text: str, file: str, result: ReadResult) -> None:
         if message == "invalid JSON: Extra data":
             # Several top-level values: this is JSONL saved as .json. Read it as such
             # rather than failing on line 2 of an otherwise fine file.
-            result.warnings.append(Problem(
-                "file holds one JSON value per line (JSONL) but is named .json; "
-                "reading it as JSONL", file=file))
+            result.warnings.append(
+                Problem("file holds one JSON value per line (JSONL) but is named .json; reading it as JSONL", file=file)
+            )
             _read_jsonl(text, file, result)
             return
         line = column = None
@@ -329,22 +349,25 @@ def _read_json(text: str, file: str, result: ReadResult) -> None:
     elif isinstance(data, dict) and not _looks_like_single_conversation(data):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) != 1:
-            result.errors.append(Problem(
-                "a JSON file must hold an array of records, or an object with exactly one "
-                f"list of records (like {{\"data\": [...]}}); found an object with "
-                f"{len(lists)} list fields"
-                + (f": {', '.join(shown(k) for k in lists[:10])}" if lists else "")
-                + (" ..." if len(lists) > 10 else ""),
-                file=file))
+            result.errors.append(
+                Problem(
+                    "a JSON file must hold an array of records, or an object with exactly one "
+                    f'list of records (like {{"data": [...]}}); found an object with '
+                    f"{len(lists)} list fields"
+                    + (f": {', '.join(shown(k) for k in lists[:10])}" if lists else "")
+                    + (" ..." if len(lists) > 10 else ""),
+                    file=file,
+                )
+            )
             return
         offset = _object_member_offsets(text, start)[lists[0]]
         items = _items_with_offsets(text, offset)
     elif isinstance(data, dict):
         items = [(start, data)]  # a single conversation object: one record
     else:
-        result.errors.append(Problem(
-            f"a JSON file must hold an array of records, got a {type(data).__name__}",
-            file=file))
+        result.errors.append(
+            Problem(f"a JSON file must hold an array of records, got a {type(data).__name__}", file=file)
+        )
         return
     for index, (offset, item) in enumerate(items):
         where = Location(file, line=lines.line(offset), record=index)
@@ -355,14 +378,23 @@ def _read_json(text: str, file: str, result: ReadResult) -> None:
                 continue
             result.records.append(RawRecord(item, where))
         else:
-            result.errors.append(Problem(
-                f"record must be a JSON object, got {_json_type(item)}",
-                file=file, line=where.line, record=index))
+            result.errors.append(
+                Problem(
+                    f"record must be a JSON object, got {_json_type(item)}", file=file, line=where.line, record=index
+                )
+            )
 
 
 def _json_type(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number", type(None): "null"}.get(type(value), "a value")
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), "a value")
 
 
 def _read_jsonl(text: str, file: str, result: ReadResult) -> None:
@@ -373,8 +405,9 @@ def _read_jsonl(text: str, file: str, result: ReadResult) -> None:
             continue
         item, message, offset = json_loads(line)
         if message is not None:
-            result.errors.append(Problem(message, file=file, line=number,
-                                         column=None if offset is None else offset + 1))
+            result.errors.append(
+                Problem(message, file=file, line=number, column=None if offset is None else offset + 1)
+            )
             continue
         if isinstance(item, dict):
             problem = value_problem(item)
@@ -383,9 +416,9 @@ def _read_jsonl(text: str, file: str, result: ReadResult) -> None:
                 continue
             result.records.append(RawRecord(item, Location(file, line=number)))
         else:
-            result.errors.append(Problem(
-                f"each JSONL line must be a JSON object, got {_json_type(item)}",
-                file=file, line=number))
+            result.errors.append(
+                Problem(f"each JSONL line must be a JSON object, got {_json_type(item)}", file=file, line=number)
+            )
 
 
 # --------------------------------------------------------------------------- CSV
@@ -407,17 +440,24 @@ def _read_csv(text: str, file: str, result: ReadResult, delimiter: str = ",") ->
                 header = [h.strip() for h in row]
                 dupes = [h for h, n in Counter(header).items() if n > 1]
                 if dupes:
-                    result.errors.append(Problem(
-                        f"header repeats column(s) {', '.join(dupes)}", file=file, line=line))
+                    result.errors.append(Problem(f"header repeats column(s) {', '.join(dupes)}", file=file, line=line))
                     return
                 continue
             if len(row) != len(header):
-                missing = header[len(row):]
-                result.errors.append(Problem(
-                    f"row has {len(row)} value(s) but the header has {len(header)} columns"
-                    + (f" (missing: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''})"
-                       if missing else ""),
-                    file=file, line=line, field=missing[0] if missing else None))
+                missing = header[len(row) :]
+                result.errors.append(
+                    Problem(
+                        f"row has {len(row)} value(s) but the header has {len(header)} columns"
+                        + (
+                            f" (missing: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''})"
+                            if missing
+                            else ""
+                        ),
+                        file=file,
+                        line=line,
+                        field=missing[0] if missing else None,
+                    )
+                )
                 continue
             result.records.append(RawRecord(dict(zip(header, row)), Location(file, line=line)))
     except csv.Error as e:
@@ -444,8 +484,12 @@ def _is_list_wrapper(el: ET.Element) -> bool:
     more of them or carrying attributes. The same test `_element_value` uses to
     make a list: `<item><text>x</text></item>` is a record with one field, not a
     list, so a file holding one such item must not make its root the record."""
-    return (len(el) > 0 and all(_is_leaf(c) for c in el) and len({c.tag for c in el}) == 1
-            and (len(el) > 1 or bool(el[0].attrib)))
+    return (
+        len(el) > 0
+        and all(_is_leaf(c) for c in el)
+        and len({c.tag for c in el}) == 1
+        and (len(el) > 1 or bool(el[0].attrib))
+    )
 
 
 def _leaf_value(el: ET.Element, in_list: bool) -> Any:
@@ -537,9 +581,11 @@ def parse_xml(source: str | bytes) -> ET.Element:
         builder.end(_qname(name))
 
     def refuse(*_: Any) -> None:
-        raise _XMLRefused("XML DOCTYPE declarations are not allowed (they declare entities "
-                          "that can expand without bound or read other files); remove the "
-                          "declaration")
+        raise _XMLRefused(
+            "XML DOCTYPE declarations are not allowed (they declare entities "
+            "that can expand without bound or read other files); remove the "
+            "declaration"
+        )
 
     parser.StartElementHandler = start
     parser.EndElementHandler = end
@@ -563,8 +609,7 @@ def _read_xml(raw: bytes, file: str, result: ReadResult, record_element: str | N
     declared = _XML_DECL_ENCODING.match(raw)
     encoding = declared.group(1).decode().lower() if declared else "utf-8"
     source: str | bytes
-    if raw.startswith((b"<\x00", b"\x00<")) or (
-            encoding.replace("-", "").replace("_", "") not in ("utf8", "utf16")):
+    if raw.startswith((b"<\x00", b"\x00<")) or (encoding.replace("-", "").replace("_", "") not in ("utf8", "utf16")):
         # UTF-16 without a byte-order mark, or a declared legacy encoding
         # (ISO-8859-1 ...): valid XML that expat decodes itself.
         source = raw
@@ -581,25 +626,32 @@ def _read_xml(raw: bytes, file: str, result: ReadResult, record_element: str | N
         result.errors.append(Problem(message, file=file, line=line, column=column))
         return
     except expat.ExpatError as e:
-        result.errors.append(Problem(f"invalid XML: {expat.ErrorString(e.code)}", file=file,
-                                     line=e.lineno, column=e.offset + 1))
+        result.errors.append(
+            Problem(f"invalid XML: {expat.ErrorString(e.code)}", file=file, line=e.lineno, column=e.offset + 1)
+        )
         return
     if record_element:
         elements = [el for el in root.iter() if _local(el.tag) == record_element]
         if not elements:
             tags = sorted({_local(el.tag) for el in root.iter()})
-            result.errors.append(Problem(
-                f"no <{shown(record_element)}> elements found; elements in the file: "
-                f"{', '.join(shown(t) for t in tags[:20])}",
-                file=file))
+            result.errors.append(
+                Problem(
+                    f"no <{shown(record_element)}> elements found; elements in the file: "
+                    f"{', '.join(shown(t) for t in tags[:20])}",
+                    file=file,
+                )
+            )
             return
     else:
         elements = find_record_elements(root)
         if not elements:
-            result.errors.append(Problem(
-                "no records found: expected a repeated element whose children hold the "
-                "fields (like <item><question>..</question><answer>..</answer></item>)",
-                file=file))
+            result.errors.append(
+                Problem(
+                    "no records found: expected a repeated element whose children hold the "
+                    "fields (like <item><question>..</question><answer>..</answer></item>)",
+                    file=file,
+                )
+            )
             return
     for index, el in enumerate(elements):
         result.records.append(RawRecord(_record_fields(el), Location(file, record=index)))
@@ -622,10 +674,12 @@ def _parquet_bomb(pf) -> str | None:
         for c in range(group.num_columns):
             col = group.column(c)
             if col.total_uncompressed_size > MAX_PARQUET_CHUNK_BYTES:
-                return (f"column '{col.path_in_schema}' of row group {g} decompresses to "
-                        f"{col.total_uncompressed_size / 2**20:.0f} MB (from {col.total_compressed_size / 2**20:.1f} MB), "
-                        f"over the {MAX_PARQUET_CHUNK_BYTES >> 20} MB a column chunk may take: "
-                        f"rewrite the file with smaller row groups")
+                return (
+                    f"column '{col.path_in_schema}' of row group {g} decompresses to "
+                    f"{col.total_uncompressed_size / 2**20:.0f} MB (from {col.total_compressed_size / 2**20:.1f} MB), "
+                    f"over the {MAX_PARQUET_CHUNK_BYTES >> 20} MB a column chunk may take: "
+                    f"rewrite the file with smaller row groups"
+                )
     return None
 
 
@@ -670,10 +724,14 @@ def _read_parquet(p: Path, result: ReadResult) -> None:
         for batch in pf.iter_batches(batch_size=1024):
             expanded = _dictionary_bytes(batch)
             if expanded > MAX_PARQUET_CHUNK_BYTES:
-                result.errors.append(Problem(
-                    f"cannot read Parquet file (at record {index}): its next {batch.num_rows} rows expand to "
-                    f"{expanded / 2**20:.0f} MB of text, over the {MAX_PARQUET_CHUNK_BYTES >> 20} MB limit "
-                    f"(repeated dictionary values)", file=name))
+                result.errors.append(
+                    Problem(
+                        f"cannot read Parquet file (at record {index}): its next {batch.num_rows} rows expand to "
+                        f"{expanded / 2**20:.0f} MB of text, over the {MAX_PARQUET_CHUNK_BYTES >> 20} MB limit "
+                        f"(repeated dictionary values)",
+                        file=name,
+                    )
+                )
                 return
             rows = batch.to_pylist()
             for row in rows:
@@ -690,5 +748,6 @@ def _read_parquet(p: Path, result: ReadResult) -> None:
         # atheris) or MemoryError for a footer claiming a huge size. Any of them
         # means the file cannot be read; the loop around them is only appends.
         where = f" (at record {index})" if index else ""
-        result.errors.append(Problem(
-            f"cannot read Parquet file{where}: {type(e).__name__}: {shown(e, 300)}", file=name))
+        result.errors.append(
+            Problem(f"cannot read Parquet file{where}: {type(e).__name__}: {shown(e, 300)}", file=name)
+        )

@@ -20,15 +20,12 @@ def validate_fraction(fraction: float, n_examples: int | None = None) -> list[st
     """Raise ValueError when `fraction` is outside [0, 0.5); return advice
     (possibly empty) when it is allowed but unusual."""
     if not isinstance(fraction, (int, float)) or not 0 <= fraction < 0.5:
-        raise ValueError(f"validation fraction must be at least 0 and below 0.5, got "
-                         f"{fraction!r}; {ADVISED}")
+        raise ValueError(f"validation fraction must be at least 0 and below 0.5, got {fraction!r}; {ADVISED}")
     advice: list[str] = []
     if fraction == 0:
-        advice.append(f"no validation split: valid_loss will not be reported and "
-                      f"overfitting goes unseen; {ADVISED}")
+        advice.append(f"no validation split: valid_loss will not be reported and overfitting goes unseen; {ADVISED}")
     elif fraction < 0.05:
-        advice.append(f"validation fraction {fraction:g} is small, so valid_loss will be "
-                      f"noisy; {ADVISED}")
+        advice.append(f"validation fraction {fraction:g} is small, so valid_loss will be noisy; {ADVISED}")
     elif fraction > 0.3:
         advice.append(f"validation fraction {fraction:g} leaves less data to train on; {ADVISED}")
     if n_examples is not None and fraction > 0 and n_examples < 2:
@@ -36,8 +33,9 @@ def validate_fraction(fraction: float, n_examples: int | None = None) -> list[st
     return advice
 
 
-def split_examples(examples: list[Example], fraction: float = 0.1,
-                   seed: int = 0) -> tuple[list[Example], list[Example]]:
+def split_examples(
+    examples: list[Example], fraction: float = 0.1, seed: int = 0
+) -> tuple[list[Example], list[Example]]:
     """Split into (train, validation), about `fraction` of examples held out.
 
     Groups (by `prompt_key`) are visited in a `random.Random(seed)` shuffle and a

@@ -218,7 +218,10 @@ def _summary_lines(summary: dict) -> list[str]:
 
 def _metric_rows(summary: dict) -> list[tuple[str, str, str]]:
     b, a, k = summary["before"], summary["after"], summary["with_reference"]
-    rows = [("exact match", f"{b['exact']}/{k}", f"{a['exact']}/{k}"), ("contains", f"{b['contains']}/{k}", f"{a['contains']}/{k}")]
+    rows = [
+        ("exact match", f"{b['exact']}/{k}", f"{a['exact']}/{k}"),
+        ("contains", f"{b['contains']}/{k}", f"{a['contains']}/{k}"),
+    ]
     for key, label in (("rouge_l", "mean ROUGE-L"), ("similarity", "mean similarity")):
         if a[key] is not None:
             rows.append((label, f"{b[key]:.3f}", f"{a[key]:.3f}"))

@@ -201,7 +201,9 @@ def _answers_check(summary: dict) -> tuple[Check, str] | None:
         return Check("answers_improved", False, detail), "the fine-tuned model answers exactly like the base model"
     metric = summary.get("metric")
     if metric is None:  # no references: all we can say is that the answers changed
-        detail = f"the fine-tuned model answers differently on {changed} of {n} questions (no references to score against)."
+        detail = (
+            f"the fine-tuned model answers differently on {changed} of {n} questions (no references to score against)."
+        )
         return Check("answers_improved", True, detail), f"the answers changed on {changed} of {n} questions"
     before, after = summary["before"], summary["after"]
     k = summary["with_reference"]

@@ -16,9 +16,10 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -60,8 +61,18 @@ CREATE TABLE IF NOT EXISTS idempotency (
 );
 """
 
-JSON_COLUMNS = {"validation", "spec", "hyperparameters", "metadata", "error", "result_files", "comparison",
-                "data", "metrics", "extra"}
+JSON_COLUMNS = {
+    "validation",
+    "spec",
+    "hyperparameters",
+    "metadata",
+    "error",
+    "result_files",
+    "comparison",
+    "data",
+    "metrics",
+    "extra",
+}
 TERMINAL = ("succeeded", "failed", "cancelled")
 # `stalls`: attempts in a row that ended without a new checkpoint (a worker that
 # dies while making progress should not use up its job's retries).
@@ -135,7 +146,10 @@ class Store:
 
     @staticmethod
     def _enc(values: dict) -> dict:
-        return {k: (json.dumps(v, ensure_ascii=False) if k in JSON_COLUMNS and v is not None else v) for k, v in values.items()}
+        return {
+            k: (json.dumps(v, ensure_ascii=False) if k in JSON_COLUMNS and v is not None else v)
+            for k, v in values.items()
+        }
 
     def _insert(self, db: sqlite3.Connection, table: str, values: dict) -> None:
         values = self._enc(values)
@@ -174,8 +188,9 @@ class Store:
     def get_file(self, owner: str, file_id: str) -> dict | None:
         return self._one("SELECT * FROM files WHERE id = ? AND owner = ?", (file_id, owner))
 
-    def list_files(self, owner: str, purpose: str | None = None, limit: int = 10000, after: str | None = None,
-                   order: str = "desc") -> list[dict]:
+    def list_files(
+        self, owner: str, purpose: str | None = None, limit: int = 10000, after: str | None = None, order: str = "desc"
+    ) -> list[dict]:
         sql, args = "SELECT * FROM files WHERE owner = ?", [owner]
         if purpose:
             sql, args = sql + " AND purpose = ?", args + [purpose]
@@ -201,13 +216,16 @@ class Store:
         racing each other still create one job."""
         with self.tx() as db:
             if idempotency_key:
-                cur = db.execute("SELECT job_id FROM idempotency WHERE owner = ? AND key = ?",
-                                 (values["owner"], idempotency_key))
+                cur = db.execute(
+                    "SELECT job_id FROM idempotency WHERE owner = ? AND key = ?", (values["owner"], idempotency_key)
+                )
                 hit = cur.fetchone()
                 if hit:
                     return self._one("SELECT * FROM jobs WHERE id = ?", (hit[0],)), False
-                db.execute("INSERT INTO idempotency (owner, key, job_id, created_at) VALUES (?, ?, ?, ?)",
-                           (values["owner"], idempotency_key, values["id"], now()))
+                db.execute(
+                    "INSERT INTO idempotency (owner, key, job_id, created_at) VALUES (?, ?, ?, ?)",
+                    (values["owner"], idempotency_key, values["id"], now()),
+                )
             self._insert(db, "jobs", values)
         return self._one("SELECT * FROM jobs WHERE id = ?", (values["id"],)), True
 
@@ -224,8 +242,15 @@ class Store:
                 sql, args = sql + " AND (created_at, id) < (?, ?)", args + [ref["created_at"], ref["id"]]
         return self._all(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", tuple(args + [limit]))
 
-    def update_job(self, job_id: str, *, expect_status: tuple[str, ...] | None = None,
-                   expect_worker: int | None = None, events: list[dict] | None = None, **values: Any) -> bool:
+    def update_job(
+        self,
+        job_id: str,
+        *,
+        expect_status: tuple[str, ...] | None = None,
+        expect_worker: int | None = None,
+        events: list[dict] | None = None,
+        **values: Any,
+    ) -> bool:
         """Update fields; with `expect_status`, only if the job is in one of those
         states (a compare-and-set: cancel vs. succeed races resolve cleanly); with
         `expect_worker`, only if that worker pid still owns it (a worker whose job
@@ -254,24 +279,44 @@ class Store:
             row = cur.fetchone()
             if not row:
                 return None
-            db.execute("UPDATE jobs SET status = 'running', worker_pid = ?, heartbeat_at = ?, attempts = attempts + 1, "
-                       "stalls = stalls + 1, started_at = COALESCE(started_at, ?) WHERE id = ?",
-                       (worker_pid, time.time(), now(), row[0]))
+            db.execute(
+                "UPDATE jobs SET status = 'running', worker_pid = ?, heartbeat_at = ?, attempts = attempts + 1, "
+                "stalls = stalls + 1, started_at = COALESCE(started_at, ?) WHERE id = ?",
+                (worker_pid, time.time(), now(), row[0]),
+            )
         return self.get_job(None, row[0])
 
     def jobs_in(self, *statuses: str) -> list[dict]:
-        return self._all(f"SELECT * FROM jobs WHERE status IN ({', '.join('?' * len(statuses))}) ORDER BY created_at",
-                         tuple(statuses))
+        return self._all(
+            f"SELECT * FROM jobs WHERE status IN ({', '.join('?' * len(statuses))}) ORDER BY created_at",
+            tuple(statuses),
+        )
 
     # ---------------------------------------------------------------- events
     @staticmethod
-    def _event(job_id: str, message: str, *, level: str = "info", type: str = "message",
-               data: dict | None = None) -> dict:
-        return {"id": new_id("ftevent"), "job_id": job_id, "created_at": now(), "level": level,
-                "message": message, "type": type, "data": data}
+    def _event(
+        job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict | None = None
+    ) -> dict:
+        return {
+            "id": new_id("ftevent"),
+            "job_id": job_id,
+            "created_at": now(),
+            "level": level,
+            "message": message,
+            "type": type,
+            "data": data,
+        }
 
-    def add_event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
-                  data: dict | None = None, expect_worker: int | None = None) -> dict:
+    def add_event(
+        self,
+        job_id: str,
+        message: str,
+        *,
+        level: str = "info",
+        type: str = "message",
+        data: dict | None = None,
+        expect_worker: int | None = None,
+    ) -> dict:
         """With `expect_worker`, raise NotOwner (and add nothing) unless that worker
         pid still owns the job."""
         values = self._event(job_id, message, level=level, type=type, data=data)
@@ -290,8 +335,11 @@ class Store:
 
     def last_metrics_step(self, job_id: str) -> int:
         """The highest step with a metrics event (0 if none)."""
-        row = self._one("SELECT MAX(CAST(json_extract(data, '$.step') AS INTEGER)) AS s FROM events "
-                        "WHERE job_id = ? AND type = 'metrics'", (job_id,))
+        row = self._one(
+            "SELECT MAX(CAST(json_extract(data, '$.step') AS INTEGER)) AS s FROM events "
+            "WHERE job_id = ? AND type = 'metrics'",
+            (job_id,),
+        )
         return int(row["s"] or 0) if row else 0
 
     def list_events(self, job_id: str, after: str | None = None, limit: int = 20, order: str = "desc") -> list[dict]:
@@ -304,8 +352,16 @@ class Store:
         return self._all(sql + f" ORDER BY seq {direction} LIMIT ?", tuple(args + [limit]))
 
     # ----------------------------------------------------------- checkpoints
-    def add_checkpoint(self, job_id: str, step: int, metrics: dict, model_name: str, path: str,
-                       event: dict | None = None, expect_worker: int | None = None) -> bool:
+    def add_checkpoint(
+        self,
+        job_id: str,
+        step: int,
+        metrics: dict,
+        model_name: str,
+        path: str,
+        event: dict | None = None,
+        expect_worker: int | None = None,
+    ) -> bool:
         """Register a checkpoint, with its event (add_event keyword dicts) in the
         same transaction. Registering a step again (a resumed attempt that finds
         it on disk) updates it and adds no second event. A new checkpoint is
@@ -313,12 +369,25 @@ class Store:
         `expect_worker`: as for add_event."""
         with self.tx() as db:
             self._check_owner(db, job_id, expect_worker)
-            cur = db.execute("UPDATE checkpoints SET metrics = ?, model_name = ?, path = ? WHERE job_id = ? AND step = ?",
-                             (json.dumps(metrics), model_name, path, job_id, step))
+            cur = db.execute(
+                "UPDATE checkpoints SET metrics = ?, model_name = ?, path = ? WHERE job_id = ? AND step = ?",
+                (json.dumps(metrics), model_name, path, job_id, step),
+            )
             if cur.rowcount:
                 return False
-            self._insert(db, "checkpoints", {"id": new_id("ftckpt"), "job_id": job_id, "step": step, "created_at": now(),
-                                             "metrics": metrics, "model_name": model_name, "path": path})
+            self._insert(
+                db,
+                "checkpoints",
+                {
+                    "id": new_id("ftckpt"),
+                    "job_id": job_id,
+                    "step": step,
+                    "created_at": now(),
+                    "metrics": metrics,
+                    "model_name": model_name,
+                    "path": path,
+                },
+            )
             db.execute("UPDATE jobs SET stalls = 0 WHERE id = ?", (job_id,))
             if event:
                 self._insert(db, "events", self._event(job_id, **event))
@@ -337,8 +406,10 @@ class Store:
             db.execute("DELETE FROM checkpoints WHERE job_id = ? AND step = ?", (job_id, step))
 
     def checkpoint_by_model(self, owner: str, model_name: str) -> dict | None:
-        return self._one("SELECT c.* FROM checkpoints c JOIN jobs j ON j.id = c.job_id "
-                         "WHERE c.model_name = ? AND j.owner = ?", (model_name, owner))
+        return self._one(
+            "SELECT c.* FROM checkpoints c JOIN jobs j ON j.id = c.job_id WHERE c.model_name = ? AND j.owner = ?",
+            (model_name, owner),
+        )
 
     # ---------------------------------------------------------------- models
     def add_model(self, **values: Any) -> None:
@@ -356,8 +427,10 @@ class Store:
     def delete_model(self, owner: str, model_id: str) -> bool:
         with self.tx() as db:
             n = db.execute("DELETE FROM models WHERE id = ? AND owner = ?", (model_id, owner)).rowcount
-            db.execute("DELETE FROM checkpoints WHERE job_id IN (SELECT id FROM jobs WHERE fine_tuned_model = ? AND owner = ?)",
-                       (model_id, owner))
+            db.execute(
+                "DELETE FROM checkpoints WHERE job_id IN (SELECT id FROM jobs WHERE fine_tuned_model = ? AND owner = ?)",
+                (model_id, owner),
+            )
         return n == 1
 
 

@@ -53,6 +53,8 @@ def _env_seconds(name: str, default: float) -> float:
         return float(os.environ.get(name) or default)
     except ValueError:
         raise SystemExit(f"{name} must be a number of seconds, not {os.environ[name]!r}") from None
+
+
 HOST = socket.gethostname()
 
 
@@ -91,17 +93,35 @@ def requeue_orphans(store: Store, *, stale_after_s: float | None = None) -> list
             continue
         # Compare-and-set on the pid too: a worker that took the job meanwhile keeps it.
         if job["stalls"] >= MAX_ATTEMPTS:
-            msg = (f"the worker running this job stopped {job['stalls']} times in a row without reaching a new "
-                   f"checkpoint ({job['attempts']} attempts in all)")
-            store.update_job(job["id"], expect_status=("running",), expect_worker=pid, status="failed",
-                             finished_at=int(time.time()), estimated_finish=None,
-                             error={"code": "worker_lost", "param": None, "message": msg},
-                             events=[{"message": f"Job failed: {msg}", "level": "error",
-                                      "data": {"code": "worker_lost"}}])
+            msg = (
+                f"the worker running this job stopped {job['stalls']} times in a row without reaching a new "
+                f"checkpoint ({job['attempts']} attempts in all)"
+            )
+            store.update_job(
+                job["id"],
+                expect_status=("running",),
+                expect_worker=pid,
+                status="failed",
+                finished_at=int(time.time()),
+                estimated_finish=None,
+                error={"code": "worker_lost", "param": None, "message": msg},
+                events=[{"message": f"Job failed: {msg}", "level": "error", "data": {"code": "worker_lost"}}],
+            )
             continue
-        if store.update_job(job["id"], expect_status=("running",), expect_worker=pid, status="queued", worker_pid=None,
-                            events=[{"message": "The worker running this job stopped; the job is queued again and "
-                                     "will resume from its last checkpoint", "level": "warn"}]):
+        if store.update_job(
+            job["id"],
+            expect_status=("running",),
+            expect_worker=pid,
+            status="queued",
+            worker_pid=None,
+            events=[
+                {
+                    "message": "The worker running this job stopped; the job is queued again and "
+                    "will resume from its last checkpoint",
+                    "level": "warn",
+                }
+            ],
+        ):
             requeued.append(job["id"])
     return requeued
 
@@ -125,7 +145,7 @@ class Heartbeat:
             except Exception:  # noqa: BLE001 - a busy database must not end the heartbeat
                 pass
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -182,11 +202,16 @@ class JobRunner:
         jid = self.job["id"]
         if kind == "started":
             self.total_steps = data["total_steps"]
-            self.store.add_event(jid, f"Fine-tuning started: {data['train_examples']} training and "
-                                 f"{data['valid_examples']} validation examples, {data['total_steps']} steps",
-                                 data={"total_steps": data["total_steps"], "hyperparameters": data["config"]["train"]})
+            self.store.add_event(
+                jid,
+                f"Fine-tuning started: {data['train_examples']} training and "
+                f"{data['valid_examples']} validation examples, {data['total_steps']} steps",
+                data={"total_steps": data["total_steps"], "hyperparameters": data["config"]["train"]},
+            )
         elif kind == "resumed":
-            self.store.add_event(jid, f"Resumed from the checkpoint at step {data['step']}", data={"step": data["step"]})
+            self.store.add_event(
+                jid, f"Resumed from the checkpoint at step {data['step']}", data={"step": data["step"]}
+            )
         elif kind == "metrics":
             row = {k: v for k, v in data.items()}
             total = self.total_steps
@@ -194,29 +219,53 @@ class JobRunner:
             if "valid_loss" in row:
                 msg += f", validation loss={row['valid_loss']:.4f}"
             if row["step"] > self.reported_step:  # else an earlier attempt reported this very step
-                self.store.add_event(jid, msg, type="metrics", data={**row, "total_steps": total},
-                                     expect_worker=self.pid)
+                self.store.add_event(
+                    jid, msg, type="metrics", data={**row, "total_steps": total}, expect_worker=self.pid
+                )
             eta = row.get("eta_s")
-            self.store.update_job(jid, expect_worker=self.pid, trained_tokens=row["trained_tokens"],
-                                  estimated_finish=int(time.time() + eta) if eta is not None else None)
+            self.store.update_job(
+                jid,
+                expect_worker=self.pid,
+                trained_tokens=row["trained_tokens"],
+                estimated_finish=int(time.time() + eta) if eta is not None else None,
+            )
         elif kind == "checkpoint":
             self._register_checkpoint(data["step"], data["metrics"], data["path"])
         elif kind == "checkpoints_deleted":
             for step in data["steps"]:
                 self.store.delete_checkpoint(jid, step)
         elif kind == "early_stopped":
-            self.store.add_event(jid, f"Early stopping at step {data['step']}: validation loss stopped improving "
-                                 f"(best {data['best_valid_loss']:.4f})", data=data)
+            self.store.add_event(
+                jid,
+                f"Early stopping at step {data['step']}: validation loss stopped improving "
+                f"(best {data['best_valid_loss']:.4f})",
+                data=data,
+            )
 
     def _register_checkpoint(self, step: int, m: dict, path: str) -> None:
         name = checkpoint_model_name(self.job, step)
-        metrics = {"step": step, "train_loss": m["train_loss"],
-                   "train_mean_token_accuracy": m["train_mean_token_accuracy"],
-                   "valid_loss": m.get("valid_loss"), "valid_mean_token_accuracy": m.get("valid_mean_token_accuracy"),
-                   "full_valid_loss": None, "full_valid_mean_token_accuracy": None}
-        self.store.add_checkpoint(self.job["id"], step, metrics, name, path, expect_worker=self.pid,
-                                  event={"message": f"Checkpoint created at step {step}", "type": "message",
-                                         "data": {"step": step, "fine_tuned_model_checkpoint": name}})
+        metrics = {
+            "step": step,
+            "train_loss": m["train_loss"],
+            "train_mean_token_accuracy": m["train_mean_token_accuracy"],
+            "valid_loss": m.get("valid_loss"),
+            "valid_mean_token_accuracy": m.get("valid_mean_token_accuracy"),
+            "full_valid_loss": None,
+            "full_valid_mean_token_accuracy": None,
+        }
+        self.store.add_checkpoint(
+            self.job["id"],
+            step,
+            metrics,
+            name,
+            path,
+            expect_worker=self.pid,
+            event={
+                "message": f"Checkpoint created at step {step}",
+                "type": "message",
+                "data": {"step": step, "fine_tuned_model_checkpoint": name},
+            },
+        )
 
     def sync_checkpoints(self) -> None:
         """Make the store's checkpoints those complete on disk: an earlier attempt
@@ -232,12 +281,13 @@ class JobRunner:
                 self.store.delete_checkpoint(jid, row["step"])
         for step, path in on_disk.items():
             history = json.loads((path / checkpoint.STATE_FILE).read_text())["history"]
-            self._register_checkpoint(step, history[-1] if history else {"train_loss": None,
-                                      "train_mean_token_accuracy": None}, str(path))
+            self._register_checkpoint(
+                step, history[-1] if history else {"train_loss": None, "train_mean_token_accuracy": None}, str(path)
+            )
 
     def run(self) -> None:
-        from openft.pipeline import finetune_with_comparison
         from openft.jobs.naming import fine_tuned_model_name
+        from openft.pipeline import finetune_with_comparison
 
         jid = self.job["id"]
         spec = self.spec()
@@ -246,13 +296,15 @@ class JobRunner:
         if resume:
             self.sync_checkpoints()
         self.reported_step = self.store.last_metrics_step(jid)
-        outcome = finetune_with_comparison(spec, resume=resume, on_event=self.on_event, progress=False,
-                                           echo=lambda *a: None, control=self.control)
+        outcome = finetune_with_comparison(
+            spec, resume=resume, on_event=self.on_event, progress=False, echo=lambda *a: None, control=self.control
+        )
         r = outcome.result
         name = fine_tuned_model_name(self.job)
         kind = "adapter" if (r.output_dir.name == "adapter") else "full"
-        self.store.add_model(id=name, owner=self.job["owner"], base=self.job["model"], job_id=jid,
-                             path=str(r.output_dir), kind=kind)
+        self.store.add_model(
+            id=name, owner=self.job["owner"], base=self.job["model"], job_id=jid, path=str(r.output_dir), kind=kind
+        )
         fault_point("register")
         comparison = None
         if outcome.comparison is not None:
@@ -261,13 +313,31 @@ class JobRunner:
             comparison = to_json(outcome.comparison)
         result_files = []
         ok = self.store.update_job(
-            jid, expect_status=("running",), expect_worker=self.pid, status="succeeded", finished_at=int(time.time()),
-            fine_tuned_model=name, trained_tokens=r.trained_tokens, comparison=comparison, run_dir=str(r.run_dir),
-            result_files=result_files, estimated_finish=None, control="",
-            events=[{"message": f"New fine-tuned model created: {name}", "type": "message",
-                     "data": {"fine_tuned_model": name, "trained_tokens": r.trained_tokens,
-                              "full_valid_loss": r.signals.get("last_valid_loss")}},
-                    {"message": "The job has successfully completed", "data": {"status": "succeeded"}}])
+            jid,
+            expect_status=("running",),
+            expect_worker=self.pid,
+            status="succeeded",
+            finished_at=int(time.time()),
+            fine_tuned_model=name,
+            trained_tokens=r.trained_tokens,
+            comparison=comparison,
+            run_dir=str(r.run_dir),
+            result_files=result_files,
+            estimated_finish=None,
+            control="",
+            events=[
+                {
+                    "message": f"New fine-tuned model created: {name}",
+                    "type": "message",
+                    "data": {
+                        "fine_tuned_model": name,
+                        "trained_tokens": r.trained_tokens,
+                        "full_valid_loss": r.signals.get("last_valid_loss"),
+                    },
+                },
+                {"message": "The job has successfully completed", "data": {"status": "succeeded"}},
+            ],
+        )
         if not ok and (job := self.store.get_job(None, jid)) and job["status"] != "succeeded":
             # Cancelled while training finished (the trainer does not stop on its last
             # step, nor while saving): the job stays cancelled, so take back its model.
@@ -302,18 +372,41 @@ def run_one(store: Store, job: dict, parent_pid: int | None = None) -> None:
         print(f"job {jid} was taken over by another worker; leaving it", flush=True)
     except Interrupted as e:
         if e.reason == "paused":
-            store.update_job(jid, expect_status=("running",), status="paused", control="",
-                             events=[{"message": f"Job paused at step {e.step}; resume continues from there",
-                                      "data": {"status": "paused", "step": e.step}}])
+            store.update_job(
+                jid,
+                expect_status=("running",),
+                status="paused",
+                control="",
+                events=[
+                    {
+                        "message": f"Job paused at step {e.step}; resume continues from there",
+                        "data": {"status": "paused", "step": e.step},
+                    }
+                ],
+            )
         else:
-            store.update_job(jid, status="cancelled", control="", finished_at=int(time.time()),
-                             expect_status=("running", "cancelled"),
-                             events=[{"message": f"Job cancelled at step {e.step}", "data": {"status": "cancelled"}}])
+            store.update_job(
+                jid,
+                status="cancelled",
+                control="",
+                finished_at=int(time.time()),
+                expect_status=("running", "cancelled"),
+                events=[{"message": f"Job cancelled at step {e.step}", "data": {"status": "cancelled"}}],
+            )
     except DataError as e:
         first = e.result.errors[0] if e.result.errors else None
-        where = f"line {first.line}" if first and first.line else (f"record {first.record}" if first and first.record is not None else "")
-        _fail(store, jid, "invalid_training_file", f"The training file has {len(e.result.errors)} error(s); first at {where}: {first.message if first else e}",
-              "training_file")
+        where = (
+            f"line {first.line}"
+            if first and first.line
+            else (f"record {first.record}" if first and first.record is not None else "")
+        )
+        _fail(
+            store,
+            jid,
+            "invalid_training_file",
+            f"The training file has {len(e.result.errors)} error(s); first at {where}: {first.message if first else e}",
+            "training_file",
+        )
     except DataFileMissing as e:
         _fail(store, jid, "invalid_training_file", f"file {e} no longer exists", "training_file")
     except SystemExit:
@@ -344,15 +437,23 @@ def _disk_full_message(store: Store, jid: str, e: BaseException) -> str:
 
     kept = sorted(c["step"] for c in store.list_checkpoints(jid, limit=1_000_000))
     where = e.strerror if isinstance(e, CheckpointWriteError) else f"{type(e).__name__}: {e}"
-    return (f"No space left on device under {home.home()}: {where}. "
-            + (f"The checkpoints at steps {', '.join(map(str, kept))} are kept and usable. " if kept else "")
-            + "Free some disk space and start the job again.")
+    return (
+        f"No space left on device under {home.home()}: {where}. "
+        + (f"The checkpoints at steps {', '.join(map(str, kept))} are kept and usable. " if kept else "")
+        + "Free some disk space and start the job again."
+    )
 
 
 def _fail(store: Store, jid: str, code: str, message: str, param: str | None) -> None:
-    store.update_job(jid, expect_status=("running",), status="failed", finished_at=int(time.time()),
-                     error={"code": code, "message": message, "param": param}, estimated_finish=None,
-                     events=[{"message": f"Job failed: {message}", "level": "error", "data": {"code": code}}])
+    store.update_job(
+        jid,
+        expect_status=("running",),
+        status="failed",
+        finished_at=int(time.time()),
+        error={"code": code, "message": message, "param": param},
+        estimated_finish=None,
+        events=[{"message": f"Job failed: {message}", "level": "error", "data": {"code": code}}],
+    )
 
 
 def release_memory() -> None:

@@ -54,14 +54,18 @@ def shape_of(config: dict) -> LlamaShape | None:
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
         return LlamaShape(
-            vocab_size=int(config["vocab_size"]), hidden_size=hidden,
-            intermediate_size=int(config["intermediate_size"]), num_layers=int(config["num_hidden_layers"]),
-            num_heads=heads, num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(config["intermediate_size"]),
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or hidden // heads),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(config.get("max_position_embeddings", 2048)))
+            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+        )
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -104,9 +108,15 @@ def append_columns(cur: torch.Tensor | None, buf: torch.Tensor | None, new: torc
     is one copy of `new` only."""
     length = cur.shape[-2] if cur is not None and cur.dim() == 4 else 0
     n = new.shape[-2]
-    reuse = (buf is not None and length > 0 and cur.data_ptr() == buf.data_ptr() and cur.dtype == buf.dtype
-             and cur.shape[:2] == buf.shape[:2] == new.shape[:2] and buf.shape[-2] >= length + n
-             and cur.stride() == buf.stride())
+    reuse = (
+        buf is not None
+        and length > 0
+        and cur.data_ptr() == buf.data_ptr()
+        and cur.dtype == buf.dtype
+        and cur.shape[:2] == buf.shape[:2] == new.shape[:2]
+        and buf.shape[-2] >= length + n
+        and cur.stride() == buf.stride()
+    )
     if not reuse:
         buf = new.new_empty((*new.shape[:2], length + n + slack, new.shape[-1]))
         if length:
@@ -236,21 +246,35 @@ class LlamaLM(nn.Module):
         super().__init__()
         self.shape = shape
         self.config = SimpleNamespace(**config)
-        self.generation_config = SimpleNamespace(eos_token_id=generation.get("eos_token_id", config.get("eos_token_id")))
+        self.generation_config = SimpleNamespace(
+            eos_token_id=generation.get("eos_token_id", config.get("eos_token_id"))
+        )
         self.model = Body(shape)
         self.lm_head = Linear(shape.hidden_size, shape.vocab_size, bias=False, device=META)
         d = shape.head_dim
-        self.register_buffer("inv_freq", 1.0 / shape.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d),
-                             persistent=False)  # (head_dim / 2,) rotary frequencies
+        self.register_buffer(
+            "inv_freq", 1.0 / shape.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d), persistent=False
+        )  # (head_dim / 2,) rotary frequencies
 
     def new_cache(self) -> KVCache:
         return KVCache(self.shape.num_layers)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,
-                use_cache: bool = True, logits_to_keep: int = 0, **_):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = True,
+        logits_to_keep: int = 0,
+        **_,
+    ):
         b, n = input_ids.shape
-        cached = past_key_values.layers[0].keys.shape[-2] if past_key_values and past_key_values.layers[0].keys is not None else 0
+        cached = (
+            past_key_values.layers[0].keys.shape[-2]
+            if past_key_values and past_key_values.layers[0].keys is not None
+            else 0
+        )
         total = cached + n
         if attention_mask is None:
             attention_mask = torch.ones((b, total), dtype=torch.long, device=input_ids.device)
@@ -288,7 +312,7 @@ def attention_bias(attention_mask: torch.Tensor, n: int, groups: int, dtype: tor
         seen = keys
     else:
         cols = torch.arange(total, device=attention_mask.device)
-        rows = cols[total - n:, None]  # (n, 1) each query's own column
+        rows = cols[total - n :, None]  # (n, 1) each query's own column
         seen = (keys & (cols <= rows)) | (cols == rows)  # (B, 1, n, total)
         if groups > 1:  # the query axis holds `groups` heads one after another
             seen = seen[:, :, None].expand(b, 1, groups, n, total).reshape(b, 1, groups * n, total)

@@ -53,8 +53,9 @@ def _compile(template: str):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -95,13 +96,18 @@ class LightTokenizer:
     def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = True,
-                            **kwargs):
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = True, **kwargs
+    ):
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template")
-        text = _compile(self.chat_template).render(messages=[dict(m) for m in messages], tools=None, documents=None,
-                                                   add_generation_prompt=add_generation_prompt,
-                                                   **{**self._specials, **kwargs})
+        text = _compile(self.chat_template).render(
+            messages=[dict(m) for m in messages],
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **{**self._specials, **kwargs},
+        )
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
@@ -111,9 +117,16 @@ def load(path: Path) -> LightTokenizer | None:
     if not (path / "tokenizer.json").is_file():
         return None
     try:
-        config = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").is_file() else {}
-        specials_map = (json.loads((path / "special_tokens_map.json").read_text())
-                        if (path / "special_tokens_map.json").is_file() else {})
+        config = (
+            json.loads((path / "tokenizer_config.json").read_text())
+            if (path / "tokenizer_config.json").is_file()
+            else {}
+        )
+        specials_map = (
+            json.loads((path / "special_tokens_map.json").read_text())
+            if (path / "special_tokens_map.json").is_file()
+            else {}
+        )
     except (OSError, ValueError):
         return None
     template = config.get("chat_template")

@@ -19,7 +19,6 @@ import torch
 
 from openft.models.registry import BUILTINS, DEFAULT_MODEL, ModelNotFound, ModelSource, builtin_gguf_path, resolve
 
-
 # transformers builds models under process-global patches (meta-device init, GGUF
 # hooks), so two threads loading at once can corrupt each other's weights (seen in
 # the server: "Cannot copy out of meta tensor"). Every load and conversion in this
@@ -114,7 +113,9 @@ def _from_hub(source: ModelSource) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(source.hub_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"])
+        path = snapshot_download(
+            source.hub_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
+        )
     except Exception as e:  # noqa: BLE001 - any hub failure means the same to the user
         raise ModelNotFound(
             f"'{source.hub_id}' looks like a hub id, but the model hub is not reachable from this machine "

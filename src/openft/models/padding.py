@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu", width: int = 0
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def left_pad(
+    seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu", width: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, position_ids), each (batch, width), prompts
     right-aligned: every prompt's last token sits in the last column, where the
     next token of the whole batch is appended. `width`: at least this many

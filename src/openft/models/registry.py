@@ -96,6 +96,4 @@ def resolve(arg: str) -> ModelSource:
     if "/" in arg and not arg.startswith((".", "/", "~")):
         return ModelSource(name=arg.split("/")[-1].lower(), kind="hub", path=None, hub_id=arg)
     known = ", ".join(BUILTINS)
-    raise ModelNotFound(
-        f"unknown model '{arg}': not a built-in ({known}), a local directory, a .gguf file or a hub id"
-    )
+    raise ModelNotFound(f"unknown model '{arg}': not a built-in ({known}), a local directory, a .gguf file or a hub id")

@@ -88,8 +88,12 @@ class UploadLimit:
             return await self.app(scope, receive, send)
         limit = self.limit() + (1 << 20)  # allowance for multipart framing and form fields
         length = dict(scope["headers"]).get(b"content-length")
-        too_big = envelope(413, f"file is larger than the {self.limit() >> 20} MB limit (--max-upload-mb)",
-                           param="file", code="file_too_large")
+        too_big = envelope(
+            413,
+            f"file is larger than the {self.limit() >> 20} MB limit (--max-upload-mb)",
+            param="file",
+            code="file_too_large",
+        )
         if length and int(length) > limit:
             return await too_big(scope, receive, send)
         seen, tripped = 0, False
@@ -143,8 +147,12 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             supervisor.stop()
         app.state.engine.stop()
 
-    app = FastAPI(title="openft", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible fine-tuning and inference on your own machine.")
+    app = FastAPI(
+        title="openft",
+        version=__version__,
+        lifespan=lifespan,
+        description="OpenAI-compatible fine-tuning and inference on your own machine.",
+    )
     app.state.store = Store(home.home() / "openft.db")
     app.state.files_dir = home.home() / "files"
     app.state.files_dir.mkdir(parents=True, exist_ok=True)
@@ -159,12 +167,16 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     @app.get("/health", tags=["meta"], responses=schemas.ok(schemas.Health))
     def health():
         proc = supervisor.proc if supervisor else None
-        return {"status": "ok", "version": __version__,
-                "worker_pid": proc.pid if proc and proc.poll() is None else None,
-                "worker_restarts": supervisor.restarts if supervisor else 0,
-                "precision": "bf16" if app.state.engine.dtype == torch.bfloat16 else "fp32"}
+        return {
+            "status": "ok",
+            "version": __version__,
+            "worker_pid": proc.pid if proc and proc.poll() is None else None,
+            "worker_restarts": supervisor.restarts if supervisor else 0,
+            "precision": "bf16" if app.state.engine.dtype == torch.bfloat16 else "fp32",
+        }
 
     from openft.console import mount as mount_console
+
     mount_console(app)  # the web console at / (static files; a client of the API above)
     app.openapi = lambda: schemas.document(app)
     return app
@@ -184,7 +196,9 @@ def serve(config: ServeConfig) -> None:
 
     store = Store(home.home() / "openft.db")
     if not is_loopback(config.host) and not store.has_keys():
-        raise SystemExit(f"refusing to listen on {config.host}: no API keys exist, so the server would be open to "
-                         "anyone on the network. Create one with 'openft keys create --owner NAME', or listen on 127.0.0.1.")
+        raise SystemExit(
+            f"refusing to listen on {config.host}: no API keys exist, so the server would be open to "
+            "anyone on the network. Create one with 'openft keys create --owner NAME', or listen on 127.0.0.1."
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")

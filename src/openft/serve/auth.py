@@ -33,14 +33,18 @@ def owner(request: Request) -> str:
     token = header[7:].strip() if header.lower().startswith("bearer ") else ""
     if store.has_keys():
         if not token:
-            raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>' (create one with 'openft keys create')",
-                           code="missing_api_key")
+            raise APIError(
+                401,
+                "Missing API key: send 'Authorization: Bearer <key>' (create one with 'openft keys create')",
+                code="missing_api_key",
+            )
         who = store.owner_for_key(token)
         if who is None:
             raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
         return who
     client = request.client.host if request.client else None
     if not is_loopback(client):
-        raise APIError(403, "No API keys are configured, so only local (loopback) callers are accepted",
-                       code="local_only")
+        raise APIError(
+            403, "No API keys are configured, so only local (loopback) callers are accepted", code="local_only"
+        )
     return LOCAL_OWNER

@@ -10,16 +10,17 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from typing import AsyncIterator, Literal, Union
+from collections.abc import AsyncIterator
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
+from openft.serve import schemas as S
 from openft.serve.auth import owner
 from openft.serve.engine import Delta, EngineError, SamplingParams, Usage
-from openft.serve import schemas as S
 from openft.serve.errors import APIError
 from openft.serve.models import handle_for
 
@@ -42,7 +43,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: str | list[TextPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -70,7 +71,7 @@ class SamplingFields(BaseModel):
     # it is a mistake.
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
-    stop: Union[str, list[str], None] = None
+    stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     logit_bias: dict[str, float] | None = None
     n: int = Field(1, ge=1, le=8)
@@ -101,10 +102,14 @@ class SamplingFields(BaseModel):
         return v
 
     def sampling(self) -> SamplingParams:
-        return SamplingParams(max_tokens=self.max_completion_tokens or self.max_tokens,
-                              temperature=1.0 if self.temperature is None else self.temperature,
-                              top_p=1.0 if self.top_p is None else self.top_p, stop=list(self.stop or []),
-                              seed=self.seed, n=self.n)
+        return SamplingParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            stop=list(self.stop or []),
+            seed=self.seed,
+            n=self.n,
+        )
 
 
 class ChatRequest(SamplingFields):
@@ -112,7 +117,7 @@ class ChatRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str]]
+    prompt: str | list[str]
 
 
 def _sse(obj: dict | str) -> bytes:
@@ -129,24 +134,30 @@ def _prepare(request: Request, who: str, body: SamplingFields, prompt_ids_fn):
     engine = request.app.state.engine
     handle = handle_for(request, who, body.model)
     if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported by this server", param="logit_bias",
-                       code="unsupported_parameter")
+        raise APIError(
+            400, "logit_bias is not supported by this server", param="logit_bias", code="unsupported_parameter"
+        )
     try:
         ids = prompt_ids_fn(engine, handle)
         context = engine.context_length(handle)
     except EngineError as e:
         raise APIError(400 if e.code != "model_unavailable" else 503, str(e), param="model", code=e.code) from None
     if len(ids) >= context:
-        raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt has {len(ids)}",
-                       param="messages", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {context} tokens; the prompt has {len(ids)}",
+            param="messages",
+            code="context_length_exceeded",
+        )
     return engine, handle, ids
 
 
 @router.post("/chat/completions", responses=_streamed(S.ChatCompletion))
 async def chat_completions(request: Request, body: ChatRequest, who: str = Depends(owner)):
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    engine, handle, ids = await run_in_threadpool(_prepare, request, who, body,
-                                                  lambda e, h: e.apply_chat_template(h, messages))
+    engine, handle, ids = await run_in_threadpool(
+        _prepare, request, who, body, lambda e, h: e.apply_chat_template(h, messages)
+    )
     return await _respond(engine, handle, ids, body, chat=True)
 
 
@@ -156,7 +167,8 @@ async def completions(request: Request, body: CompletionRequest, who: str = Depe
     if not prompt:
         raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
     engine, handle, ids = await run_in_threadpool(
-        _prepare, request, who, body, lambda e, h: e.tokenizer(h)(prompt, add_special_tokens=False)["input_ids"])
+        _prepare, request, who, body, lambda e, h: e.tokenizer(h)(prompt, add_special_tokens=False)["input_ids"]
+    )
     return await _respond(engine, handle, ids, body, chat=False)
 
 
@@ -170,25 +182,51 @@ async def _respond(engine, handle, ids, body: SamplingFields, *, chat: bool):
         except EngineError as e:
             raise APIError(500 if e.code == "internal_error" else 400, str(e), param="model", code=e.code) from None
         if chat:
-            out = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                    "finish_reason": fr, "logprobs": None} for i, (text, fr) in enumerate(choices)]
+            out = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "finish_reason": fr,
+                    "logprobs": None,
+                }
+                for i, (text, fr) in enumerate(choices)
+            ]
             obj = "chat.completion"
         else:
-            out = [{"index": i, "text": text, "finish_reason": fr, "logprobs": None} for i, (text, fr) in enumerate(choices)]
+            out = [
+                {"index": i, "text": text, "finish_reason": fr, "logprobs": None}
+                for i, (text, fr) in enumerate(choices)
+            ]
             obj = "text_completion"
-        return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": out,
-                "usage": _usage(usage), "system_fingerprint": "openft"}
+        return {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": body.model,
+            "choices": out,
+            "usage": _usage(usage),
+            "system_fingerprint": "openft",
+        }
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return StreamingResponse(_stream(engine, handle, ids, params, body.model, rid, created, chat, include_usage),
-                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        _stream(engine, handle, ids, params, body.model, rid, created, chat, include_usage),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
 
 
 async def _stream(engine, handle, ids, params, model, rid, created, chat, include_usage) -> AsyncIterator[bytes]:
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices, usage=None):
-        c = {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": "openft",
-             "choices": choices}
+        c = {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": model,
+            "system_fingerprint": "openft",
+            "choices": choices,
+        }
         if include_usage:
             c["usage"] = usage
         return _sse(c)
@@ -208,8 +246,17 @@ async def _stream(engine, handle, ids, params, model, rid, created, chat, includ
                 # prints delta.content prints nothing extra.
                 yield chunk([choice(item.index, item.text, item.finish_reason)])
             elif isinstance(item, Usage) and include_usage:
-                yield _sse({"id": rid, "object": obj, "created": created, "model": model,
-                            "system_fingerprint": "openft", "choices": [], "usage": _usage(item)})
+                yield _sse(
+                    {
+                        "id": rid,
+                        "object": obj,
+                        "created": created,
+                        "model": model,
+                        "system_fingerprint": "openft",
+                        "choices": [],
+                        "usage": _usage(item),
+                    }
+                )
     except EngineError as e:
         yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": e.code}})
     yield _sse("[DONE]")

@@ -46,8 +46,14 @@ from openft.heap import release_free_memory
 from openft.models.load import load_for_serving, load_tokenizer, setup_torch
 from openft.models.padding import left_pad
 from openft.serve.engine_batch import merge_into, mergeable, new_cache, sample, select_rows
-from openft.serve.engine_lora import (WEIGHTS_FILE, LoraRouting, install_adapter, read_adapter, release_stacks,
-                                      remove_adapter)
+from openft.serve.engine_lora import (
+    WEIGHTS_FILE,
+    LoraRouting,
+    install_adapter,
+    read_adapter,
+    release_stacks,
+    remove_adapter,
+)
 from openft.serve.engine_text import Detokenizer, StopMatcher
 from openft.serve.engine_types import Delta, EngineError, ModelHandle, SamplingParams, Usage
 
@@ -146,8 +152,17 @@ class _Batch:
 
 # --------------------------------------------------------------------------- engine
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 
 
 def _tokenizer_signature(d: Path) -> str | None:
@@ -187,9 +202,17 @@ def prefill_groups(reqs: list[_Request], budget: int) -> list[list[_Request]]:
 
 
 class Engine:
-    def __init__(self, *, max_batch_size: int = 8, max_loaded_bases: int = 2, max_loaded_adapters: int = 64,
-                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 adapter_dtype: torch.dtype | None = None, prefill_tokens: int | None = None):
+    def __init__(
+        self,
+        *,
+        max_batch_size: int = 8,
+        max_loaded_bases: int = 2,
+        max_loaded_adapters: int = 64,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        adapter_dtype: torch.dtype | None = None,
+        prefill_tokens: int | None = None,
+    ):
         self.max_batch_size = max_batch_size
         self.max_loaded_bases = max_loaded_bases
         self.max_loaded_adapters = max_loaded_adapters
@@ -265,8 +288,9 @@ class Engine:
                     try:
                         tok = load_tokenizer(Path(key))
                     except Exception as e:  # noqa: BLE001 - any failure means the model is unusable
-                        raise EngineError(f"cannot load the tokenizer of {handle.name} from {key}: {e}",
-                                          "model_not_found") from e
+                        raise EngineError(
+                            f"cannot load the tokenizer of {handle.name} from {key}: {e}", "model_not_found"
+                        ) from e
                     if sig is not None:
                         self._tokenizers[sig] = tok
                 self._tokenizers[key] = tok
@@ -286,7 +310,9 @@ class Engine:
                 try:
                     config = json.loads((Path(key) / "config.json").read_text())
                 except (OSError, ValueError) as e:
-                    raise EngineError(f"model {handle.name}: no readable config.json in {key}", "model_not_found") from e
+                    raise EngineError(
+                        f"model {handle.name}: no readable config.json in {key}", "model_not_found"
+                    ) from e
                 config = config.get("text_config", config)  # multimodal configs nest the LM's
                 for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
                     if isinstance(config.get(name), int):
@@ -306,16 +332,26 @@ class Engine:
     def loaded(self) -> dict:
         with self._cv:
             return {
-                "bases": [{"path": b.key, "bytes": b.nbytes, "device": str(self.device),
-                           "running_rows": len(self._batches[b.key].rows) if b.key in self._batches else 0}
-                          for b in self._bases.values()],
-                "adapters": [{"path": str(a.path), "key": a.key, "base": a.base_key, "bytes": a.nbytes}
-                             for a in self._adapters.values()],
+                "bases": [
+                    {
+                        "path": b.key,
+                        "bytes": b.nbytes,
+                        "device": str(self.device),
+                        "running_rows": len(self._batches[b.key].rows) if b.key in self._batches else 0,
+                    }
+                    for b in self._bases.values()
+                ],
+                "adapters": [
+                    {"path": str(a.path), "key": a.key, "base": a.base_key, "bytes": a.nbytes}
+                    for a in self._adapters.values()
+                ],
             }
 
     # ------------------------------------------------------------- requests (asyncio side)
 
-    async def stream(self, handle: ModelHandle, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta | Usage]:
+    async def stream(
+        self, handle: ModelHandle, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[Delta | Usage]:
         """Deltas as tokens are produced (each choice ends with one carrying its
         finish_reason), then exactly one Usage. Raises EngineError on failure."""
         req = self._submit(handle, prompt_ids, params)
@@ -333,8 +369,9 @@ class Engine:
                 with self._cv:
                     self._cv.notify_all()
 
-    async def complete(self, handle: ModelHandle, prompt_ids: list[int],
-                       params: SamplingParams) -> tuple[list[tuple[str, str]], Usage]:
+    async def complete(
+        self, handle: ModelHandle, prompt_ids: list[int], params: SamplingParams
+    ) -> tuple[list[tuple[str, str]], Usage]:
         texts = [[] for _ in range(params.n)]
         reasons = ["" for _ in range(params.n)]
         usage = None
@@ -360,11 +397,20 @@ class Engine:
         context = self.context_length(handle)
         room = context - len(prompt_ids)
         if room < 1:
-            raise EngineError(f"the prompt has {len(prompt_ids)} tokens, which leaves no room in {handle.name}'s "
-                              f"context of {context} tokens", "context_length_exceeded")
+            raise EngineError(
+                f"the prompt has {len(prompt_ids)} tokens, which leaves no room in {handle.name}'s "
+                f"context of {context} tokens",
+                "context_length_exceeded",
+            )
         max_new = room if params.max_tokens is None else min(params.max_tokens, room)
-        req = _Request(handle=handle, prompt_ids=[int(t) for t in prompt_ids], params=params, max_new=max_new,
-                       loop=asyncio.get_running_loop(), queue=asyncio.Queue())
+        req = _Request(
+            handle=handle,
+            prompt_ids=[int(t) for t in prompt_ids],
+            params=params,
+            max_new=max_new,
+            loop=asyncio.get_running_loop(),
+            queue=asyncio.Queue(),
+        )
         self.start()
         with self._cv:
             if self._stopping:
@@ -437,8 +483,9 @@ class Engine:
                 continue
             except Exception as e:  # noqa: BLE001
                 log.exception("loading %s failed", req.handle.name)
-                self._fail(req, EngineError(f"loading {req.handle.name} failed: {type(e).__name__}: {e}",
-                                            "internal_error"))
+                self._fail(
+                    req, EngineError(f"loading {req.handle.name} failed: {type(e).__name__}: {e}", "internal_error")
+                )
                 continue
             batch = self._batches.get(req.base.key)
             rows = (len(batch.rows) if batch else 0) + sum(r.params.n for r in joining.get(req.base.key, []))
@@ -464,8 +511,16 @@ class Engine:
                 if req.params.temperature > 0:
                     seed = req.params.seed + i if req.params.seed is not None else secrets.randbits(63)
                     gen = torch.Generator(device=self.device).manual_seed(seed)
-                rows.append(_Row(req=req, index=i, generator=gen, detok=Detokenizer(base.tokenizer, req.prompt_ids),
-                                 stopper=StopMatcher(req.params.stop), pos=len(req.prompt_ids)))
+                rows.append(
+                    _Row(
+                        req=req,
+                        index=i,
+                        generator=gen,
+                        detok=Detokenizer(base.tokenizer, req.prompt_ids),
+                        stopper=StopMatcher(req.params.stop),
+                        pos=len(req.prompt_ids),
+                    )
+                )
         # input_ids, mask, positions: (rows, longest prompt), prompts right-aligned
         prompts = [r.req.prompt_ids for r in rows]
         ids, mask, pos = left_pad(prompts, base.pad_id, self.device, self._prefill_width(max(map(len, prompts))))
@@ -517,15 +572,20 @@ class Engine:
         kwargs = {base.cache_kw: cache}
         one_row = self._onednn and ids.numel() == 1
         with without_onednn() if one_row else contextlib.nullcontext():
-            out = base.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                             logits_to_keep=1, **kwargs)
+            out = base.model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kwargs
+            )
         new_cache = out.cache if base.cache_kw == "cache" else out.past_key_values
         return out.logits[:, -1, :], new_cache
 
     def _sample_and_emit(self, batch: _Batch, logits: torch.Tensor) -> None:
         rows = batch.rows
-        tokens = sample(logits, [r.req.params.temperature for r in rows], [r.req.params.top_p for r in rows],
-                        [r.generator for r in rows])
+        tokens = sample(
+            logits,
+            [r.req.params.temperature for r in rows],
+            [r.req.params.top_p for r in rows],
+            [r.generator for r in rows],
+        )
         for row, token in zip(rows, tokens):
             if row.req.cancelled or row.req.done:
                 row.finished = True
@@ -579,8 +639,10 @@ class Engine:
         req.done = True
         if not req.cancelled:
             n = len(req.prompt_ids)
-            self._emit(req, Usage(prompt_tokens=n, completion_tokens=req.completion_tokens,
-                                  total_tokens=n + req.completion_tokens))
+            self._emit(
+                req,
+                Usage(prompt_tokens=n, completion_tokens=req.completion_tokens, total_tokens=n + req.completion_tokens),
+            )
         self._release(req)
 
     def _fail(self, req: _Request, err: EngineError) -> None:
@@ -592,8 +654,11 @@ class Engine:
 
     def _fail_batch(self, batch: _Batch, e: Exception) -> None:
         log.exception("generation failed for a batch of %d rows", len(batch.rows), exc_info=e)
-        err = e if isinstance(e, EngineError) else EngineError(
-            f"generation failed: {type(e).__name__}: {e}", "internal_error")
+        err = (
+            e
+            if isinstance(e, EngineError)
+            else EngineError(f"generation failed: {type(e).__name__}: {e}", "internal_error")
+        )
         for row in batch.rows:
             self._fail(row.req, err)
         self._drop_batch(batch)
@@ -642,11 +707,16 @@ class Engine:
         model = loaded.model.to(self.device)
         tok = loaded.tokenizer
         stop_ids = self._stop_ids(model, tok)
-        base = _Base(key=key, model=model, tokenizer=tok, stop_ids=stop_ids,
-                     pad_id=tok.pad_token_id if tok.pad_token_id is not None else min(stop_ids),
-                     routing=LoraRouting(),
-                     cache_kw="cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values",
-                     nbytes=sum(p.numel() * p.element_size() for p in model.parameters()))
+        base = _Base(
+            key=key,
+            model=model,
+            tokenizer=tok,
+            stop_ids=stop_ids,
+            pad_id=tok.pad_token_id if tok.pad_token_id is not None else min(stop_ids),
+            routing=LoraRouting(),
+            cache_kw="cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values",
+            nbytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        )
         with self._cv:
             self._bases[key] = base
         return base
@@ -662,8 +732,9 @@ class Engine:
         vocab = tok.get_vocab()
         ids.update(vocab[t] for t in END_OF_TURN if t in template and t in vocab)
         if not ids:
-            raise EngineError("the model's tokenizer has no end-of-sequence token, so answers would never stop",
-                              "model_not_found")
+            raise EngineError(
+                "the model's tokenizer has no end-of-sequence token, so answers would never stop", "model_not_found"
+            )
         return frozenset(ids)
 
     def _drop_forgotten(self) -> None:

@@ -106,7 +106,9 @@ def merge_into(cache, mask: torch.Tensor, new_cache, new_mask: torch.Tensor) -> 
     width = max(length, new_length)
     for layer, new in zip(cache.layers, new_cache.layers):
         layer.keys = torch.cat([_pad_left(layer.keys, width - length), _pad_left(new.keys, width - new_length)], 0)
-        layer.values = torch.cat([_pad_left(layer.values, width - length), _pad_left(new.values, width - new_length)], 0)
+        layer.values = torch.cat(
+            [_pad_left(layer.values, width - length), _pad_left(new.values, width - new_length)], 0
+        )
     return torch.cat([F.pad(mask, (width - length, 0)), F.pad(new_mask, (width - new_length, 0))], 0)
 
 
@@ -127,8 +129,9 @@ def select_rows(cache, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
     return mask[:, start:]
 
 
-def sample(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
-           generators: list[torch.Generator | None]) -> list[int]:
+def sample(
+    logits: torch.Tensor, temperatures: list[float], top_ps: list[float], generators: list[torch.Generator | None]
+) -> list[int]:
     """One token per row. logits: (batch, vocab). Greedy rows (temperature 0) take
     the argmax; the others sample from softmax(logits / T) cut to the top-p
     nucleus, each with its own generator so a seeded request is reproducible

@@ -63,8 +63,9 @@ class LoraRouting:
             return
         self.single, self.keys = None, tuple(keys)
         index = {k: i for i, k in enumerate(keys)}
-        self.slots = torch.tensor([index[a] if a is not None else -1 for a in row_adapters],
-                                  dtype=torch.long, device=device)
+        self.slots = torch.tensor(
+            [index[a] if a is not None else -1 for a in row_adapters], dtype=torch.long, device=device
+        )
 
     def clear(self) -> None:
         self.single, self.keys, self.slots, self._masks = None, (), None, {}
@@ -132,10 +133,12 @@ class MultiLoraLinear(nn.Module):
                 dtype = self.base.weight.dtype
                 a = torch.cat([ab[0].to(dtype) for _, ab in present])  # (R, in), R = sum of ranks
                 b = torch.cat([ab[1].to(dtype) for _, ab in present], 1)  # (out, R)
-                owners = torch.cat([torch.full((ab[0].shape[0],), slot, dtype=torch.long, device=a.device)
-                                    for slot, ab in present])
-                scales = torch.cat([torch.full((ab[0].shape[0],), ab[2], dtype=a.dtype, device=a.device)
-                                    for _, ab in present])
+                owners = torch.cat(
+                    [torch.full((ab[0].shape[0],), slot, dtype=torch.long, device=a.device) for slot, ab in present]
+                )
+                scales = torch.cat(
+                    [torch.full((ab[0].shape[0],), ab[2], dtype=a.dtype, device=a.device) for _, ab in present]
+                )
                 layout = tuple((slot, ab[0].shape[0], ab[2]) for slot, ab in present)
                 self._stack = (a, b, owners, scales, layout)
             self._stack_keys = keys
@@ -181,7 +184,7 @@ class Int8PerRank:
     scale: torch.Tensor  # fp32, (r, 1) for A, (1, r) for B
 
     @classmethod
-    def of(cls, t: torch.Tensor, axis: int) -> "Int8PerRank":
+    def of(cls, t: torch.Tensor, axis: int) -> Int8PerRank:
         scale = t.float().abs().amax(axis, keepdim=True) / 127
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero component stays zero
         return cls(torch.round(t.float() / scale).clamp_(-127, 127).to(torch.int8).contiguous(), scale)
@@ -256,8 +259,9 @@ def read_adapter(adapter_dir: Path, model: nn.Module, dtype: torch.dtype | None 
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise EngineError(f"{d / CONFIG_FILE} is unreadable or lacks r/lora_alpha: {e}", "adapter_invalid") from e
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-        raise EngineError(f"{d}: only plain LoRA adapters are supported (not DoRA or other PEFT types)",
-                          "adapter_invalid")
+        raise EngineError(
+            f"{d}: only plain LoRA adapters are supported (not DoRA or other PEFT types)", "adapter_invalid"
+        )
     if config.get("fan_in_fan_out"):
         raise EngineError(f"{d}: fan_in_fan_out adapters (Conv1D layers) are not supported", "adapter_invalid")
     try:
@@ -274,8 +278,9 @@ def read_adapter(adapter_dir: Path, model: nn.Module, dtype: torch.dtype | None 
                 pairs.setdefault(path[: -len(suffix)], {})[which] = value
                 break
         else:
-            raise EngineError(f"{d}: unsupported adapter weight {key} (only lora_A/lora_B of linear layers)",
-                              "adapter_invalid")
+            raise EngineError(
+                f"{d}: unsupported adapter weight {key} (only lora_A/lora_B of linear layers)", "adapter_invalid"
+            )
     if not pairs:
         raise EngineError(f"{d}: the adapter holds no weights", "adapter_invalid")
 
@@ -289,15 +294,22 @@ def read_adapter(adapter_dir: Path, model: nn.Module, dtype: torch.dtype | None 
         module = modules.get(path)
         base = module.base if isinstance(module, MultiLoraLinear) else module
         if not isinstance(base, nn.Linear):
-            raise EngineError(f"{d}: adapter layer {path} is not a linear layer of this base model "
-                              "(was it trained on another base?)", "adapter_incompatible")
+            raise EngineError(
+                f"{d}: adapter layer {path} is not a linear layer of this base model (was it trained on another base?)",
+                "adapter_incompatible",
+            )
         a, b = ab["lora_A"], ab["lora_B"]
         r = a.shape[0]
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != base.in_features or b.shape != (base.out_features, r):
-            raise EngineError(f"{d}: {path} has A {tuple(a.shape)}, B {tuple(b.shape)}, which do not fit the "
-                              f"base layer ({base.out_features}x{base.in_features}); was it trained on another base?",
-                              "adapter_incompatible")
-        r_cfg, alpha_cfg = _pattern(config.get("rank_pattern"), path, rank), _pattern(config.get("alpha_pattern"), path, alpha)
+            raise EngineError(
+                f"{d}: {path} has A {tuple(a.shape)}, B {tuple(b.shape)}, which do not fit the "
+                f"base layer ({base.out_features}x{base.in_features}); was it trained on another base?",
+                "adapter_incompatible",
+            )
+        r_cfg, alpha_cfg = (
+            _pattern(config.get("rank_pattern"), path, rank),
+            _pattern(config.get("alpha_pattern"), path, alpha),
+        )
         scaling = alpha_cfg / math.sqrt(r_cfg) if config.get("use_rslora") else alpha_cfg / r_cfg
         a, b = _store(a, b, dtype or storage_dtype(ref.dtype), ref.device)
         layers[path] = (a, b, scaling)

@@ -12,14 +12,24 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("openft.serve")
 
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
-         422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None, type: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or TYPES.get(status, "invalid_request_error")
@@ -31,8 +41,17 @@ def not_found(kind: str, ident: str, param: str | None = None) -> APIError:
 
 
 def envelope(status: int, message: str, *, param=None, code=None, type=None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {
-        "message": message, "type": type or TYPES.get(status, "invalid_request_error"), "param": param, "code": code}})
+    return JSONResponse(
+        status_code=status,
+        content={
+            "error": {
+                "message": message,
+                "type": type or TYPES.get(status, "invalid_request_error"),
+                "param": param,
+                "code": code,
+            }
+        },
+    )
 
 
 # Pydantic names the member of a Union that failed in the error's location

@@ -14,8 +14,8 @@ from fastapi.responses import FileResponse
 
 from openft.data.load import load_dataset
 from openft.jobs.store import new_id
-from openft.serve.auth import owner
 from openft.serve import schemas as S
+from openft.serve.auth import owner
 from openft.serve.errors import APIError, not_found
 from openft.serve.schemas import ok
 
@@ -25,8 +25,15 @@ CHUNK = 1 << 20
 
 
 def file_object(row: dict) -> dict:
-    out = {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
-           "filename": row["filename"], "purpose": row["purpose"], "status": row["status"]}
+    out = {
+        "id": row["id"],
+        "object": "file",
+        "bytes": row["bytes"],
+        "created_at": row["created_at"],
+        "filename": row["filename"],
+        "purpose": row["purpose"],
+        "status": row["status"],
+    }
     if row["status_details"]:
         out["status_details"] = row["status_details"]
     if row.get("validation") is not None:
@@ -83,8 +90,12 @@ def upload(request: Request, file: UploadFile = File(...), purpose: str = Form(.
             while chunk := file.file.read(CHUNK):
                 size += len(chunk)
                 if size > limit:
-                    raise APIError(413, f"file is larger than the {limit // (1 << 20)} MB limit (--max-upload-mb)",
-                                   param="file", code="file_too_large")
+                    raise APIError(
+                        413,
+                        f"file is larger than the {limit // (1 << 20)} MB limit (--max-upload-mb)",
+                        param="file",
+                        code="file_too_large",
+                    )
                 h.update(chunk)
                 out.write(chunk)
         folder.mkdir(parents=True)
@@ -96,8 +107,18 @@ def upload(request: Request, file: UploadFile = File(...), purpose: str = Form(.
         status, details, report = ("processed", None, None)
         if purpose == "fine-tune":
             status, details, report = _validate(final, filename)
-        row = store.add_file(id=fid, owner=who, filename=filename, bytes=size, purpose=purpose, path=str(final),
-                             sha256=h.hexdigest(), status=status, status_details=details, validation=report)
+        row = store.add_file(
+            id=fid,
+            owner=who,
+            filename=filename,
+            bytes=size,
+            purpose=purpose,
+            path=str(final),
+            sha256=h.hexdigest(),
+            status=status,
+            status_details=details,
+            validation=report,
+        )
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)  # no file on disk without its row
         raise
@@ -105,12 +126,23 @@ def upload(request: Request, file: UploadFile = File(...), purpose: str = Form(.
 
 
 @router.get("", responses=ok(S.FileList))
-def list_files(request: Request, purpose: str | None = None, limit: int = Query(10000, ge=1, le=10000),
-               after: str | None = None, order: Literal["asc", "desc"] = "desc", who: str = Depends(owner)):
+def list_files(
+    request: Request,
+    purpose: str | None = None,
+    limit: int = Query(10000, ge=1, le=10000),
+    after: str | None = None,
+    order: Literal["asc", "desc"] = "desc",
+    who: str = Depends(owner),
+):
     rows = request.app.state.store.list_files(who, purpose, limit + 1, after, order)
     data = [file_object(r) for r in rows[:limit]]
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(rows) > limit,
+    }
 
 
 def get_owned(request: Request, file_id: str, who: str, param: str | None = None) -> dict:
@@ -133,8 +165,11 @@ def delete(request: Request, file_id: str, who: str = Depends(owner)):
     return {"id": file_id, "object": "file", "deleted": True}
 
 
-@router.get("/{file_id}/content", response_class=FileResponse,
-            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+@router.get(
+    "/{file_id}/content",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+)
 def content(request: Request, file_id: str, who: str = Depends(owner)):
     row = get_owned(request, file_id, who)
     if not Path(row["path"]).exists():

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from openft import home
 from openft.config import JobSpec
 from openft.jobs.store import TERMINAL, new_id, now
-from openft import home
 from openft.models.registry import BUILTINS, ModelNotFound, ModelSource, resolve
-from openft.serve.auth import owner
 from openft.serve import schemas as S
+from openft.serve.auth import owner
 from openft.serve.errors import APIError, not_found
 from openft.serve.schemas import ok
 from openft.train.hparams import auto_learning_rate
@@ -27,9 +27,9 @@ Auto = Literal["auto"]
 
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    n_epochs: Union[Auto, int] = Field("auto", description="epochs, 1-50, or auto")
-    batch_size: Union[Auto, int] = Field("auto", description="examples per step, 1-256, or auto")
-    learning_rate_multiplier: Union[Auto, float] = Field("auto", description="scales openft's auto learning rate")
+    n_epochs: Auto | int = Field("auto", description="epochs, 1-50, or auto")
+    batch_size: Auto | int = Field("auto", description="examples per step, 1-256, or auto")
+    learning_rate_multiplier: Auto | float = Field("auto", description="scales openft's auto learning rate")
 
 
 class Supervised(BaseModel):
@@ -56,7 +56,9 @@ class CreateJob(BaseModel):
     metadata: dict[str, str] | None = None
     integrations: list[dict] | None = None
     # --- openft extensions
-    validation_split: float | None = Field(None, ge=0.0, lt=0.5, description="held-out fraction without a validation file")
+    validation_split: float | None = Field(
+        None, ge=0.0, lt=0.5, description="held-out fraction without a validation file"
+    )
     learning_rate: float | None = Field(None, gt=0, lt=1)
     lora_rank: int | None = Field(None, ge=1, le=1024)
     lora_alpha: float | None = Field(None, gt=0)
@@ -87,8 +89,12 @@ def build_spec(body: CreateJob, base_model: str) -> tuple[JobSpec, dict]:
     _check_range(hp.n_epochs, 1, 50, "hyperparameters.n_epochs")
     _check_range(hp.batch_size, 1, 256, "hyperparameters.batch_size")
     if hp.learning_rate_multiplier != "auto" and hp.learning_rate_multiplier <= 0:
-        raise APIError(400, "learning_rate_multiplier must be > 0", param="hyperparameters.learning_rate_multiplier",
-                       code="invalid_value")
+        raise APIError(
+            400,
+            "learning_rate_multiplier must be > 0",
+            param="hyperparameters.learning_rate_multiplier",
+            code="invalid_value",
+        )
     spec = JobSpec(model=base_model, suffix=body.suffix)
     t = spec.train
     t.method = "full" if body.full_finetune else "lora"
@@ -98,8 +104,13 @@ def build_spec(body: CreateJob, base_model: str) -> tuple[JobSpec, dict]:
     elif hp.learning_rate_multiplier != "auto":
         t.learning_rate = auto_learning_rate(t.method) * float(hp.learning_rate_multiplier)
     t.seed = body.seed if body.seed is not None else 0
-    for field, target in (("max_seq_length", "max_seq_length"), ("early_stopping_patience", "early_stopping_patience"),
-                          ("warmup_ratio", "warmup_ratio"), ("weight_decay", "weight_decay"), ("max_steps", "max_steps")):
+    for field, target in (
+        ("max_seq_length", "max_seq_length"),
+        ("early_stopping_patience", "early_stopping_patience"),
+        ("warmup_ratio", "warmup_ratio"),
+        ("weight_decay", "weight_decay"),
+        ("max_steps", "max_steps"),
+    ):
         if getattr(body, field) is not None:
             setattr(t, target, getattr(body, field))
     if body.lora_rank is not None:
@@ -140,8 +151,13 @@ def user_model(model: str) -> ModelSource:
     a path into it answers exactly as a path that does not exist), and only
     safetensors/GGUF weights: a folder whose weights or adapter are pickles alone
     is refused, and the pickle is never opened."""
-    unknown = APIError(404, f"unknown model '{model[:200]}': not a built-in ({', '.join(BUILTINS)}), "
-                            "a local directory, a .gguf file or a hub id", param="model", code="model_not_found")
+    unknown = APIError(
+        404,
+        f"unknown model '{model[:200]}': not a built-in ({', '.join(BUILTINS)}), "
+        "a local directory, a .gguf file or a hub id",
+        param="model",
+        code="model_not_found",
+    )
     if model in BUILTINS:
         return resolve(model)
     if not model or "\x00" in model or len(model) > 1024:
@@ -157,9 +173,14 @@ def user_model(model: str) -> ModelSource:
             pickles = sorted(x.name for pattern in PICKLES for x in p.glob(pattern))
             adapter_pickle = (p / "adapter_config.json").exists() and not (p / "adapter_model.safetensors").exists()
             if pickles and (adapter_pickle or not any(p.glob("*.safetensors"))):
-                raise APIError(400, f"{model}: only safetensors or GGUF weights are loaded; found only pickle "
-                                    f"weights ({', '.join(pickles)}), which are never loaded. Convert them to "
-                                    "safetensors first.", param="model", code="unsafe_weights")
+                raise APIError(
+                    400,
+                    f"{model}: only safetensors or GGUF weights are loaded; found only pickle "
+                    f"weights ({', '.join(pickles)}), which are never loaded. Convert them to "
+                    "safetensors first.",
+                    param="model",
+                    code="unsafe_weights",
+                )
         return resolve(model)
     except ModelNotFound as e:
         raise APIError(404, str(e), param="model", code="model_not_found") from None
@@ -171,14 +192,26 @@ def job_object(row: dict) -> dict:
     hp = row["hyperparameters"]
     spec = row["spec"]
     out = {
-        "object": "fine_tuning.job", "id": row["id"], "model": row["model"], "created_at": row["created_at"],
-        "finished_at": row["finished_at"], "fine_tuned_model": row["fine_tuned_model"],
-        "organization_id": row["owner"], "result_files": row["result_files"] or [], "status": row["status"],
-        "validation_file": row["validation_file"], "training_file": row["training_file"],
-        "hyperparameters": hp, "trained_tokens": row["trained_tokens"], "error": row["error"],
-        "integrations": [], "seed": row["seed"], "estimated_finish": row["estimated_finish"],
+        "object": "fine_tuning.job",
+        "id": row["id"],
+        "model": row["model"],
+        "created_at": row["created_at"],
+        "finished_at": row["finished_at"],
+        "fine_tuned_model": row["fine_tuned_model"],
+        "organization_id": row["owner"],
+        "result_files": row["result_files"] or [],
+        "status": row["status"],
+        "validation_file": row["validation_file"],
+        "training_file": row["training_file"],
+        "hyperparameters": hp,
+        "trained_tokens": row["trained_tokens"],
+        "error": row["error"],
+        "integrations": [],
+        "seed": row["seed"],
+        "estimated_finish": row["estimated_finish"],
         "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
-        "metadata": row["metadata"], "suffix": row["suffix"],
+        "metadata": row["metadata"],
+        "suffix": row["suffix"],
         # openft extensions
         "user_provided_suffix": row["suffix"],
         "training_method": spec["train"]["method"],
@@ -186,8 +219,17 @@ def job_object(row: dict) -> dict:
         "lora": None if spec["train"]["method"] == "full" else spec["lora"],
         "questions_file": (row["extra"] or {}).get("questions_file"),
         # what was asked for (before `auto` is resolved), so a job can be cloned
-        **{k: spec["train"][k] for k in ("learning_rate", "max_steps", "max_seq_length", "warmup_ratio",
-                                          "weight_decay", "early_stopping_patience")},
+        **{
+            k: spec["train"][k]
+            for k in (
+                "learning_rate",
+                "max_steps",
+                "max_seq_length",
+                "warmup_ratio",
+                "weight_decay",
+                "early_stopping_patience",
+            )
+        },
         "train_on_prompt": spec["data"]["train_on_prompt"],
         "has_comparison": row["comparison"] is not None,
     }
@@ -207,18 +249,34 @@ def validate_files(app, job_id: str) -> None:
         store.add_event(job_id, f"Validating {param.replace('_', ' ')}: {fid}")
         f = store.get_file(job["owner"], fid)
         if f is None or f["status"] != "processed":
-            msg = f"The {param.replace('_', ' ')} {fid} is not valid: " + (f["status_details"] if f else "it no longer exists")
-            store.update_job(job_id, expect_status=("validating_files",), status="failed", finished_at=now(),
-                             error={"code": f"invalid_{param}", "message": msg, "param": param},
-                             events=[{"message": msg, "level": "error"}])
+            msg = f"The {param.replace('_', ' ')} {fid} is not valid: " + (
+                f["status_details"] if f else "it no longer exists"
+            )
+            store.update_job(
+                job_id,
+                expect_status=("validating_files",),
+                status="failed",
+                finished_at=now(),
+                error={"code": f"invalid_{param}", "message": msg, "param": param},
+                events=[{"message": msg, "level": "error"}],
+            )
             return
-    store.update_job(job_id, expect_status=("validating_files",), status="queued",
-                     events=[{"message": "Files validated, moving job to queued state"}])
+    store.update_job(
+        job_id,
+        expect_status=("validating_files",),
+        status="queued",
+        events=[{"message": "Files validated, moving job to queued state"}],
+    )
 
 
 @router.post("", responses=ok(S.Job))
-def create(request: Request, body: CreateJob, background: BackgroundTasks, who: str = Depends(owner),
-           idempotency_key: str | None = Header(None, alias="Idempotency-Key")):
+def create(
+    request: Request,
+    body: CreateJob,
+    background: BackgroundTasks,
+    who: str = Depends(owner),
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
+):
     store = request.app.state.store
     for param in ("training_file", "validation_file", "questions_file"):
         fid = getattr(body, param)
@@ -226,15 +284,29 @@ def create(request: Request, body: CreateJob, background: BackgroundTasks, who: 
             raise not_found("file", fid, param)
     tf = store.get_file(who, body.training_file)
     if tf["purpose"] != "fine-tune":
-        raise APIError(400, f"{body.training_file} was uploaded with purpose '{tf['purpose']}', not 'fine-tune'",
-                       param="training_file", code="invalid_training_file")
+        raise APIError(
+            400,
+            f"{body.training_file} was uploaded with purpose '{tf['purpose']}', not 'fine-tune'",
+            param="training_file",
+            code="invalid_training_file",
+        )
     base = resolve_base(request, who, body.model)
     spec, hp = build_spec(body, base)
     values = {
-        "id": new_id("ftjob"), "owner": who, "model": body.model, "status": "validating_files", "created_at": now(),
-        "training_file": body.training_file, "validation_file": body.validation_file, "spec": spec.to_dict(),
-        "hyperparameters": hp, "method": "supervised", "suffix": body.suffix, "seed": spec.train.seed,
-        "metadata": body.metadata, "extra": {"questions_file": body.questions_file},
+        "id": new_id("ftjob"),
+        "owner": who,
+        "model": body.model,
+        "status": "validating_files",
+        "created_at": now(),
+        "training_file": body.training_file,
+        "validation_file": body.validation_file,
+        "spec": spec.to_dict(),
+        "hyperparameters": hp,
+        "method": "supervised",
+        "suffix": body.suffix,
+        "seed": spec.train.seed,
+        "metadata": body.metadata,
+        "extra": {"questions_file": body.questions_file},
     }
     row, created = store.create_job(values, idempotency_key)
     if created:
@@ -244,8 +316,9 @@ def create(request: Request, body: CreateJob, background: BackgroundTasks, who: 
 
 
 @router.get("", responses=ok(S.JobList))
-def list_jobs(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100),
-              who: str = Depends(owner)):
+def list_jobs(
+    request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100), who: str = Depends(owner)
+):
     rows = request.app.state.store.list_jobs(who, after, limit + 1)
     return {"object": "list", "data": [job_object(r) for r in rows[:limit]], "has_more": len(rows) > limit}
 
@@ -267,12 +340,20 @@ def cancel(request: Request, job_id: str, who: str = Depends(owner)):
     store = request.app.state.store
     job = owned_job(request, job_id, who)
     if job["status"] in TERMINAL:
-        raise APIError(400, f"Job {job_id} has already {job['status']}; it cannot be cancelled", code="job_not_cancellable")
+        raise APIError(
+            400, f"Job {job_id} has already {job['status']}; it cannot be cancelled", code="job_not_cancellable"
+        )
     # The worker sees the status (and control flag) after its current step and stops.
     # Status and event in one transaction: a crash never leaves one without the other.
-    store.update_job(job_id, expect_status=("validating_files", "queued", "running", "paused"),
-                     status="cancelled", control="cancel", finished_at=now(), estimated_finish=None,
-                     events=[{"message": "Job cancelled by request", "data": {"status": "cancelled"}}])
+    store.update_job(
+        job_id,
+        expect_status=("validating_files", "queued", "running", "paused"),
+        status="cancelled",
+        control="cancel",
+        finished_at=now(),
+        estimated_finish=None,
+        events=[{"message": "Job cancelled by request", "data": {"status": "cancelled"}}],
+    )
     return job_object(store.get_job(who, job_id))
 
 
@@ -281,12 +362,20 @@ def pause(request: Request, job_id: str, who: str = Depends(owner)):
     store = request.app.state.store
     job = owned_job(request, job_id, who)
     if job["status"] in ("validating_files", "queued"):
-        store.update_job(job_id, expect_status=(job["status"],), status="paused",
-                         events=[{"message": "Job paused before it started", "data": {"status": "paused"}}])
+        store.update_job(
+            job_id,
+            expect_status=(job["status"],),
+            status="paused",
+            events=[{"message": "Job paused before it started", "data": {"status": "paused"}}],
+        )
     elif job["status"] == "running":
         # The worker checkpoints at the end of the current step, then marks it paused.
-        store.update_job(job_id, expect_status=("running",), control="pause",
-                         events=[{"message": "Pause requested; the job pauses after its current step"}])
+        store.update_job(
+            job_id,
+            expect_status=("running",),
+            control="pause",
+            events=[{"message": "Pause requested; the job pauses after its current step"}],
+        )
     elif job["status"] != "paused":
         raise APIError(400, f"Job {job_id} has {job['status']}; it cannot be paused", code="job_not_pausable")
     return job_object(store.get_job(who, job_id))
@@ -298,45 +387,81 @@ def resume(request: Request, job_id: str, who: str = Depends(owner)):
     job = owned_job(request, job_id, who)
     if job["status"] != "paused":
         raise APIError(400, f"Job {job_id} is {job['status']}, not paused", code="job_not_paused")
-    store.update_job(job_id, expect_status=("paused",), status="queued", control="",
-                     events=[{"message": "Job resumed; queued to continue from its last checkpoint",
-                              "data": {"status": "queued"}}])
+    store.update_job(
+        job_id,
+        expect_status=("paused",),
+        status="queued",
+        control="",
+        events=[{"message": "Job resumed; queued to continue from its last checkpoint", "data": {"status": "queued"}}],
+    )
     return job_object(store.get_job(who, job_id))
 
 
 def event_object(e: dict) -> dict:
-    return {"object": "fine_tuning.job.event", "id": e["id"], "created_at": e["created_at"], "level": e["level"],
-            "message": e["message"], "type": e["type"], "data": e["data"] or {}}
+    return {
+        "object": "fine_tuning.job.event",
+        "id": e["id"],
+        "created_at": e["created_at"],
+        "level": e["level"],
+        "message": e["message"],
+        "type": e["type"],
+        "data": e["data"] or {},
+    }
 
 
 @router.get("/{job_id}/events", responses=ok(S.EventList))
-def events(request: Request, job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=1000),
-           order: Literal["asc", "desc"] = "desc", who: str = Depends(owner)):
+def events(
+    request: Request,
+    job_id: str,
+    after: str | None = None,
+    limit: int = Query(20, ge=1, le=1000),
+    order: Literal["asc", "desc"] = "desc",
+    who: str = Depends(owner),
+):
     owned_job(request, job_id, who)
     rows = request.app.state.store.list_events(job_id, after, limit + 1, order)
     return {"object": "list", "data": [event_object(e) for e in rows[:limit]], "has_more": len(rows) > limit}
 
 
 def checkpoint_object(c: dict) -> dict:
-    return {"object": "fine_tuning.job.checkpoint", "id": c["id"], "created_at": c["created_at"],
-            "fine_tuned_model_checkpoint": c["model_name"], "step_number": c["step"],
-            "metrics": {k: v for k, v in c["metrics"].items() if v is not None}, "fine_tuning_job_id": c["job_id"]}
+    return {
+        "object": "fine_tuning.job.checkpoint",
+        "id": c["id"],
+        "created_at": c["created_at"],
+        "fine_tuned_model_checkpoint": c["model_name"],
+        "step_number": c["step"],
+        "metrics": {k: v for k, v in c["metrics"].items() if v is not None},
+        "fine_tuning_job_id": c["job_id"],
+    }
 
 
 @router.get("/{job_id}/checkpoints", responses=ok(S.CheckpointList))
-def checkpoints(request: Request, job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=100),
-                who: str = Depends(owner)):
+def checkpoints(
+    request: Request,
+    job_id: str,
+    after: str | None = None,
+    limit: int = Query(10, ge=1, le=100),
+    who: str = Depends(owner),
+):
     owned_job(request, job_id, who)
     rows = request.app.state.store.list_checkpoints(job_id, after, limit + 1)
     data = [checkpoint_object(c) for c in rows[:limit]]
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(rows) > limit,
+    }
 
 
 @router.get("/{job_id}/comparison", responses=ok(S.JobComparison))
 def comparison(request: Request, job_id: str, who: str = Depends(owner)):
     job = owned_job(request, job_id, who)
     if job["comparison"] is None:
-        raise APIError(404, f"Job {job_id} has no comparison (it needs questions_file and must have succeeded)",
-                       code="comparison_not_found")
+        raise APIError(
+            404,
+            f"Job {job_id} has no comparison (it needs questions_file and must have succeeded)",
+            code="comparison_not_found",
+        )
     return {"object": "fine_tuning.job.comparison", "fine_tuning_job_id": job_id, **job["comparison"]}

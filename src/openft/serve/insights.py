@@ -22,14 +22,14 @@ from openft.data.load import load_dataset
 from openft.data.split import split_examples
 from openft.models.load import materialise
 from openft.models.registry import ModelNotFound
+from openft.serve import schemas as S
 from openft.serve.auth import owner
 from openft.serve.engine import EngineError, ModelHandle, SamplingParams
-from openft.serve import schemas as S
 from openft.serve.errors import APIError
-from openft.serve.schemas import ok
 from openft.serve.files import get_owned
 from openft.serve.fine_tuning import CreateJob, build_spec, user_model
 from openft.serve.models import handle_for
+from openft.serve.schemas import ok
 from openft.train.hparams import auto_max_seq_length, resolve_train
 from openft.train.stats import token_stats
 from openft.train.tokenize import encode_all, segments
@@ -65,8 +65,9 @@ def _examples(request: Request, who: str, file_id: str, param: str = "file_id"):
     for ex in result.examples:  # name places by the uploaded file's name, never the storage path
         ex.where = dataclasses.replace(ex.where, file=row["filename"])
     if not result.examples:
-        raise APIError(400, f"{file_id} has no usable examples ({row['status_details']})", param=param,
-                       code="invalid_file")
+        raise APIError(
+            400, f"{file_id} has no usable examples ({row['status_details']})", param=param, code="invalid_file"
+        )
     return row, result
 
 
@@ -76,38 +77,67 @@ def _stats(request: Request, who: str, file_id: str, model: str, n_epochs, metho
     tok = request.app.state.engine.tokenizer(handle)
     ctx = request.app.state.engine.context_length(handle)
     lengths = [len(e) for e in encode_all(tok, result.examples, ctx)]  # for the histogram
-    stats, warnings = token_stats(tok, result.examples, max_seq_length=None, context=ctx,
-                                  n_params=_n_params(handle.weights_path),
-                                  epochs=None if n_epochs == "auto" else int(n_epochs), method=method)
+    stats, warnings = token_stats(
+        tok,
+        result.examples,
+        max_seq_length=None,
+        context=ctx,
+        n_params=_n_params(handle.weights_path),
+        epochs=None if n_epochs == "auto" else int(n_epochs),
+        method=method,
+    )
     top = max(lengths)
     width = max(1, math.ceil(top / 12))
     edges = list(range(0, width * 13, width))
     counts = [0] * 12
     for n in lengths:
         counts[min(11, n // width)] += 1
-    return {"object": "file.stats", "file_id": file_id, "model": model, **stats.to_dict(),
-            "histogram": {"edges": edges, "counts": counts}, "warnings": [w.to_dict() for w in warnings]}
+    return {
+        "object": "file.stats",
+        "file_id": file_id,
+        "model": model,
+        **stats.to_dict(),
+        "histogram": {"edges": edges, "counts": counts},
+        "warnings": [w.to_dict() for w in warnings],
+    }
 
 
 @router.get("/v1/files/{file_id}/stats", responses=ok(S.FileStats))
-def file_stats(request: Request, file_id: str, model: str = "smollm2-135m-instruct", n_epochs: str = "auto",
-               method: str = Query("lora", pattern="^(lora|full)$"), who: str = Depends(owner)):
+def file_stats(
+    request: Request,
+    file_id: str,
+    model: str = "smollm2-135m-instruct",
+    n_epochs: str = "auto",
+    method: str = Query("lora", pattern="^(lora|full)$"),
+    who: str = Depends(owner),
+):
     if n_epochs != "auto" and not n_epochs.isdigit():
         raise APIError(400, "n_epochs must be a positive integer or 'auto'", param="n_epochs", code="invalid_value")
     return _stats(request, who, file_id, model, n_epochs, method)
 
 
 @router.get("/v1/files/{file_id}/preview", responses=ok(S.FilePreview))
-def file_preview(request: Request, file_id: str, model: str = "smollm2-135m-instruct",
-                 n: int = Query(3, ge=1, le=50), train_on_prompt: bool = False, who: str = Depends(owner)):
+def file_preview(
+    request: Request,
+    file_id: str,
+    model: str = "smollm2-135m-instruct",
+    n: int = Query(3, ge=1, le=50),
+    train_on_prompt: bool = False,
+    who: str = Depends(owner),
+):
     _, result = _examples(request, who, file_id)
     tok = request.app.state.engine.tokenizer(_handle(request, who, model))
     out = []
     for ex in result.examples[:n]:
         enc, runs = segments(tok, ex, train_on_prompt)
-        out.append({"where": str(ex.where),
-                    "tokens": len(enc), "trained_tokens": enc.n_trained,
-                    "segments": [{"text": text, "trained": t} for t, text in runs]})
+        out.append(
+            {
+                "where": str(ex.where),
+                "tokens": len(enc),
+                "trained_tokens": enc.n_trained,
+                "segments": [{"text": text, "trained": t} for t, text in runs],
+            }
+        )
     return {"object": "file.preview", "file_id": file_id, "model": model, "examples": out}
 
 
@@ -120,21 +150,41 @@ def estimate(request: Request, body: CreateJob, who: str = Depends(owner)):
             get_owned(request, getattr(body, param), who, param)
     handle = _handle(request, who, body.model)
     tok = request.app.state.engine.tokenizer(handle)
-    train = result.examples if body.validation_file else split_examples(result.examples, spec.data.validation_split,
-                                                                         spec.train.seed)[0]
+    train = (
+        result.examples
+        if body.validation_file
+        else split_examples(result.examples, spec.data.validation_split, spec.train.seed)[0]
+    )
     ctx = request.app.state.engine.context_length(handle)
     lengths = [len(e) for e in encode_all(tok, train, ctx)]
-    max_len = int(spec.train.max_seq_length) if spec.train.max_seq_length != "auto" else auto_max_seq_length(lengths, ctx)
+    max_len = (
+        int(spec.train.max_seq_length) if spec.train.max_seq_length != "auto" else auto_max_seq_length(lengths, ctx)
+    )
     cfg = resolve_train(spec.train, len(train), max_len)
-    stats, _ = token_stats(tok, train, max_seq_length=max_len, n_params=_n_params(handle.weights_path),
-                           epochs=cfg.epochs, method=cfg.method)
+    stats, _ = token_stats(
+        tok,
+        train,
+        max_seq_length=max_len,
+        n_params=_n_params(handle.weights_path),
+        epochs=cfg.epochs,
+        method=cfg.method,
+    )
     steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
     if cfg.max_steps:
         steps = min(steps, cfg.max_steps)
-    return {"object": "fine_tuning.estimate", "examples": len(train), "epochs": cfg.epochs, "steps": steps,
-            "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate, "max_seq_length": max_len,
-            "total_tokens": stats.total_tokens * cfg.epochs, "supervised_tokens": stats.supervised_tokens * cfg.epochs,
-            "estimated_seconds": stats.estimated_seconds, "method": cfg.method}
+    return {
+        "object": "fine_tuning.estimate",
+        "examples": len(train),
+        "epochs": cfg.epochs,
+        "steps": steps,
+        "batch_size": cfg.batch_size,
+        "learning_rate": cfg.learning_rate,
+        "max_seq_length": max_len,
+        "total_tokens": stats.total_tokens * cfg.epochs,
+        "supervised_tokens": stats.supervised_tokens * cfg.epochs,
+        "estimated_seconds": stats.estimated_seconds,
+        "method": cfg.method,
+    }
 
 
 class CompareBody(BaseModel):
@@ -179,7 +229,14 @@ async def compare(request: Request, body: CompareBody, who: str = Depends(owner)
         from openft.eval.scores import Embedder
 
         request.app.state.embedder = Embedder()
-    comparison = await run_in_threadpool(build_comparison, questions, before, after, before_model=body.before_model,
-                                         after_model=body.after_model, embedder=request.app.state.embedder)
+    comparison = await run_in_threadpool(
+        build_comparison,
+        questions,
+        before,
+        after,
+        before_model=body.before_model,
+        after_model=body.after_model,
+        embedder=request.app.state.embedder,
+    )
     comparison.verdict = judge(TrainingSignals(None, None, None, None, None, None, 0, 0), comparison.summary)
     return {"object": "comparison", **to_json(comparison)}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from openft.serve.auth import owner
 from openft.serve import schemas as S
+from openft.serve.auth import owner
 from openft.serve.errors import not_found
 from openft.serve.schemas import ok
 

@@ -18,9 +18,9 @@ from starlette.background import BackgroundTask
 
 from openft.models.load import materialise
 from openft.models.registry import BUILTINS, builtin_gguf_path, resolve
+from openft.serve import schemas as S
 from openft.serve.auth import owner
 from openft.serve.engine import ModelHandle
-from openft.serve import schemas as S
 from openft.serve.errors import APIError, not_found
 from openft.serve.schemas import ok
 
@@ -34,15 +34,28 @@ def model_object(mid: str, created: int, owned_by: str, **extra) -> dict:
 
 def list_for(request: Request, who: str) -> list[dict]:
     store = request.app.state.store
-    out = [model_object(b.name, CREATED_BUILTIN, "openft", kind="base")
-           for b in BUILTINS.values() if builtin_gguf_path(b)]
+    out = [
+        model_object(b.name, CREATED_BUILTIN, "openft", kind="base") for b in BUILTINS.values() if builtin_gguf_path(b)
+    ]
     for m in store.list_models(who):
-        out.append(model_object(m["id"], m["created_at"], who, kind="fine-tuned", parent=m["base"],
-                                fine_tuning_job_id=m["job_id"]))
+        out.append(
+            model_object(
+                m["id"], m["created_at"], who, kind="fine-tuned", parent=m["base"], fine_tuning_job_id=m["job_id"]
+            )
+        )
         if m["job_id"]:
             for c in store.list_checkpoints(m["job_id"], limit=100):
-                out.append(model_object(c["model_name"], c["created_at"], who, kind="checkpoint", parent=m["id"],
-                                        fine_tuning_job_id=m["job_id"], step=c["step"]))
+                out.append(
+                    model_object(
+                        c["model_name"],
+                        c["created_at"],
+                        who,
+                        kind="checkpoint",
+                        parent=m["id"],
+                        fine_tuning_job_id=m["job_id"],
+                        step=c["step"],
+                    )
+                )
     return out
 
 
@@ -76,16 +89,21 @@ def handle_path(request: Request, who: str, model_id: str) -> Path:
     return Path(h.full_model_path or h.adapter_path)
 
 
-@router.get("/{model_id}/export", response_class=FileResponse,
-            responses={200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}}}})
-def export_model(request: Request, model_id: str, what: Literal["adapter", "merged"] = "adapter",
-                 who: str = Depends(owner)):
+@router.get(
+    "/{model_id}/export",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}}}},
+)
+def export_model(
+    request: Request, model_id: str, what: Literal["adapter", "merged"] = "adapter", who: str = Depends(owner)
+):
     """A zip of the adapter (PEFT format + tokenizer) or of the merged model."""
     from openft.train.export import export
 
     if model_id in BUILTINS:
-        raise APIError(400, "base models are not exported; export a fine-tuned model", param="model",
-                       code="model_not_exportable")
+        raise APIError(
+            400, "base models are not exported; export a fine-tuned model", param="model", code="model_not_exportable"
+        )
     path = handle_path(request, who, model_id)
     tmp = Path(tempfile.mkdtemp(prefix="openft-export-"))
     if what == "merged" or not (path / "adapter_config.json").exists():
@@ -93,14 +111,19 @@ def export_model(request: Request, model_id: str, what: Literal["adapter", "merg
         src = export(run, tmp / "model") if (path.name in ("adapter", "model")) else None
         if src is None:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise APIError(400, "a checkpoint is exported as its adapter (what=adapter)", param="what",
-                           code="invalid_value")
+            raise APIError(
+                400, "a checkpoint is exported as its adapter (what=adapter)", param="what", code="invalid_value"
+            )
     else:
         src = shutil.copytree(path, tmp / "adapter")
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)
     archive = shutil.make_archive(str(tmp / safe), "zip", src)
-    return FileResponse(archive, filename=f"{safe}-{what}.zip", media_type="application/zip",
-                        background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True))
+    return FileResponse(
+        archive,
+        filename=f"{safe}-{what}.zip",
+        media_type="application/zip",
+        background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True),
+    )
 
 
 @router.delete("/{model_id}", responses=ok(S.Deleted))

@@ -275,16 +275,28 @@ class Comparison(_Open):
 
 def ok(model: type[BaseModel], media_type: str = "application/json") -> dict:
     """`responses=` entry documenting a 200 answer (without filtering it)."""
-    return {200: {"model": model, "content": {media_type: {}}}} if media_type != "application/json" else \
-        {200: {"model": model}}
+    return (
+        {200: {"model": model, "content": {media_type: {}}}}
+        if media_type != "application/json"
+        else {200: {"model": model}}
+    )
 
 
 # Which failures each operation may answer with, besides the 400/401/403/404 of all.
-_EXTRA_ERRORS = {("post", "/v1/files"): (413,), ("post", "/v1/chat/completions"): (503,),
-                 ("post", "/v1/completions"): (503,), ("post", "/v1/comparisons"): (503,)}
-_ERROR_TEXT = {400: "Bad request: the `param` names the field", 401: "Missing or wrong API key",
-               403: "Not allowed", 404: "No such object (or not the caller's)", 413: "Upload over the size limit",
-               503: "The model cannot be loaded now"}
+_EXTRA_ERRORS = {
+    ("post", "/v1/files"): (413,),
+    ("post", "/v1/chat/completions"): (503,),
+    ("post", "/v1/completions"): (503,),
+    ("post", "/v1/comparisons"): (503,),
+}
+_ERROR_TEXT = {
+    400: "Bad request: the `param` names the field",
+    401: "Missing or wrong API key",
+    403: "Not allowed",
+    404: "No such object (or not the caller's)",
+    413: "Upload over the size limit",
+    503: "The model cannot be loaded now",
+}
 
 
 def document(app) -> dict:
@@ -303,8 +315,10 @@ def document(app) -> dict:
             responses.pop("422", None)
             codes = () if path == "/health" else (400, 401, 403, 404) + _EXTRA_ERRORS.get((method, path), ())
             for code in codes:
-                responses[str(code)] = {"description": _ERROR_TEXT[code], "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                responses[str(code)] = {
+                    "description": _ERROR_TEXT[code],
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                }
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
     app.openapi_schema = doc

@@ -82,8 +82,9 @@ def matmul_attention(module: nn.Module, query, key, value, attention_mask, scali
     if dropout > 0 and module.training:  # attention dropout: leave it to transformers' own kernel
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if attention_mask is not None:
         bias = attention_mask[:, :, :, : key.shape[-2]]

@@ -15,8 +15,8 @@ step is cut into micro-batches does not change the gradient.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -75,8 +75,9 @@ def collate(items: list[Encoded], pad_id: int, width: int | None = None) -> Micr
     return MicroBatch(ids, mask, labels, int(mask.sum()), sum(e.n_trained for e in items))
 
 
-def micro_batches(items: list[Encoded], pad_id: int, token_budget: int,
-                  width: Callable[[int], int] | None = None) -> list[MicroBatch]:
+def micro_batches(
+    items: list[Encoded], pad_id: int, token_budget: int, width: Callable[[int], int] | None = None
+) -> list[MicroBatch]:
     """Cut `items` (any order) into length-sorted micro-batches whose padded size
     (rows x padded width) stays within `token_budget` (a lone longer row still
     goes). `width` maps the longest row to the padded width (default: itself)."""

@@ -61,8 +61,11 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def use(model: nn.Module) -> Callable[[], None]:
     """Route every nn.Linear whose weight trains in fp32 through `CastLinear`
     while autocast is on; returns the undo."""
-    patched = [m for m in model.modules()
-               if type(m) is nn.Linear and m.weight.requires_grad and m.weight.dtype == torch.float32]
+    patched = [
+        m
+        for m in model.modules()
+        if type(m) is nn.Linear and m.weight.requires_grad and m.weight.dtype == torch.float32
+    ]
     for m in patched:
         m.forward = types.MethodType(_forward, m)
 

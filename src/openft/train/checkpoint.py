@@ -15,9 +15,9 @@ import random
 import re
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -60,12 +60,24 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
         for k, v in st.items():
             t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
             tensors[f"{pid}.{k}"] = t.detach().reshape(-1) if t.dim() == 0 else t.detach()
-    return tensors, {"param_groups": sd["param_groups"], "scalar_keys": sorted(k for k, v in tensors.items() if v.numel() == 1 and k.endswith(".step"))}
+    return tensors, {
+        "param_groups": sd["param_groups"],
+        "scalar_keys": sorted(k for k, v in tensors.items() if v.numel() == 1 and k.endswith(".step")),
+    }
 
 
-_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-           torch.bool: "BOOL"}
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -100,8 +112,13 @@ def raw_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState,
-         extra: Callable[[Path], None] | None = None) -> Path:
+def save(
+    run_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Write checkpoint `state.step`; `extra(tmp_dir)` may add files (the servable
     adapter) before the folder is renamed into place. A failed write (a full disk)
     removes its partial folder, so it neither fills the disk further nor looks like
@@ -119,8 +136,9 @@ def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         code = os_errno(e)
         if code is None:
             raise
-        raise CheckpointWriteError(code, f"could not write the checkpoint at step {state.step} ({final}): "
-                                   f"{os.strerror(code)}") from e
+        raise CheckpointWriteError(
+            code, f"could not write the checkpoint at step {state.step} ({final}): {os.strerror(code)}"
+        ) from e
     if final.exists():  # the same step saved again: never a moment with neither copy on disk
         old = ckpt_root / f".del-step-{state.step:06d}"
         shutil.rmtree(old, ignore_errors=True)
@@ -147,8 +165,13 @@ def os_errno(e: BaseException) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _write(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState,
-           extra: Callable[[Path], None] | None) -> None:
+def _write(
+    tmp: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    extra: Callable[[Path], None] | None,
+) -> None:
     write_safetensors(trainable_state(model), tmp / "trainable.safetensors")
     fault_point("checkpoint.write")
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)

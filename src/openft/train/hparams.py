@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from openft.config import AUTO, LoraConfig, TrainConfig
 from openft.train.lora import LoraParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 def auto_epochs(n_examples: int) -> int:
@@ -61,7 +65,7 @@ class Resolved:
     total_steps: int
 
 
-def resolve_train(cfg: TrainConfig, n_examples: int, max_len: int, device: "torch.device | None" = None) -> TrainConfig:
+def resolve_train(cfg: TrainConfig, n_examples: int, max_len: int, device: torch.device | None = None) -> TrainConfig:
     """Every `auto` made concrete; `device` is where the model trains (default:
     the GPU if there is one)."""
     import torch
@@ -70,6 +74,7 @@ def resolve_train(cfg: TrainConfig, n_examples: int, max_len: int, device: "torc
 
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
     def pick(value, default):
         return default if value == AUTO else value
 
@@ -131,7 +136,9 @@ def lr_at(step: int, total: int, peak: float, warmup_ratio: float, scheduler: st
 CPU_EFFECTIVE_FLOPS = 70e9
 
 
-def estimate_seconds(n_params: int, tokens_per_epoch: int, epochs: int, method: str, flops: float = CPU_EFFECTIVE_FLOPS) -> float:
+def estimate_seconds(
+    n_params: int, tokens_per_epoch: int, epochs: int, method: str, flops: float = CPU_EFFECTIVE_FLOPS
+) -> float:
     """Training-time estimate: LoRA costs ~4N FLOPs per token (no weight gradients
     for the frozen base), full fine-tuning ~6N."""
     per_token = (4 if method == "lora" else 6) * n_params

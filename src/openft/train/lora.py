@@ -142,8 +142,12 @@ def save_adapter(model: nn.Module, params: LoraParams, out: Path, base_model: st
 
 def read_adapter_params(adapter_dir: Path) -> LoraParams:
     c = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    return LoraParams(rank=c["r"], alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout", 0.0)),
-                      target_modules=tuple(c["target_modules"]))
+    return LoraParams(
+        rank=c["r"],
+        alpha=float(c["lora_alpha"]),
+        dropout=float(c.get("lora_dropout", 0.0)),
+        target_modules=tuple(c["target_modules"]),
+    )
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path) -> LoraParams:

@@ -91,8 +91,9 @@ def head_loss(head: nn.Module, rows: torch.Tensor, y: torch.Tensor) -> tuple[tor
     """(summed CE of head(rows) against y, number of argmax hits), chunked so the
     (N, V) logits never exist at once."""
     weight, bias = head.weight, getattr(head, "bias", None)
-    trains = torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad
-                                          or (bias is not None and bias.requires_grad))
+    trains = torch.is_grad_enabled() and (
+        rows.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
     if trains:
         loss, correct = _HeadCrossEntropy.apply(rows, weight, bias, y, CHUNK_ROWS)
         return loss, int(correct)
@@ -104,7 +105,9 @@ def head_loss(head: nn.Module, rows: torch.Tensor, y: torch.Tensor) -> tuple[tor
     return loss_sum, correct
 
 
-def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> LossOut:
+def causal_lm_loss(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> LossOut:
     decoder, head = decoder_and_head(model)
     device = head.weight.device  # batches are built on the CPU; the model may sit on a GPU
     input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
@@ -120,7 +123,11 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     return LossOut(loss_sum, int(y.numel()), correct)
 
 
-def reference_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def reference_loss(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """The plain computation (full logits, mean over trained tokens), for tests."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE
+    )

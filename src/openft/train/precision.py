@@ -19,15 +19,16 @@ in-process model (the before/after comparison) is the one that gets served.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from openft.hardware import shape_bucket
 from openft.heap import release_free_memory
+
 
 @dataclass(frozen=True)
 class Precision:

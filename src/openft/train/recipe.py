@@ -21,9 +21,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 import torch
 
@@ -37,7 +38,7 @@ from openft.heap import allocator_in_use, keep_freed_memory
 from openft.models.load import LoadedModel, hash_weights, load_model
 from openft.train import checkpoint
 from openft.train.batching import micro_batches, plan_steps
-from openft.train.hparams import resolve_lora, resolve_train, auto_max_seq_length, lr_at
+from openft.train.hparams import auto_max_seq_length, lr_at, resolve_lora, resolve_train
 from openft.train.lora import LoraParams, apply_lora, default_targets, save_adapter
 from openft.train.loss import causal_lm_loss
 from openft.train.precision import Precision, weights_on_disk
@@ -55,6 +56,8 @@ class Interrupted(Exception):
     def __init__(self, reason: str, step: int):
         super().__init__(f"training {reason} at step {step}")
         self.reason, self.step = reason, step
+
+
 VALID_SAMPLE = 64  # validation examples scored at each interval
 
 
@@ -105,8 +108,9 @@ def file_hash(path: str | Path) -> str:
 
 def load_checked(path: str, spec: JobSpec) -> LoadResult:
     d = spec.data
-    result = load_dataset(path, layout=d.layout, columns=parse_columns(d.columns) if d.columns else None,
-                          record_element=d.record_element)
+    result = load_dataset(
+        path, layout=d.layout, columns=parse_columns(d.columns) if d.columns else None, record_element=d.record_element
+    )
     if not result.ok:
         raise DataError(result, what=path)
     return result
@@ -120,14 +124,20 @@ def prepare_data(spec: JobSpec, tokenizer, model_context: int) -> Prepared:
         train, valid = split_examples(train_res.examples, spec.data.validation_split, spec.train.seed)
     cap = min(model_context, 2048) if spec.train.max_seq_length == "auto" else int(spec.train.max_seq_length)
     train_enc = encode_all(tokenizer, train, cap, spec.data.train_on_prompt)
-    max_len = auto_max_seq_length([len(e) for e in train_enc], model_context) if spec.train.max_seq_length == "auto" else cap
+    max_len = (
+        auto_max_seq_length([len(e) for e in train_enc], model_context) if spec.train.max_seq_length == "auto" else cap
+    )
     valid_enc = encode_all(tokenizer, valid, max_len, spec.data.train_on_prompt)
     truncated = sum(e.truncated for e in train_enc)
     kept = [(x, e) for x, e in zip(train, train_enc) if e.n_trained > 0]
     return Prepared(
-        train=[x for x, _ in kept], valid=[x for x, e in zip(valid, valid_enc) if e.n_trained > 0],
-        train_enc=[e for _, e in kept], valid_enc=[e for e in valid_enc if e.n_trained > 0],
-        max_len=max_len, truncated=truncated, fully_masked=len(train_enc) - len(kept),
+        train=[x for x, _ in kept],
+        valid=[x for x, e in zip(valid, valid_enc) if e.n_trained > 0],
+        train_enc=[e for _, e in kept],
+        valid_enc=[e for e in valid_enc if e.n_trained > 0],
+        max_len=max_len,
+        truncated=truncated,
+        fully_masked=len(train_enc) - len(kept),
         data_hash=file_hash(spec.data.path),
     )
 
@@ -138,8 +148,9 @@ def default_run_dir(spec: JobSpec) -> Path:
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, encoded: list[Encoded], pad_id: int, token_budget: int,
-             precision: Precision) -> tuple[float, float]:
+def evaluate(
+    model: torch.nn.Module, encoded: list[Encoded], pad_id: int, token_budget: int, precision: Precision
+) -> tuple[float, float]:
     """Mean loss and token accuracy over trained tokens of `encoded`."""
     was_training = model.training
     model.eval()
@@ -223,21 +234,43 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def finetune(spec: JobSpec, *, resume: bool = False, on_event: EventFn | None = None,
-             progress: bool = True, loaded: LoadedModel | None = None, control: ControlFn | None = None) -> TrainResult:
+def finetune(
+    spec: JobSpec,
+    *,
+    resume: bool = False,
+    on_event: EventFn | None = None,
+    progress: bool = True,
+    loaded: LoadedModel | None = None,
+    control: ControlFn | None = None,
+) -> TrainResult:
     keep_freed_memory()  # each micro-batch reuses the last one's buffers instead of faulting them in anew
     loaded = loaded or load_model(spec.model)  # a run folder is merged first (see jobs.worker)
     undo: list[Callable[[], None]] = []
     try:
-        return _finetune(spec, loaded, undo, resume=resume, emit=on_event or (lambda kind, data: None),
-                         progress=progress, control=control)
+        return _finetune(
+            spec,
+            loaded,
+            undo,
+            resume=resume,
+            emit=on_event or (lambda kind, data: None),
+            progress=progress,
+            control=control,
+        )
     finally:  # however training ends, the caller's model is left as loaded (fp32 base)
         for step in undo:
             step()
 
 
-def _finetune(spec: JobSpec, loaded: LoadedModel, undo: list[Callable[[], None]], *, resume: bool, emit: EventFn,
-              progress: bool, control: ControlFn | None) -> TrainResult:
+def _finetune(
+    spec: JobSpec,
+    loaded: LoadedModel,
+    undo: list[Callable[[], None]],
+    *,
+    resume: bool,
+    emit: EventFn,
+    progress: bool,
+    control: ControlFn | None,
+) -> TrainResult:
     torch.manual_seed(spec.train.seed)
     model, tok = loaded.model, loaded.tokenizer
     context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
@@ -279,16 +312,30 @@ def _finetune(spec: JobSpec, loaded: LoadedModel, undo: list[Callable[[], None]]
     resolved["output_dir"] = str(run_dir)
     _atomic_write(run_dir / "config.json", json.dumps(resolved, indent=2))
     lineage = {
-        "base_model": spec.model, "base_model_kind": loaded.source.kind, "base_model_path": str(loaded.path),
-        "base_model_sha256": hash_weights(loaded.path), "dataset": str(spec.data.path),
-        "dataset_sha256": data.data_hash, "validation": spec.data.validation_path or f"split {spec.data.validation_split}",
-        "split_seed": cfg.seed, "train_examples": len(data.train), "valid_examples": len(data.valid),
-        "method": cfg.method, "openft_version": __import__("openft").__version__,
+        "base_model": spec.model,
+        "base_model_kind": loaded.source.kind,
+        "base_model_path": str(loaded.path),
+        "base_model_sha256": hash_weights(loaded.path),
+        "dataset": str(spec.data.path),
+        "dataset_sha256": data.data_hash,
+        "validation": spec.data.validation_path or f"split {spec.data.validation_split}",
+        "split_seed": cfg.seed,
+        "train_examples": len(data.train),
+        "valid_examples": len(data.valid),
+        "method": cfg.method,
+        "openft_version": __import__("openft").__version__,
     }
     _atomic_write(run_dir / "lineage.json", json.dumps(lineage, indent=2))
 
-    state = checkpoint.TrainerState(step=0, epoch=0.0, best_valid_loss=None, evals_without_improvement=0,
-                                    history=[], trained_tokens=0, elapsed_s=0.0)
+    state = checkpoint.TrainerState(
+        step=0,
+        epoch=0.0,
+        best_valid_loss=None,
+        evals_without_improvement=0,
+        history=[],
+        trained_tokens=0,
+        elapsed_s=0.0,
+    )
     if resume:
         last = checkpoint.latest(run_dir)
         if last is not None:
@@ -296,8 +343,15 @@ def _finetune(spec: JobSpec, loaded: LoadedModel, undo: list[Callable[[], None]]
             emit("resumed", {"step": state.step, "checkpoint": str(last)})
             emit("checkpoints_deleted", {"steps": checkpoint.prune(run_dir, max(1, cfg.keep_checkpoints))})
         checkpoint.trim_metrics(run_dir / "metrics.jsonl", state)  # drop rows past the checkpoint
-    emit("started", {"total_steps": total, "train_examples": len(data.train), "valid_examples": len(data.valid),
-                     "config": resolved})
+    emit(
+        "started",
+        {
+            "total_steps": total,
+            "train_examples": len(data.train),
+            "valid_examples": len(data.valid),
+            "config": resolved,
+        },
+    )
 
     # ---- train -------------------------------------------------------------
     bar = ProgressBar(total) if progress else None
@@ -335,11 +389,19 @@ def _finetune(spec: JobSpec, loaded: LoadedModel, undo: list[Callable[[], None]]
         state.trained_tokens += n_step
         elapsed = time.monotonic() - t0
         rate = (state.trained_tokens - tokens_at_start) / max(1e-9, time.monotonic() - time_at_start)
-        row = {"step": state.step, "epoch": round(state.epoch, 4), "train_loss": loss_total / n_step,
-               "train_mean_token_accuracy": correct / n_step, "learning_rate": lr,
-               "trained_tokens": state.trained_tokens, "tokens_per_s": rate, "elapsed_s": elapsed,
-               "tokens": real, "padded_tokens": padded,  # this step's real tokens / positions run
-               "eta_s": (total - state.step) * (time.monotonic() - time_at_start) / max(1, state.step - first_step)}
+        row = {
+            "step": state.step,
+            "epoch": round(state.epoch, 4),
+            "train_loss": loss_total / n_step,
+            "train_mean_token_accuracy": correct / n_step,
+            "learning_rate": lr,
+            "trained_tokens": state.trained_tokens,
+            "tokens_per_s": rate,
+            "elapsed_s": elapsed,
+            "tokens": real,
+            "padded_tokens": padded,  # this step's real tokens / positions run
+            "eta_s": (total - state.step) * (time.monotonic() - time_at_start) / max(1, state.step - first_step),
+        }
         is_last = state.step == total
         if data.valid_enc and (state.step % cfg.eval_every == 0 or is_last):
             # Interval checks use a fixed sample (as OpenAI's valid_loss does);
@@ -404,15 +466,29 @@ def _finetune(spec: JobSpec, loaded: LoadedModel, undo: list[Callable[[], None]]
         "truncated_examples": data.truncated,
     }
     elapsed = time.monotonic() - t0
-    summary = {"trained_tokens": state.trained_tokens, "elapsed_s": elapsed, "full_valid_loss": full_valid,
-               "tokens_per_s": state.trained_tokens / max(1e-9, elapsed), "signals": signals,
-               "stopped_early": stopped_early, "steps": state.step,
-               "allocator": allocator_in_use()}  # tcmalloc or system: it moves speed and memory (openft.heap)
+    summary = {
+        "trained_tokens": state.trained_tokens,
+        "elapsed_s": elapsed,
+        "full_valid_loss": full_valid,
+        "tokens_per_s": state.trained_tokens / max(1e-9, elapsed),
+        "signals": signals,
+        "stopped_early": stopped_early,
+        "steps": state.step,
+        "allocator": allocator_in_use(),
+    }  # tcmalloc or system: it moves speed and memory (openft.heap)
     _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     emit("finished", summary)
-    return TrainResult(run_dir=run_dir, output_dir=out_dir, history=hist, trained_tokens=state.trained_tokens,
-                       signals=signals, tokens_per_s=summary["tokens_per_s"], elapsed_s=elapsed,
-                       stopped_early=stopped_early, config=resolved)
+    return TrainResult(
+        run_dir=run_dir,
+        output_dir=out_dir,
+        history=hist,
+        trained_tokens=state.trained_tokens,
+        signals=signals,
+        tokens_per_s=summary["tokens_per_s"],
+        elapsed_s=elapsed,
+        stopped_early=stopped_early,
+        config=resolved,
+    )
 
 
 def _tail_mean(xs: list[float], k: int = 3) -> float:

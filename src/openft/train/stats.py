@@ -36,9 +36,17 @@ def _pct(sorted_xs: list[int], q: float) -> int:
     return sorted_xs[min(len(sorted_xs) - 1, math.ceil(q * len(sorted_xs)) - 1)]
 
 
-def token_stats(tokenizer, examples: list[Example], *, max_seq_length: int | None, n_params: int,
-                context: int = 2048, epochs: int | None = None, method: str = "lora",
-                train_on_prompt: bool = False) -> tuple[TokenStats, list[Problem]]:
+def token_stats(
+    tokenizer,
+    examples: list[Example],
+    *,
+    max_seq_length: int | None,
+    n_params: int,
+    context: int = 2048,
+    epochs: int | None = None,
+    method: str = "lora",
+    train_on_prompt: bool = False,
+) -> tuple[TokenStats, list[Problem]]:
     """`max_seq_length=None` applies the auto rule (longest example, capped by `context`)."""
     # Encode without truncation first to see how many examples exceed the limit.
     enc = encode_all(tokenizer, examples, 1 << 30, train_on_prompt)
@@ -52,18 +60,28 @@ def token_stats(tokenizer, examples: list[Example], *, max_seq_length: int | Non
     n_epochs = epochs or auto_epochs(len(examples))
     tokens = sum(len(e) for e in trunc)
     stats = TokenStats(
-        examples=len(examples), turns=sum(len(x.messages or []) for x in examples),
-        total_tokens=sum(lengths), supervised_tokens=supervised,
-        length_p50=_pct(lengths, 0.5), length_p90=_pct(lengths, 0.9), length_p99=_pct(lengths, 0.99),
-        length_max=lengths[-1] if lengths else 0, max_seq_length=max_seq_length,
-        over_max_length=len(over), fully_masked=len(masked), epochs=n_epochs,
+        examples=len(examples),
+        turns=sum(len(x.messages or []) for x in examples),
+        total_tokens=sum(lengths),
+        supervised_tokens=supervised,
+        length_p50=_pct(lengths, 0.5),
+        length_p90=_pct(lengths, 0.9),
+        length_p99=_pct(lengths, 0.99),
+        length_max=lengths[-1] if lengths else 0,
+        max_seq_length=max_seq_length,
+        over_max_length=len(over),
+        fully_masked=len(masked),
+        epochs=n_epochs,
         estimated_seconds=estimate_seconds(n_params, tokens, n_epochs, method),
     )
     warnings: list[Problem] = []
     if over:
         first = ", ".join(str(x.where) for x in over[:3])
-        warnings.append(Problem(
-            f"{len(over)} example(s) are longer than the maximum sequence length {max_seq_length} tokens "
-            f"(e.g. {first}); they will be truncated to {max_seq_length} tokens"
-            + (f", and {len(masked)} of them lose every trained token and are skipped" if masked else "")))
+        warnings.append(
+            Problem(
+                f"{len(over)} example(s) are longer than the maximum sequence length {max_seq_length} tokens "
+                f"(e.g. {first}); they will be truncated to {max_seq_length} tokens"
+                + (f", and {len(masked)} of them lose every trained token and are skipped" if masked else "")
+            )
+        )
     return stats, warnings
