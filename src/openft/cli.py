@@ -11,16 +11,24 @@ import argparse
 import json
 import sys
 import time
-import typing
-from dataclasses import fields
+from dataclasses import MISSING
 from pathlib import Path
 
-from openft.config import AUTO, DataConfig, EvalConfig, JobSpec, LoraConfig, TrainConfig
+from openft.config import (
+    AUTO,
+    DataConfig,
+    EvalConfig,
+    FieldType,
+    JobSpec,
+    LoraConfig,
+    TrainConfig,
+    config_fields,
+    field_type,
+)
 
 # Flag names that read better than the field names.
 FLAG_NAMES = {"path": "data", "validation_path": "validation-file", "questions": "questions"}
 SECTIONS = {"data": DataConfig, "lora": LoraConfig, "train": TrainConfig, "eval": EvalConfig}
-LORA_PREFIX = {"rank", "alpha", "dropout", "target_modules"}
 
 
 def _flag(section: str, name: str) -> str:
@@ -30,61 +38,73 @@ def _flag(section: str, name: str) -> str:
     return f"lora-{base}" if section == "lora" else base
 
 
-def _num_or_auto(kind: type):
+def _shown_default(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+def _flag_help(f, ft: FieldType) -> str:
+    """The field's help; a default that is not `auto` (whose rule the help
+    explains) is spelled out, since argparse's own defaults stay None so that
+    only the flags given override a --config file."""
+    text = f.metadata.get("help", "")
+    if ft.item is not None:
+        text += " (comma-separated)"
+    if f.default not in (AUTO, None, "", MISSING):
+        text += f" (default: {_shown_default(f.default)})"
+    elif f.default_factory is not MISSING and f.default_factory() != AUTO:
+        text += f" (default: {_shown_default(f.default_factory())})"
+    return text.replace("%", "%%")  # argparse formats help
+
+
+def _metavar(name: str, ft: FieldType) -> str:
+    if ft.scalar is str:
+        return name.upper()
+    base = {int: "INT", float: "FLOAT"}.get(ft.scalar) or "NAME,..."
+    return "|".join([base, *ft.literals])
+
+
+def _arg_type(ft: FieldType):
+    """argparse's `type=`: exit 2 naming the flag and what it takes."""
+
     def parse(text: str):
-        if text == AUTO:
-            return AUTO
         try:
-            return kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number or 'auto', got '{text}'") from None
+            return ft.from_text(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse
+
+
+def add_field_flag(group, f, hint, flag: str, dest: str) -> None:
+    """One flag for a config field, parsing to the field's type (`field_type`)."""
+    ft = field_type(hint)
+    kw = {"dest": dest, "default": None, "help": _flag_help(f, ft)}
+    if ft.scalar is bool:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+    elif ft.choices:
+        group.add_argument(flag, choices=ft.choices, **kw)
+    else:
+        group.add_argument(flag, type=_arg_type(ft), metavar=_metavar(f.name, ft), **kw)
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     for section, cls in SECTIONS.items():
         group = p.add_argument_group(section)
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            flag, help_ = (
-                "--" + _flag(section, f.name),
-                f.metadata.get("help", "").replace("%", "%%"),
-            )  # argparse formats help
-            dest = f"{section}__{f.name}"
-            hint, origin = hints[f.name], typing.get_origin(hints[f.name])
-            args = typing.get_args(hint)
-            if hint is bool:
-                group.add_argument(flag, dest=dest, action="store_true", default=None, help=help_)
-            elif origin is typing.Literal:
-                group.add_argument(flag, dest=dest, choices=args, default=None, help=help_)
-            elif "list" in str(hint):
-                group.add_argument(
-                    flag,
-                    dest=dest,
-                    default=None,
-                    help=help_ + " (comma-separated)",
-                    type=lambda s: AUTO if s == AUTO else [x.strip() for x in s.split(",") if x.strip()],
-                )
-            elif int in args or hint is int:
-                group.add_argument(
-                    flag, dest=dest, type=_num_or_auto(int), default=None, help=help_, metavar=f.name.upper()
-                )
-            elif float in args or hint is float:
-                group.add_argument(
-                    flag, dest=dest, type=_num_or_auto(float), default=None, help=help_, metavar=f.name.upper()
-                )
-            else:
-                group.add_argument(flag, dest=dest, default=None, help=help_, metavar=f.name.upper())
+        for f, hint in config_fields(cls):
+            add_field_flag(group, f, hint, "--" + _flag(section, f.name), f"{section}__{f.name}")
 
 
 def spec_from_args(args: argparse.Namespace) -> JobSpec:
-    base: dict = {}
+    spec = JobSpec()
     if getattr(args, "config", None):
         import yaml
 
-        base = yaml.safe_load(Path(args.config).read_text()) or {}
-    spec = JobSpec.from_dict(base)
+        try:
+            spec = JobSpec.from_dict(yaml.safe_load(Path(args.config).read_text()) or {})
+        except (ValueError, yaml.YAMLError) as e:  # an unknown key, a wrong type, bad YAML
+            raise ValueError(f"{args.config}: {e}") from None
     for key, value in vars(args).items():
         if "__" in key and value is not None:
             section, name = key.split("__", 1)
@@ -135,6 +155,11 @@ def _load_for_cli(args):
     )
 
 
+def _unless_auto(value):
+    """A flag's value where None stands for the auto rule."""
+    return None if value in (None, AUTO) else value
+
+
 def cmd_data_validate(args) -> int:
     from openft.models.load import load_model
     from openft.train.progress import fmt_duration
@@ -150,11 +175,12 @@ def cmd_data_validate(args) -> int:
         stats, warns = token_stats(
             loaded.tokenizer,
             result.examples,
-            max_seq_length=args.max_seq_length,
+            max_seq_length=_unless_auto(args.max_seq_length),
             n_params=n_params,
             context=ctx,
-            epochs=args.epochs,
-            method=args.method,
+            epochs=_unless_auto(args.epochs),
+            method=args.method or TrainConfig.method,
+            train_on_prompt=args.train_on_prompt,
         )
         report["stats"] = stats.to_dict()
         report["warnings"] += [w.to_dict() for w in warns]
@@ -177,7 +203,7 @@ def cmd_data_validate(args) -> int:
         )
         print(
             f"  estimated training time on this machine: {fmt_duration(stats.estimated_seconds)} "
-            f"({stats.epochs} epochs, {args.method}, max length {stats.max_seq_length})"
+            f"({stats.epochs} epochs, {args.method or TrainConfig.method}, max length {stats.max_seq_length})"
         )
     print("OK: usable for fine-tuning" if result.ok else f"NOT USABLE: {len(result.errors)} error(s)")
     return 0 if result.ok else 1
@@ -334,9 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = data.add_parser("validate", help="report every problem with its line or record, and token statistics")
     _data_args(v)
     v.add_argument("--json", action="store_true", help="machine-readable report")
-    v.add_argument("--max-seq-length", type=int, help="warn about examples longer than this (default: auto)")
-    v.add_argument("--epochs", type=int, help="epochs for the time estimate (default: auto)")
-    v.add_argument("--method", choices=["lora", "full"], default="lora")
+    # The training settings the statistics and the estimate depend on, typed as finetune's.
+    train_fields = {f.name: (f, hint) for f, hint in config_fields(TrainConfig)}
+    for name in ("max_seq_length", "epochs", "method"):
+        add_field_flag(v, *train_fields[name], "--" + _flag("train", name), name)
     v.add_argument("--no-stats", action="store_true", help="skip token statistics (no model load)")
     v.set_defaults(fn=cmd_data_validate)
     pv = data.add_parser("preview", help="show examples as the model sees them, trained tokens marked")

@@ -33,13 +33,34 @@ def test_models_list_shows_the_builtin(session_home):
     assert "smollm2-135m-instruct" in out and "available" in out
 
 
-@pytest.mark.parametrize("command", ["finetune", "compare", "serve"])
+HELP_FLAGS = {
+    "finetune": [
+        "--precision {auto,fp32,bf16}",
+        "--lora-dropout",
+        "10-20% advised",
+        "--lora-rank INT",
+        "(default: 16)",
+    ],
+    "compare": ["--before BEFORE", "--after AFTER", "--questions QUESTIONS", "--out OUT", "--max-new-tokens"],
+    "serve": ["--host", "--port", "--max-upload-mb", "--max-batch-size", "--precision {auto,fp32,bf16}", "--no-worker"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(HELP_FLAGS))
 def test_help_lists_every_flag(command, session_home):
     # Help strings with a literal % once crashed argparse's formatter.
     out = openft(command, "--help", home=session_home, check=True).stdout
-    assert "usage:" in out
-    if command == "finetune":
-        assert "--precision {auto,fp32,bf16}" in out and "--lora-dropout" in out and "10-20% advised" in out
+    assert out.startswith(f"usage: openft {command}")
+    missing = [flag for flag in HELP_FLAGS[command] if flag not in " ".join(out.split())]
+    assert not missing, out
+
+
+def test_a_wrongly_typed_flag_exits_2_naming_it(session_home):
+    # Once accepted, then a TypeError traceback from deep in the training setup.
+    proc = openft("finetune", "--data", "d.jsonl", "--lora-rank", "auto", home=session_home)
+    assert proc.returncode == 2
+    assert "argument --lora-rank: expected an integer, got 'auto'" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_a_training_command_names_a_missing_allocator_library(session_home, tmp_path):
