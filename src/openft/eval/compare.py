@@ -10,8 +10,6 @@ training signals are known.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from statistics import fmean
 from openft.eval.questions import Question
 from openft.eval.scores import Embedder, contains, exact_match, rouge_l
 from openft.eval.verdict import TrainingSignals, Verdict, judge
+from openft.fileio import atomic_write
 
 # A question counts as improved (or worse) when its score moved by more than this
 # (scores are 0..1): smaller moves are rewording, not better or worse answers.
@@ -163,23 +162,9 @@ def write_report(comparison: Comparison, out_dir: str | Path) -> tuple[Path, Pat
     """Write comparison.md and comparison.json; a reader never sees half a file."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md = _write_atomic(out / "comparison.md", to_markdown(comparison))
-    js = _write_atomic(out / "comparison.json", json.dumps(to_json(comparison), ensure_ascii=False, indent=2) + "\n")
+    md = atomic_write(out / "comparison.md", to_markdown(comparison))
+    js = atomic_write(out / "comparison.json", json.dumps(to_json(comparison), ensure_ascii=False, indent=2) + "\n")
     return md, js
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    # A temp file in the same directory, then os.replace: a rename within one
-    # filesystem is atomic, so a console polling the file gets old or new, never torn.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ---- Markdown -------------------------------------------------------------------

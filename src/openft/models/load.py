@@ -7,7 +7,6 @@ every later load takes about a second.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from openft.fileio import sha256_files
 from openft.models.registry import BUILTINS, DEFAULT_MODEL, ModelNotFound, ModelSource, builtin_gguf_path, resolve
 
 # transformers builds models under process-global patches (meta-device init, GGUF
@@ -176,12 +176,7 @@ def load_for_serving(arg: str | ModelSource, *, dtype: torch.dtype = torch.float
 
 def hash_weights(path: Path) -> str:
     """sha256 over the model's safetensors files (lineage: which exact base)."""
-    h = hashlib.sha256()
-    for f in sorted(Path(path).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return sha256_files(sorted(Path(path).glob("*.safetensors")))
 
 
 # ChatML, used only when a base model ships no chat template of its own.

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from openft.faults import fault_point
+from openft.fileio import atomic_dir, atomic_write
 
 STATE_FILE = "trainer_state.json"
 
@@ -36,17 +37,6 @@ class TrainerState:
     history: list[dict]  # metrics rows so far
     trained_tokens: int
     elapsed_s: float
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -126,28 +116,18 @@ def save(
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{state.step:06d}"
-    tmp = ckpt_root / f".tmp-step-{state.step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
-        _write(tmp, model, optimizer, state, extra)
+        # Written as .tmp-step-N, renamed into place; the same step saved again
+        # replaces the old copy with never a moment with neither on disk.
+        with atomic_dir(final) as tmp:
+            _write(tmp, model, optimizer, state, extra)
     except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         code = os_errno(e)
         if code is None:
             raise
         raise CheckpointWriteError(
             code, f"could not write the checkpoint at step {state.step} ({final}): {os.strerror(code)}"
         ) from e
-    if final.exists():  # the same step saved again: never a moment with neither copy on disk
-        old = ckpt_root / f".del-step-{state.step:06d}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
     fault_point("checkpoint.commit")
     return final
 
@@ -187,10 +167,6 @@ def _write(
         extra(tmp)
     # Written last: its presence inside a renamed folder means "complete".
     (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 def prune(run_dir: Path, keep: int) -> list[int]:
@@ -234,10 +210,7 @@ def complete(run_dir: Path) -> list[Path]:
 def trim_metrics(path: Path, state: TrainerState) -> None:
     """On resume, make metrics.jsonl hold exactly the rows up to the checkpoint
     (`state.history`): rows an interrupted attempt wrote past it are trained again."""
-    lines = "".join(json.dumps(row) + "\n" for row in state.history)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(lines)
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(row) + "\n" for row in state.history))
 
 
 def latest(run_dir: Path) -> Path | None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
+from openft.fileio import atomic_dir
 from openft.models.load import LoadedModel, load_model
 from openft.models.registry import ModelSource
 from openft.train.lora import load_adapter, merge_lora
@@ -44,18 +44,14 @@ def export(run_dir: str | Path, out: str | Path, *, adapter_only: bool = False) 
         raise FileNotFoundError(f"{run_dir} is not a finished openft run (no lineage.json with adapter/ or model/)")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if adapter_only:
-        if not (run_dir / "adapter").is_dir():
-            raise ValueError("this run is a full fine-tune: it has no adapter; export the model instead")
-        shutil.copytree(run_dir / "adapter", tmp)
-    else:
-        loaded = load_run(run_dir, merged=True)
-        loaded.model.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        shutil.copy(run_dir / "lineage.json", tmp / "openft_lineage.json")
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+    if adapter_only and not (run_dir / "adapter").is_dir():
+        raise ValueError("this run is a full fine-tune: it has no adapter; export the model instead")
+    with atomic_dir(out) as tmp:
+        if adapter_only:
+            shutil.copytree(run_dir / "adapter", tmp, dirs_exist_ok=True)
+        else:
+            loaded = load_run(run_dir, merged=True)
+            loaded.model.save_pretrained(tmp)
+            loaded.tokenizer.save_pretrained(tmp)
+            shutil.copy(run_dir / "lineage.json", tmp / "openft_lineage.json")
     return out

@@ -14,11 +14,8 @@ glue over it. Everything a run writes goes into its run folder:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,6 +31,7 @@ from openft.data.load import LoadResult, load_dataset, parse_columns
 from openft.data.split import split_examples
 from openft.data.types import Example
 from openft.faults import fault_point
+from openft.fileio import atomic_dir, atomic_write, sha256_files
 from openft.heap import allocator_in_use, keep_freed_memory
 from openft.models.load import LoadedModel, hash_weights, load_model
 from openft.train import checkpoint
@@ -97,13 +95,9 @@ class TrainResult:
 
 
 def file_hash(path: str | Path) -> str:
-    h = hashlib.sha256()
+    """sha256 of a dataset file, or of a folder's files with their names (lineage)."""
     p = Path(path)
-    files = sorted(x for x in p.iterdir() if x.is_file()) if p.is_dir() else [p]
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
+    return sha256_files(sorted(x for x in p.iterdir() if x.is_file()) if p.is_dir() else [p], names=True)
 
 
 def load_checked(path: str, spec: JobSpec) -> LoadResult:
@@ -228,12 +222,6 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def finetune(
     spec: JobSpec,
     *,
@@ -310,7 +298,7 @@ def _finetune(
     resolved["train"] = asdict(cfg)
     resolved["lora"] = asdict(lora) if lora else None
     resolved["output_dir"] = str(run_dir)
-    _atomic_write(run_dir / "config.json", json.dumps(resolved, indent=2))
+    atomic_write(run_dir / "config.json", json.dumps(resolved, indent=2))
     lineage = {
         "base_model": spec.model,
         "base_model_kind": loaded.source.kind,
@@ -325,7 +313,7 @@ def _finetune(
         "method": cfg.method,
         "openft_version": __import__("openft").__version__,
     }
-    _atomic_write(run_dir / "lineage.json", json.dumps(lineage, indent=2))
+    atomic_write(run_dir / "lineage.json", json.dumps(lineage, indent=2))
 
     state = checkpoint.TrainerState(
         step=0,
@@ -476,7 +464,7 @@ def _finetune(
         "steps": state.step,
         "allocator": allocator_in_use(),
     }  # tcmalloc or system: it moves speed and memory (openft.heap)
-    _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     emit("finished", summary)
     return TrainResult(
         run_dir=run_dir,
@@ -500,13 +488,10 @@ def _tail_mean(xs: list[float], k: int = 3) -> float:
 def _save_final(run_dir: Path, model: torch.nn.Module, tok, lora: LoraParams | None, base: str) -> Path:
     name = "adapter" if lora else "model"
     final = run_dir / name
-    tmp = run_dir / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if lora:
-        save_adapter(model, lora, tmp, base)
-    else:
-        model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:
+        if lora:
+            save_adapter(model, lora, tmp, base)
+        else:
+            model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return final
