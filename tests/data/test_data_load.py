@@ -118,3 +118,72 @@ def test_xml_chat_dataset_end_to_end(write):
         ("user", "q2"),
         ("assistant", "a2"),
     ]
+
+
+# ---- a folder of XML documents laid out like MedQuAD: one <Document> per file,
+# ---- some holding one <QAPair>, some several, with metadata elements around them.
+
+
+def medquad_doc(doc_id: str, pairs: list[tuple[str, str | None]], *, synonyms: int = 0, wrapper: bool = False) -> str:
+    qa = "".join(
+        f'<QAPair pid="{i}"><Question qid="{doc_id}-{i}" qtype="information">{q}</Question>'
+        + (f"<Answer>{a}</Answer>" if a is not None else "")
+        + "</QAPair>"
+        for i, (q, a) in enumerate(pairs, 1)
+    )
+    syn = f"<Synonyms>{'<Synonym>alias</Synonym>' * synonyms}</Synonyms>" if synonyms else ""
+    body = f"<QAPairs>{qa}</QAPairs>"
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Document id="{doc_id}" source="Test">'
+        f"<Focus>Condition {doc_id}</Focus><FocusAnnotations>{syn}<Category>Disease</Category>"
+        "<UMLS><CUIs><CUI>C0001</CUI></CUIs><SemanticGroup>Disorders</SemanticGroup></UMLS></FocusAnnotations>"
+        + (f"<Section>{body}</Section>" if wrapper else body)
+        + "</Document>\n"
+    )
+
+
+def medquad_folder(write, missing_answer: bool = False) -> None:
+    write("mq/0000001.xml", medquad_doc("1", [(f"What is A{i}?", f"A{i} is a condition.") for i in range(3)]))
+    # One-record documents: alone, their <Synonyms> (first, as shallow) once won.
+    write("mq/0000002.xml", medquad_doc("2", [("What causes B?", "Nobody knows.")], synonyms=2))
+    write("mq/0000003.xml", medquad_doc("3", [("Who gets C?", None if missing_answer else "Anyone.")]))
+    write("mq/0000004.xml", medquad_doc("4", [("How is D treated?", "With rest.")], wrapper=True))
+
+
+def test_xml_folder_of_one_and_many_record_documents(write, tmp_path):
+    medquad_folder(write)
+    r = load_dataset(tmp_path / "mq")
+    assert r.errors == [] and r.layout == "qa" and r.records == 6 and len(r.examples) == 6
+    assert [(e.where.file.rsplit("/", 1)[1], e.where.record) for e in r.examples] == [
+        ("0000001.xml", 0),
+        ("0000001.xml", 1),
+        ("0000001.xml", 2),
+        ("0000002.xml", 0),
+        ("0000003.xml", 0),
+        ("0000004.xml", 0),
+    ]
+    assert [m.content for m in r.examples[3].messages] == ["What causes B?", "Nobody knows."]
+    assert [m.content for m in r.examples[5].messages] == ["How is D treated?", "With rest."]
+
+
+def test_a_one_record_xml_file_reads_the_element_holding_question_and_answer(write):
+    r = load_dataset(write("one.xml", medquad_doc("2", [("What causes B?", "Nobody knows.")], synonyms=2)))
+    assert r.errors == [] and r.layout == "qa" and r.records == 1
+    assert [m.content for m in r.examples[0].messages] == ["What causes B?", "Nobody knows."]
+
+
+def test_xml_folder_errors_name_the_file_and_record(write, tmp_path):
+    medquad_folder(write, missing_answer=True)
+    r = load_dataset(tmp_path / "mq")
+    assert r.layout == "qa" and r.records == 6 and len(r.examples) == 5 and not r.ok
+    [e] = r.errors
+    assert e.file.endswith("0000003.xml") and e.record == 0 and "question/answer" in e.message
+
+
+def test_xml_folder_file_without_the_record_element_is_named(write, tmp_path):
+    medquad_folder(write)
+    write("mq/0000005.xml", "<Document><Focus>E</Focus><Notes><Note>n</Note></Notes></Document>")
+    r = load_dataset(tmp_path / "mq")
+    assert r.records == 6 and len(r.examples) == 6
+    [e] = r.errors
+    assert e.file.endswith("0000005.xml") and "no <QAPair> elements found" in e.message

@@ -251,3 +251,22 @@ def test_xml_flat_repeated_turns_become_a_list(write):
     )
     r = read_path(write("d.xml", xml))
     assert r.records[1].data == {"turn": [{"from": "human", "content": "q2"}, {"from": "gpt", "content": "a2"}]}
+
+
+def test_xml_folder_shares_one_record_element(write, tmp_path):
+    # Read alone, the one-record file would pick <meta> (first, as shallow, as often);
+    # with the folder, <pair> (repeated in a.xml) is the record everywhere.
+    write("ds/a.xml", "<doc><meta><k>x</k></meta><pairs><pair><q>1</q></pair><pair><q>2</q></pair></pairs></doc>")
+    write("ds/b.xml", "<doc><meta><k>y</k></meta><pairs><pair><q>3</q></pair></pairs></doc>")
+    write("ds/c.xml", "<doc><meta><k>z</k></meta><extra><pairs><pair><q>4</q></pair></pairs></extra></doc>")
+    r = read_path(tmp_path / "ds")
+    assert r.errors == []
+    assert [(x.data, x.where.file.rsplit("/", 1)[1], x.where.record) for x in r.records] == [
+        ({"q": "1"}, "a.xml", 0),
+        ({"q": "2"}, "a.xml", 1),
+        ({"q": "3"}, "b.xml", 0),
+        ({"q": "4"}, "c.xml", 0),
+    ]
+    # A test of what a record looks like decides where nothing repeats.
+    r = read_path(tmp_path / "ds" / "b.xml", looks_like_record=lambda fields: "q" in fields)
+    assert [x.data for x in r.records] == [{"q": "3"}]

@@ -21,6 +21,7 @@ from openft.data.layouts import (
     LAYOUTS,
     check_columns,
     detect_layout,
+    guess_layout,
     layout_for_columns,
     no_layout_message,
     normalise,
@@ -76,6 +77,14 @@ def parse_columns(spec: str) -> dict[str, str]:
     return out
 
 
+def _record_test(columns: dict[str, str] | None):
+    """What an XML record looks like, for choosing the record element: the
+    columns named by a mapping, else the fields of a known layout."""
+    if columns:
+        return lambda fields: set(columns.values()) <= set(fields)
+    return lambda fields: guess_layout(fields) is not None
+
+
 def load_dataset(
     path: str | Path,
     layout: str | None = None,
@@ -101,7 +110,7 @@ def load_dataset(
                 f"(its fields: {', '.join(FIELDS[layout])})"
             )
 
-    read = read_path(path, record_element)
+    read = read_path(path, record_element, _record_test(columns))
     result = LoadResult(
         errors=list(read.errors), warnings=list(read.warnings), files=read.files, records=len(read.records)
     )

@@ -26,6 +26,7 @@ import sys
 import xml.etree.ElementTree as ET
 from bisect import bisect_right
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,9 +79,17 @@ def display_path(path: str | Path) -> str:
         return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def read_path(path: str | Path, record_element: str | None = None) -> ReadResult:
+# Whether an XML element's fields look like one record of a known layout
+# (question/answer, messages ...): `load.py` passes the layouts' test in.
+RecordTest = Callable[[dict[str, Any]], bool]
+
+
+def read_path(
+    path: str | Path, record_element: str | None = None, looks_like_record: RecordTest | None = None
+) -> ReadResult:
     """Read a file, or every supported file in a folder (sorted by name, not
-    recursive, hidden files skipped), into one `ReadResult`."""
+    recursive, hidden files skipped), into one `ReadResult`. The XML files of a
+    folder share one record element (`choose_record_tag`)."""
     p = Path(path)
     if p.is_dir():
         result = ReadResult()
@@ -102,17 +111,16 @@ def read_path(path: str | Path, record_element: str | None = None) -> ReadResult
                     f"folder holds no dataset files (supported: {', '.join(sorted(FORMATS))})", file=display_path(p)
                 )
             )
+        xml = [e for e in supported if FORMATS[e.suffix.lower()] == "xml"]
+        read_xml = dict(zip(xml, read_xml_files(xml, record_element, looks_like_record)))
         for e in supported:
-            result.extend(read_file(e, record_element))
+            result.extend(read_xml[e] if e in read_xml else read_file(e))
         return result
-    return read_file(p, record_element)
+    return read_file(p, record_element, looks_like_record)
 
 
-def read_file(path: str | Path, record_element: str | None = None) -> ReadResult:
-    """Read one file; the format comes from its extension."""
-    p = Path(path)
-    name = display_path(p)
-    result = ReadResult(files=[name])
+def _check_file(p: Path, name: str, result: ReadResult) -> str | None:
+    """The file's format, or None with the reason in `result.errors`."""
     fmt = FORMATS.get(p.suffix.lower())
     if fmt is None:
         result.errors.append(
@@ -121,24 +129,40 @@ def read_file(path: str | Path, record_element: str | None = None) -> ReadResult
                 file=name,
             )
         )
-        return result
-    if not p.exists():
+    elif not p.exists():
         result.errors.append(Problem("no such file or folder", file=name))
-        return result
-    if not p.is_file():
+    elif not p.is_file():
         # A FIFO or device would block or never end (`/dev/zero` named x.jsonl).
         result.errors.append(Problem("not a regular file", file=name))
-        return result
-    if fmt == "parquet":
-        _read_parquet(p, result)
-        return result
+    else:
+        return fmt
+    return None
+
+
+def _read_bytes(p: Path, name: str, result: ReadResult) -> bytes | None:
     try:
-        raw = p.read_bytes()
+        return p.read_bytes()
     except OSError as e:
         result.errors.append(Problem(f"cannot read file: {e.strerror or e}", file=name))
-        return result
+        return None
+
+
+def read_file(
+    path: str | Path, record_element: str | None = None, looks_like_record: RecordTest | None = None
+) -> ReadResult:
+    """Read one file; the format comes from its extension."""
+    p = Path(path)
+    name = display_path(p)
+    result = ReadResult(files=[name])
+    fmt = _check_file(p, name, result)
     if fmt == "xml":
-        _read_xml(raw, name, result, record_element)
+        return read_xml_files([p], record_element, looks_like_record)[0]
+    if fmt == "parquet":
+        _read_parquet(p, result)
+    if fmt in (None, "parquet"):
+        return result
+    raw = _read_bytes(p, name, result)
+    if raw is None:
         return result
     text, problem = decode_text(raw, name)
     if problem:
@@ -522,27 +546,59 @@ def _record_fields(el: ET.Element) -> dict[str, Any]:
     return fields
 
 
-def find_record_elements(root: ET.Element) -> list[ET.Element]:
-    """The records are the most repeated element whose children are all fields
-    (text-only leaves, or lists of leaves like a `<messages>` wrapper). Ties go to
-    the shallower element, so a `<conversation>` wins over its `<messages>`."""
-    counts: Counter[str] = Counter()
-    depth: dict[str, int] = {}
-    order: dict[str, int] = {}
+@dataclass
+class _TagStats:
+    """How one element name occurs across a folder's XML files, as a record
+    candidate: an element whose children are all fields (text-only leaves, or
+    lists of leaves like a `<messages>` wrapper)."""
+
+    files: int = 0  # files holding it
+    repeated: bool = False  # more than once in some file
+    record_like: int = 0  # files where its first one has a known layout's fields
+    total: int = 0
+    depth: int = 0  # shallowest, in any file
+    order: int = 0  # first seen, in file order then document order
+
+    def rank(self) -> tuple:
+        return (self.repeated, self.record_like, self.files, self.total, -self.depth, -self.order)
+
+
+def _candidates(root: ET.Element) -> dict[str, tuple[int, int, ET.Element]]:
+    """Local tag -> (count, shallowest depth, first element) of the candidates in one document."""
+    found: dict[str, tuple[int, int, ET.Element]] = {}
 
     def walk(el: ET.Element, d: int) -> None:
         if len(el) and all(_is_leaf(c) or _is_list_wrapper(c) for c in el):
-            counts[el.tag] += 1
-            depth.setdefault(el.tag, d)
-            order.setdefault(el.tag, len(order))
+            tag = _local(el.tag)
+            count, depth, first = found.get(tag, (0, d, el))
+            found[tag] = (count + 1, min(depth, d), first)
         for c in el:
             walk(c, d + 1)
 
     walk(root, 0)
-    if not counts:
-        return []
-    best = min(counts, key=lambda t: (-counts[t], depth[t], order[t]))
-    return list(root.iter(best))
+    return found
+
+
+def choose_record_tag(roots: list[ET.Element], looks_like_record: RecordTest | None = None) -> str | None:
+    """The record element of a set of XML documents (a folder's files), decided
+    once for all of them: the element repeated in some document, then the one
+    whose fields look like a record (`looks_like_record`: question/answer ...),
+    then the one in the most documents, the most often, the shallowest, the
+    first. A folder where most documents hold one `<QAPair>` and some several
+    thus reads `<QAPair>` everywhere, not a one-off metadata element that
+    happens to come first in a one-record document. Ties within one document go
+    to the shallower element, so a `<conversation>` wins over its `<messages>`."""
+    stats: dict[str, _TagStats] = {}
+    for root in roots:
+        for tag, (count, depth, first) in _candidates(root).items():
+            st = stats.setdefault(tag, _TagStats(depth=depth, order=len(stats)))
+            st.files += 1
+            st.repeated = st.repeated or count > 1
+            st.total += count
+            st.depth = min(st.depth, depth)
+            if looks_like_record is not None and looks_like_record(_record_fields(first)):
+                st.record_like += 1
+    return max(stats, key=lambda t: stats[t].rank()) if stats else None
 
 
 MAX_XML_DEPTH = 100  # element nesting; dataset files need about 5
@@ -605,7 +661,28 @@ def parse_xml(source: str | bytes) -> ET.Element:
     return builder.close()
 
 
-def _read_xml(raw: bytes, file: str, result: ReadResult, record_element: str | None) -> None:
+def read_xml_files(
+    paths: list[Path], record_element: str | None = None, looks_like_record: RecordTest | None = None
+) -> list[ReadResult]:
+    """Read XML files as one dataset: every file is parsed first, then the record
+    element is chosen across all of them (unless `record_element` names it) and
+    read from each. One `ReadResult` per path, in order."""
+    parsed = [_parse_xml_file(p) for p in paths]
+    tag = record_element or choose_record_tag([root for _, root in parsed if root is not None], looks_like_record)
+    for result, root in parsed:
+        if root is not None:
+            _xml_records(root, result, tag, named=record_element is not None, among=len(paths))
+    return [result for result, _ in parsed]
+
+
+def _parse_xml_file(p: Path) -> tuple[ReadResult, ET.Element | None]:
+    name = display_path(p)
+    result = ReadResult(files=[name])
+    raw = _read_bytes(p, name, result) if _check_file(p, name, result) else None
+    return result, (None if raw is None else _parse_xml(raw, name, result))
+
+
+def _parse_xml(raw: bytes, file: str, result: ReadResult) -> ET.Element | None:
     declared = _XML_DECL_ENCODING.match(raw)
     encoding = declared.group(1).decode().lower() if declared else "utf-8"
     source: str | bytes
@@ -617,44 +694,46 @@ def _read_xml(raw: bytes, file: str, result: ReadResult, record_element: str | N
         text, problem = decode_text(raw, file)
         if problem:
             result.errors.append(problem)
-            return
+            return None
         source = text
     try:
-        root = parse_xml(source)
+        return parse_xml(source)
     except _XMLRefused as e:
         message, line, column = e.args
         result.errors.append(Problem(message, file=file, line=line, column=column))
-        return
     except expat.ExpatError as e:
         result.errors.append(
             Problem(f"invalid XML: {expat.ErrorString(e.code)}", file=file, line=e.lineno, column=e.offset + 1)
         )
-        return
-    if record_element:
-        elements = [el for el in root.iter() if _local(el.tag) == record_element]
-        if not elements:
-            tags = sorted({_local(el.tag) for el in root.iter()})
-            result.errors.append(
-                Problem(
-                    f"no <{shown(record_element)}> elements found; elements in the file: "
-                    f"{', '.join(shown(t) for t in tags[:20])}",
-                    file=file,
-                )
+    return None
+
+
+def _xml_records(root: ET.Element, result: ReadResult, tag: str | None, named: bool, among: int) -> None:
+    """The records of one parsed file: every `<tag>` element, wherever it sits."""
+    file = result.files[0]
+    elements = [el for el in root.iter() if _local(el.tag) == tag] if tag else []
+    if elements:
+        for index, el in enumerate(elements):
+            result.records.append(RawRecord(_record_fields(el), Location(file, record=index)))
+    elif named or tag and among > 1:
+        tags = sorted({_local(el.tag) for el in root.iter()})
+        why = "" if named else " (the element that holds the records in this folder's other XML files)"
+        result.errors.append(
+            Problem(
+                f"no <{shown(tag)}> elements found{why}; elements in the file: "
+                f"{', '.join(shown(t) for t in tags[:20])}"
+                + ("" if named else "; name the record element with --record-element"),
+                file=file,
             )
-            return
+        )
     else:
-        elements = find_record_elements(root)
-        if not elements:
-            result.errors.append(
-                Problem(
-                    "no records found: expected a repeated element whose children hold the "
-                    "fields (like <item><question>..</question><answer>..</answer></item>)",
-                    file=file,
-                )
+        result.errors.append(
+            Problem(
+                "no records found: expected a repeated element whose children hold the "
+                "fields (like <item><question>..</question><answer>..</answer></item>)",
+                file=file,
             )
-            return
-    for index, el in enumerate(elements):
-        result.records.append(RawRecord(_record_fields(el), Location(file, record=index)))
+        )
 
 
 # --------------------------------------------------------------------------- Parquet
