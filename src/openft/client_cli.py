@@ -4,10 +4,14 @@ through the official `openai` client (the same API any other caller uses)."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
 import time
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+PAGE_SIZE = 100  # the most one list request asks for (the server's cap for jobs)
 
 
 def _client(args):
@@ -72,23 +76,39 @@ def jobs_create(args) -> int:
     return 0
 
 
+def _event_line(e, level: bool = False) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(e.created_at))
+    return f"[{when}] {e.level:5s} {e.message}" if level else f"[{when}] {e.message}"
+
+
+def _events_after(c, job_id: str, after: str | None) -> list:
+    """The job's events after the one with id `after` (all when None), oldest
+    first: openft's `order=asc` makes `after` a cursor forward in time, and the
+    SDK pages on with the last id it got."""
+    kw = {"after": after} if after else {}
+    return list(c.fine_tuning.jobs.list_events(job_id, limit=PAGE_SIZE, extra_query={"order": "asc"}, **kw))
+
+
 def _follow(c, job_id: str) -> int:
-    seen: set[str] = set()
+    """Print a job's events as they come, each once, until the job ends; every
+    poll asks only for the events after the last one printed."""
+    last: str | None = None
     while True:
+        # The status first: once it is final, the events fetched after it are all there are.
         job = c.fine_tuning.jobs.retrieve(job_id)
-        events = list(c.fine_tuning.jobs.list_events(job_id, limit=100))[::-1]
-        for e in events:
-            if e.id not in seen:
-                seen.add(e.id)
-                print(f"[{time.strftime('%H:%M:%S', time.localtime(e.created_at))}] {e.message}")
-        if job.status in ("succeeded", "failed", "cancelled"):
+        for e in _events_after(c, job_id, last):
+            print(_event_line(e), flush=True)
+            last = e.id
+        if job.status in TERMINAL:
             print(f"status: {job.status}" + (f", model: {job.fine_tuned_model}" if job.fine_tuned_model else ""))
             return 0 if job.status == "succeeded" else 1
         time.sleep(2)
 
 
 def jobs_list(args) -> int:
-    for j in _client(args).fine_tuning.jobs.list(limit=args.limit):
+    # Iterating the page would fetch every later page too: stop after --limit.
+    newest = _client(args).fine_tuning.jobs.list(limit=min(args.limit, PAGE_SIZE))
+    for j in itertools.islice(newest, args.limit):
         print(f"{j.id}  {j.status:16s} {j.model:28s} {j.fine_tuned_model or ''}")
     return 0
 
@@ -102,8 +122,10 @@ def jobs_events(args) -> int:
     c = _client(args)
     if args.follow:
         return _follow(c, args.job_id)
-    for e in list(c.fine_tuning.jobs.list_events(args.job_id, limit=args.limit))[::-1]:
-        print(f"[{time.strftime('%H:%M:%S', time.localtime(e.created_at))}] {e.level:5s} {e.message}")
+    # The --limit newest (the list is newest first), printed oldest first.
+    newest = c.fine_tuning.jobs.list_events(args.job_id, limit=min(args.limit, PAGE_SIZE))
+    for e in reversed(list(itertools.islice(newest, args.limit))):
+        print(_event_line(e, level=True))
     return 0
 
 
@@ -138,6 +160,16 @@ def chat(args) -> int:
                 print(chunk.choices[0].delta.content, end="", flush=True)
         print()
         messages.append({"role": "assistant", "content": "".join(answer)})
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
 
 
 def add_client_commands(sub) -> None:
@@ -176,12 +208,12 @@ def add_client_commands(sub) -> None:
         p.set_defaults(fn=fn)
     ev = jobs.add_parser("events", help="a job's events")
     ev.add_argument("job_id")
-    ev.add_argument("--limit", type=int, default=50)
-    ev.add_argument("--follow", "-f", action="store_true")
+    ev.add_argument("--limit", type=_positive, default=50, help="how many of the newest events (default: 50)")
+    ev.add_argument("--follow", "-f", action="store_true", help="print every event, then new ones until the job ends")
     _common(ev)
     ev.set_defaults(fn=jobs_events)
     jl = jobs.add_parser("list")
-    jl.add_argument("--limit", type=int, default=20)
+    jl.add_argument("--limit", type=_positive, default=20, help="how many of the newest jobs (default: 20)")
     _common(jl)
     jl.set_defaults(fn=jobs_list)
 
