@@ -106,7 +106,7 @@ def test_list_flags_are_found_by_their_type():
 def test_yaml_values_are_type_checked_naming_the_key(yaml_text, named, expected, tmp_path, capsys):
     cfg = tmp_path / "job.yaml"
     cfg.write_text(yaml_text)
-    assert main(["finetune", "--config", str(cfg), "--data", "d.jsonl"]) == 1
+    assert main(["finetune", "--config", str(cfg), "--data", "d.jsonl"]) == 2
     err = capsys.readouterr().err
     assert str(cfg) in err and named in err and expected in err, err
 

@@ -239,7 +239,11 @@ def cmd_finetune(args) -> int:
     from openft.pipeline import finetune_with_comparison
     from openft.train.recipe import DataError
 
-    spec = spec_from_args(args)
+    try:
+        spec = spec_from_args(args)
+    except ValueError as e:  # the --config file: an unknown key, a value of the wrong type
+        print(f"error: {e}", file=sys.stderr)
+        return 2  # a usage error, as a wrongly typed flag is
     if not spec.data.path:
         print("error: --data is required", file=sys.stderr)
         return 2
