@@ -301,7 +301,7 @@ def cmd_keys(args) -> int:
 
     store = Store(home.home() / "openft.db")
     if args.sub == "create":
-        print(store.create_key(args.owner))
+        print(store.create_key(args.owner).key)
         print(f"(API key for owner '{args.owner}': shown once, store it now)", file=sys.stderr)
     else:
         for k in store.list_keys():
