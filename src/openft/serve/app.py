@@ -25,6 +25,7 @@ from openft.hardware import PRECISIONS
 from openft.heap import training_env
 from openft.jobs.store import Store
 from openft.serve import errors
+from openft.serve.auth import BrowserGuard, HostPolicy
 from openft.serve.errors import envelope
 
 log = logging.getLogger("openft.serve")
@@ -38,6 +39,7 @@ class ServeConfig:
     run_worker: bool = True
     max_batch_size: int = 8
     precision: str = "auto"  # the served weights' dtype: auto (bf16 where fast), fp32 or bf16
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones (--allowed-host)
 
 
 class WorkerSupervisor:
@@ -133,6 +135,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     from openft.serve.fine_tuning import validate_files
 
     config = config or ServeConfig()
+    hosts = HostPolicy.for_server(config.host, config.allowed_hosts)  # a bad --allowed-host fails here, first
     supervisor = WorkerSupervisor() if config.run_worker else None
 
     @asynccontextmanager
@@ -161,6 +164,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     app.state.supervisor = supervisor
     errors.install(app)
     app.add_middleware(UploadLimit, limit_bytes_fn=lambda: app.state.max_upload_bytes)
+    app.add_middleware(BrowserGuard, policy=hosts)  # added last: the outermost, before anything reads a body
     for r in (insights.router, keys.router, files.router, fine_tuning.router, models.router, chat.router):
         app.include_router(r)
 
