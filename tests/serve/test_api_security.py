@@ -1,12 +1,14 @@
 """What a web page in the user's browser can do to a server on loopback (DNS
 rebinding, cross-site requests), keys end to end (creation pairs the id with its
-own secret, a revoked key is refused) and the loopback-only rule of local mode.
-Integration tier: real `openft serve` processes, raw HTTP from httpx, and the
-official `openai` client."""
+own secret, a revoked key is refused), the loopback-only rule of local mode, and
+a SIGTERM that must not restart the worker. Integration tier: real `openft serve`
+processes, raw HTTP from httpx and sockets, and the official `openai` client."""
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +19,7 @@ import pytest
 
 from openft.jobs.store import Store
 
-from .conftest import Server, jsonl
+from .conftest import Server, jsonl, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -223,3 +225,58 @@ def test_local_mode_answers_only_loopback_peers(tmp_path_factory, session_home):
         assert httpx.get(s.url + "/v1/models").status_code == 200  # loopback: local mode
     finally:
         s.stop()
+
+
+# ------------------------------------------------------------------ SIGTERM
+def _workers_of(server_pid: int) -> list[int]:
+    """Live `openft worker` processes started by that server (by their command line)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:  # gone meanwhile
+            continue
+        if b"worker" in argv and b"--parent-pid" in argv and str(server_pid).encode() in argv and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def test_sigterm_stops_the_worker_and_restarts_nothing(tmp_path_factory, session_home):
+    """A SIGTERM to the whole process group (a terminal, systemd) reaches the worker
+    too, which exits at once, while uvicorn still waits for an open request before
+    the app's shutdown runs. The supervisor must not restart it meanwhile."""
+    s = Server(_home(tmp_path_factory, session_home, "security-sigterm")).start()
+    log = s.home / f"server-{s.port}.log"
+    worker = s.health()["worker_pid"]
+    assert worker and _workers_of(s.proc.pid) == [worker]
+    with socket.create_connection(("127.0.0.1", s.port)) as conn:
+        # A request in flight: the server has begun reading its body (it sent 100 Continue)
+        conn.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {_own(s)}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100\r\nExpect: 100-continue\r\n\r\n".encode()
+        )
+        assert conn.recv(100).startswith(b"HTTP/1.1 100")
+        os.kill(s.proc.pid, signal.SIGTERM)
+        os.kill(worker, signal.SIGTERM)
+        wait_for(lambda: "worker exited with" in log.read_text(), timeout=60, every=0.2)
+    assert s.proc.wait(60) is not None
+    text = log.read_text()
+    assert "restarting" not in text, text[-2000:]
+    assert "the server is stopping" in text
+    assert _workers_of(s.proc.pid) == []
+
+
+def test_restart_delays_grow_are_capped_and_reset():
+    from openft.serve.app import RestartPolicy
+
+    p = RestartPolicy(first_s=1, cap_s=60, healthy_s=60)
+    assert p.delay([]) == 0
+    assert p.delay([3600]) == 0  # a worker that ran a long while is restarted at once
+    crashes = [p.delay([0.5] * n) for n in range(1, 10)]
+    assert crashes == [1, 2, 4, 8, 16, 32, 60, 60, 60]  # doubling, then capped
+    assert p.delay([0.5] * 5 + [120] + [0.5]) == 1  # a healthy run resets the count
+    assert p.delay([0.5] * 5 + [120]) == 0
+    assert p.delay([0.5] * 10_000) == 60  # no overflow however long the history
