@@ -313,6 +313,7 @@ def cmd_serve(args) -> int:
             run_worker=not args.no_worker,
             max_batch_size=args.max_batch_size,
             precision=args.precision,
+            allowed_hosts=tuple(args.allowed_host),
         )
     )
     return 0
@@ -331,7 +332,7 @@ def cmd_keys(args) -> int:
 
     store = Store(home.home() / "openft.db")
     if args.sub == "create":
-        print(store.create_key(args.owner))
+        print(store.create_key(args.owner).key)
         print(f"(API key for owner '{args.owner}': shown once, store it now)", file=sys.stderr)
     else:
         for k in store.list_keys():
@@ -413,6 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the served weights; auto: bf16 on a GPU or a CPU with AMX, else fp32",
     )
     sv.add_argument("--no-worker", action="store_true", help="do not start a worker (run 'openft worker' yourself)")
+    sv.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host is NAME (repeatable; loopback names are always accepted)",
+    )
     sv.set_defaults(fn=cmd_serve)
     wk = sub.add_parser("worker", help="run fine-tuning jobs from the store")
     wk.add_argument("--once", action="store_true", help="run at most one job, then exit")

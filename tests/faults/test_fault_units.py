@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from openft import faults
-from openft.jobs.store import SCHEMA, Store
+from openft.jobs.store import Store
 from openft.train import checkpoint
+
+from .test_store import ORIGINAL_SCHEMA
 
 
 def test_fault_plans_parse_and_bad_ones_name_the_entry():
@@ -100,10 +102,9 @@ def test_resume_trims_metrics_to_the_checkpoint(tmp_path):
 
 def test_an_older_database_gains_the_stalls_column(tmp_path):
     db = tmp_path / "openft.db"
-    old_schema = SCHEMA.replace(",\n  stalls INTEGER NOT NULL DEFAULT 0", "")
-    assert "stalls" not in old_schema
+    assert "stalls" not in ORIGINAL_SCHEMA
     with sqlite3.connect(db) as conn:
-        conn.executescript(old_schema)
+        conn.executescript(ORIGINAL_SCHEMA)
         conn.execute(
             "INSERT INTO jobs (id, owner, model, status, created_at, training_file, spec, hyperparameters, "
             "method, seed) VALUES ('ftjob-1', 'o', 'm', 'queued', 1, 'f', '{}', '{}', 'supervised', 0)"
@@ -115,4 +116,4 @@ def test_an_older_database_gains_the_stalls_column(tmp_path):
     assert not store.add_checkpoint("ftjob-1", 3, {}, "m:ckpt-step-3", "/x", event={"message": "Checkpoint created"})
     assert store.get_job(None, "ftjob-1")["stalls"] == 0  # a new checkpoint is progress
     assert [e["message"] for e in store.list_events("ftjob-1")] == ["Checkpoint created"]  # once
-    Store(db)  # opening it again changes nothing
+    assert Store(db).applied_migrations == []  # opening it again changes nothing

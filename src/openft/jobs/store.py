@@ -16,12 +16,15 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA = """
+# The tables as first released. Databases of that time carry no schema version
+# (PRAGMA user_version 0); every later change is a step in MIGRATIONS below.
+BASE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
   id TEXT PRIMARY KEY, key_hash TEXT UNIQUE NOT NULL, owner TEXT NOT NULL, created_at INTEGER NOT NULL
 );
@@ -37,8 +40,7 @@ CREATE TABLE IF NOT EXISTS jobs (
   method TEXT NOT NULL, suffix TEXT, seed INTEGER NOT NULL, metadata TEXT, error TEXT,
   fine_tuned_model TEXT, trained_tokens INTEGER, result_files TEXT NOT NULL DEFAULT '[]',
   comparison TEXT, run_dir TEXT, control TEXT NOT NULL DEFAULT '', worker_pid INTEGER,
-  heartbeat_at REAL, attempts INTEGER NOT NULL DEFAULT 0, estimated_finish INTEGER, extra TEXT,
-  stalls INTEGER NOT NULL DEFAULT 0
+  heartbeat_at REAL, attempts INTEGER NOT NULL DEFAULT 0, estimated_finish INTEGER, extra TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, created_at);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at);
@@ -74,9 +76,40 @@ JSON_COLUMNS = {
     "extra",
 }
 TERMINAL = ("succeeded", "failed", "cancelled")
-# `stalls`: attempts in a row that ended without a new checkpoint (a worker that
-# dies while making progress should not use up its job's retries).
-ADDED_JOB_COLUMNS = {"stalls": "INTEGER NOT NULL DEFAULT 0"}
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema change; applying MIGRATIONS[n] takes a database from version n to n + 1."""
+
+    description: str
+    apply: Callable[[sqlite3.Connection], None]
+
+
+def _create_base(db: sqlite3.Connection) -> None:
+    # Statement by statement: executescript would commit the migration's transaction.
+    for statement in BASE_SCHEMA.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _add_stalls(db: sqlite3.Connection) -> None:
+    # Databases from before schema versions gained this column without a version.
+    if "stalls" not in {r[1] for r in db.execute("PRAGMA table_info(jobs)").fetchall()}:
+        db.execute("ALTER TABLE jobs ADD COLUMN stalls INTEGER NOT NULL DEFAULT 0")
+
+
+# Append only: a step once released is never edited (databases in the field have applied it).
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration("the original tables", _create_base),
+    # A worker that dies while making progress should not use up its job's retries.
+    Migration("jobs.stalls: attempts in a row that ended without a new checkpoint", _add_stalls),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was written by a newer openft."""
 
 
 def new_id(prefix: str) -> str:
@@ -99,19 +132,31 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._conn().executescript(SCHEMA)  # executescript manages its own transaction
-        self._migrate()
+        self.applied_migrations = self._migrate()
 
-    def _migrate(self) -> None:
-        """Columns added after a database was first created."""
-        have = {r[1] for r in self._conn().execute("PRAGMA table_info(jobs)").fetchall()}
-        for column, decl in ADDED_JOB_COLUMNS.items():
-            if column not in have:
-                try:
-                    self._conn().execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
-                except sqlite3.OperationalError as e:  # another process added it first
-                    if "duplicate column" not in str(e):
-                        raise
+    def _version(self, db: sqlite3.Connection) -> int:
+        return db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self) -> list[int]:
+        """Bring the schema to SCHEMA_VERSION; returns the versions this call reached.
+        Each step commits with its version number, under the write lock, and the
+        version is read again under that lock: the API process and the worker may
+        open one database at once, and each step still applies exactly once."""
+        applied: list[int] = []
+        version = self._version(self._conn())
+        while version < SCHEMA_VERSION:
+            with self.tx() as db:
+                version = self._version(db)
+                if version < SCHEMA_VERSION:
+                    MIGRATIONS[version].apply(db)
+                    version += 1
+                    db.execute(f"PRAGMA user_version = {version}")
+                    applied.append(version)
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"{self.path} has schema version {version}, newer than this openft's {SCHEMA_VERSION}: upgrade openft"
+            )
+        return applied
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -130,10 +175,23 @@ class Store:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")  # inside the try: a COMMIT that fails (disk full) is rolled back too
         except BaseException:
-            db.execute("ROLLBACK")
+            self._end_failed(db)
             raise
-        db.execute("COMMIT")
+
+    def _end_failed(self, db: sqlite3.Connection) -> None:
+        """Leave the thread's connection outside any transaction, so its next one can
+        begin. SQLite rolls some failures back itself (a full disk, an I/O error),
+        leaving nothing to end; a connection that cannot even roll back is closed,
+        and the thread's next call opens a fresh one."""
+        if not db.in_transaction:
+            return
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            db.close()
+            self._local.conn = None
 
     def _one(self, sql: str, args: tuple = ()) -> dict | None:
         cur = self._conn().execute(sql, args)
@@ -157,11 +215,13 @@ class Store:
         db.execute(f"INSERT INTO {table} ({cols}) VALUES ({', '.join('?' * len(values))})", tuple(values.values()))
 
     # ------------------------------------------------------------------ keys
-    def create_key(self, owner: str) -> str:
-        key = "sk-oft-" + secrets.token_urlsafe(24)
+    def create_key(self, owner: str) -> NewKey:
+        new = NewKey(id=new_id("key"), owner=owner, created_at=now(), key="sk-oft-" + secrets.token_urlsafe(24))
         with self.tx() as db:
-            self._insert(db, "keys", {"id": new_id("key"), "key_hash": _hash(key), "owner": owner, "created_at": now()})
-        return key
+            self._insert(
+                db, "keys", {"id": new.id, "key_hash": _hash(new.key), "owner": owner, "created_at": new.created_at}
+            )
+        return new
 
     def owner_for_key(self, key: str) -> str | None:
         row = self._one("SELECT owner FROM keys WHERE key_hash = ?", (_hash(key),))
@@ -432,6 +492,16 @@ class Store:
                 (model_id, owner),
             )
         return n == 1
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A key just created: `key` is the secret, which only its hash is stored for."""
+
+    id: str
+    owner: str
+    created_at: int
+    key: str
 
 
 class NotOwner(Exception):

@@ -4,7 +4,8 @@
 over one store and one inference engine. With `run_worker=True` the app starts
 `openft worker` as a child process and restarts it if it dies, so a training
 crash never takes the API down and an interrupted job resumes from its last
-checkpoint.
+checkpoint. A worker that keeps dying is restarted ever more slowly, and one that
+exits while the server stops is not restarted.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ import os
 import subprocess
 import sys
 import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import torch
+import uvicorn
 from fastapi import FastAPI
 
 from openft import __version__, home
@@ -25,6 +30,7 @@ from openft.hardware import PRECISIONS
 from openft.heap import training_env
 from openft.jobs.store import Store
 from openft.serve import errors
+from openft.serve.auth import BrowserGuard, HostPolicy
 from openft.serve.errors import envelope
 
 log = logging.getLogger("openft.serve")
@@ -38,42 +44,98 @@ class ServeConfig:
     run_worker: bool = True
     max_batch_size: int = 8
     precision: str = "auto"  # the served weights' dtype: auto (bf16 where fast), fp32 or bf16
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones (--allowed-host)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How long to wait before restarting a worker that exited. A worker that ran
+    `healthy_s` or longer is restarted at once (it was doing its work; a job that
+    killed it resumes from its checkpoint); after a short run the wait is
+    `first_s`, doubling with each short run in a row, up to `cap_s`, so a worker
+    that dies at start (a broken install) does not loop every second."""
+
+    first_s: float = 1.0
+    cap_s: float = 60.0
+    healthy_s: float = 60.0
+
+    def delay(self, runs: Sequence[float]) -> float:
+        """`runs`: how long each worker ran before it exited, oldest first."""
+        short = 0
+        for lasted in reversed(runs):
+            if lasted >= self.healthy_s:
+                break
+            short += 1
+        if short == 0:
+            return 0.0
+        return min(self.cap_s, self.first_s * 2.0 ** min(short - 1, 64))
 
 
 class WorkerSupervisor:
-    """Keeps one `openft worker` child alive."""
+    """Keeps one `openft worker` child alive; starts nothing once the server stops."""
 
-    def __init__(self):
+    def __init__(self, policy: RestartPolicy | None = None):
         self.proc: subprocess.Popen | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="worker-supervisor", daemon=True)
+        self.policy = policy or RestartPolicy()
         self.restarts = 0
+        self._runs: deque[float] = deque(maxlen=64)  # how long each worker ran (enough history for the cap)
+        self._started_at = 0.0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # a spawn and stop() never interleave
+        self._thread = threading.Thread(target=self._loop, name="worker-supervisor", daemon=True)
 
     def start(self) -> None:
-        self._spawn()
+        with self._lock:
+            if self._stop.is_set():
+                return
+            self._spawn()
         self._thread.start()
 
     def _spawn(self) -> None:
         cmd = [sys.executable, "-m", "openft.cli", "worker", "--parent-pid", str(os.getpid())]
         # Started under the training allocator directly, so it need not re-execute itself.
         self.proc = subprocess.Popen(cmd, env=training_env({**os.environ, "OPENFT_HOME": str(home.home())}))
+        self._started_at = time.monotonic()
         log.info("worker started (pid %s)", self.proc.pid)
 
     def _loop(self) -> None:
         while not self._stop.wait(1.0):
             if self.proc and self.proc.poll() is not None:
-                log.warning("worker exited with %s; restarting it", self.proc.returncode)
-                self.restarts += 1
+                self._restart(self.proc.returncode, time.monotonic() - self._started_at)
+        # Stopping: nothing starts any more. Record how the last worker ends (stop()
+        # terminates it, unless the stop signal reached it first).
+        with self._lock:
+            proc = self.proc
+        if proc:
+            log.info("worker exited with %s; the server is stopping, so it stays down", proc.wait())
+
+    def _restart(self, code: int, lasted: float) -> None:
+        self._runs.append(lasted)
+        delay = self.policy.delay(self._runs)
+        log.warning("worker exited with %s after %.0f s; restarting it in %.0f s", code, lasted, delay)
+        if self._stop.wait(delay):
+            return
+        with self._lock:
+            if not self._stop.is_set():
                 self._spawn()
+                self.restarts += 1
+
+    def stopping(self) -> None:
+        """The server is stopping (a signal arrived): start nothing from now on. Safe
+        in a signal handler: it takes no lock the interrupted thread could hold."""
+        self._stop.set()
 
     def stop(self) -> None:
         self._stop.set()
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
+        with self._lock:  # a spawn under way finishes first; none begins after
+            proc = self.proc
+        if proc and proc.poll() is None:
+            proc.terminate()
             try:
-                self.proc.wait(10)
+                proc.wait(10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                proc.kill()
+                proc.wait()
 
 
 class UploadLimit:
@@ -133,6 +195,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     from openft.serve.fine_tuning import validate_files
 
     config = config or ServeConfig()
+    hosts = HostPolicy.for_server(config.host, config.allowed_hosts)  # a bad --allowed-host fails here, first
     supervisor = WorkerSupervisor() if config.run_worker else None
 
     @asynccontextmanager
@@ -161,6 +224,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     app.state.supervisor = supervisor
     errors.install(app)
     app.add_middleware(UploadLimit, limit_bytes_fn=lambda: app.state.max_upload_bytes)
+    app.add_middleware(BrowserGuard, policy=hosts)  # added last: the outermost, before anything reads a body
     for r in (insights.router, keys.router, files.router, fine_tuning.router, models.router, chat.router):
         app.include_router(r)
 
@@ -190,8 +254,6 @@ def serving_dtype(precision: str) -> torch.dtype | None:
 
 
 def serve(config: ServeConfig) -> None:
-    import uvicorn
-
     from openft.serve.auth import is_loopback
 
     store = Store(home.home() / "openft.db")
@@ -201,4 +263,27 @@ def serve(config: ServeConfig) -> None:
             "anyone on the network. Create one with 'openft keys create --owner NAME', or listen on 127.0.0.1."
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
+    app = create_app(config)
+    supervisor: WorkerSupervisor | None = app.state.supervisor
+    server = StopAwareServer(
+        uvicorn.Config(app, host=config.host, port=config.port, log_level="info"),
+        on_signal=supervisor.stopping if supervisor else lambda: None,
+    )
+    server.run()
+    if not server.started:  # as uvicorn.run: a port in use, a failed startup
+        raise SystemExit(3)
+
+
+class StopAwareServer(uvicorn.Server):
+    """uvicorn's server, which says so the moment a stop signal arrives: uvicorn
+    then waits for open requests before the app's shutdown runs, and a worker that
+    exits meanwhile (a signal to the whole process group reaches it too) must not
+    be restarted."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]):
+        super().__init__(config)
+        self._on_signal = on_signal
+
+    def handle_exit(self, sig, frame) -> None:
+        self._on_signal()
+        super().handle_exit(sig, frame)

@@ -22,10 +22,8 @@ def list_keys(request: Request, who: str = Depends(owner)):
 def create_key(request: Request, who: str = Depends(owner)):
     """The secret is returned once. Creating the first key ends local mode: from
     then on every request needs a key."""
-    store = request.app.state.store
-    key = store.create_key(who)
-    row = [k for k in store.list_keys() if k["owner"] == who][-1]
-    return {"object": "api_key", **row, "key": key}
+    new = request.app.state.store.create_key(who)
+    return {"object": "api_key", "id": new.id, "owner": new.owner, "created_at": new.created_at, "key": new.key}
 
 
 @router.delete("/{key_id}", responses=ok(S.Deleted))
