@@ -1,5 +1,5 @@
 """Workflows that span stages: fine-tune with a before/after comparison, compare
-any two models. The CLI (and later the job worker) call these."""
+any two models. The CLI and the job worker (`openft.jobs.worker`) call these."""
 
 from __future__ import annotations
 

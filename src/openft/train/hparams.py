@@ -131,15 +131,15 @@ def lr_at(step: int, total: int, peak: float, warmup_ratio: float, scheduler: st
     return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-# Effective fp32 throughput of forward+backward on a 2-core AVX2 CPU (measured:
-# ~130 tokens/s for LoRA on the 135M model = 4 x 135e6 x 130 = 70 GFLOP/s).
-CPU_EFFECTIVE_FLOPS = 70e9
-
-
 def estimate_seconds(
-    n_params: int, tokens_per_epoch: int, epochs: int, method: str, flops: float = CPU_EFFECTIVE_FLOPS
+    n_params: int, tokens_per_epoch: int, epochs: int, method: str, flops: float | None = None
 ) -> float:
     """Training-time estimate: LoRA costs ~4N FLOPs per token (no weight gradients
-    for the frozen base), full fine-tuning ~6N."""
+    for the frozen base), full fine-tuning ~6N; `flops` is the rate a training
+    step reaches, by default this machine's (`openft.train.throughput`)."""
+    if flops is None:
+        from openft.train.throughput import effective_flops
+
+        flops = effective_flops()
     per_token = (4 if method == "lora" else 6) * n_params
     return tokens_per_epoch * epochs * per_token / flops

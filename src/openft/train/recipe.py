@@ -1,7 +1,7 @@
-"""The fine-tuning recipe: setup -> train -> save, one function per stage.
+"""The fine-tuning recipe: setup -> train -> save, one method per stage (`Recipe`).
 
-`finetune(spec)` is the whole workflow; the CLI (and later the job worker) is thin
-glue over it. Everything a run writes goes into its run folder:
+`finetune(spec)` is the whole workflow; the CLI and the job worker
+(`openft.jobs.worker`) are thin glue over it. Everything a run writes goes into its run folder:
 
   run_dir/
     config.json          the job spec with every `auto` resolved
@@ -25,8 +25,9 @@ from typing import IO
 
 import torch
 
+from openft import __version__ as openft_version
 from openft import home
-from openft.config import JobSpec
+from openft.config import JobSpec, TrainConfig
 from openft.data.load import LoadResult, load_dataset, parse_columns
 from openft.data.split import split_examples
 from openft.data.types import Example
@@ -35,7 +36,7 @@ from openft.fileio import atomic_dir, atomic_write, sha256_files
 from openft.heap import allocator_in_use, keep_freed_memory
 from openft.models.load import LoadedModel, hash_weights, load_model
 from openft.train import checkpoint
-from openft.train.batching import micro_batches, plan_steps
+from openft.train.batching import Step, micro_batches, plan_steps
 from openft.train.hparams import auto_max_seq_length, lr_at, resolve_lora, resolve_train
 from openft.train.lora import LoraParams, apply_lora, default_targets, save_adapter
 from openft.train.loss import causal_lm_loss
@@ -233,250 +234,386 @@ def finetune(
 ) -> TrainResult:
     keep_freed_memory()  # each micro-batch reuses the last one's buffers instead of faulting them in anew
     loaded = loaded or load_model(spec.model)  # a run folder is merged first (see jobs.worker)
-    undo: list[Callable[[], None]] = []
+    run = Recipe(spec, loaded, emit=on_event or (lambda kind, data: None), progress=progress, control=control)
     try:
-        return _finetune(
-            spec,
-            loaded,
-            undo,
-            resume=resume,
-            emit=on_event or (lambda kind, data: None),
-            progress=progress,
-            control=control,
-        )
+        return run.run(resume=resume)
     finally:  # however training ends, the caller's model is left as loaded (fp32 base)
-        for step in undo:
+        run.teardown()
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step's forward and backward passes saw."""
+
+    loss_sum: float  # summed over the trained tokens
+    n_correct: int
+    n_tokens: int  # trained tokens: the loss's denominator
+    real: int  # real tokens in the micro-batches
+    padded: int  # positions run, padding included
+
+
+@dataclass
+class Clock:
+    """Elapsed time carries over a resume; throughput and ETA count this process's steps only."""
+
+    t0: float  # when the run would have started, had it never stopped
+    started: float  # when this process started training
+    tokens_at_start: int
+    first_step: int
+
+    @classmethod
+    def start(cls, state: checkpoint.TrainerState) -> Clock:
+        now = time.monotonic()
+        return cls(now - state.elapsed_s, now, state.trained_tokens, state.step)
+
+
+@dataclass
+class Recipe:
+    """One fine-tuning run, laid out as torchtune's recipes: `setup_*` build the
+    pieces (data, model, optimizer, step plan), `restore` resumes, `train` runs the
+    steps, `save` and `summarise` finish. The training objective is
+    `forward_backward` (and `validate` for its held-out score); what a step leaves
+    behind (metrics row, checkpoint, events) is `log_step` and `save_checkpoint`."""
+
+    spec: JobSpec
+    loaded: LoadedModel
+    emit: EventFn
+    progress: bool = True
+    control: ControlFn | None = None
+    undo: list[Callable[[], None]] = field(default_factory=list)  # run in order by `teardown`
+    data: Prepared = field(init=False, repr=False)
+    cfg: TrainConfig = field(init=False, repr=False)
+    device: torch.device = field(init=False, repr=False)
+    run_dir: Path = field(init=False, repr=False)
+    lora: LoraParams | None = field(init=False, repr=False, default=None)
+    precision: Precision = field(init=False, repr=False)
+    params: list[torch.nn.Parameter] = field(init=False, repr=False)
+    initial: list[torch.Tensor] | IO[bytes] = field(init=False, repr=False)
+    optimizer: torch.optim.Optimizer | None = field(init=False, repr=False, default=None)
+    steps: list[Step] = field(init=False, repr=False)
+    resolved: dict = field(init=False, repr=False)
+    state: checkpoint.TrainerState = field(init=False, repr=False)
+    clock: Clock = field(init=False, repr=False)
+    bar: ProgressBar | None = field(init=False, repr=False, default=None)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.model
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.loaded.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def run(self, *, resume: bool) -> TrainResult:
+        self.setup_data()
+        self.setup_run_dir(resume)
+        self.setup_model()
+        self.setup_optimizer()
+        self.setup_steps()
+        self.write_run_files()
+        self.restore(resume)
+        self.emit(
+            "started",
+            {
+                "total_steps": len(self.steps),
+                "train_examples": len(self.data.train),
+                "valid_examples": len(self.data.valid),
+                "config": self.resolved,
+            },
+        )
+        stopped_early = self.train()
+        return self.summarise(self.save(), stopped_early)
+
+    def teardown(self) -> None:
+        for step in self.undo:
             step()
 
-
-def _finetune(
-    spec: JobSpec,
-    loaded: LoadedModel,
-    undo: list[Callable[[], None]],
-    *,
-    resume: bool,
-    emit: EventFn,
-    progress: bool,
-    control: ControlFn | None,
-) -> TrainResult:
-    torch.manual_seed(spec.train.seed)
-    model, tok = loaded.model, loaded.tokenizer
-    context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-    data = prepare_data(spec, tok, context)
-    if not data.train_enc:
-        raise ValueError("no training example has a trained token left (all fully masked or truncated)")
-    device = next(model.parameters()).device
-    cfg = resolve_train(spec.train, len(data.train_enc), data.max_len, device)
-    run_dir = Path(spec.output_dir) if spec.output_dir else default_run_dir(spec)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output")
-    run_dir.mkdir(parents=True, exist_ok=True)
-
     # ---- setup -------------------------------------------------------------
-    lora: LoraParams | None = None
-    torch.manual_seed(cfg.seed)  # LoRA A init
-    if cfg.method == "lora":
-        lora = resolve_lora(spec.lora, default_targets(model))
-        apply_lora(model, lora)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    precision = Precision(cfg.precision, device.type)
-    converted = precision.prepare(model)  # LoRA's frozen base in bf16
-    if converted:
-        undo.append(lambda: precision.restore(model, converted, weights_on_disk(loaded.path)))
-    undo.append(precision.use_kernels(model, full=cfg.method == "full"))  # bf16: matmul attention, no kept weight casts
-    widths = precision.widths()
-    params = [p for p in model.parameters() if p.requires_grad]
-    initial = snapshot_weights(params, run_dir, spill=cfg.method != "lora")
-    optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay)
-    steps = plan_steps([len(e) for e in data.train_enc], cfg.batch_size, cfg.epochs, cfg.seed)
-    if cfg.max_steps:
-        steps = steps[: cfg.max_steps]
-    total = len(steps)
-    resolved = spec.to_dict()
-    resolved["train"] = asdict(cfg)
-    resolved["lora"] = asdict(lora) if lora else None
-    resolved["output_dir"] = str(run_dir)
-    atomic_write(run_dir / "config.json", json.dumps(resolved, indent=2))
-    lineage = {
-        "base_model": spec.model,
-        "base_model_kind": loaded.source.kind,
-        "base_model_path": str(loaded.path),
-        "base_model_sha256": hash_weights(loaded.path),
-        "dataset": str(spec.data.path),
-        "dataset_sha256": data.data_hash,
-        "validation": spec.data.validation_path or f"split {spec.data.validation_split}",
-        "split_seed": cfg.seed,
-        "train_examples": len(data.train),
-        "valid_examples": len(data.valid),
-        "method": cfg.method,
-        "openft_version": __import__("openft").__version__,
-    }
-    atomic_write(run_dir / "lineage.json", json.dumps(lineage, indent=2))
 
-    state = checkpoint.TrainerState(
-        step=0,
-        epoch=0.0,
-        best_valid_loss=None,
-        evals_without_improvement=0,
-        history=[],
-        trained_tokens=0,
-        elapsed_s=0.0,
-    )
-    if resume:
-        last = checkpoint.latest(run_dir)
-        if last is not None:
-            state = checkpoint.load(last, model, optimizer)
-            emit("resumed", {"step": state.step, "checkpoint": str(last)})
-            emit("checkpoints_deleted", {"steps": checkpoint.prune(run_dir, max(1, cfg.keep_checkpoints))})
-        checkpoint.trim_metrics(run_dir / "metrics.jsonl", state)  # drop rows past the checkpoint
-    emit(
-        "started",
-        {
-            "total_steps": total,
+    def setup_data(self) -> None:
+        """Load, split and tokenize the data; resolve every `auto` hyperparameter from it."""
+        context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        self.data = prepare_data(self.spec, self.loaded.tokenizer, context)
+        if not self.data.train_enc:
+            raise ValueError("no training example has a trained token left (all fully masked or truncated)")
+        self.device = next(self.model.parameters()).device
+        self.cfg = resolve_train(self.spec.train, len(self.data.train_enc), self.data.max_len, self.device)
+
+    def setup_run_dir(self, resume: bool) -> None:
+        run_dir = Path(self.spec.output_dir) if self.spec.output_dir else default_run_dir(self.spec)
+        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+            raise FileExistsError(
+                f"{run_dir} already holds a run; pass --resume to continue it or choose another --output"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
+
+    def setup_model(self) -> None:
+        """LoRA adapters or every weight trainable, then the precision's storage and kernels."""
+        model, cfg = self.model, self.cfg
+        # The one seed of everything torch draws (LoRA's A init, dropout); the split
+        # and the data order have seeded generators of their own.
+        torch.manual_seed(cfg.seed)
+        if cfg.method == "lora":
+            self.lora = resolve_lora(self.spec.lora, default_targets(model))
+            apply_lora(model, self.lora)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        precision = self.precision = Precision(cfg.precision, self.device.type)
+        converted = precision.prepare(model)  # LoRA's frozen base in bf16
+        if converted:
+            self.undo.append(lambda: precision.restore(model, converted, weights_on_disk(self.loaded.path)))
+        # bf16: matmul attention, no kept weight casts
+        self.undo.append(precision.use_kernels(model, full=cfg.method == "full"))
+
+    def setup_optimizer(self) -> None:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.initial = snapshot_weights(self.params, self.run_dir, spill=self.cfg.method != "lora")
+        self.optimizer = make_optimizer(self.params, self.cfg.learning_rate, self.cfg.weight_decay)
+
+    def setup_steps(self) -> None:
+        """Every optimizer step of the run, planned up front (a resume replays the same plan)."""
+        steps = plan_steps([len(e) for e in self.data.train_enc], self.cfg.batch_size, self.cfg.epochs, self.cfg.seed)
+        self.steps = steps[: self.cfg.max_steps] if self.cfg.max_steps else steps
+
+    def write_run_files(self) -> None:
+        """config.json (the spec with every `auto` resolved) and lineage.json."""
+        resolved = self.spec.to_dict()
+        resolved["train"] = asdict(self.cfg)
+        resolved["lora"] = asdict(self.lora) if self.lora else None
+        resolved["output_dir"] = str(self.run_dir)
+        self.resolved = resolved
+        atomic_write(self.run_dir / "config.json", json.dumps(resolved, indent=2))
+        atomic_write(self.run_dir / "lineage.json", json.dumps(self.lineage(), indent=2))
+
+    def lineage(self) -> dict:
+        spec, loaded, data = self.spec, self.loaded, self.data
+        return {
+            "base_model": spec.model,
+            "base_model_kind": loaded.source.kind,
+            "base_model_path": str(loaded.path),
+            "base_model_sha256": hash_weights(loaded.path),
+            "dataset": str(spec.data.path),
+            "dataset_sha256": data.data_hash,
+            "validation": spec.data.validation_path or f"split {spec.data.validation_split}",
+            "split_seed": self.cfg.seed,
             "train_examples": len(data.train),
             "valid_examples": len(data.valid),
-            "config": resolved,
-        },
-    )
+            "method": self.cfg.method,
+            "openft_version": openft_version,
+        }
+
+    def restore(self, resume: bool) -> None:
+        """The trainer state to start from: fresh, or the run's latest complete checkpoint."""
+        self.state = checkpoint.TrainerState(
+            step=0,
+            epoch=0.0,
+            best_valid_loss=None,
+            evals_without_improvement=0,
+            history=[],
+            trained_tokens=0,
+            elapsed_s=0.0,
+        )
+        if not resume:
+            self.metrics_path.unlink(missing_ok=True)
+            return
+        last = checkpoint.latest(self.run_dir)
+        if last is not None:
+            self.state = checkpoint.load(last, self.model, self.optimizer)
+            self.emit("resumed", {"step": self.state.step, "checkpoint": str(last)})
+            self.emit(
+                "checkpoints_deleted", {"steps": checkpoint.prune(self.run_dir, max(1, self.cfg.keep_checkpoints))}
+            )
+        checkpoint.trim_metrics(self.metrics_path, self.state)  # drop rows past the checkpoint
 
     # ---- train -------------------------------------------------------------
-    bar = ProgressBar(total) if progress else None
-    model.train()
-    t0 = time.monotonic() - state.elapsed_s
-    tokens_at_start, time_at_start, first_step = state.trained_tokens, time.monotonic(), state.step
-    steps_per_epoch = math.ceil(len(data.train_enc) / cfg.batch_size)
-    stopped_early = False
-    metrics_path = run_dir / "metrics.jsonl"
-    if not resume and metrics_path.exists():
-        metrics_path.unlink()
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    for plan in steps[state.step :]:
-        lr = lr_at(plan.index, total, cfg.learning_rate, cfg.warmup_ratio, cfg.scheduler)
-        for g in optimizer.param_groups:
+
+    def train(self) -> bool:
+        """Run the steps not yet done; True when early stopping ended the run."""
+        self.bar = ProgressBar(len(self.steps)) if self.progress else None
+        self.model.train()
+        self.clock = Clock.start(self.state)
+        stopped_early = False
+        for plan in self.steps[self.state.step :]:
+            if self.end_of_step(self.train_step(plan)):
+                stopped_early = True
+                break
+        self.close_bar()
+        return stopped_early
+
+    def train_step(self, plan: Step) -> dict:
+        """One optimizer step; returns its metrics row."""
+        lr = lr_at(plan.index, len(self.steps), self.cfg.learning_rate, self.cfg.warmup_ratio, self.cfg.scheduler)
+        for g in self.optimizer.param_groups:
             g["lr"] = lr
-        items = [data.train_enc[i] for i in plan.examples]
+        out = self.forward_backward([self.data.train_enc[i] for i in plan.examples])
+        self.optimizer_step()
+        state = self.state
+        state.step = plan.index + 1
+        state.epoch = state.step / math.ceil(len(self.data.train_enc) / self.cfg.batch_size)
+        state.trained_tokens += out.n_tokens
+        return self.metrics_row(out, lr)
+
+    def forward_backward(self, items: list[Encoded]) -> StepOutcome:
+        """The causal-LM loss over one step's examples, gradients accumulated."""
         n_step = sum(e.n_trained for e in items)
         loss_total, correct, real, padded = 0.0, 0, 0, 0
-        for mb in micro_batches(items, pad_id, cfg.micro_batch_tokens, widths):
+        for mb in micro_batches(items, self.pad_id, self.cfg.micro_batch_tokens, self.precision.widths()):
             real, padded = real + mb.n_tokens, padded + mb.input_ids.numel()
-            with precision.autocast():
-                out = causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels)
+            with self.precision.autocast():
+                out = causal_lm_loss(self.model, mb.input_ids, mb.attention_mask, mb.labels)
             # Divide by the whole step's trained tokens: the gradient is the same
             # however the step is split into micro-batches.
             (out.loss_sum / n_step).backward()
             loss_total += float(out.loss_sum.detach())
             correct += out.n_correct
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        return StepOutcome(loss_sum=loss_total, n_correct=correct, n_tokens=n_step, real=real, padded=padded)
+
+    def optimizer_step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         fault_point("step")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step = plan.index + 1
-        state.epoch = state.step / steps_per_epoch
-        state.trained_tokens += n_step
-        elapsed = time.monotonic() - t0
-        rate = (state.trained_tokens - tokens_at_start) / max(1e-9, time.monotonic() - time_at_start)
-        row = {
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def metrics_row(self, out: StepOutcome, lr: float) -> dict:
+        state, clock, total = self.state, self.clock, len(self.steps)
+        return {
             "step": state.step,
             "epoch": round(state.epoch, 4),
-            "train_loss": loss_total / n_step,
-            "train_mean_token_accuracy": correct / n_step,
+            "train_loss": out.loss_sum / out.n_tokens,
+            "train_mean_token_accuracy": out.n_correct / out.n_tokens,
             "learning_rate": lr,
             "trained_tokens": state.trained_tokens,
-            "tokens_per_s": rate,
-            "elapsed_s": elapsed,
-            "tokens": real,
-            "padded_tokens": padded,  # this step's real tokens / positions run
-            "eta_s": (total - state.step) * (time.monotonic() - time_at_start) / max(1, state.step - first_step),
+            "tokens_per_s": (state.trained_tokens - clock.tokens_at_start)
+            / max(1e-9, time.monotonic() - clock.started),
+            "elapsed_s": time.monotonic() - clock.t0,
+            "tokens": out.real,
+            "padded_tokens": out.padded,  # this step's real tokens / positions run
+            "eta_s": (total - state.step) * (time.monotonic() - clock.started) / max(1, state.step - clock.first_step),
         }
-        is_last = state.step == total
-        if data.valid_enc and (state.step % cfg.eval_every == 0 or is_last):
-            # Interval checks use a fixed sample (as OpenAI's valid_loss does);
-            # the whole validation set is scored once at the end (full_valid_loss).
-            vl, va = evaluate(model, data.valid_enc[:VALID_SAMPLE], pad_id, cfg.micro_batch_tokens, precision)
-            row["valid_loss"], row["valid_mean_token_accuracy"] = vl, va
-            if state.best_valid_loss is None or vl < state.best_valid_loss - 1e-4:
-                state.best_valid_loss, state.evals_without_improvement = vl, 0
-            else:
-                state.evals_without_improvement += 1
-        state.history.append(row)
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        emit("metrics", row)
-        if bar:
-            bar.update(row)
-        state.elapsed_s = elapsed
+
+    def end_of_step(self, row: dict) -> bool:
+        """Validate, log and checkpoint as due; obey a pause/cancel request; True to stop early."""
+        state, cfg = self.state, self.cfg
+        is_last = state.step == len(self.steps)
+        if self.data.valid_enc and (state.step % cfg.eval_every == 0 or is_last):
+            self.validate(row)
+        self.log_step(row)
+        state.elapsed_s = row["elapsed_s"]
         patience = cfg.early_stopping_patience
         stop = bool(patience and state.evals_without_improvement >= patience)
-        request = control() if control else None
+        request = self.control() if self.control else None
         if state.step % cfg.save_every == 0 or is_last or stop or request == "pause":
-            # Each checkpoint also holds a servable adapter (PEFT format), so it can
-            # be called as a model of its own.
-            extra = (lambda d: save_adapter(model, lora, d, spec.model)) if lora else None
-            path = checkpoint.save(run_dir, model, optimizer, state, extra=extra)
-            emit("checkpoint", {"step": state.step, "path": str(path), "metrics": row})
-            deleted = checkpoint.prune(run_dir, max(1, cfg.keep_checkpoints))
-            if deleted:
-                emit("checkpoints_deleted", {"steps": deleted})
+            self.save_checkpoint(row)
         if request in ("pause", "cancel") and not is_last:
-            if bar:
-                bar.close()
+            self.close_bar()
             raise Interrupted("paused" if request == "pause" else "cancelled", state.step)
         if stop:
-            stopped_early = True
-            emit("early_stopped", {"step": state.step, "best_valid_loss": state.best_valid_loss})
-            break
-    if bar:
-        bar.close()
+            self.emit("early_stopped", {"step": state.step, "best_valid_loss": state.best_valid_loss})
+        return stop
+
+    def validate(self, row: dict) -> None:
+        """Score the validation sample into `row` and track the best loss for early stopping."""
+        # Interval checks use a fixed sample (as OpenAI's valid_loss does);
+        # the whole validation set is scored once at the end (full_valid_loss).
+        sample = self.data.valid_enc[:VALID_SAMPLE]
+        vl, va = evaluate(self.model, sample, self.pad_id, self.cfg.micro_batch_tokens, self.precision)
+        row["valid_loss"], row["valid_mean_token_accuracy"] = vl, va
+        state = self.state
+        if state.best_valid_loss is None or vl < state.best_valid_loss - 1e-4:
+            state.best_valid_loss, state.evals_without_improvement = vl, 0
+        else:
+            state.evals_without_improvement += 1
+
+    def log_step(self, row: dict) -> None:
+        self.state.history.append(row)
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        self.emit("metrics", row)
+        if self.bar:
+            self.bar.update(row)
+
+    def save_checkpoint(self, row: dict) -> None:
+        # Each checkpoint also holds a servable adapter (PEFT format), so it can
+        # be called as a model of its own.
+        lora, model = self.lora, self.model
+        extra = (lambda d: save_adapter(model, lora, d, self.spec.model)) if lora else None
+        path = checkpoint.save(self.run_dir, model, self.optimizer, self.state, extra=extra)
+        self.emit("checkpoint", {"step": self.state.step, "path": str(path), "metrics": row})
+        deleted = checkpoint.prune(self.run_dir, max(1, self.cfg.keep_checkpoints))
+        if deleted:
+            self.emit("checkpoints_deleted", {"steps": deleted})
+
+    def close_bar(self) -> None:
+        if self.bar:
+            self.bar.close()
 
     # ---- save --------------------------------------------------------------
-    del optimizer  # its state (2x the trained weights) is not needed past the last checkpoint
-    model.eval()
-    out_dir = _save_final(run_dir, model, tok, lora, spec.model)
-    delta = weight_delta_norm(params, initial)
-    hist = state.history
-    valid_rows = [r for r in hist if "valid_loss" in r]
-    full_valid = None
-    if data.valid_enc and len(data.valid_enc) <= VALID_SAMPLE and hist and "valid_loss" in hist[-1]:
-        full_valid = hist[-1]["valid_loss"]  # the last interval check already scored every example
-    elif data.valid_enc:
-        full_valid = evaluate(model, data.valid_enc, pad_id, cfg.micro_batch_tokens, precision)[0]
-    signals = {
-        "first_train_loss": hist[0]["train_loss"] if hist else None,
-        "last_train_loss": _tail_mean([r["train_loss"] for r in hist]) if hist else None,
-        "first_valid_loss": valid_rows[0]["valid_loss"] if valid_rows else None,
-        "last_valid_loss": full_valid,
-        "weights_changed": delta > 0,
-        "weight_delta_norm": delta,
-        "fully_masked_examples": data.fully_masked,
-        "total_examples": len(data.train) + data.fully_masked,
-        "truncated_examples": data.truncated,
-    }
-    elapsed = time.monotonic() - t0
-    summary = {
-        "trained_tokens": state.trained_tokens,
-        "elapsed_s": elapsed,
-        "full_valid_loss": full_valid,
-        "tokens_per_s": state.trained_tokens / max(1e-9, elapsed),
-        "signals": signals,
-        "stopped_early": stopped_early,
-        "steps": state.step,
-        "allocator": allocator_in_use(),
-    }  # tcmalloc or system: it moves speed and memory (openft.heap)
-    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
-    emit("finished", summary)
-    return TrainResult(
-        run_dir=run_dir,
-        output_dir=out_dir,
-        history=hist,
-        trained_tokens=state.trained_tokens,
-        signals=signals,
-        tokens_per_s=summary["tokens_per_s"],
-        elapsed_s=elapsed,
-        stopped_early=stopped_early,
-        config=resolved,
-    )
+
+    def save(self) -> Path:
+        """The final adapter/ or model/ folder."""
+        self.optimizer = None  # its state (2x the trained weights) is not needed past the last checkpoint
+        self.model.eval()
+        return _save_final(self.run_dir, self.model, self.loaded.tokenizer, self.lora, self.spec.model)
+
+    def summarise(self, out_dir: Path, stopped_early: bool) -> TrainResult:
+        """summary.json, the `finished` event and the result, with the signals the verdict reads."""
+        signals = self.signals(weight_delta_norm(self.params, self.initial), self.final_valid_loss())
+        state = self.state
+        elapsed = time.monotonic() - self.clock.t0
+        summary = {
+            "trained_tokens": state.trained_tokens,
+            "elapsed_s": elapsed,
+            "full_valid_loss": signals["last_valid_loss"],
+            "tokens_per_s": state.trained_tokens / max(1e-9, elapsed),
+            "signals": signals,
+            "stopped_early": stopped_early,
+            "steps": state.step,
+            "allocator": allocator_in_use(),
+        }  # tcmalloc or system: it moves speed and memory (openft.heap)
+        atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        self.emit("finished", summary)
+        return TrainResult(
+            run_dir=self.run_dir,
+            output_dir=out_dir,
+            history=state.history,
+            trained_tokens=state.trained_tokens,
+            signals=signals,
+            tokens_per_s=summary["tokens_per_s"],
+            elapsed_s=elapsed,
+            stopped_early=stopped_early,
+            config=self.resolved,
+        )
+
+    def final_valid_loss(self) -> float | None:
+        """The whole validation set's loss, unless the last interval check already scored every example."""
+        hist, valid = self.state.history, self.data.valid_enc
+        if valid and len(valid) <= VALID_SAMPLE and hist and "valid_loss" in hist[-1]:
+            return hist[-1]["valid_loss"]
+        if valid:
+            return evaluate(self.model, valid, self.pad_id, self.cfg.micro_batch_tokens, self.precision)[0]
+        return None
+
+    def signals(self, delta: float, full_valid: float | None) -> dict:
+        hist, data = self.state.history, self.data
+        valid_rows = [r for r in hist if "valid_loss" in r]
+        return {
+            "first_train_loss": hist[0]["train_loss"] if hist else None,
+            "last_train_loss": _tail_mean([r["train_loss"] for r in hist]) if hist else None,
+            "first_valid_loss": valid_rows[0]["valid_loss"] if valid_rows else None,
+            "last_valid_loss": full_valid,
+            "weights_changed": delta > 0,
+            "weight_delta_norm": delta,
+            "fully_masked_examples": data.fully_masked,
+            "total_examples": len(data.train) + data.fully_masked,
+            "truncated_examples": data.truncated,
+        }
 
 
 def _tail_mean(xs: list[float], k: int = 3) -> float:
