@@ -50,7 +50,8 @@ def test_list_prompts_answer_each_prompt_with_openais_indexes(server, openapi):
     # Streamed: the same texts, each under its own index.
     texts: dict[int, str] = {}
     for chunk in c.completions.create(model=BUILTIN, prompt=prompts, max_tokens=6, temperature=0, n=2, stream=True):
-        openapi(chunk, "CreateCompletionResponse")
+        # (Not checked against CreateCompletionResponse: OpenAI streams finish_reason null
+        # until a choice ends, which that schema, written for whole answers, does not allow.)
         for ch in chunk.choices:
             texts[ch.index] = texts.get(ch.index, "") + ch.text
     assert texts == {0: alone[0], 1: alone[0], 2: alone[1], 3: alone[1]}
