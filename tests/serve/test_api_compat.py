@@ -222,11 +222,12 @@ def test_stopped_engine_answers_503(tmp_path, session_home, tiny_model_dir, monk
             app.state.engine.stop()
             down = await client.post("/v1/chat/completions", json=body)
             plain = await client.post("/v1/completions", json={"model": body["model"], "prompt": "Hi", "max_tokens": 2})
-            return up, down, plain
+            streamed = await client.post("/v1/chat/completions", json={**body, "stream": True})
+            return up, down, plain, streamed
 
-    up, down, plain = asyncio.run(ask())
+    up, down, plain, streamed = asyncio.run(ask())
     assert up.status_code == 200, up.text
-    assert down.status_code == 503 and plain.status_code == 503, (down.text, plain.text)
+    assert [r.status_code for r in (down, plain, streamed)] == [503, 503, 503], (down.text, streamed.text)
     assert down.json()["error"]["code"] == "engine_stopped" and down.json()["error"]["type"] == "server_error"
 
 

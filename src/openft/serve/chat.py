@@ -144,7 +144,8 @@ class SamplingFields(BaseModel):
         )
 
 
-# Fields refused unless absent or one of these values (which ask for nothing).
+# Fields refused unless absent or one of these values (which ask for nothing this
+# server does not do: no tools, text only, the one service tier there is).
 HARMLESS: dict[str, tuple] = {
     "tools": ([],),
     "functions": ([],),
@@ -184,9 +185,9 @@ class ChatRequest(SamplingFields):
     prompt_cache_options: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # Refused unless absent or HARMLESS (tools: a later version adds them).
     service_tier: str | None = None
     modalities: list[str] | None = None
-    # Refused unless absent or HARMLESS (tools: a later version adds them).
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -299,6 +300,7 @@ def _prepare(request: Request, who: str, body: SamplingFields, prompt_ids_fn, pr
     engine = request.app.state.engine
     handle = handle_for(request, who, body.model)
     try:
+        engine.check_accepting()
         tok = engine.tokenizer(handle)
         prompts = prompt_ids_fn(engine, handle, tok)
         context = engine.context_length(handle)

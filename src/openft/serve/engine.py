@@ -304,6 +304,13 @@ class Engine:
             thread.join()
         self._thread = None
 
+    def check_accepting(self) -> None:
+        """Raise engine_stopped (503) once stop() was called, until start() is called again
+        (so a streamed answer can be refused before its 200 is sent)."""
+        with self._cv:
+            if self._stopping or self._stopped:
+                raise EngineError("the engine is stopped (the server is shutting down)", "engine_stopped")
+
     # ------------------------------------------------------------- model metadata (any thread)
 
     def tokenizer(self, handle: ModelHandle):
@@ -460,11 +467,9 @@ class Engine:
             loop=asyncio.get_running_loop(),
             queue=asyncio.Queue(),
         )
-        with self._cv:
-            # A stopped engine (the server shutting down) refuses rather than starting its
-            # scheduler again; one never started starts on its first request.
-            if self._stopping or self._stopped:
-                raise EngineError("the engine is stopped (the server is shutting down)", "engine_stopped")
+        # A stopped engine (the server shutting down) refuses rather than starting its
+        # scheduler again; one never started starts on its first request.
+        self.check_accepting()
         self.start()
         with self._cv:
             if self._stopping:
