@@ -528,13 +528,22 @@ def test_stop_fails_waiting_requests(base):
     ids = prompt(eng, base)
 
     async def go():
-        task = asyncio.create_task(eng.complete(base, ids, SamplingParams(temperature=0)))  # ~2000 tokens
-        await asyncio.sleep(0.3)
+        # ~2000 tokens: still running when the first piece arrives, whatever the machine's speed.
+        stream = eng.stream(base, ids, SamplingParams(temperature=0, max_tokens=2000))
+        first = await anext(stream)
+        waiting = asyncio.create_task(eng.complete(base, ids, SamplingParams(temperature=0)))
         await asyncio.to_thread(eng.stop)
-        return await asyncio.gather(task, return_exceptions=True)
+        try:
+            async for _ in stream:
+                pass
+        except EngineError as e:
+            return first, e, (await asyncio.gather(waiting, return_exceptions=True))[0]
+        return first, None, None
 
-    (result,) = run(go())
-    assert isinstance(result, EngineError) and result.code == "engine_stopped"
+    first, running, waiting = run(go())
+    assert isinstance(first, Delta)
+    assert isinstance(running, EngineError) and running.code == "engine_stopped"
+    assert isinstance(waiting, EngineError) and waiting.code == "engine_stopped"
 
 
 @pytest.mark.gpu
