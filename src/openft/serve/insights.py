@@ -25,7 +25,7 @@ from openft.models.registry import ModelNotFound
 from openft.serve import schemas as S
 from openft.serve.auth import owner
 from openft.serve.engine import EngineError, ModelHandle, SamplingParams
-from openft.serve.errors import APIError, engine_error
+from openft.serve.errors import APIError
 from openft.serve.files import get_owned
 from openft.serve.fine_tuning import CreateJob, build_spec, user_model
 from openft.serve.models import handle_for
@@ -199,6 +199,7 @@ async def compare(request: Request, body: CompareBody, who: str = Depends(owner)
     from openft.eval.compare import build_comparison, to_json
     from openft.eval.questions import QuestionFileError, load_questions
     from openft.eval.verdict import TrainingSignals, judge
+    from openft.serve.errors import engine_error
 
     engine = request.app.state.engine
 
