@@ -432,7 +432,8 @@ class Engine:
             c.text += item.text
             c.finish_reason = item.finish_reason or c.finish_reason
             if item.logprobs is not None:
-                c.logprobs = (c.logprobs or []) + item.logprobs
+                c.logprobs = c.logprobs if c.logprobs is not None else []
+                c.logprobs.extend(item.logprobs)
         return out, usage
 
     def _submit(self, handle: ModelHandle, prompt_ids: list[int], params: SamplingParams) -> _Request:
