@@ -43,3 +43,23 @@ def test_decode_cuts_at_the_first_end_token(tiny_tokenizer):
     eos = tiny_tokenizer.eos_token_id
     pad_like = tiny_tokenizer(" junk", add_special_tokens=False)["input_ids"]
     assert _decode(tiny_tokenizer, ids + [eos] + pad_like, [eos]) == "Hello world"
+
+
+def test_the_comparison_and_the_server_stop_at_the_same_tokens(tiny_model_dir, tiny_tokenizer):
+    """A ChatML model whose tokenizer's eos is <|endoftext|> (as base models ship it):
+    both paths stop at eos and at the template's <|im_end|>."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from openft.eval.generate import _eos_ids
+    from openft.serve.engine import Engine
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.eos_token = "<|endoftext|>"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    im_end, eos = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert "<|im_end|>" in tok.chat_template and im_end != eos
+    assert set(_eos_ids(model, tok)) == set(Engine._stop_ids(model, tok)) == {eos, im_end}
+    assert _eos_ids(model, tok)[0] == eos  # the eos first: it pads when there is no pad token

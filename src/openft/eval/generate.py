@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from openft.models.padding import left_pad
+from openft.models.stop import stop_token_ids
 
 
 def answer_questions(
@@ -79,21 +80,9 @@ def _prompt_ids(tokenizer, question: str, system: str | None) -> list[int]:
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
-    """Token ids that end an answer: the tokenizer's eos (for chat models the
-    template's end-of-turn token, e.g. `<|im_end|>`), plus any the checkpoint's
-    generation config names (Llama-3 style models end turns with `<|eot_id|>`,
-    which is not their tokenizer's eos)."""
-    ids: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    gen_config = getattr(model, "generation_config", None)  # absent on bare nn.Modules
-    extra = gen_config.eos_token_id if gen_config is not None else None
-    for i in extra if isinstance(extra, (list, tuple)) else [extra]:
-        if i is not None and i not in ids:
-            ids.append(i)
-    if not ids:
-        raise ValueError("the tokenizer has no eos token, so answers would never stop")
-    return ids
+    """Token ids that end an answer: the same as the server stops at
+    (`openft.models.stop`), so the comparison shows the answer the served model gives."""
+    return stop_token_ids(tokenizer, getattr(model, "generation_config", None))  # absent on bare nn.Modules
 
 
 def _decode(tokenizer, tokens: list[int], eos_ids: list[int]) -> str:

@@ -3,35 +3,53 @@
 The route only validates the request, resolves the model name the caller may
 use, renders the prompt with the model's own chat template, and hands it to the
 engine, which batches concurrent requests (mixed adapters in one batch).
+
+Every OpenAI parameter is either honoured or refused with a 400 naming it
+(code `unsupported_parameter`); a field OpenAI does not define is refused too
+(code `unknown_parameter`), as OpenAI does. The few accepted without effect
+change nothing an answer could show: `user`, `safety_identifier`, `metadata`,
+`store` (openft keeps no completions), the prompt-cache hints, `prediction` (a
+latency hint: OpenAI's answer is the same without it), `parallel_tool_calls`
+(no tools are ever called), `stream_options.include_obfuscation`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
 from openft.serve import schemas as S
 from openft.serve.auth import owner
-from openft.serve.engine import Delta, EngineError, SamplingParams, Usage
-from openft.serve.errors import APIError
+from openft.serve.engine import Choice, Delta, EngineError, SamplingParams, TokenLogprob, Usage
+from openft.serve.engine_text import token_bytes
+from openft.serve.errors import APIError, engine_error
 from openft.serve.models import handle_for
 
 router = APIRouter(prefix="/v1", tags=["chat"])
 MAX_TOKENS = 1 << 20
+MAX_ROWS = 128  # choices of one request, over all its prompts (n x prompts)
 SEED_RANGE = (-(2**63), 2**63 - 9)  # torch seeds are 64-bit; choice i uses seed + i (n <= 8)
 
 
 def _streamed(model) -> dict:
     """A JSON answer, or with `stream: true` server-sent events."""
     return {200: {"model": model, "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+def unsupported(what: str) -> PydanticCustomError:
+    """A 400 naming the field (the validation handler takes `param` from where it is raised)."""
+    return PydanticCustomError("unsupported_parameter", "{what} is not supported by this server", {"what": what})
 
 
 class TextPart(BaseModel):
@@ -55,22 +73,24 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
     include_usage: bool = False
+    include_obfuscation: bool = False  # openft pads no chunks: nothing to obfuscate
 
 
 class SamplingFields(BaseModel):
-    # strict: a wrong type is a 400 naming the field, not coerced ("yes" is no
-    # boolean, true no max_tokens); unknown OpenAI fields are ignored.
-    model_config = ConfigDict(extra="ignore", strict=True)
+    """What both endpoints take. strict: a wrong type is a 400 naming the field, not
+    coerced ("yes" is no boolean, true no max_tokens)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=MAX_TOKENS)  # an extension (vLLM's): the k most likely tokens
     # More than fits in the context is clamped (finish_reason "length"), as OpenAI
     # clients commonly ask for 4096 whatever the model; beyond any context at all
     # it is a mistake.
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     logit_bias: dict[str, float] | None = None
@@ -99,25 +119,158 @@ class SamplingFields(BaseModel):
                 raise ValueError(f"keys must be token ids, got {token[:40]!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"biases must be between -100 and 100, got {bias:g} for token {token}")
+        if v:
+            raise unsupported("logit_bias")
         return v
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def logprobs_wanted(self) -> int | None:
+        return None
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
-            max_tokens=self.max_completion_tokens or self.max_tokens,
+            max_tokens=self.max_new_tokens(),
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
             stop=list(self.stop or []),
             seed=self.seed,
             n=self.n,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logprobs=self.logprobs_wanted(),
         )
+
+
+# Fields refused unless absent or one of these values (which ask for nothing this
+# server does not do: no tools, text only, the one service tier there is).
+HARMLESS: dict[str, tuple] = {
+    "tools": ([],),
+    "functions": ([],),
+    "tool_choice": ("none",),
+    "function_call": ("none",),
+    "audio": (),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "web_search_options": (),
+    "moderation": (),
+    "service_tier": ("auto", "default"),
+    "modalities": (["text"],),
+    "echo": (False,),
+    "suffix": ("",),
+}
+
+
+def _refuse_unless_harmless(cls, v, info: ValidationInfo):
+    if v is None or v in HARMLESS[info.field_name]:
+        return v
+    shown = f"{info.field_name} {json.dumps(v)}" if isinstance(v, (str, bool, int, float)) else info.field_name
+    raise unsupported(shown)
 
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    # Accepted without effect (see the module's docstring).
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # Refused unless absent or HARMLESS (tools: a later version adds them).
+    service_tier: str | None = None
+    modalities: list[str] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+
+    _refused = field_validator(*[f for f in HARMLESS if f not in ("echo", "suffix")])(
+        classmethod(_refuse_unless_harmless)
+    )
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v):
+        kind = (v or {}).get("type", "text")
+        if kind == "text":
+            return v
+        if kind in ("json_object", "json_schema"):
+            raise unsupported(f"response_format {kind}")
+        raise ValueError(f"type must be text, json_object or json_schema, got {str(kind)[:40]!r}")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, v, info: ValidationInfo):
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    prompt: Prompt
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=8)
+
+    _refused = field_validator("echo", "suffix")(classmethod(_refuse_unless_harmless))
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v, info: ValidationInfo):
+        prompts = _prompts(v)
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prompt must not be empty (nor any prompt in the list)")
+        if any(isinstance(t, int) and t < 0 for p in prompts if isinstance(p, list) for t in p):
+            raise ValueError("token ids must be >= 0")
+        if len(prompts) * info.data.get("n", 1) > MAX_ROWS:
+            raise ValueError(f"at most {MAX_ROWS} choices in all (prompts x n)")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v, info: ValidationInfo):
+        if v is not None and v != info.data.get("n", 1):
+            raise PydanticCustomError("unsupported_parameter", "best_of other than n is not supported by this server")
+        return v
+
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        return _prompts(self.prompt)
+
+
+def _prompts(prompt) -> list[str | list[int]]:
+    """A completion request's prompts: one text or token-id list, or a list of either."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    return list(prompt)
 
 
 def _sse(obj: dict | str) -> bytes:
@@ -128,135 +281,225 @@ def _usage(u: Usage) -> dict:
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
 
 
-def _prepare(request: Request, who: str, body: SamplingFields, prompt_ids_fn):
+def _total(usages: list[Usage]) -> Usage:
+    p, c = sum(u.prompt_tokens for u in usages), sum(u.completion_tokens for u in usages)
+    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+
+@dataclass
+class Prepared:
+    engine: Any
+    handle: Any
+    tokenizer: Any
+    prompts: list[list[int]]  # token ids, one list per prompt
+
+
+def _prepare(request: Request, who: str, body: SamplingFields, prompt_ids_fn, prompt_param: str) -> Prepared:
     """Runs in a worker thread: loading a model and tokenising a long prompt must
     not stall the event loop (and with it every stream in flight)."""
     engine = request.app.state.engine
     handle = handle_for(request, who, body.model)
-    if body.logit_bias:
-        raise APIError(
-            400, "logit_bias is not supported by this server", param="logit_bias", code="unsupported_parameter"
-        )
     try:
-        ids = prompt_ids_fn(engine, handle)
+        engine.check_accepting()
+        tok = engine.tokenizer(handle)
+        prompts = prompt_ids_fn(engine, handle, tok)
         context = engine.context_length(handle)
     except EngineError as e:
-        raise APIError(400 if e.code != "model_unavailable" else 503, str(e), param="model", code=e.code) from None
-    if len(ids) >= context:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {context} tokens; the prompt has {len(ids)}",
-            param="messages",
-            code="context_length_exceeded",
-        )
-    return engine, handle, ids
+        raise engine_error(e, prompt_param) from None
+    for ids in prompts:
+        if len(ids) >= context:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context} tokens; the prompt has {len(ids)}",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+    return Prepared(engine, handle, tok, prompts)
+
+
+def _completion_ids(body: CompletionRequest):
+    def encode(engine, handle, tok) -> list[list[int]]:
+        out = []
+        for p in body.prompts():
+            if isinstance(p, str):
+                out.append(list(tok(p, add_special_tokens=False)["input_ids"]))
+                continue
+            if any(t >= len(tok) for t in p):
+                raise APIError(
+                    400,
+                    f"prompt: token ids must be below the vocabulary size, {len(tok)}",
+                    param="prompt",
+                    code="invalid_value",
+                )
+            out.append([int(t) for t in p])
+        return out
+
+    return encode
 
 
 @router.post("/chat/completions", responses=_streamed(S.ChatCompletion))
 async def chat_completions(request: Request, body: ChatRequest, who: str = Depends(owner)):
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    engine, handle, ids = await run_in_threadpool(
-        _prepare, request, who, body, lambda e, h: e.apply_chat_template(h, messages)
+    prep = await run_in_threadpool(
+        _prepare, request, who, body, lambda e, h, tok: [e.apply_chat_template(h, messages)], "messages"
     )
-    return await _respond(engine, handle, ids, body, chat=True)
+    return await _respond(prep, body, chat=True)
 
 
 @router.post("/completions", responses=_streamed(S.Completion))
 async def completions(request: Request, body: CompletionRequest, who: str = Depends(owner)):
-    prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
-    if not prompt:
-        raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
-    engine, handle, ids = await run_in_threadpool(
-        _prepare, request, who, body, lambda e, h: e.tokenizer(h)(prompt, add_special_tokens=False)["input_ids"]
-    )
-    return await _respond(engine, handle, ids, body, chat=False)
+    prep = await run_in_threadpool(_prepare, request, who, body, _completion_ids(body), "prompt")
+    return await _respond(prep, body, chat=False)
 
 
-async def _respond(engine, handle, ids, body: SamplingFields, *, chat: bool):
+# ------------------------------------------------------------------ log-probs
+
+
+def _chat_logprobs(tok, entries: list[TokenLogprob] | None) -> dict | None:
+    """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}."""
+    if entries is None:
+        return None
+
+    def one(token_id: int, logprob: float) -> dict:
+        text, raw = token_bytes(tok, token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    content = [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]
+    return {"content": content, "refusal": None}
+
+
+def _legacy_logprobs(tok, entries: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
+    """The completions endpoint's (legacy) shape: parallel lists; text_offset is where
+    each token's text starts, counted in characters of the choice's text."""
+    if entries is None:
+        return None
+    tokens = [token_bytes(tok, e.token_id)[0] for e in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{token_bytes(tok, t)[0]: lp for t, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+# ------------------------------------------------------------------ answers
+
+
+def _choice_json(prep: Prepared, c: Choice, index: int, chat: bool) -> dict:
+    if chat:
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": c.text, "refusal": None},
+            "finish_reason": c.finish_reason,
+            "logprobs": _chat_logprobs(prep.tokenizer, c.logprobs),
+        }
+    return {
+        "index": index,
+        "text": c.text,
+        "finish_reason": c.finish_reason,
+        "logprobs": _legacy_logprobs(prep.tokenizer, c.logprobs),
+    }
+
+
+async def _respond(prep: Prepared, body: SamplingFields, *, chat: bool):
     rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     created = int(time.time())
     params = body.sampling()
-    if not body.stream:
+    head = {"id": rid, "created": created, "model": body.model, "system_fingerprint": "openft"}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _stream(prep, params, head, chat, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    try:
+        # Each prompt is its own engine request (they batch together); choice i of
+        # prompt p is choices[p * n + i], as OpenAI numbers them.
+        results = await asyncio.gather(*(prep.engine.choices(prep.handle, ids, params) for ids in prep.prompts))
+    except EngineError as e:
+        raise engine_error(e, "messages" if chat else "prompt") from None
+    out = [
+        _choice_json(prep, c, p * params.n + c.index, chat) for p, (choices, _) in enumerate(results) for c in choices
+    ]
+    return {
+        **head,
+        "object": "chat.completion" if chat else "text_completion",
+        "choices": out,
+        "usage": _usage(_total([u for _, u in results])),
+    }
+
+
+async def _merged(prep: Prepared, params: SamplingParams) -> AsyncIterator[tuple[int, Delta | Usage]]:
+    """The engine streams of every prompt, interleaved as they produce: (prompt index, item).
+    Raises the first EngineError; leaving early cancels every stream (freeing its rows)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(p: int, ids: list[int]) -> None:
         try:
-            choices, usage = await engine.complete(handle, ids, params)
+            async for item in prep.engine.stream(prep.handle, ids, params):
+                queue.put_nowait((p, item))
         except EngineError as e:
-            raise APIError(500 if e.code == "internal_error" else 400, str(e), param="model", code=e.code) from None
-        if chat:
-            out = [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "finish_reason": fr,
-                    "logprobs": None,
-                }
-                for i, (text, fr) in enumerate(choices)
-            ]
-            obj = "chat.completion"
-        else:
-            out = [
-                {"index": i, "text": text, "finish_reason": fr, "logprobs": None}
-                for i, (text, fr) in enumerate(choices)
-            ]
-            obj = "text_completion"
-        return {
-            "id": rid,
-            "object": obj,
-            "created": created,
-            "model": body.model,
-            "choices": out,
-            "usage": _usage(usage),
-            "system_fingerprint": "openft",
-        }
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return StreamingResponse(
-        _stream(engine, handle, ids, params, body.model, rid, created, chat, include_usage),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-    )
+            queue.put_nowait((p, e))
+        finally:
+            queue.put_nowait((p, done))
+
+    tasks = [asyncio.create_task(pump(p, ids)) for p, ids in enumerate(prep.prompts)]
+    try:
+        left = len(tasks)
+        while left:
+            p, item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, EngineError):
+                raise item
+            else:
+                yield p, item
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
-async def _stream(engine, handle, ids, params, model, rid, created, chat, include_usage) -> AsyncIterator[bytes]:
+async def _stream(prep: Prepared, params: SamplingParams, head: dict, chat: bool, include_usage: bool):
     obj = "chat.completion.chunk" if chat else "text_completion"
+    n = params.n
 
     def chunk(choices, usage=None):
-        c = {
-            "id": rid,
-            "object": obj,
-            "created": created,
-            "model": model,
-            "system_fingerprint": "openft",
-            "choices": choices,
-        }
+        c = {**head, "object": obj, "choices": choices}
         if include_usage:
             c["usage"] = usage
         return _sse(c)
 
-    def choice(index, text, finish=None, first=False):
+    def choice(index, text, finish=None, first=False, logprobs=None):
         if chat:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
-            return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
-        return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+            lp = _chat_logprobs(prep.tokenizer, logprobs)
+            return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
+        lp = _legacy_logprobs(prep.tokenizer, logprobs, offsets.get(index, 0))
+        if lp is not None:
+            offsets[index] = offsets.get(index, 0) + sum(map(len, lp["tokens"]))
+        return {"index": index, "text": text, "finish_reason": finish, "logprobs": lp}
 
+    offsets: dict[int, int] = {}  # per choice: characters of token text sent so far (text_offset)
     if chat:
-        yield chunk([choice(i, "", first=True) for i in range(params.n)])
+        yield chunk([choice(i, "", first=True) for i in range(n)])
+    usages: list[Usage] = []
     try:
-        async for item in engine.stream(handle, ids, params):
+        async for p, item in _merged(prep, params):
             if isinstance(item, Delta):
                 # The final chunk carries content "" (not null), so a client that
                 # prints delta.content prints nothing extra.
-                yield chunk([choice(item.index, item.text, item.finish_reason)])
-            elif isinstance(item, Usage) and include_usage:
-                yield _sse(
-                    {
-                        "id": rid,
-                        "object": obj,
-                        "created": created,
-                        "model": model,
-                        "system_fingerprint": "openft",
-                        "choices": [],
-                        "usage": _usage(item),
-                    }
-                )
+                yield chunk([choice(p * n + item.index, item.text, item.finish_reason, logprobs=item.logprobs)])
+            elif isinstance(item, Usage):
+                usages.append(item)
     except EngineError as e:
         yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": e.code}})
+    else:
+        if include_usage:
+            yield _sse({**head, "object": obj, "choices": [], "usage": _usage(_total(usages))})
     yield _sse("[DONE]")

@@ -45,7 +45,16 @@ from openft.hardware import fast_bf16, onednn_shapes, shape_bucket, without_oned
 from openft.heap import release_free_memory
 from openft.models.load import load_for_serving, load_tokenizer, setup_torch
 from openft.models.padding import left_pad
-from openft.serve.engine_batch import merge_into, mergeable, new_cache, sample, select_rows
+from openft.models.stop import stop_token_ids
+from openft.serve.engine_batch import (
+    apply_penalties,
+    merge_into,
+    mergeable,
+    new_cache,
+    sample,
+    select_rows,
+    token_logprob,
+)
 from openft.serve.engine_lora import (
     WEIGHTS_FILE,
     LoraRouting,
@@ -55,16 +64,28 @@ from openft.serve.engine_lora import (
     remove_adapter,
 )
 from openft.serve.engine_text import Detokenizer, StopMatcher
-from openft.serve.engine_types import Delta, EngineError, ModelHandle, SamplingParams, Usage
+from openft.serve.engine_types import Choice, Delta, EngineError, ModelHandle, SamplingParams, TokenLogprob, Usage
 
-__all__ = ["Delta", "Engine", "EngineError", "EngineStats", "ModelHandle", "SamplingParams", "Usage"]
+__all__ = [
+    "Choice",
+    "Delta",
+    "Engine",
+    "EngineError",
+    "EngineStats",
+    "ModelHandle",
+    "SamplingParams",
+    "TokenLogprob",
+    "Usage",
+]
 
 log = logging.getLogger("openft.serve.engine")
 
-# End-of-turn tokens of common chat templates; one counts as a stop token when the
-# model's own template writes it (ChatML's <|im_end|>, Llama 3's <|eot_id|>, ...).
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "</s>")
 MAX_CHOICES = 128
+
+
+def _unloadable(d: Path) -> str:
+    """The error code of a model whose files could not be read: missing, or there but broken."""
+    return "model_invalid" if d.is_dir() else "model_not_found"
 
 
 # --------------------------------------------------------------------------- state
@@ -133,6 +154,19 @@ class _Row:
     pos: int  # position id of the token this row feeds next
     count: int = 0  # tokens sampled so far
     finished: bool = False
+    counts: torch.Tensor | None = None  # (vocab,) how often each token was sampled (for the penalties)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # sampled, not yet sent in a Delta
+
+    @property
+    def penalised(self) -> bool:
+        p = self.req.params
+        return bool(p.presence_penalty or p.frequency_penalty)
+
+    def take_logprobs(self) -> list[TokenLogprob] | None:
+        if self.req.params.logprobs is None:
+            return None
+        out, self.logprobs = self.logprobs, []
+        return out
 
 
 @dataclass(eq=False)
@@ -241,6 +275,7 @@ class Engine:
         self._pending: list[_Request] = []
         self._forget: set[str] = set()  # model names to drop from memory once idle
         self._stopping = False
+        self._stopped = False  # stop() was called: refuse requests until start() is called again
         self._thread: threading.Thread | None = None
         self._bases: OrderedDict[str, _Base] = OrderedDict()  # LRU order, scheduler thread only writes
         self._adapters: OrderedDict[str, _Adapter] = OrderedDict()
@@ -256,18 +291,25 @@ class Engine:
         with self._cv:
             if self._thread is not None and self._thread.is_alive():
                 return
-            self._stopping = False
+            self._stopping = self._stopped = False
             self._thread = threading.Thread(target=self._run, name="openft-engine", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
         with self._cv:
-            self._stopping = True
+            self._stopping = self._stopped = True
             self._cv.notify_all()
             thread = self._thread
         if thread is not None:
             thread.join()
         self._thread = None
+
+    def check_accepting(self) -> None:
+        """Raise engine_stopped (503) once stop() was called, until start() is called again
+        (so a streamed answer can be refused before its 200 is sent)."""
+        with self._cv:
+            if self._stopping or self._stopped:
+                raise EngineError("the engine is stopped (the server is shutting down)", "engine_stopped")
 
     # ------------------------------------------------------------- model metadata (any thread)
 
@@ -289,7 +331,7 @@ class Engine:
                         tok = load_tokenizer(Path(key))
                     except Exception as e:  # noqa: BLE001 - any failure means the model is unusable
                         raise EngineError(
-                            f"cannot load the tokenizer of {handle.name} from {key}: {e}", "model_not_found"
+                            f"cannot load the tokenizer of {handle.name} from {key}: {e}", _unloadable(Path(key))
                         ) from e
                     if sig is not None:
                         self._tokenizers[sig] = tok
@@ -311,7 +353,7 @@ class Engine:
                     config = json.loads((Path(key) / "config.json").read_text())
                 except (OSError, ValueError) as e:
                     raise EngineError(
-                        f"model {handle.name}: no readable config.json in {key}", "model_not_found"
+                        f"model {handle.name}: no readable config.json in {key}", _unloadable(Path(key))
                     ) from e
                 config = config.get("text_config", config)  # multimodal configs nest the LM's
                 for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
@@ -372,16 +414,27 @@ class Engine:
     async def complete(
         self, handle: ModelHandle, prompt_ids: list[int], params: SamplingParams
     ) -> tuple[list[tuple[str, str]], Usage]:
-        texts = [[] for _ in range(params.n)]
-        reasons = ["" for _ in range(params.n)]
+        """(text, finish_reason) of each choice, and the Usage."""
+        choices, usage = await self.choices(handle, prompt_ids, params)
+        return [(c.text, c.finish_reason) for c in choices], usage
+
+    async def choices(
+        self, handle: ModelHandle, prompt_ids: list[int], params: SamplingParams
+    ) -> tuple[list[Choice], Usage]:
+        """Every choice whole (with its log-probs when asked for), and the Usage."""
+        out = [Choice(index=i, text="", finish_reason="", logprobs=None) for i in range(params.n)]
         usage = None
         async for item in self.stream(handle, prompt_ids, params):
             if isinstance(item, Usage):
                 usage = item
-            else:
-                texts[item.index].append(item.text)
-                reasons[item.index] = item.finish_reason or reasons[item.index]
-        return [("".join(t), r) for t, r in zip(texts, reasons)], usage
+                continue
+            c = out[item.index]
+            c.text += item.text
+            c.finish_reason = item.finish_reason or c.finish_reason
+            if item.logprobs is not None:
+                c.logprobs = c.logprobs if c.logprobs is not None else []
+                c.logprobs.extend(item.logprobs)
+        return out, usage
 
     def _submit(self, handle: ModelHandle, prompt_ids: list[int], params: SamplingParams) -> _Request:
         if not prompt_ids:
@@ -392,6 +445,10 @@ class Engine:
             raise EngineError(f"temperature must be >= 0, got {params.temperature}", "invalid_request")
         if not 0 < params.top_p <= 1:
             raise EngineError(f"top_p must be in (0, 1], got {params.top_p}", "invalid_request")
+        if params.top_k < 0:
+            raise EngineError(f"top_k must be >= 0, got {params.top_k}", "invalid_request")
+        if params.logprobs is not None and params.logprobs < 0:
+            raise EngineError(f"logprobs must be >= 0, got {params.logprobs}", "invalid_request")
         if params.max_tokens is not None and params.max_tokens < 1:
             raise EngineError(f"max_tokens must be >= 1, got {params.max_tokens}", "invalid_request")
         context = self.context_length(handle)
@@ -411,10 +468,13 @@ class Engine:
             loop=asyncio.get_running_loop(),
             queue=asyncio.Queue(),
         )
+        # A stopped engine (the server shutting down) refuses rather than starting its
+        # scheduler again; one never started starts on its first request.
+        self.check_accepting()
         self.start()
         with self._cv:
             if self._stopping:
-                raise EngineError("the engine is stopping", "engine_stopped")
+                raise EngineError("the engine is stopped (the server is shutting down)", "engine_stopped")
             self._pending.append(req)
             self._cv.notify_all()
         return req
@@ -580,17 +640,20 @@ class Engine:
 
     def _sample_and_emit(self, batch: _Batch, logits: torch.Tensor) -> None:
         rows = batch.rows
+        logits = self._penalise(rows, logits)
         tokens = sample(
             logits,
             [r.req.params.temperature for r in rows],
             [r.req.params.top_p for r in rows],
             [r.generator for r in rows],
+            [r.req.params.top_k for r in rows],
         )
-        for row, token in zip(rows, tokens):
+        for i, (row, token) in enumerate(zip(rows, tokens)):
             if row.req.cancelled or row.req.done:
                 row.finished = True
-            else:
-                self._advance(row, token, batch.base.stop_ids)
+                continue
+            self._record(row, logits[i], token, batch.base.stop_ids)
+            self._advance(row, token, batch.base.stop_ids)
         for row in rows:
             if not row.req.done and (row.req.cancelled or row.req.rows_left == 0):
                 self._finish(row.req)
@@ -603,6 +666,31 @@ class Engine:
             batch.mask = select_rows(batch.cache, batch.mask, keep)
             batch.next_ids = batch.next_ids[keep]
             batch.rows = [rows[i] for i in keep]
+
+    @staticmethod
+    def _penalise(rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+        """The logits with each row's presence/frequency penalties applied."""
+        if not any(r.penalised and r.counts is not None for r in rows):
+            return logits
+        logits = logits.float().clone()
+        for i, r in enumerate(rows):
+            if r.penalised and r.counts is not None:
+                p = r.req.params
+                logits[i] = apply_penalties(logits[i], r.counts, p.presence_penalty, p.frequency_penalty)
+        return logits
+
+    @staticmethod
+    def _record(row: _Row, logits: torch.Tensor, token: int, stop_ids: frozenset[int]) -> None:
+        """Count the token for the penalties and keep its log-prob, when asked for.
+        logits: (vocab,), the (penalised) distribution the token was sampled from."""
+        params = row.req.params
+        if row.penalised:
+            if row.counts is None:
+                row.counts = torch.zeros(logits.numel(), dtype=torch.float32, device=logits.device)
+            row.counts[token] += 1
+        if params.logprobs is not None and token not in stop_ids:
+            lp, top = token_logprob(logits, token, params.logprobs)
+            row.logprobs.append(TokenLogprob(token_id=token, logprob=lp, top=top))
 
     def _advance(self, row: _Row, token: int, stop_ids: frozenset[int]) -> None:
         """Account one sampled token to its row and emit the text it makes stable."""
@@ -618,7 +706,7 @@ class Engine:
         elif row.count >= req.max_new:
             self._end_row(row, text, "length")
         elif text:
-            self._emit(req, Delta(index=row.index, text=text, finish_reason=None))
+            self._emit(req, Delta(index=row.index, text=text, finish_reason=None, logprobs=row.take_logprobs()))
 
     def _end_row(self, row: _Row, text: str, reason: str, *, flush: bool = True) -> None:
         if flush:
@@ -630,7 +718,7 @@ class Engine:
             reason = "stop" if hit else reason
         row.finished = True
         row.req.rows_left -= 1
-        self._emit(row.req, Delta(index=row.index, text=text, finish_reason=reason))
+        self._emit(row.req, Delta(index=row.index, text=text, finish_reason=reason, logprobs=row.take_logprobs()))
 
     def _finish(self, req: _Request) -> None:
         """All choices done (or the caller left): send Usage, release the models."""
@@ -703,7 +791,7 @@ class Engine:
         try:
             loaded = load_for_serving(key, dtype=self.dtype)
         except Exception as e:  # noqa: BLE001 - ModelNotFound, bad config, unreadable weights...
-            raise EngineError(f"cannot load model {handle.name} from {path}: {e}", "model_not_found") from e
+            raise EngineError(f"cannot load model {handle.name} from {path}: {e}", "model_invalid") from e
         model = loaded.model.to(self.device)
         tok = loaded.tokenizer
         stop_ids = self._stop_ids(model, tok)
@@ -723,19 +811,10 @@ class Engine:
 
     @staticmethod
     def _stop_ids(model, tok) -> frozenset[int]:
-        ids: set[int] = set()
-        if tok.eos_token_id is not None:
-            ids.add(tok.eos_token_id)
-        extra = model.generation_config.eos_token_id if model.generation_config is not None else None
-        ids.update(i for i in (extra if isinstance(extra, (list, tuple)) else [extra]) if i is not None)
-        template = tok.chat_template if isinstance(tok.chat_template, str) else ""
-        vocab = tok.get_vocab()
-        ids.update(vocab[t] for t in END_OF_TURN if t in template and t in vocab)
-        if not ids:
-            raise EngineError(
-                "the model's tokenizer has no end-of-sequence token, so answers would never stop", "model_not_found"
-            )
-        return frozenset(ids)
+        try:
+            return frozenset(stop_token_ids(tok, getattr(model, "generation_config", None)))
+        except ValueError as e:
+            raise EngineError(str(e), "model_invalid") from None
 
     def _drop_forgotten(self) -> None:
         with self._cv:

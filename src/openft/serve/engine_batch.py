@@ -130,12 +130,16 @@ def select_rows(cache, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, temperatures: list[float], top_ps: list[float], generators: list[torch.Generator | None]
+    logits: torch.Tensor,
+    temperatures: list[float],
+    top_ps: list[float],
+    generators: list[torch.Generator | None],
+    top_ks: list[int] | None = None,
 ) -> list[int]:
     """One token per row. logits: (batch, vocab). Greedy rows (temperature 0) take
-    the argmax; the others sample from softmax(logits / T) cut to the top-p
-    nucleus, each with its own generator so a seeded request is reproducible
-    whatever else shares its batch."""
+    the argmax; the others sample from softmax(logits / T) cut to the k most likely
+    tokens (top_k > 0) and to the top-p nucleus, each with its own generator so a
+    seeded request is reproducible whatever else shares its batch."""
     logits = logits.float()
     tokens = logits.argmax(-1)  # (batch,)
     sampled = [i for i, t in enumerate(temperatures) if t > 0]
@@ -144,12 +148,41 @@ def sample(
     out = tokens.clone()
     for i in sampled:
         scaled = logits[i] / temperatures[i]  # (vocab,)
+        if top_ks and 0 < top_ks[i] < scaled.numel():
+            scaled = _keep_top_k(scaled, top_ks[i])
         g = generators[i]
         if top_ps[i] < 1.0:
             out[i] = _sample_top_p(scaled, top_ps[i], g)
         else:
             out[i] = _draw(scaled.softmax(-1), g)
     return out.tolist()
+
+
+def _keep_top_k(scaled: torch.Tensor, k: int) -> torch.Tensor:
+    """-inf for every token outside the k most likely (ties at the k-th value are kept
+    out by index: exactly k tokens remain)."""
+    keep = scaled.topk(k).indices
+    out = torch.full_like(scaled, float("-inf"))
+    out[keep] = scaled[keep]
+    return out
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties for one row: logits[t] -=
+    frequency * count[t] + presence * (count[t] > 0). logits, counts: (vocab,), counts
+    of the tokens this choice generated so far. Returns a new tensor."""
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def token_logprob(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` under softmax(logits) (one row, (vocab,)), and
+    the k most likely tokens with theirs, most likely first."""
+    lp = logits.float().log_softmax(-1)
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        values, ids = lp.topk(min(k, lp.numel()))
+        top = list(zip(ids.tolist(), values.tolist()))
+    return float(lp[token]), top
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:

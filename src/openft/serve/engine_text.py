@@ -84,3 +84,48 @@ class StopMatcher:
     def flush(self) -> str:
         out, self.held = self.held, ""
         return out
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, inverted: each of the 256 bytes is written as
+    one printable character in such tokenizers' vocabularies ("Ġ" is a space)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTES = _byte_decoder()
+
+
+def _pieces(tokenizer) -> dict[int, str]:
+    """id -> vocabulary entry (cached on the tokenizer; openft's light tokenizer and
+    transformers' both have get_vocab), and whether entries are byte-level ("Ġ" a space)."""
+    pieces = getattr(tokenizer, "_openft_pieces", None)
+    if pieces is None:
+        pieces = {i: p for p, i in tokenizer.get_vocab().items()}
+        tokenizer._openft_pieces = pieces
+        tokenizer._openft_byte_level = any(p.startswith("Ġ") for p in pieces.values())
+    return pieces
+
+
+def token_bytes(tokenizer, token_id: int) -> tuple[str, list[int]]:
+    """A token's own text and UTF-8 bytes, as OpenAI's log-probs report them. A
+    byte-level BPE token can be part of a character: its bytes are exact, its text
+    then shows U+FFFD where the character is incomplete."""
+    piece = _pieces(tokenizer).get(int(token_id))
+    if piece:
+        if tokenizer._openft_byte_level and all(c in _BYTES for c in piece):
+            raw = bytes(_BYTES[c] for c in piece)
+            return raw.decode("utf-8", errors="replace"), list(raw)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+            raw = bytes([int(piece[3:5], 16)])
+            return raw.decode("utf-8", errors="replace"), list(raw)
+    text = tokenizer.decode([int(token_id)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return text, list(text.encode("utf-8"))

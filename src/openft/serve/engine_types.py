@@ -29,6 +29,24 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings, cut from the output
     seed: int | None = None  # same seed + same request -> same output (choice i uses seed + i)
     n: int = 1  # number of choices
+    top_k: int = 0  # keep only the k most likely tokens (0: no limit)
+    # OpenAI's penalties, over the tokens this choice generated so far:
+    # logits[t] -= frequency_penalty * count[t] + presence_penalty * (count[t] > 0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # None: no log-probs; k >= 0: each sampled token's log-prob and the k most likely alternatives
+    logprobs: int | None = None
+
+
+@dataclass
+class TokenLogprob:
+    """One sampled token's log-probability under the model's distribution for that
+    step (log-softmax of the logits after the penalties, before temperature, top-k and
+    top-p), with the `top` most likely tokens of that step, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-prob)
 
 
 @dataclass
@@ -38,6 +56,19 @@ class Delta:
     index: int  # choice index
     text: str  # never a broken UTF-8 character (held until whole; bytes no token completes are dropped)
     finish_reason: str | None  # None while running; "stop" (end token or stop string) or "length"
+    # With SamplingParams.logprobs: the tokens sampled since this choice's previous Delta
+    # (an end token excepted), whether or not their text is in this piece yet.
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Choice:
+    """One whole choice of a finished request."""
+
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -52,6 +83,7 @@ STATUS = {
     "invalid_request": 400,
     "context_length_exceeded": 400,
     "model_not_found": 404,
+    "model_invalid": 422,  # its files are there but cannot be loaded (bad config, unreadable weights)
     "adapter_not_found": 404,
     "adapter_invalid": 422,
     "adapter_incompatible": 422,

@@ -40,6 +40,20 @@ def not_found(kind: str, ident: str, param: str | None = None) -> APIError:
     return APIError(404, f"No such {kind}: {ident}", param=param, code=f"{kind.replace(' ', '_')}_not_found")
 
 
+# EngineError codes that are about the request's prompt, or about no field at all.
+_ENGINE_PARAM = {"context_length_exceeded": "prompt", "engine_stopped": None, "internal_error": None}
+
+
+def engine_error(e, prompt_param: str = "messages") -> APIError:
+    """The HTTP answer to an `EngineError`: its own status (`EngineError.status`:
+    404 no such model, 422 a model whose files cannot be loaded, 503 the engine is
+    stopped, 500 a bug) and the field it is about."""
+    param = _ENGINE_PARAM.get(e.code, "model")
+    if e.code == "invalid_request":
+        param = None
+    return APIError(e.status, str(e), param=prompt_param if param == "prompt" else param, code=e.code)
+
+
 def envelope(status: int, message: str, *, param=None, code=None, type=None) -> JSONResponse:
     return JSONResponse(
         status_code=status,
@@ -80,7 +94,13 @@ def install(app: FastAPI) -> None:
             msg = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}"
             param = None
         more = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
-        return envelope(400, f"{param + ': ' if param else ''}{msg}{more}", param=param, code="invalid_value")
+        # A field OpenAI defines that this server does not implement, or one OpenAI does not define.
+        code = {"unsupported_parameter": "unsupported_parameter", "extra_forbidden": "unknown_parameter"}.get(
+            first.get("type"), "invalid_value"
+        )
+        if code == "unknown_parameter":
+            msg = "this server does not know this parameter"
+        return envelope(400, f"{param + ': ' if param else ''}{msg}{more}", param=param, code=code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

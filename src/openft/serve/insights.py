@@ -199,32 +199,58 @@ async def compare(request: Request, body: CompareBody, who: str = Depends(owner)
     from openft.eval.compare import build_comparison, to_json
     from openft.eval.questions import QuestionFileError, load_questions
     from openft.eval.verdict import TrainingSignals, judge
+    from openft.serve.errors import engine_error
 
-    row = get_owned(request, body.questions_file, who, "questions_file")
-    try:
-        questions = load_questions(row["path"])
-    except QuestionFileError as e:  # named by the uploaded file's name, not the storage path's
-        message = str(e).replace(Path(row["path"]).name, row["filename"])
-        raise APIError(400, message, param="questions_file", code="invalid_questions_file") from None
     engine = request.app.state.engine
-    handles = []
-    for param in ("before_model", "after_model"):
+
+    def prepare():
+        """Off the event loop (a worker thread): reading the question file, resolving
+        the models (a built-in may be converted from GGUF, ~30 s) and loading their
+        tokenizers must not stall every stream in flight."""
+        row = get_owned(request, body.questions_file, who, "questions_file")
         try:
-            handles.append(handle_for(request, who, getattr(body, param)))
-        except APIError as e:
-            e.param = param
-            raise
+            questions = load_questions(row["path"])
+        except QuestionFileError as e:  # named by the uploaded file's name, not the storage path's
+            message = str(e).replace(Path(row["path"]).name, row["filename"])
+            raise APIError(400, message, param="questions_file", code="invalid_questions_file") from None
+        handles, prompts = [], []
+        for param in fields:
+            try:
+                handles.append(handle_for(request, who, getattr(body, param)))
+            except APIError as e:
+                e.param = param
+                raise
+            try:
+                prompts.append(
+                    [
+                        engine.apply_chat_template(handles[-1], [{"role": "user", "content": q.question}])
+                        for q in questions
+                    ]
+                )
+            except EngineError as e:
+                raise named(e, param) from None
+        return questions, handles, prompts
+
+    def named(e: EngineError, param: str) -> APIError:
+        err = engine_error(e, "questions_file")
+        err.param = param if err.param == "model" else err.param
+        return err
+
+    fields = ("before_model", "after_model")
+    questions, handles, prompts = await run_in_threadpool(prepare)
     params = SamplingParams(max_tokens=body.max_tokens, temperature=0.0)
 
-    async def answer(handle, q):
-        ids = engine.apply_chat_template(handle, [{"role": "user", "content": q.question}])
+    async def answer(handle, ids):
         choices, _ = await engine.complete(handle, ids, params)
         return choices[0][0].strip()
 
-    try:
-        before, after = [await asyncio.gather(*(answer(h, q) for q in questions)) for h in handles]
-    except EngineError as e:
-        raise APIError(400, str(e), param="model", code=e.code) from None
+    answers = []
+    for param, handle, ids_list in zip(fields, handles, prompts):
+        try:
+            answers.append(await asyncio.gather(*(answer(handle, ids) for ids in ids_list)))
+        except EngineError as e:
+            raise named(e, param) from None
+    before, after = answers
     if getattr(request.app.state, "embedder", None) is None:
         from openft.eval.scores import Embedder
 

@@ -174,11 +174,29 @@ class AssistantMessage(_Open):
     refusal: str | None
 
 
+class TopLogprob(_Open):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Open):
+    """With `logprobs: true`: each generated token's log-probability under the model
+    (log-softmax of its logits after the penalties, before temperature, top_k, top_p)."""
+
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
 class ChatChoice(_Open):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None
+    logprobs: ChatLogprobs | None
 
 
 class ChatCompletion(_Open):
@@ -193,11 +211,23 @@ class ChatCompletion(_Open):
     system_fingerprint: str | None = None
 
 
+class CompletionLogprobs(_Open):
+    """With `logprobs: k`: per generated token its text, log-probability, the k most
+    likely tokens of that step, and where its text starts in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(_Open):
+    """Choice i of prompt p has index p * n + i."""
+
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None
+    logprobs: CompletionLogprobs | None
 
 
 class Completion(_Open):
@@ -285,9 +315,9 @@ def ok(model: type[BaseModel], media_type: str = "application/json") -> dict:
 # Which failures each operation may answer with, besides the 400/401/403/404 of all.
 _EXTRA_ERRORS = {
     ("post", "/v1/files"): (413,),
-    ("post", "/v1/chat/completions"): (503,),
-    ("post", "/v1/completions"): (503,),
-    ("post", "/v1/comparisons"): (503,),
+    ("post", "/v1/chat/completions"): (422, 503),
+    ("post", "/v1/completions"): (422, 503),
+    ("post", "/v1/comparisons"): (422, 503),
 }
 _ERROR_TEXT = {
     400: "Bad request: the `param` names the field",
@@ -295,7 +325,8 @@ _ERROR_TEXT = {
     403: "Not allowed",
     404: "No such object (or not the caller's)",
     413: "Upload over the size limit",
-    503: "The model cannot be loaded now",
+    422: "The model's files are there but cannot be loaded (bad config, unreadable weights)",
+    503: "The server is shutting down",
 }
 
 
