@@ -181,7 +181,7 @@ def test_datasets_bad_line_then_good_file_with_stats_and_preview(console_server,
     page.wait_for_selector(".verdict.good")
     assert "64 example" in page.locator(".verdict").inner_text()
     flow["train_file"] = page.url.rsplit("/", 1)[-1]
-    # Statistics and preview need a tokenizer: the tiny model's (a local path).
+    # Statistics and preview need a tokenizer: the tiny model's (registered by name).
     page.fill("input[name=model]", TINY)
     page.click("form.inline button[type=submit]")
     page.wait_for_selector(".bar-chart rect.bar", state="attached", timeout=120_000)

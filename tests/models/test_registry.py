@@ -142,7 +142,10 @@ def test_add_list_resolve_and_remove_a_registered_directory(own_home, tiny_model
 
 def test_a_registered_gguf_is_checked_by_its_magic_bytes(own_home, tmp_path):
     gguf = builtin_gguf_path(BUILTINS["smollm2-135m-instruct"])
-    assert add(gguf, "smol").kind == "gguf"
+    m = add(gguf, "smol")
+    assert m.kind == "gguf"
+    # converted into a folder of its own, never another model's cache (a merged run's, a path's)
+    assert m.source().cache_dir.name == "registered--smol" and resolve("smol").cache_dir == m.source().cache_dir
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"\x80\x04 a pickle named .gguf")
     with pytest.raises(ModelNotFound, match="not a GGUF file"):

@@ -237,3 +237,20 @@ def test_export_that_fails_leaves_no_temp_folder(srv, train_file):
     err = _error(r)
     assert err["code"] == "base_model_missing" and str(srv.home) not in err["message"]
     assert set(srv.tmp.iterdir()) == before
+
+
+def test_a_second_round_on_an_own_checkpoint(srv, train_file):
+    """An owner's LoRA checkpoint is a base model name for that owner (merged once by the
+    worker), and for nobody else."""
+    a, b = srv.client(srv.keys["A"]), srv.client(srv.keys["B"])
+    first = _job(a, TINY, train_file["A"])
+    ckpt = a.fine_tuning.jobs.checkpoints.list(first.id).data[0].fine_tuned_model_checkpoint
+    with pytest.raises(openai.NotFoundError) as e:
+        b.fine_tuning.jobs.create(model=ckpt, training_file=train_file["B"])
+    assert e.value.body["code"] == "model_not_found"
+    second = _job(a, ckpt, train_file["A"])
+    assert second.model == ckpt
+    lineage = a.models.retrieve(second.fine_tuned_model).model_extra["lineage"]
+    assert Path(lineage["base_model_path"]).name.startswith(f"merged-{first.id}-step-")
+    reply = a.chat.completions.create(model=second.fine_tuned_model, messages=CHAT, max_tokens=4)
+    assert reply.usage.completion_tokens >= 1

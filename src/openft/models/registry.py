@@ -74,11 +74,12 @@ class ModelSource:
     kind: Kind
     path: Path | None  # a HF directory, or the .gguf file
     hub_id: str | None = None
+    cache_name: str | None = None  # the folder under OPENFT_HOME/models a GGUF converts into (default: name)
 
     @property
     def cache_dir(self) -> Path:
         """Where a GGUF model, converted once to safetensors, is kept."""
-        return home.models_dir() / self.name.replace("/", "--")
+        return home.models_dir() / (self.cache_name or self.name.replace("/", "--"))
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,9 @@ class RegisteredModel:
     added_at: int
 
     def source(self) -> ModelSource:
-        return ModelSource(name=self.name, kind=self.kind, path=Path(self.path))
+        # A folder of its own under models/: never the cache of a built-in, a merged run
+        # (`merged-…`) or a .gguf the CLI was given by path.
+        return ModelSource(name=self.name, kind=self.kind, path=Path(self.path), cache_name=f"registered--{self.name}")
 
 
 def builtin_gguf_path(model: BuiltinModel) -> Path | None:

@@ -126,12 +126,16 @@ def build_spec(body: CreateJob, base_model: str) -> tuple[JobSpec, dict]:
 
 def resolve_base(request: Request, who: str, model: str) -> str:
     """A base model for training, by name only: a built-in or registered model, or the
-    caller's own fine-tuned model for a second round. Returns what the job spec holds:
-    the name (the worker resolves it), or an own model's run folder (the worker merges
-    it). A path or hub id is just an unknown name here: the same 404 whatever is on disk."""
-    own = request.app.state.store.get_model(who, model)
+    caller's own fine-tuned model or LoRA checkpoint for a second round. Returns what the
+    job spec holds: the name (the worker resolves it), or an own model's run folder or
+    checkpoint folder (the worker merges it). A path or hub id is just an unknown name here: the same 404 whatever is on disk."""
+    store = request.app.state.store
+    own = store.get_model(who, model)
     if own is not None:
         return str(run_dir_of(Path(own["path"])))
+    ckpt = store.checkpoint_by_model(who, model)
+    if ckpt is not None and (Path(ckpt["path"]) / "adapter_config.json").exists():
+        return ckpt["path"]  # a LoRA checkpoint: the worker merges it into its run's base
     if model in BUILTINS:
         return model
     try:

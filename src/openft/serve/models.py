@@ -100,7 +100,7 @@ def retrieve(request: Request, model_id: str, who: str = Depends(owner)):
 
 
 def handle_path(request: Request, who: str, model_id: str) -> Path:
-    h = handle_for(request, who, model_id)
+    h = handle_for(request, who, model_id, convert=False)
     return Path(h.full_model_path or h.adapter_path)
 
 
