@@ -144,9 +144,13 @@ def local_model(arg: str) -> ModelSource | None:
     """A local HF directory or .gguf file, checked; None when `arg` names nothing on disk."""
     p = Path(arg).expanduser()
     if p.is_file() and p.suffix == ".gguf":
-        with open(p, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ModelNotFound(f"{p}: not a GGUF file (it does not start with the GGUF magic bytes)")
+        try:
+            with open(p, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise ModelNotFound(f"{p}: cannot be read ({e.strerror})") from None
+        if magic != b"GGUF":
+            raise ModelNotFound(f"{p}: not a GGUF file (it does not start with the GGUF magic bytes)")
         return ModelSource(name=p.stem.lower(), kind="gguf", path=p.resolve())
     if p.is_dir():
         if not (p / "config.json").exists():
