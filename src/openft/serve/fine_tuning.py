@@ -128,7 +128,8 @@ def resolve_base(request: Request, who: str, model: str) -> str:
     """A base model for training, by name only: a built-in or registered model, or the
     caller's own fine-tuned model or LoRA checkpoint for a second round. Returns what the
     job spec holds: the name (the worker resolves it), or an own model's run folder or
-    checkpoint folder (the worker merges it). A path or hub id is just an unknown name here: the same 404 whatever is on disk."""
+    checkpoint folder (the worker merges it). A path or hub id is just an unknown name
+    here: the same 404 whatever is on disk."""
     store = request.app.state.store
     own = store.get_model(who, model)
     if own is not None:
