@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from faults.campaign import Campaign, Zygote  # noqa: E402
-from serve.conftest import Server  # noqa: E402
+from serve.conftest import TINY, Server  # noqa: E402
 
 
 def main() -> int:
@@ -56,10 +56,10 @@ def main() -> int:
         if models.exists():
             (home / "models").symlink_to(models, target_is_directory=True)
         t0 = time.monotonic()
-        server = Server(home, "--no-worker").start()
+        server = Server(home, "--no-worker", models={TINY: model}).start()
         zygote = Zygote()
         try:
-            campaign = Campaign(server, zygote, model, seed=args.seed, log=lambda m: print(m, flush=True))
+            campaign = Campaign(server, zygote, TINY, seed=args.seed, log=lambda m: print(m, flush=True))
             print("reference run ...", flush=True)
             campaign.run_reference()
             print(f"killing workers until {args.kills} SIGKILLs have landed inside jobs ...", flush=True)

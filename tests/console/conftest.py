@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from serve.conftest import Server  # the same real-server helper the API tests use
+from serve.conftest import TINY, Server  # the same real-server helper the API tests use
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "console"
@@ -23,12 +23,12 @@ LAUNCH_ARGS = [
 
 
 @pytest.fixture(scope="module")
-def console_server(tmp_path_factory, session_home):
+def console_server(tmp_path_factory, session_home, tiny_model_dir):
     home = tmp_path_factory.mktemp("console-home")
     models = Path(session_home) / "models"
     if models.exists():  # share the converted built-in model cache
         (home / "models").symlink_to(models, target_is_directory=True)
-    s = Server(home).start()
+    s = Server(home, models={TINY: tiny_model_dir}).start()
     yield s
     s.stop()
 
@@ -50,7 +50,7 @@ def page(browser, tiny_model_dir):
     # The console pre-selects the last model used; start with the tiny one so no
     # page asks the server for the built-in model (a slow first conversion).
     context.add_init_script(
-        f"localStorage.getItem('openft.lastModel') || localStorage.setItem('openft.lastModel', {str(tiny_model_dir)!r})"
+        f"localStorage.getItem('openft.lastModel') || localStorage.setItem('openft.lastModel', {TINY!r})"
     )
     p = context.new_page()
     p.set_default_timeout(30_000)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serve.conftest import TINY
 
 pytestmark = pytest.mark.integration
 
@@ -180,8 +181,8 @@ def test_datasets_bad_line_then_good_file_with_stats_and_preview(console_server,
     page.wait_for_selector(".verdict.good")
     assert "64 example" in page.locator(".verdict").inner_text()
     flow["train_file"] = page.url.rsplit("/", 1)[-1]
-    # Statistics and preview need a tokenizer: the tiny model's (a local path).
-    page.fill("input[name=model]", str(tiny_model_dir))
+    # Statistics and preview need a tokenizer: the tiny model's (registered by name).
+    page.fill("input[name=model]", TINY)
     page.click("form.inline button[type=submit]")
     page.wait_for_selector(".bar-chart rect.bar", state="attached", timeout=120_000)
     assert page.locator(".bar-chart rect.bar").count() == 12
@@ -210,7 +211,7 @@ def test_new_job_live_progress_chart_and_latency(console_server, page, artifacts
     # Every hyperparameter starts as auto, with its rule beside it.
     assert page.locator("label.hp input").first.get_attribute("placeholder") == "auto"
     assert page.locator("label.hp .help").count() >= 12
-    page.fill("input[name=model]", str(tiny_model_dir))
+    page.fill("input[name=model]", TINY)
     page.fill("input[name=n_epochs]", "8")
     page.fill("input[name=batch_size]", "4")
     page.fill("input[name=learning_rate]", "0.01")
@@ -366,7 +367,7 @@ def test_models_lineage_export_clone_and_keys(console_server, page, artifacts, t
     page.goto(console_server.url + f"/#/jobs/{flow['job']}")
     page.click("a:has-text('Clone with changes')")
     page.wait_for_selector("form.newjob")
-    assert page.locator("input[name=model]").input_value() == str(tiny_model_dir)
+    assert page.locator("input[name=model]").input_value() == TINY
     assert page.locator("select[name=training_file]").input_value() == flow["train_file"]
     assert page.locator("input[name=n_epochs]").input_value() == "8"
     assert page.locator("select[name=questions_file]").input_value() == flow["questions_file"]
@@ -405,7 +406,7 @@ def test_errors_are_shown_with_the_servers_message(console_server, page):
 
 def test_narrow_screen_375px(console_server, browser, artifacts, tiny_model_dir, flow):
     context = browser.new_context(viewport={"width": 375, "height": 780}, device_scale_factor=1, is_mobile=True)
-    context.add_init_script(f"localStorage.setItem('openft.lastModel', {str(tiny_model_dir)!r})")
+    context.add_init_script(f"localStorage.setItem('openft.lastModel', {TINY!r})")
     page = context.new_page()
     routes = ["#/datasets", "#/new", "#/jobs", "#/playground", "#/models"]
     if flow.get("job"):

@@ -184,8 +184,8 @@ class Campaign:
     """Create jobs through the API and run them under killing workers until
     `kills` SIGKILLs have landed inside real jobs."""
 
-    def __init__(self, server, zygote: Zygote, model_dir: Path, *, seed: int = 0, log=print):
-        self.server, self.home, self.model_dir = server, Path(server.home), model_dir
+    def __init__(self, server, zygote: Zygote, model: str, *, seed: int = 0, log=print):
+        self.server, self.home, self.model = server, Path(server.home), model
         self.zygote = zygote
         self.rng = random.Random(seed)
         self.log = log
@@ -199,7 +199,7 @@ class Campaign:
     # ------------------------------------------------------------------ jobs
     def create_job(self) -> str:
         job = self.server.client().fine_tuning.jobs.create(
-            model=str(self.model_dir),
+            model=self.model,
             training_file=self.file_id,
             seed=3,
             hyperparameters={"n_epochs": 1, "batch_size": 1},

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from serve.conftest import Server  # the real-server helper the API tests use
+from serve.conftest import TINY, Server  # the real-server helper the API tests use
 
 from .campaign import Zygote
 
@@ -25,8 +25,9 @@ def zygote(session_home):
 
 
 @pytest.fixture(scope="package")
-def bare_server(tmp_path_factory, session_home):
+def bare_server(tmp_path_factory, session_home, tiny_model_dir):
     """`openft serve --no-worker`: jobs run only in the workers a test starts."""
-    s = Server(make_home(tmp_path_factory, session_home, "faults-home"), "--no-worker").start()
+    s = Server(make_home(tmp_path_factory, session_home, "faults-home"), "--no-worker", models={TINY: tiny_model_dir})
+    s.start()
     yield s
     s.stop()

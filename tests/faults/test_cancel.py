@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from serve.conftest import jsonl
+from serve.conftest import jsonl, register
 
 from .campaign import TRAIN_ROWS, Worker, rows, wait_for
 
@@ -37,13 +37,13 @@ def wider_model(tmp_path_factory, session_home) -> Path:
 
 def test_cancel_stops_within_the_step_and_frees_the_memory(bare_server, zygote, tmp_path, wider_model):
     c = bare_server.client()
-    tiny_model_dir = wider_model
+    register(bare_server.home, "wider-llama", wider_model)
     f = c.files.create(file=("train.jsonl", jsonl(rows(TRAIN_ROWS))), purpose="fine-tune")
     warmup_steps, hold_at = 4, 5
 
     def create(**extra):
         return c.fine_tuning.jobs.create(
-            model=str(tiny_model_dir),
+            model="wider-llama",
             training_file=f.id,
             seed=3,
             hyperparameters={"n_epochs": 1, "batch_size": 1},

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from serve.conftest import Server, jsonl
+from serve.conftest import TINY, Server, jsonl
 
 from .campaign import TRAIN_ROWS, Worker, rows, wait_for
 
@@ -45,12 +45,12 @@ def tmpfs_home(tmp_path, session_home):
 
 
 def _run_until_disk_full(
-    srv: Server, zygote, model_dir: Path, plan: str, faults_dir: Path, *, disk: Path | None, worker_log: Path
+    srv: Server, zygote, model: str, plan: str, faults_dir: Path, *, disk: Path | None, worker_log: Path
 ) -> tuple[str, dict]:
     c = srv.client()
     f = c.files.create(file=("train.jsonl", jsonl(rows(TRAIN_ROWS))), purpose="fine-tune")
     job = c.fine_tuning.jobs.create(
-        model=str(model_dir), training_file=f.id, seed=3, hyperparameters={"n_epochs": 1, "batch_size": 1}
+        model=model, training_file=f.id, seed=3, hyperparameters={"n_epochs": 1, "batch_size": 1}
     )
     w = Worker(zygote, srv.home, plan, faults_dir, log=worker_log).start()
     try:
@@ -109,14 +109,14 @@ def _check(srv: Server, job_id: str, done) -> None:
 def test_disk_full_on_a_size_limited_data_folder(tmpfs_home, tmp_path, zygote, tiny_model_dir):
     faults_dir = tmp_path / "faults"
     faults_dir.mkdir()
-    srv = Server(tmpfs_home, "--no-worker")
+    srv = Server(tmpfs_home, "--no-worker", models={TINY: tiny_model_dir})
     srv.log = open(tmp_path / "server.log", "ab")  # the server's own log is not on the disk that fills up
     srv.start()
     try:
         job_id, done = _run_until_disk_full(
             srv,
             zygote,
-            tiny_model_dir,
+            TINY,
             "checkpoint.write:3:hold",
             faults_dir,
             disk=tmpfs_home,
@@ -134,7 +134,7 @@ def test_disk_full_injected_enospc(bare_server, tmp_path, zygote, tiny_model_dir
     job_id, done = _run_until_disk_full(
         bare_server,
         zygote,
-        tiny_model_dir,
+        TINY,
         "checkpoint.write:3:enospc",
         tmp_path,
         disk=None,

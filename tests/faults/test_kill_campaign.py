@@ -11,6 +11,7 @@ import os
 import signal
 
 import pytest
+from serve.conftest import TINY
 
 from .campaign import MAX_STALLS, Campaign, Worker, events, job_row, wait_for
 
@@ -22,7 +23,7 @@ REQUIRED = {"step", "checkpoint.write", "eval", "register"}  # the moments the i
 
 @pytest.fixture(scope="module")
 def campaign(bare_server, zygote, tiny_model_dir):
-    c = Campaign(bare_server, zygote, tiny_model_dir, seed=20261128, log=lambda *a: None)
+    c = Campaign(bare_server, zygote, TINY, seed=20261128, log=lambda *a: None)
     c.run_reference()
     return c
 

@@ -13,7 +13,7 @@ import threading
 import httpx
 import openai
 import pytest
-from serve.conftest import Server, jsonl
+from serve.conftest import TINY, Server, jsonl
 
 from .campaign import TRAIN_ROWS, events, rows, store_checkpoints, wait_for
 from .conftest import make_home
@@ -51,14 +51,14 @@ class Streamer(threading.Thread):
 
 def test_server_killed_mid_job_and_mid_stream_loses_nothing(tmp_path_factory, session_home, tiny_model_dir):
     home = make_home(tmp_path_factory, session_home, "server-kill-home")
-    first = Server(home).start()
+    first = Server(home, models={TINY: tiny_model_dir}).start()
     second = None
     try:
         c = first.client()
         f = c.files.create(file=("train.jsonl", jsonl(rows(TRAIN_ROWS))), purpose="fine-tune")
         jobs = [
             c.fine_tuning.jobs.create(
-                model=str(tiny_model_dir), training_file=f.id, seed=3, hyperparameters={"n_epochs": 1, "batch_size": 1}
+                model=TINY, training_file=f.id, seed=3, hyperparameters={"n_epochs": 1, "batch_size": 1}
             )
             for _ in range(2)
         ]

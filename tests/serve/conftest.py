@@ -22,9 +22,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The name every test server knows the tiny test model by: over HTTP a base model is a
+# name (built-in or registered with `openft models add`), never a path.
+TINY = "tiny-llama"
+
+
+def register(home: Path, name: str, path: Path) -> None:
+    """What `openft models add PATH --name NAME` does, for the server whose home is `home`
+    (once: a server restarted on the same home keeps its registry)."""
+    from openft.models.registry import add, registered
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPENFT_HOME", str(home))
+        if name not in registered():
+            add(path, name)
+
+
 class Server:
-    def __init__(self, home: Path, *extra: str):
+    def __init__(self, home: Path, *extra: str, models: dict[str, Path] | None = None):
+        """`models`: names to register (as `openft models add` would) before the server starts."""
         self.home, self.extra = home, extra
+        for name, path in (models or {}).items():
+            register(home, name, path)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -103,11 +122,11 @@ def openapi():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, session_home):
+def server(tmp_path_factory, session_home, tiny_model_dir):
     home = tmp_path_factory.mktemp("serve-home")
     # Share the converted built-in model cache with the rest of the session.
     (home / "models").symlink_to(Path(session_home) / "models", target_is_directory=True)
-    s = Server(home).start()
+    s = Server(home, models={TINY: tiny_model_dir}).start()
     yield s
     s.stop()
 

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import jsonl, wait_for
+from .conftest import TINY, jsonl, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,7 @@ def finished_job(server, tiny_model_dir):
         purpose="evals",
     )
     job = c.fine_tuning.jobs.create(
-        model=str(tiny_model_dir),
+        model=TINY,
         training_file=train.id,
         suffix="pip",
         seed=7,
@@ -76,7 +76,7 @@ def test_bad_file_names_its_lines_and_fails_the_job_with_them(server, tiny_model
     f = c.files.create(file=("bad.jsonl", ("\n".join(rows) + "\n").encode()), purpose="fine-tune")
     assert f.status == "error" and "line 3" in f.status_details
     assert {e["line"] for e in f.validation["errors"]} == {3, 6}
-    job = c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=f.id)
+    job = c.fine_tuning.jobs.create(model=TINY, training_file=f.id)
     failed = wait_for(lambda: (j := c.fine_tuning.jobs.retrieve(job.id)).status == "failed" and j, timeout=30)
     assert failed.error.code == "invalid_training_file" and failed.error.param == "training_file"
     assert "line 3" in failed.error.message
@@ -214,7 +214,7 @@ def test_idempotency_key_creates_one_job(server, tiny_model_dir):
     c = server.client()
     f = c.files.create(file=("t.jsonl", jsonl(_rows(12))), purpose="fine-tune")
     kwargs = dict(
-        model=str(tiny_model_dir),
+        model=TINY,
         training_file=f.id,
         extra_body={"max_steps": 1},
         extra_headers={"Idempotency-Key": "retry-me-123"},

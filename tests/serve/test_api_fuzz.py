@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import SPEC, Server, jsonl, wait_for
+from .conftest import SPEC, TINY, Server, jsonl, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -154,11 +154,11 @@ def real_objects(s: Server, key: str, model: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def keyed(tmp_path_factory, session_home):
+def keyed(tmp_path_factory, session_home, tiny_model_dir):
     home = tmp_path_factory.mktemp("fuzz-home")
     (home / "models").symlink_to(Path(session_home) / "models", target_is_directory=True)
     key = create_key(home, "fuzzer")
-    s = Server(home, "--max-upload-mb", "1").start()
+    s = Server(home, "--max-upload-mb", "1", models={TINY: tiny_model_dir}).start()
     yield s, key
     s.stop()
 
@@ -231,7 +231,7 @@ def test_declared_shapes_stay_compatible_with_openai(keyed):
 
 def test_schemathesis_finds_no_server_error_and_no_schema_break(keyed, tiny_model_dir):
     s, key = keyed
-    ids = real_objects(s, key, str(tiny_model_dir))
+    ids = real_objects(s, key, TINY)
     report = fuzz(s.url, key, examples=8, budget_s=75, real_ids=ids)
     print(
         f"\nschemathesis: {report.requests} requests over {len(report.by_operation)} operations; "

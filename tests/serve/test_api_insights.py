@@ -9,7 +9,7 @@ import zipfile
 import httpx
 import pytest
 
-from .conftest import jsonl, wait_for
+from .conftest import TINY, jsonl, wait_for
 from .test_api_e2e import _rows
 
 pytestmark = pytest.mark.integration
@@ -21,18 +21,18 @@ def setup(server, tiny_model_dir):
     train = c.files.create(file=("train.jsonl", jsonl(_rows(30))), purpose="fine-tune")
     q = c.files.create(file=("q.jsonl", jsonl([{"question": "Who are you?", "reference": "Pip"}])), purpose="evals")
     job = c.fine_tuning.jobs.create(
-        model=str(tiny_model_dir),
+        model=TINY,
         training_file=train.id,
         suffix="ins",
         extra_body={"max_steps": 4, "learning_rate": 1e-2},
     )
     done = wait_for(lambda: (j := c.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j)
     assert done.status == "succeeded", done.error
-    return {"train": train, "questions": q, "job": done, "model_dir": str(tiny_model_dir)}
+    return {"train": train, "questions": q, "job": done, "model": TINY}
 
 
 def test_stats_count_tokens_and_draw_a_histogram(server, setup):
-    r = httpx.get(f"{server.url}/v1/files/{setup['train'].id}/stats", params={"model": setup["model_dir"]}, timeout=60)
+    r = httpx.get(f"{server.url}/v1/files/{setup['train'].id}/stats", params={"model": setup["model"]}, timeout=60)
     assert r.status_code == 200, r.text
     s = r.json()
     assert s["examples"] == 30 and 0 < s["supervised_tokens"] < s["total_tokens"]
@@ -42,7 +42,7 @@ def test_stats_count_tokens_and_draw_a_histogram(server, setup):
 
 def test_preview_marks_the_assistant_turns(server, setup):
     r = httpx.get(
-        f"{server.url}/v1/files/{setup['train'].id}/preview", params={"model": setup["model_dir"], "n": 2}, timeout=60
+        f"{server.url}/v1/files/{setup['train'].id}/preview", params={"model": setup["model"], "n": 2}, timeout=60
     )
     ex = r.json()["examples"]
     assert len(ex) == 2 and ex[0]["where"] == "train.jsonl:1"
@@ -52,7 +52,7 @@ def test_preview_marks_the_assistant_turns(server, setup):
 
 
 def test_estimate_before_starting(server, setup):
-    body = {"model": setup["model_dir"], "training_file": setup["train"].id, "hyperparameters": {"n_epochs": 2}}
+    body = {"model": setup["model"], "training_file": setup["train"].id, "hyperparameters": {"n_epochs": 2}}
     r = httpx.post(f"{server.url}/v1/fine_tuning/estimate", json=body, timeout=60)
     e = r.json()
     assert r.status_code == 200, r.text

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import Server, jsonl, wait_for
+from .conftest import TINY, Server, jsonl, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -44,11 +44,11 @@ def _create_key(home: Path, owner: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def keyed(tmp_path_factory, session_home):
+def keyed(tmp_path_factory, session_home, tiny_model_dir):
     home = tmp_path_factory.mktemp("isolation-home")
     (home / "models").symlink_to(Path(session_home) / "models", target_is_directory=True)
     keys = {"A": _create_key(home, "A")}  # one before the server starts ...
-    s = Server(home).start()
+    s = Server(home, models={TINY: tiny_model_dir}).start()
     keys["B"] = _create_key(home, "B")  # ... and one while it runs (the store is shared)
     yield s, keys
     s.stop()
@@ -60,7 +60,7 @@ def a_objects(keyed, tiny_model_dir):
     a = s.client(keys["A"])
     train = a.files.create(file=("a-train.jsonl", jsonl(_rows())), purpose="fine-tune")
     job = a.fine_tuning.jobs.create(
-        model=str(tiny_model_dir),
+        model=TINY,
         training_file=train.id,
         suffix="alpha",
         extra_body={"max_steps": 2, "learning_rate": 1e-2},
@@ -124,7 +124,7 @@ def test_another_owner_sees_nothing_and_can_change_nothing(keyed, a_objects, tin
     a, b = s.client(keys["A"]), s.client(keys["B"])
     fid, jid, model, ckpt = a_objects["file"].id, a_objects["job"].id, a_objects["model"], a_objects["ckpt"]
     b_file = b.files.create(file=("b-train.jsonl", jsonl(_rows(10))), purpose="fine-tune")
-    tiny = str(tiny_model_dir)
+    tiny = TINY
     missing_f = "file-" + secrets.token_hex(12)
     missing_j = "ftjob-" + secrets.token_hex(12)
     # The same shape of name, another job id: a fine-tuned model and a checkpoint that do not exist.
@@ -317,7 +317,7 @@ def test_every_route_answers_for_another_owners_objects_as_for_missing_ones(keye
         s.url + "/v1/fine_tuning/jobs",
         headers=b_h,
         timeout=120,
-        json={"model": str(tiny_model_dir), "training_file": b_file, "max_steps": 1},
+        json={"model": TINY, "training_file": b_file, "max_steps": 1},
     ).json()["id"]
     b_done = wait_for(
         lambda: (
@@ -328,7 +328,7 @@ def test_every_route_answers_for_another_owners_objects_as_for_missing_ones(keye
         timeout=400,
     )
     assert b_done["status"] == "succeeded", b_done["error"]
-    tiny, builtin = str(tiny_model_dir), "smollm2-135m-instruct"
+    tiny, builtin = TINY, "smollm2-135m-instruct"
     miss = {
         "file": "file-" + secrets.token_hex(12),
         "job": "ftjob-" + secrets.token_hex(12),

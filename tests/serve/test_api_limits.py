@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from .conftest import Server, jsonl
+from .conftest import TINY, Server, jsonl
 from .test_api_fuzz import create_key
 
 pytestmark = pytest.mark.integration
@@ -32,14 +35,14 @@ def _rows(n=12):
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory, session_home):
+def srv(tmp_path_factory, session_home, tiny_model_dir):
     home = tmp_path_factory.mktemp("limits-home")
     (home / "models").symlink_to(Path(session_home) / "models", target_is_directory=True)
     tmp = tmp_path_factory.mktemp("limits-tmp")  # the server's TMPDIR: spooled uploads land here
     key = create_key(home, "L")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TMPDIR", str(tmp))
-        s = Server(home, "--max-upload-mb", "1").start()
+        s = Server(home, "--max-upload-mb", "1", models={TINY: tiny_model_dir}).start()
     s.key, s.tmp = key, tmp
     s.h = {"Authorization": f"Bearer {key}"}
     yield s
@@ -251,9 +254,9 @@ def test_traversal_in_ids_and_model_names_fails_cleanly(srv, tiny_model_dir):
         ):
             params = {"model": bad} if body is None else None
             r = httpx.request(method, srv.url + path, json=body, params=params, headers=srv.h, timeout=600)
-            assert r.status_code in (400, 404), (path, bad[:60], r.status_code, r.text[:300])
+            assert r.status_code == 404, (path, bad[:60], r.status_code, r.text[:300])
             err = _envelope(r)
-            assert err["param"] == "model", (path, bad[:60], err)
+            assert (err["param"], err["code"]) == ("model", "model_not_found"), (path, bad[:60], err)
             n += 1
     assert _job_ids(srv) == jobs_before
     print(f"\n{n} traversal tries, all refused cleanly")
@@ -273,6 +276,8 @@ class _Trap:
 
 
 def test_pickle_weights_are_refused_and_never_unpickled(srv, tiny_model_dir, tmp_path):
+    """Over HTTP a pickle folder is a path, so just an unknown model; the operator's
+    `openft models add` refuses it naming the pickle. Nothing is ever unpickled."""
     fid = httpx.post(
         srv.url + "/v1/files",
         headers=srv.h,
@@ -312,10 +317,21 @@ def test_pickle_weights_are_refused_and_never_unpickled(srv, tiny_model_dir, tmp
             ("GET", f"/v1/files/{fid}/preview", None, {"model": str(folder)}),
         ):
             r = httpx.request(method, srv.url + path, json=body, params=params, headers=srv.h, timeout=600)
-            assert r.status_code == 400, (folder.name, path, r.status_code, r.text[:300])
+            assert r.status_code == 404, (folder.name, path, r.status_code, r.text[:300])
             err = _envelope(r)
-            assert err["param"] == "model" and err["code"] == "unsafe_weights", err
-            assert pickle_name in err["message"] and "safetensors" in err["message"], err["message"]
+            assert (err["param"], err["code"]) == ("model", "model_not_found"), err
+        added = subprocess.run(
+            [sys.executable, "-m", "openft.cli", "models", "add", str(folder), "--name", folder.name],
+            env={**os.environ, "OPENFT_HOME": str(srv.home)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert added.returncode == 1, added.stdout
+        assert pickle_name in added.stderr and "pickle weights are never loaded" in added.stderr, added.stderr
+        assert "Traceback" not in added.stderr
+    registry = json.loads((srv.home / "registered_models.json").read_text())["models"]
+    assert set(registry) == {TINY}
     assert _job_ids(srv) == jobs_before
     assert not marker.exists()
     assert pickle.loads(pickle.dumps(_Trap(marker))) and marker.exists()  # the trap does work when unpickled

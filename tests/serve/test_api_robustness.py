@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import Server, jsonl, wait_for
+from .conftest import TINY, Server, jsonl, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -35,8 +35,9 @@ def _home(tmp_path_factory, session_home, name):
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory, session_home):
-    s = Server(_home(tmp_path_factory, session_home, "robust-home"), "--max-upload-mb", "1").start()
+def srv(tmp_path_factory, session_home, tiny_model_dir):
+    home = _home(tmp_path_factory, session_home, "robust-home")
+    s = Server(home, "--max-upload-mb", "1", models={TINY: tiny_model_dir}).start()
     yield s
     s.stop()
 
@@ -158,7 +159,7 @@ def test_upload_size_limit_keeps_nothing(srv):
 
 def test_pause_checkpoints_and_resume_continues_from_there(srv, train_file, tiny_model_dir):
     c = srv.client()
-    job = _long_job(c, tiny_model_dir, train_file.id)
+    job = _long_job(c, TINY, train_file.id)
     _first_metrics(c, job.id)
     asked = c.fine_tuning.jobs.pause(job.id)
     assert asked.status in ("running", "paused")
@@ -202,7 +203,7 @@ def _model_ids(c) -> set[str]:
 def test_cancel_a_running_job_stops_it_and_creates_no_model(srv, train_file, tiny_model_dir):
     c = srv.client()
     models_before = _model_ids(c)
-    job = _long_job(c, tiny_model_dir, train_file.id)
+    job = _long_job(c, TINY, train_file.id)
     _first_metrics(c, job.id)
     cancelled = c.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled" and cancelled.finished_at is not None
@@ -229,14 +230,12 @@ def test_cancel_during_the_last_step_creates_no_model(srv, train_file, tiny_mode
     the last step), but the job stays cancelled and leaves no model behind."""
     c = srv.client()
     models_before = _model_ids(c)
-    job = c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train_file.id, extra_body={"max_steps": 1})
+    job = c.fine_tuning.jobs.create(model=TINY, training_file=train_file.id, extra_body={"max_steps": 1})
     wait_for(lambda: c.fine_tuning.jobs.retrieve(job.id).status == "running", timeout=300, every=0.05)
     assert c.fine_tuning.jobs.cancel(job.id).status == "cancelled"
     # The worker runs jobs one at a time, oldest first: once the next job is done,
     # it has finished with the cancelled one.
-    probe = c.fine_tuning.jobs.create(
-        model=str(tiny_model_dir), training_file=train_file.id, extra_body={"max_steps": 1}
-    )
+    probe = c.fine_tuning.jobs.create(model=TINY, training_file=train_file.id, extra_body={"max_steps": 1})
     assert _finish(c, probe.id).status == "succeeded"
     final = c.fine_tuning.jobs.retrieve(job.id)
     assert final.status == "cancelled" and final.fine_tuned_model is None
@@ -255,7 +254,7 @@ def test_killed_worker_is_restarted_and_the_job_resumes(srv, train_file, tiny_mo
     health = srv.health()
     old_pid, restarts = health["worker_pid"], health["worker_restarts"]
     assert old_pid
-    job = _long_job(c, tiny_model_dir, train_file.id, epochs=2)
+    job = _long_job(c, TINY, train_file.id, epochs=2)
     first = wait_for(lambda: c.fine_tuning.jobs.checkpoints.list(job.id).data, timeout=300, every=0.1)
     os.kill(old_pid, signal.SIGKILL)
     h = wait_for(lambda: (x := srv.health())["worker_pid"] not in (None, old_pid) and x, timeout=60)
@@ -272,11 +271,11 @@ def test_killed_worker_is_restarted_and_the_job_resumes(srv, train_file, tiny_mo
 
 def test_server_restart_mid_job_keeps_state_and_the_job_resumes(tmp_path_factory, session_home, tiny_model_dir):
     home = _home(tmp_path_factory, session_home, "restart-home")
-    first = Server(home).start()
+    first = Server(home, models={TINY: tiny_model_dir}).start()
     try:
         c = first.client()
         f = c.files.create(file=("train.jsonl", jsonl(_rows())), purpose="fine-tune")
-        job = _long_job(c, tiny_model_dir, f.id, epochs=4)
+        job = _long_job(c, TINY, f.id, epochs=4)
         wait_for(lambda: c.fine_tuning.jobs.checkpoints.list(job.id).data, timeout=300, every=0.1)
         before = _events(c, job.id)
     finally:
@@ -307,7 +306,7 @@ def test_server_restart_mid_job_keeps_state_and_the_job_resumes(tmp_path_factory
 
 def test_malformed_requests_get_a_400_naming_the_field(srv, train_file, tiny_model_dir):
     chat = [{"role": "user", "content": "hi"}]
-    job = {"model": str(tiny_model_dir), "training_file": train_file.id}
+    job = {"model": TINY, "training_file": train_file.id}
     cases = [
         ("/v1/chat/completions", {"model": "m", "messages": chat, "max_tokens": -5}, "max_tokens"),
         ("/v1/chat/completions", {"model": "m", "messages": chat, "temperature": 1e9}, "temperature"),
@@ -334,7 +333,7 @@ def test_malformed_requests_get_a_400_naming_the_field(srv, train_file, tiny_mod
         ("/v1/fine_tuning/jobs", {**job, "seed": -1}, "seed"),
         ("/v1/fine_tuning/jobs", {**job, "suffix": "s" * 65}, "suffix"),
         ("/v1/fine_tuning/jobs", {**job, "max_steps": 0}, "max_steps"),
-        ("/v1/fine_tuning/jobs", {"model": str(tiny_model_dir)}, "training_file"),
+        ("/v1/fine_tuning/jobs", {"model": TINY}, "training_file"),
     ]
     jobs_before = {j["id"] for j in httpx.get(srv.url + "/v1/fine_tuning/jobs?limit=100", timeout=30).json()["data"]}
     for path, body, param in cases:

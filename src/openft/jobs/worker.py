@@ -345,17 +345,41 @@ class JobRunner:
 
 
 def merged_base(model: str) -> str:
-    """A second round trains on a fine-tuned model: its run folder is merged once
-    into a plain model folder, which then serves as the base (and is what the
-    serving side loads under the new adapter)."""
+    """A second round trains on a fine-tuned model (its run folder) or on a LoRA
+    checkpoint of one: it is merged once into a plain model folder, which then serves
+    as the base (and is what the serving side loads under the new adapter)."""
     from openft.train.export import export, is_run_dir
 
-    if not is_run_dir(model):
-        return model
-    target = home.models_dir() / f"merged-{Path(model).name}"
-    if not (target / "config.json").exists():
-        export(model, target)
-    return str(target)
+    path = Path(model)
+    if is_run_dir(model):
+        target = home.models_dir() / f"merged-{path.name}"
+        if not (target / "config.json").exists():
+            export(model, target)
+        return str(target)
+    if (path / "adapter_config.json").exists() and is_run_dir(path.parent.parent):  # <run>/checkpoints/step-N
+        target = home.models_dir() / f"merged-{path.parent.parent.name}-{path.name}"
+        if not (target / "config.json").exists():
+            _merge_checkpoint(path, target)
+        return str(target)
+    return model
+
+
+def _merge_checkpoint(ckpt: Path, target: Path) -> None:
+    """The run's base with the checkpoint's adapter folded in, written to `target` whole or not at all."""
+    import shutil
+
+    from openft.models.load import load_model
+    from openft.train.lora import load_adapter, merge_lora
+
+    lineage = json.loads((ckpt.parent.parent / "lineage.json").read_text())
+    loaded = load_model(lineage["base_model_path"])
+    load_adapter(loaded.model, ckpt)
+    merge_lora(loaded.model)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    loaded.model.save_pretrained(tmp)
+    loaded.tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
 
 
 class DataFileMissing(Exception):

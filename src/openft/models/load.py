@@ -74,11 +74,25 @@ def _materialise(source: ModelSource) -> Path:
         return source.path
     if source.kind == "hub":
         return _from_hub(source)
+    if not is_materialised(source):
+        _convert_gguf(source.path, source.cache_dir)
+    return source.cache_dir
+
+
+def is_materialised(source: ModelSource) -> bool:
+    """Whether `source` has a local safetensors directory now, without converting or
+    downloading anything: always for a HF directory, never for a hub id, and for a
+    GGUF file once its conversion is cached (and was made from this same file: a
+    name registered anew for another file is converted anew)."""
+    if source.kind == "hf_dir":
+        return True
+    if source.kind == "hub":
+        return False
     target = source.cache_dir
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
-        return target
-    _convert_gguf(source.path, target)
-    return target
+    if not ((target / "config.json").exists() and any(target.glob("*.safetensors"))):
+        return False
+    made_from = target / "SOURCE"
+    return not made_from.exists() or Path(made_from.read_text().strip()) == Path(source.path)
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from openft.models.registry import pickle_note
 from openft.serve.engine_types import EngineError
 from openft.train.lora import add_low_rank
 
@@ -250,9 +251,7 @@ def read_adapter(adapter_dir: Path, model: nn.Module, dtype: torch.dtype | None 
     if not (d / CONFIG_FILE).is_file():
         raise EngineError(f"{d} is not a LoRA adapter: it has no {CONFIG_FILE}", "adapter_invalid")
     if not (d / WEIGHTS_FILE).is_file():
-        pickles = sorted(p.name for p in d.glob("*.bin"))
-        detail = f" (found {', '.join(pickles)}: pickle weights are never loaded)" if pickles else ""
-        raise EngineError(f"{d} has no {WEIGHTS_FILE}{detail}", "adapter_invalid")
+        raise EngineError(f"{d} has no {WEIGHTS_FILE}{pickle_note(d)}", "adapter_invalid")
     try:
         config = json.loads((d / CONFIG_FILE).read_text())
         rank, alpha = int(config["r"]), float(config["lora_alpha"])

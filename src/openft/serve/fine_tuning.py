@@ -3,20 +3,19 @@ checkpoints, comparison. OpenAI's fields, plus openft's own as extra fields."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from openft import home
 from openft.config import JobSpec
 from openft.jobs.store import TERMINAL, new_id, now
-from openft.models.registry import BUILTINS, ModelNotFound, ModelSource, resolve
+from openft.models.registry import BUILTINS, ModelNotFound, resolve_name
 from openft.serve import schemas as S
 from openft.serve.auth import owner
 from openft.serve.errors import APIError, not_found
+from openft.serve.models import model_not_found, run_dir_of
 from openft.serve.schemas import ok
 from openft.train.hparams import auto_learning_rate
 
@@ -126,66 +125,25 @@ def build_spec(body: CreateJob, base_model: str) -> tuple[JobSpec, dict]:
 
 
 def resolve_base(request: Request, who: str, model: str) -> str:
-    """A base model for training: built-in, an own fine-tuned model (second round),
-    a local path on the server, or a hub id."""
+    """A base model for training, by name only: a built-in or registered model, or the
+    caller's own fine-tuned model or LoRA checkpoint for a second round. Returns what the
+    job spec holds: the name (the worker resolves it), or an own model's run folder or
+    checkpoint folder (the worker merges it). A path or hub id is just an unknown name
+    here: the same 404 whatever is on disk."""
     store = request.app.state.store
-    if model in BUILTINS:
-        return model
     own = store.get_model(who, model)
     if own is not None:
-        return str(Path(own["path"]).parent)  # the run folder
-    if model.startswith("ft:"):
-        raise not_found("model", model, "model")
-    user_model(model)
-    return model
-
-
-PICKLES = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
-
-
-def user_model(model: str) -> ModelSource:
-    """A base model named by the caller: a built-in, a hub id, or a model folder
-    or .gguf file on the server. Checked before anything touches the path:
-    no NUL bytes or absurd lengths (which would make the OS call fail), nothing
-    inside the server's own data folder (other owners' runs and files live there;
-    a path into it answers exactly as a path that does not exist), and only
-    safetensors/GGUF weights: a folder whose weights or adapter are pickles alone
-    is refused, and the pickle is never opened."""
-    unknown = APIError(
-        404,
-        f"unknown model '{model[:200]}': not a built-in ({', '.join(BUILTINS)}), "
-        "a local directory, a .gguf file or a hub id",
-        param="model",
-        code="model_not_found",
-    )
+        return str(run_dir_of(Path(own["path"])))
+    ckpt = store.checkpoint_by_model(who, model)
+    if ckpt is not None and (Path(ckpt["path"]) / "adapter_config.json").exists():
+        return ckpt["path"]  # a LoRA checkpoint: the worker merges it into its run's base
     if model in BUILTINS:
-        return resolve(model)
-    if not model or "\x00" in model or len(model) > 1024:
-        raise unknown
+        return model
     try:
-        p = Path(model).expanduser()
-        data = home.home().resolve()
-        if p.is_absolute() or model.startswith((".", "~")) or p.exists():  # a path, not a hub id
-            for candidate in (Path(os.path.normpath(p.absolute())), p.resolve()):
-                if candidate == data or data in candidate.parents:
-                    raise unknown
-        if p.is_dir():
-            pickles = sorted(x.name for pattern in PICKLES for x in p.glob(pattern))
-            adapter_pickle = (p / "adapter_config.json").exists() and not (p / "adapter_model.safetensors").exists()
-            if pickles and (adapter_pickle or not any(p.glob("*.safetensors"))):
-                raise APIError(
-                    400,
-                    f"{model}: only safetensors or GGUF weights are loaded; found only pickle "
-                    f"weights ({', '.join(pickles)}), which are never loaded. Convert them to "
-                    "safetensors first.",
-                    param="model",
-                    code="unsafe_weights",
-                )
-        return resolve(model)
-    except ModelNotFound as e:
-        raise APIError(404, str(e), param="model", code="model_not_found") from None
-    except (OSError, ValueError):  # a name the file system cannot even look up
-        raise unknown from None
+        resolve_name(model)
+    except ModelNotFound:
+        raise model_not_found(model) from None
+    return model
 
 
 def job_object(row: dict) -> dict:

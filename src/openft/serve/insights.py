@@ -20,14 +20,12 @@ from starlette.concurrency import run_in_threadpool
 
 from openft.data.load import load_dataset
 from openft.data.split import split_examples
-from openft.models.load import materialise
-from openft.models.registry import ModelNotFound
 from openft.serve import schemas as S
 from openft.serve.auth import owner
 from openft.serve.engine import EngineError, ModelHandle, SamplingParams
 from openft.serve.errors import APIError
 from openft.serve.files import get_owned
-from openft.serve.fine_tuning import CreateJob, build_spec, user_model
+from openft.serve.fine_tuning import CreateJob, build_spec
 from openft.serve.models import handle_for
 from openft.serve.schemas import ok
 from openft.train.hparams import auto_max_seq_length, resolve_train
@@ -37,15 +35,10 @@ from openft.train.tokenize import encode_all, segments
 router = APIRouter(tags=["insights"])
 
 
-def _handle(request: Request, who: str, model: str) -> ModelHandle:
-    """A servable model name, or (for training on local models) a model path."""
-    try:
-        return handle_for(request, who, model)
-    except APIError:
-        try:
-            return ModelHandle(name=model, base_path=materialise(user_model(model)))
-        except ModelNotFound as e:  # e.g. a hub id with no hub reachable
-            raise APIError(404, str(e), param="model", code="model_not_found") from None
+def _handle(request: Request, who: str, model: str, *, convert: bool) -> ModelHandle:
+    """A model the caller may name (see `handle_for`), never a path or hub id. The GET
+    routes pass convert=False: a GET converts and downloads nothing."""
+    return handle_for(request, who, model, convert=convert)
 
 
 def _n_params(path: Path) -> int:
@@ -73,7 +66,7 @@ def _examples(request: Request, who: str, file_id: str, param: str = "file_id"):
 
 def _stats(request: Request, who: str, file_id: str, model: str, n_epochs, method: str) -> dict:
     _, result = _examples(request, who, file_id)  # the caller's file first: no model loads for a 404
-    handle = _handle(request, who, model)
+    handle = _handle(request, who, model, convert=False)
     tok = request.app.state.engine.tokenizer(handle)
     ctx = request.app.state.engine.context_length(handle)
     lengths = [len(e) for e in encode_all(tok, result.examples, ctx)]  # for the histogram
@@ -126,7 +119,7 @@ def file_preview(
     who: str = Depends(owner),
 ):
     _, result = _examples(request, who, file_id)
-    tok = request.app.state.engine.tokenizer(_handle(request, who, model))
+    tok = request.app.state.engine.tokenizer(_handle(request, who, model, convert=False))
     out = []
     for ex in result.examples[:n]:
         enc, runs = segments(tok, ex, train_on_prompt)
@@ -148,7 +141,7 @@ def estimate(request: Request, body: CreateJob, who: str = Depends(owner)):
     for param in ("validation_file", "questions_file"):  # named, so they must exist (and be the caller's)
         if getattr(body, param) is not None:
             get_owned(request, getattr(body, param), who, param)
-    handle = _handle(request, who, body.model)
+    handle = _handle(request, who, body.model, convert=True)  # a POST: may convert a GGUF base once
     tok = request.app.state.engine.tokenizer(handle)
     train = (
         result.examples

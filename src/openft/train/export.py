@@ -23,7 +23,9 @@ def load_run(run_dir: str | Path, *, merged: bool = False) -> LoadedModel:
     if (run_dir / "model").is_dir():
         return load_model(str(run_dir / "model"))
     lineage = json.loads((run_dir / "lineage.json").read_text())
-    loaded = load_model(lineage["base_model"])
+    # The weights the run trained on, as resolved then (serving loads the same):
+    # `base_model` is the name or path the user typed, maybe relative to another cwd.
+    loaded = load_model(lineage["base_model_path"])
     load_adapter(loaded.model, run_dir / "adapter")
     if merged:
         merge_lora(loaded.model)

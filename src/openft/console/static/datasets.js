@@ -128,7 +128,7 @@ function validationCard(f) {
 }
 
 function insightsCard(f, models, ctx) {
-  const m = modelInput(models, { value: lastModel(models), name: "model", "aria-label": "model", placeholder: "model id or local path" });
+  const m = modelInput(models, { value: lastModel(models), name: "model", "aria-label": "model", placeholder: "model name" });
   const epochs = h("input", { type: "text", value: "auto", size: 5, name: "n_epochs", "aria-label": "epochs" });
   const method = h("select", { name: "method", "aria-label": "method" }, h("option", { value: "lora" }, "LoRA"), h("option", { value: "full" }, "full"));
   const go = h("button.primary", { type: "submit" }, "Analyse");

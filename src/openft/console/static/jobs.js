@@ -9,8 +9,8 @@ import {
 
 const POLL_MS = 1000;
 
-// Chat and comparisons take built-in and fine-tuned model names; a base model
-// given as a path on the server (it has a "/") is trained on but not served.
+// Chat and comparisons take every model name (built-in, registered, fine-tuned);
+// a job from before bases were names may hold a server path (it has a "/"), not served.
 const callable = (model) => !!model && !model.includes("/");
 
 export async function render(root, ctx) {

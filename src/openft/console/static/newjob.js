@@ -1,4 +1,4 @@
-// New job: base model (built-in, local path, or a fine-tuned model for a second
+// New job: base model (built-in, registered, or a fine-tuned model for a second
 // round), data, validation, hyperparameters shown as `auto` with their rule, an
 // optional question set, and the server's estimate before starting.
 
@@ -40,7 +40,7 @@ export async function render(root, ctx) {
   const usable = fineTune.filter((f) => f.status === "processed");
   const inputs = {};
 
-  const model = modelInput(trainable, { name: "model", required: true, placeholder: "built-in name, fine-tuned model, or a local path", value: lastModel(trainable) });
+  const model = modelInput(trainable, { name: "model", required: true, placeholder: "base model name or fine-tuned model", value: lastModel(trainable) });
   inputs.model = model.input;
   const fileOptions = (files, none) => [none ? h("option", { value: "" }, none) : null,
     ...files.map((f) => h("option", { value: f.id }, `${f.filename} · ${f.validation ? f.validation.examples + " examples · " : ""}${f.id}`))];
@@ -132,7 +132,7 @@ export async function render(root, ctx) {
 
   const form = h("form.newjob", { novalidate: true },
     card("Model and data",
-      field("Base model", model.wrap, "a built-in model, one of your fine-tuned models (a second round), or a model folder / .gguf path on the server"),
+      field("Base model", model.wrap, "a base model (built-in, or registered on the server with openft models add), or one of your fine-tuned models or checkpoints (a second round)"),
       field("Training file", inputs.training_file, h("span", {}, "processed fine-tune files; ", h("a", { href: "#/datasets" }, "upload one"))),
       h("fieldset.valmode", {}, h("legend", {}, "Validation"),
         h("label.radio", {}, splitRadio, " hold out a seeded split of the training file: ", inputs.validation_split,

@@ -127,7 +127,7 @@ export function statusBadge(status) {
 
 export const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 
-// An <input> with a <datalist> of model ids: pick one, or type a local path.
+// An <input> with a <datalist> of model ids: pick one, or type a name.
 let listCounter = 0;
 export function modelInput(models, attrs = {}) {
   const id = `models-${++listCounter}`;
