@@ -523,18 +523,29 @@ def test_waves_when_caches_cannot_merge(base, adapters, monkeypatch):
         eng.stop()
 
 
-def test_stop_fails_waiting_requests(base):
-    eng = Engine(device="cpu", dtype=torch.float32)
+def test_stop_fails_running_and_waiting_requests(base):
+    """Stopping the engine ends both a request whose answer is streaming and one
+    waiting for room in the batch, each with engine_stopped (none hangs)."""
+    eng = Engine(max_batch_size=1, device="cpu", dtype=torch.float32)
     ids = prompt(eng, base)
 
     async def go():
-        task = asyncio.create_task(eng.complete(base, ids, SamplingParams(temperature=0)))  # ~2000 tokens
-        await asyncio.sleep(0.3)
+        running = eng.stream(base, ids, SamplingParams(temperature=0))  # ~2000 tokens: still streaming at stop
+        await running.__anext__()  # its first token is out: it holds the batch's only row
+        waiting = asyncio.create_task(eng.complete(base, ids, GREEDY))
+        await asyncio.sleep(0)  # the task submits its request (synchronously) before its first await
         await asyncio.to_thread(eng.stop)
-        return await asyncio.gather(task, return_exceptions=True)
+        try:
+            async for _item in running:
+                pass
+            ended = None
+        except EngineError as e:
+            ended = e
+        return ended, *(await asyncio.gather(waiting, return_exceptions=True))
 
-    (result,) = run(go())
-    assert isinstance(result, EngineError) and result.code == "engine_stopped"
+    running_end, waiting_end = run(go())
+    assert isinstance(running_end, EngineError) and running_end.code == "engine_stopped", running_end
+    assert isinstance(waiting_end, EngineError) and waiting_end.code == "engine_stopped", waiting_end
 
 
 @pytest.mark.gpu
