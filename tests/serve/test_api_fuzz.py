@@ -77,10 +77,11 @@ def _run_case(case, url: str, headers: dict, report: FuzzReport, pass_name: str,
 
 def fuzz(url: str, api_key: str, *, examples: int, seed: int = 0, real_ids: dict[str, str] | None = None) -> FuzzReport:
     """Generate at most `examples` requests per operation and mode (passes
-    "positive" and "negative"), then a pass ("real") per read with the real ids in
-    `real_ids` (path parameter name -> id). The campaign is bounded by that count,
-    not by a clock: every operation gets its examples however fast the machine is.
-    Deletes come last, so they do not remove what the other operations look at."""
+    "positive" and "negative"), then a pass ("real") over the lists and every
+    operation whose path ids are in `real_ids` (path parameter name -> id), with
+    those ids. The campaign is bounded by that count, not by a clock: every
+    operation gets its examples however fast the machine is. Deletes come last,
+    so they do not remove what the other operations look at."""
     import schemathesis
     from schemathesis import GenerationMode
 
