@@ -2,8 +2,12 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
-# The CPU build of torch that lies on this machine's disk; a looser pin makes pip
-# fetch a multi-GB CUDA build. Override on a GPU box: make install TORCH=torch
+# The torch release openft is tested with. pip installs the build its index has
+# for the platform: on Linux x86-64, PyPI's carries CUDA (several GB). A machine
+# without a GPU can take the CPU build first and keep this pin, which it then
+# satisfies: python3 -m venv .venv && .venv/bin/pip install torch==2.13.0
+# --index-url https://download.pytorch.org/whl/cpu, then make install.
+# Another release: make install TORCH=torch==X.Y.Z
 TORCH   ?= torch==2.13.0
 export OPENFT_HOME ?= $(HOME)/.openft
 
@@ -25,11 +29,12 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/openft demo
 
-# Every tier this machine can run: unit, integration and slow (gpu skips itself).
+# ruff's lint rules and formatting check (configured in pyproject.toml); make test runs it first.
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Every tier the machine can run: unit, integration and slow (gpu skips itself).
 test: install lint
 	$(PY) -m pytest -q -m "not gpu" --timeout=1500
 

@@ -2,6 +2,7 @@
 
   OPENFT_HOME=.openft-home .venv/bin/python benchmarks/attention_ab.py            # bf16 (as on an AMX CPU)
   OPENFT_HOME=.openft-home .venv/bin/python benchmarks/attention_ab.py --fp32
+  OPENFT_HOME=.openft-home .venv/bin/python benchmarks/attention_ab.py --json   # one JSON object
 
 The built-in model with LoRA (r=16, every linear layer) prepared as training
 prepares it (`Precision.prepare`: frozen base in bf16 for bf16), the first 96
@@ -16,10 +17,14 @@ widest micro-batch (saved-tensor hooks, each storage counted once).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from figures import Report, add_json_flag  # noqa: E402
 
 DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "alpaca_en_demo.json"
 
@@ -27,7 +32,9 @@ DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "alpaca_
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fp32", action="store_true")
+    add_json_flag(ap)
     a = ap.parse_args()
+    report = Report(a.json, benchmark="attention_ab")
     from openft.data.load import load_dataset
     from openft.models.load import load_model, setup_torch
     from openft.train import attention
@@ -83,10 +90,17 @@ def main() -> None:
                 elapsed[impl] += time.perf_counter() - t
             model.zero_grad(set_to_none=True)
     base = tokens / elapsed["sdpa"]
-    print(f"{precision.name}, {len(mbs[4:24])} micro-batches x 3 rounds, widest {tuple(widest.input_ids.shape)}")
+    report.figures.update(precision=precision.name, micro_batches=len(mbs[4:24]), rounds=3)
+    report.add("widest", list(widest.input_ids.shape))
+    report.line(f"{precision.name}, {len(mbs[4:24])} micro-batches x 3 rounds, widest {tuple(widest.input_ids.shape)}")
+    rows = report.add("implementations", {})
     for impl in impls:
         rate = tokens / elapsed[impl]
-        print(f"  {impl:14s} {rate:7.1f} tok/s  {rate / base:5.2f}x of sdpa   saved for backward {saved[impl]:7.1f} MB")
+        rows[impl] = {"tokens_per_s": rate, "vs_sdpa": rate / base, "saved_for_backward_mb": saved[impl]}
+        report.line(
+            f"  {impl:14s} {rate:7.1f} tok/s  {rate / base:5.2f}x of sdpa   saved for backward {saved[impl]:7.1f} MB"
+        )
+    report.emit()
 
 
 if __name__ == "__main__":

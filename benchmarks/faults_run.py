@@ -1,4 +1,4 @@
-"""The SIGKILL campaign of issue 6, as a report: faults injected and survived.
+"""The SIGKILL campaign, as a report: faults injected and survived.
 
 Starts a real `openft serve --no-worker` on loopback in a fresh OPENFT_HOME, runs
 one uninterrupted reference job (tiny model, 24 steps, a checkpoint and an

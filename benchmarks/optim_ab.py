@@ -4,6 +4,7 @@ torch's for-loop default and its foreach variant, one process, side by side.
 
   .venv/bin/python benchmarks/optim_ab.py            # 134.5M parameters (the built-in, full fine-tuning)
   .venv/bin/python benchmarks/optim_ab.py --millions 4.9   # LoRA r=16 on every linear layer
+  .venv/bin/python benchmarks/optim_ab.py --millions 1 --rounds 1 --json   # a quick check, one JSON object
 
 Rounds alternate between the variants; each prints the median seconds per step
 and its ratio to the fused step.
@@ -13,16 +14,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from figures import Report, add_json_flag  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--millions", type=float, default=134.5, help="parameters, in millions")
     ap.add_argument("--rounds", type=int, default=5)
+    add_json_flag(ap)
     a = ap.parse_args()
+    report = Report(a.json, benchmark="optim_ab", rounds=a.rounds)
     from openft.train.recipe import make_optimizer
 
     torch.manual_seed(0)
@@ -44,11 +52,15 @@ def main() -> None:
             opt.step()
             times[name].append(time.perf_counter() - t)
     n = sum(p.numel() for p in params)
-    print(f"{n / 1e6:.1f}M fp32 parameters, {torch.get_num_threads()} threads")
+    report.figures.update(parameters=n, threads=torch.get_num_threads())
+    report.line(f"{n / 1e6:.1f}M fp32 parameters, {torch.get_num_threads()} threads")
     fused = statistics.median(times["fused (openft)"])
+    rows = report.add("variants", {})
     for name, ts in times.items():
         m = statistics.median(ts)
-        print(f"  {name:34s} {m:7.3f} s/step   {m / fused:5.2f}x the fused step")
+        rows[name] = {"s_per_step": m, "vs_fused": m / fused}
+        report.line(f"  {name:34s} {m:7.3f} s/step   {m / fused:5.2f}x the fused step")
+    report.emit()
 
 
 if __name__ == "__main__":

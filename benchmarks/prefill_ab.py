@@ -5,6 +5,8 @@
   OPENFT_HOME=.openft-home .venv/bin/python benchmarks/prefill_ab.py --attention  # grouped-query attention
   OPENFT_HOME=.openft-home .venv/bin/python benchmarks/prefill_ab.py --precision  # serving in fp32 vs bf16
 
+Each takes --json: one JSON object of the figures on stdout (the table on stderr).
+
 Grouping: 16 prompts of 380-440 tokens prefilled in one forward, or in groups of
 4, 2, 1 (what Engine.prefill_tokens trades). --lora: the same 16 prompts in one
 forward with one random r=16 adapter on every linear layer, the low-rank product
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from figures import Report, add_json_flag  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +46,10 @@ def main() -> None:
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--attention", action="store_true")
     ap.add_argument("--precision", action="store_true")
+    add_json_flag(ap)
     a = ap.parse_args()
+    mode = "attention" if a.attention else "precision" if a.precision else "lora" if a.lora else "grouping"
+    report = Report(a.json, benchmark="prefill_ab", mode=mode)
     from openft.models.load import load_for_serving, setup_torch
     from openft.models.padding import left_pad
     from openft.serve import engine_lora
@@ -65,11 +71,11 @@ def main() -> None:
 
     variants: dict[str, callable] = {}
     if a.attention:
-        attention_ab(model, seqs)
-        return
+        attention_ab(model, seqs, report)
+        return report.emit()
     if a.precision:
-        precision_ab(str(base), seqs)
-        return
+        precision_ab(str(base), seqs, report)
+        return report.emit()
     if a.lora:
         import serve_bench
 
@@ -101,8 +107,10 @@ def main() -> None:
         run(16)  # warm-up
         best = {k: min(f() for _ in range(2)) for k, f in variants.items()}
     first = next(iter(best.values()))
+    report.add("best_s", best)
     for k, v in best.items():
-        print(f"{k:24s} {v:6.2f} s   {v / first:.2f}x of the first")
+        report.line(f"{k:24s} {v:6.2f} s   {v / first:.2f}x of the first")
+    report.emit()
 
 
 def prefill_timers(model, seqs: list[list[int]], pad) -> tuple:
@@ -129,7 +137,7 @@ def prefill_timers(model, seqs: list[list[int]], pad) -> tuple:
 
 
 @torch.inference_mode()
-def attention_ab(model, seqs: list[list[int]]) -> None:
+def attention_ab(model, seqs: list[list[int]], report: Report) -> None:
     import statistics
 
     from openft.models import fastllama
@@ -182,14 +190,18 @@ def attention_ab(model, seqs: list[list[int]]) -> None:
             times[name, "decode"].append(decode())
     fastllama.grouped_attention, fastllama.attention_bias = ours
     labels = {"single": "1 prompt", "prefill": "16 prompts, groups of 4", "decode": "one step, 16 rows"}
+    rows = report.add("median_s", {})  # workload -> variant -> seconds
     for what, unit, scale in (("single", "ms", 1000.0), ("prefill", "s", 1.0), ("decode", "ms", 1000.0)):
         o, f = (statistics.median(times[v, what]) for v in ("openft", "former"))
+        rows[what] = {"openft": o, "former": f, "ratio": o / f}
         label = labels[what]
-        print(f"{what} ({label}): openft {o * scale:.2f} {unit}, former {f * scale:.2f} {unit}, ratio {o / f:.3f}")
+        report.line(
+            f"{what} ({label}): openft {o * scale:.2f} {unit}, former {f * scale:.2f} {unit}, ratio {o / f:.3f}"
+        )
 
 
 @torch.inference_mode()
-def precision_ab(path: str, seqs: list[list[int]]) -> None:
+def precision_ab(path: str, seqs: list[list[int]], report: Report) -> None:
     import statistics
 
     from openft.hardware import shape_bucket, without_onednn
@@ -251,10 +263,12 @@ def precision_ab(path: str, seqs: list[list[int]]) -> None:
         "decode1": "decode step, 1 row",
         "decode1_onednn": "decode step, 1 row, bf16 on oneDNN",
     }
+    rows = report.add("median_s", {})  # workload -> precision -> seconds
     for w, label in labels.items():
         f = statistics.median(times["fp32", "decode1" if w == "decode1_onednn" else w][1:])
         b = statistics.median(times["bf16", w][1:])
-        print(f"{label:36s} fp32 {f * 1000:8.1f} ms   bf16 {b * 1000:8.1f} ms   bf16/fp32 {b / f:.2f}")
+        rows[w] = {"fp32": f, "bf16": b, "bf16_over_fp32": b / f}
+        report.line(f"{label:36s} fp32 {f * 1000:8.1f} ms   bf16 {b * 1000:8.1f} ms   bf16/fp32 {b / f:.2f}")
 
 
 if __name__ == "__main__":

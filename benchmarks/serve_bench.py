@@ -34,7 +34,7 @@ the baseline's prompts one after another: all 16, or 3 with --quick). Once with 
 with clients spread over 4 different adapters (round robin; --quick: 16 clients only).
 
 Baseline: plain transformers `model.generate` (greedy, batch 1, the adapter
-applied unmerged with openft's LoraLinear, as issue 3's baseline) serving the
+applied unmerged with openft's LoraLinear: the baseline of the serving targets) serving the
 16-client phase's 16 requests one at a time (--quick: the first 3), in this
 process after the server has stopped; in fp32 and, where the hardware runs bf16
 fast (a CPU with AMX), again in bf16 (--device cuda: bf16 only). Each ratio

@@ -1,4 +1,4 @@
-"""Training benchmark: openft against TRL SFTTrainer + PEFT on the same work (issue 5).
+"""Training benchmark: openft against TRL SFTTrainer + PEFT on the same work.
 
 Every configuration trains the built-in model (smollm2-135m-instruct, fp32 on
 CPU) on the same rows of ../shared/datasets/alpaca_en_demo.json, written once as
@@ -27,8 +27,9 @@ Configurations:
   openft_fp32   the same with precision fp32 (only when named in --configs).
   openft_system_malloc  the same under the system's malloc (OPENFT_MALLOC=system;
                 only when named): with `openft` beside it, allocator_* ratios.
-  trl_packed    SFTTrainer + PEFT, bf16=False (fp32, as issue 5 prescribes: it
-                expected bf16 to be 10-50x slower on a CPU; with AMX it is not),
+  trl_packed    SFTTrainer + PEFT, bf16=False (fp32, the peer the targets were
+                first set against, which expected bf16 to be 10-50x slower on a
+                CPU; with AMX it is not),
                 packing=True, rest at TRL's defaults -- which include
                 gradient_checkpointing=True. TRL 1.16
                 packs with packing_strategy="bfd" (best-fit decreasing, whole

@@ -10,7 +10,8 @@ phase). At the end it prints the heap's extent and free bytes: RSS far above the
 live heap with a large free total is fragmentation, memory held by the heap but
 in pieces too small or too scattered to reuse.
 
-    OPENFT_HOME=.openft-home .venv/bin/python benchmarks/train_memory.py --method full --precision bf16
+    OPENFT_HOME=.openft-home .venv/bin/python benchmarks/train_memory.py --method full --precision auto
+    OPENFT_HOME=.openft-home .venv/bin/python benchmarks/train_memory.py --method lora --rows 8 --json   # quick
 
 Linux with glibc only (it reads /proc and calls mallinfo2). It patches the
 recipe's functions to mark phases, so figures are for diagnosis, not a
@@ -34,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "src"))
 os.environ.setdefault("OPENFT_HOME", str(REPO / ".openft-home"))
+from figures import Report, add_json_flag  # noqa: E402
 
 
 class _MallInfo2(ctypes.Structure):
@@ -126,7 +128,9 @@ def main() -> None:
     ap.add_argument("--method", choices=["lora", "full"], default="full")
     ap.add_argument("--precision", choices=["auto", "fp32"], default="auto")
     ap.add_argument("--rows", type=int, default=160, help="training rows, as train_bench selects them")
+    add_json_flag(ap)
     a = ap.parse_args()
+    report = Report(a.json, benchmark="train_memory", method=a.method, rows=a.rows)
     phases, shapes = Phases(), []
     instrument(phases, shapes)
     import train_bench as tb
@@ -154,21 +158,34 @@ def main() -> None:
         }
         tb.T_START = time.time()
         out = tb.child_openft(spec, "openft_fp32" if a.precision == "fp32" else "openft")
-    time.sleep(0.05)
-    print(
-        f"{a.method} {out['precision']}: {out['steps']} steps, train {out['train_s']:.1f} s, "
+    time.sleep(0.05)  # one more sample of the phase the run ended in
+    print_figures(report, out, phases, shapes)
+    report.emit()
+
+
+def print_figures(report: Report, out: dict, phases: Phases, shapes: list[tuple[int, ...]]) -> None:
+    report.figures.update({k: out[k] for k in ("precision", "steps", "train_s", "peak_rss_mb")})
+    report.line(
+        f"{report.figures['method']} {out['precision']}: {out['steps']} steps, train {out['train_s']:.1f} s, "
         f"peak RSS {out['peak_rss_mb']:.0f} MB"
     )
-    print(f"{'phase':<18}{'peak RSS MB':>12}{'peak live heap MB':>19}")
-    for p, r in phases.rss.items():
-        print(f"{p:<18}{r:>12.0f}{phases.live[p]:>19.0f}")
+    report.line(f"{'phase':<18}{'peak RSS MB':>12}{'peak live heap MB':>19}")
+    per_phase = report.add("phases", {})
+    for p, r in list(phases.rss.items()):
+        per_phase[p] = {"peak_rss_mb": r, "peak_live_heap_mb": phases.live[p]}
+        report.line(f"{p:<18}{r:>12.0f}{phases.live[p]:>19.0f}")
     m = _LIBC.mallinfo2()
-    print(
+    report.add(
+        "heap_now_mb",
+        {"extent": m.arena / MB, "in_use": m.uordblks / MB, "free": m.fordblks / MB, "mmapped": m.hblkhd / MB},
+    )
+    report.line(
         f"heap now: extent {m.arena / MB:.0f} MB, in use {m.uordblks / MB:.0f}, free {m.fordblks / MB:.0f} "
         f"in {m.ordblks} pieces, mmapped {m.hblkhd / MB:.0f}; RSS {rss_mb():.0f}"
     )
     widest = sorted(Counter(shapes).items(), key=lambda kv: -kv[0][0] * kv[0][1])[:8]
-    print("widest micro-batches (rows, width) x count:", ", ".join(f"{s} x{n}" for s, n in widest))
+    report.add("widest_micro_batches", [[list(s), n] for s, n in widest])
+    report.line("widest micro-batches (rows, width) x count: " + ", ".join(f"{s} x{n}" for s, n in widest))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ worker`) re-execute themselves once at start with tcmalloc preloaded where the
 machine has it (`make install` unpacks Debian's libtcmalloc-minimal4 into the
 virtual environment; jemalloc is the second choice). Its size classes and
 page-level spans reuse freed memory without fragmenting it. Against glibc in
-one A/B run each on the built-in model (benchmarks/RESULTS.md, session 9):
+one A/B run each on the built-in model (train_bench at 8f4a9fd, 2026-11-30; benchmarks/RESULTS.md):
 full fine-tune 1.35x the tokens/s at 0.755x the peak RSS (4004 vs 5303 MB),
 LoRA 1.29x at 0.97x. `OPENFT_MALLOC=system` keeps glibc;
 `OPENFT_MALLOC=/path/to/lib.so` preloads that library instead. The server is

@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +32,15 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "src" / "openft" / "examples"
 class FuzzReport:
     requests: int = 0
     by_operation: dict[str, int] = field(default_factory=dict)
+    by_pass: dict[str, dict[str, int]] = field(default_factory=dict)  # pass name -> operation -> requests
     statuses: dict[int, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
 
-    def add(self, label: str, status: int) -> None:
+    def add(self, pass_name: str, label: str, status: int) -> None:
         self.requests += 1
         self.by_operation[label] = self.by_operation.get(label, 0) + 1
+        done = self.by_pass.setdefault(pass_name, {})
+        done[label] = done.get(label, 0) + 1
         self.statuses[status] = self.statuses.get(status, 0) + 1
 
 
@@ -55,72 +57,79 @@ def _checks(negative: bool):
     return checks + [negative_data_rejection] if negative else checks
 
 
-def _run_case(case, url: str, headers: dict, report: FuzzReport, negative: bool) -> None:
-    label = f"{case.operation.method.upper()} {case.operation.path}"
+def _label(op) -> str:
+    return f"{op.method.upper()} {op.path}"
+
+
+def _run_case(case, url: str, headers: dict, report: FuzzReport, pass_name: str, negative: bool) -> None:
+    label = _label(case.operation)
     try:
         response = case.call(base_url=url, headers=headers, timeout=180)
     except Exception as e:  # a dropped connection is a failure too, not a crash of the campaign
         report.failures.append(f"{label}: no response ({type(e).__name__}: {e})"[:600])
         return
-    report.add(label, response.status_code)
+    report.add(pass_name, label, response.status_code)
     try:
         case.validate_response(response, checks=_checks(negative))
     except (Exception, BaseExceptionGroup) as e:  # schemathesis' FailureGroup is a BaseExceptionGroup
         report.failures.append(f"{label} -> {response.status_code}: {str(e)[:1500]}")
 
 
-def fuzz(
-    url: str, api_key: str, *, examples: int, budget_s: float, seed: int = 0, real_ids: dict[str, str] | None = None
-) -> FuzzReport:
-    """Generate `examples` requests per operation and mode (positive, negative),
-    then one pass per operation with the real ids in `real_ids` (path parameter
-    name -> id), stopping early once `budget_s` is spent. Deletes come last, so
-    they do not remove what the other operations look at."""
+def fuzz(url: str, api_key: str, *, examples: int, seed: int = 0, real_ids: dict[str, str] | None = None) -> FuzzReport:
+    """Generate at most `examples` requests per operation and mode (passes
+    "positive" and "negative"), then a pass ("real") over the lists and every
+    operation whose path ids are in `real_ids` (path parameter name -> id), with
+    those ids. The campaign is bounded by that count, not by a clock: every
+    operation gets its examples however fast the machine is. Deletes come last,
+    so they do not remove what the other operations look at."""
     import schemathesis
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis import seed as hseed
-    from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
 
     schema = schemathesis.openapi.from_url(url + "/openapi.json")
     ops = sorted((r.ok() for r in schema.get_all_operations()), key=lambda o: (o.method == "delete", o.path))
     headers = {"Authorization": f"Bearer {api_key}"}
-    report, stop = FuzzReport(), time.monotonic() + budget_s
-    passes = [(mode, None) for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)]
+    report = FuzzReport()
+    passes = [("positive", GenerationMode.POSITIVE, None), ("negative", GenerationMode.NEGATIVE, None)]
     if real_ids:
-        passes.append((GenerationMode.POSITIVE, real_ids))
-    for mode, ids in passes:
+        passes.append(("real", GenerationMode.POSITIVE, real_ids))
+    for pass_name, mode, ids in passes:
         for op in ops:
             names = {p.name for p in op.path_parameters}
-            if ids is not None and not names <= set(ids):
-                continue
-            if ids is not None and not names and op.method != "get":
-                continue  # the real-id pass re-checks reads of real objects only
-            negative = mode == GenerationMode.NEGATIVE
-            strategy = op.as_strategy(
-                generation_mode=mode, path_parameters={k: ids[k] for k in names} if ids is not None else None
+            if ids is not None and not (names <= set(ids) and (names or op.method == "get")):
+                continue  # the real-id pass: the operations on the real objects, and the lists
+            _fuzz_operation(
+                op, mode, ids and {k: ids[k] for k in names}, examples, seed, url, headers, report, pass_name
             )
-
-            @hseed(seed)
-            @settings(
-                max_examples=examples,
-                deadline=None,
-                database=None,
-                phases=[Phase.explicit, Phase.generate],
-                suppress_health_check=list(HealthCheck),
-            )
-            @given(strategy)
-            def run(case):
-                if time.monotonic() < stop:
-                    _run_case(case, url, headers, report, negative)
-
-            try:
-                run()
-            except Unsatisfiable:
-                pass  # nothing invalid to generate (e.g. only free-form string ids): no negative case
-            except (Exception, BaseExceptionGroup) as e:  # the schema could not be turned into data: a failure of ours
-                report.failures.append(f"{op.method.upper()} {op.path} ({mode}): {type(e).__name__}: {e}"[:600])
     return report
+
+
+def _fuzz_operation(op, mode, path_ids, examples, seed, url, headers, report, pass_name) -> None:
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hseed
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+
+    negative = mode == GenerationMode.NEGATIVE
+    strategy = op.as_strategy(generation_mode=mode, path_parameters=path_ids)
+
+    @hseed(seed)
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(strategy)
+    def run(case):
+        _run_case(case, url, headers, report, pass_name, negative)
+
+    try:
+        run()
+    except Unsatisfiable:
+        pass  # nothing invalid to generate (e.g. only free-form string ids): no negative case
+    except (Exception, BaseExceptionGroup) as e:  # the schema could not be turned into data: a failure of ours
+        report.failures.append(f"{_label(op)} ({pass_name}): {type(e).__name__}: {e}"[:600])
 
 
 # ----------------------------------------------------------------- fixtures
@@ -232,15 +241,21 @@ def test_declared_shapes_stay_compatible_with_openai(keyed):
 def test_schemathesis_finds_no_server_error_and_no_schema_break(keyed, tiny_model_dir):
     s, key = keyed
     ids = real_objects(s, key, TINY)
-    report = fuzz(s.url, key, examples=8, budget_s=75, real_ids=ids)
+    examples = 8
+    report = fuzz(s.url, key, examples=examples, real_ids=ids)
     print(
         f"\nschemathesis: {report.requests} requests over {len(report.by_operation)} operations; "
         f"statuses {dict(sorted(report.statuses.items()))}; {len(report.failures)} failures"
     )
     assert not report.failures, "\n\n".join(report.failures[:10])
     doc = httpx.get(s.url + "/openapi.json", timeout=30).json()
-    n_ops = sum(len(v) for v in doc["paths"].values())
-    assert len(report.by_operation) == n_ops, set(report.by_operation)  # every operation was called
+    operations = {f"{method.upper()} {path}" for path, ops in doc["paths"].items() for method in ops}
+    # Every operation got valid requests, none more than its examples per pass.
+    assert set(report.by_pass["positive"]) == operations, operations ^ set(report.by_pass["positive"])
+    assert all(1 <= n <= examples for calls in report.by_pass.values() for n in calls.values()), report.by_pass
+    # Every read of a real object (the file, the job, its model) was checked against it.
+    reads = {op for op in operations if op.startswith("GET ") and "{" in op}
+    assert reads <= set(report.by_pass["real"]), reads - set(report.by_pass["real"])
     assert report.statuses.get(200, 0) > 0 and sum(v for k, v in report.statuses.items() if 400 <= k < 500) > 0
     assert not any(k >= 500 for k in report.statuses)
     # The server is still fine afterwards, and the fuzzing never reached another owner's view.

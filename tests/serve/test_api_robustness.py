@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import httpx
@@ -69,6 +68,17 @@ def _first_metrics(c, job_id, timeout=300):
 
 def _finish(c, job_id, timeout=400):
     return wait_for(lambda: (j := c.fine_tuning.jobs.retrieve(job_id)).status in TERMINAL and j, timeout=timeout)
+
+
+def _after_the_worker_moved_on(c, model, file_id):
+    """A barrier instead of a timer: a one-step job queued now and run to the end.
+    The server's one worker claims the oldest queued job first, so once this later
+    job has finished the worker has looked at the queue again and is done with
+    every earlier job; whatever it was going to do to them has happened."""
+    later = c.fine_tuning.jobs.create(model=str(model), training_file=file_id, extra_body={"max_steps": 1})
+    done = _finish(c, later.id)
+    assert done.status == "succeeded", done.error
+    return done
 
 
 def _total_steps(events) -> int:
@@ -174,7 +184,7 @@ def test_pause_checkpoints_and_resume_continues_from_there(srv, train_file, tiny
     assert step >= 1 and step < total and max(_steps(events)) == step
     assert step in {ck.step_number for ck in c.fine_tuning.jobs.checkpoints.list(job.id, limit=100).data}
     # It stays paused: the worker does not pick it up again on its own.
-    time.sleep(2)
+    _after_the_worker_moved_on(c, TINY, train_file.id)
     assert c.fine_tuning.jobs.retrieve(job.id).status == "paused"
     assert max(_steps(_events(c, job.id))) == step
     assert c.fine_tuning.jobs.pause(job.id).status == "paused"  # pausing again changes nothing
@@ -210,14 +220,16 @@ def test_cancel_a_running_job_stops_it_and_creates_no_model(srv, train_file, tin
     # The worker notices after its current step and stops.
     wait_for(lambda: any(e.message.startswith("Job cancelled at step") for e in _events(c, job.id)), timeout=120)
     seen = len(_steps(_events(c, job.id)))
-    time.sleep(2)
+    later = _after_the_worker_moved_on(c, TINY, train_file.id)
     events = _events(c, job.id)
     assert len(_steps(events)) == seen  # no more training
     assert seen < _total_steps(events)
     assert not any("successfully completed" in e.message or "fine-tuned model created" in e.message for e in events)
     final = c.fine_tuning.jobs.retrieve(job.id)
     assert final.status == "cancelled" and final.fine_tuned_model is None
-    assert _model_ids(c) == models_before
+    made = _model_ids(c) - models_before  # only the later job's model and its checkpoints
+    assert later.fine_tuned_model in made, made
+    assert all(m == later.fine_tuned_model or m.startswith(later.fine_tuned_model + ":ckpt-") for m in made), made
     with pytest.raises(openai.BadRequestError) as e:
         c.fine_tuning.jobs.cancel(job.id)
     assert e.value.body["code"] == "job_not_cancellable"

@@ -1,7 +1,7 @@
 """Attention for bf16 training on a CPU: plain matmuls, with a hand-written backward.
 
 Why. PyTorch's CPU flash-attention kernel is fine in fp32, but its bf16
-backward is slow: in a LoRA step of the built-in model on this AMX machine it
+backward is slow: in a LoRA step of the built-in model on a 2-core AMX CPU it
 took 20% of the step, nine times its own forward (torch.profiler, scratch).
 Attention as two batched matmuls around a softmax runs on the same AMX units as
 the projections: LoRA forward + backward 1.10x faster than with SDPA, micro-
@@ -15,7 +15,7 @@ keeps the bf16 probabilities alone (2 bytes) and derives the softmax gradient
 from them. Saved for backward on a 512-token row: 676 MB, SDPA 579, eager 969.
 Keeping only each row's log-sum-exp and recomputing the probabilities in
 backward (as flash attention does) saved 2 B per score but made it 0.81x of
-SDPA instead of 1.15x (the extra q k^T and exp on a CPU; attention_ab, session 8).
+SDPA instead of 1.15x (the extra q k^T and exp on a CPU; attention_ab at ca1aad9, 2026-11-29).
 
 Grouped-query heads read their shared K/V head through a broadcast, never a copy.
 """

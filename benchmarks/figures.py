@@ -1,0 +1,56 @@
+"""The `--json` flag the benchmarks share: without it a benchmark prints its
+table; with it the table goes to stderr and stdout gets one JSON object of the
+same figures (as serve_bench.py and train_bench.py do), for a script to keep.
+The object names the machine it ran on (CPU model, cores), so a figure kept in
+benchmarks/RESULTS.md can say where it was measured."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+
+def machine() -> dict[str, Any]:
+    """The CPU model (as lscpu names it) and the cores this process may use."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": model, "cores": cores}
+
+
+def add_json_flag(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--json", action="store_true", help="print one JSON object of the figures (the table goes to stderr)"
+    )
+
+
+class Report:
+    """A benchmark's table lines and figures; `emit` prints the JSON object."""
+
+    def __init__(self, as_json: bool, **context: Any):
+        self.as_json = as_json
+        self.figures: dict[str, Any] = {**context, "machine": machine()}
+
+    @property
+    def out(self):
+        """Where table lines (and a child's output) go: stderr under --json."""
+        return sys.stderr if self.as_json else sys.stdout
+
+    def line(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    def add(self, key: str, value: Any) -> Any:
+        self.figures[key] = value
+        return value
+
+    def emit(self) -> None:
+        if self.as_json:
+            print(json.dumps(self.figures, ensure_ascii=False), flush=True)
