@@ -1,4 +1,4 @@
-"""Fuzz and property tests of every dataset reader and layout (issue 6, "Bad input").
+"""Fuzz and property tests of every dataset reader and layout: bad input must never crash a reader.
 
 Every case must end in a valid dataset or in clean errors: `Problem`s naming the
 file (and the line or record where there is one), short enough to read, safe to

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 from openft import home
+from openft.fileio import atomic_write
 
 Kind = Literal["builtin", "hf_dir", "gguf", "hub"]
 
@@ -188,16 +187,7 @@ def _save(models: dict[str, RegisteredModel]) -> None:
     """Write the registry atomically: readers see the old file or the new one, never half."""
     f = registry_path()
     rows = {m.name: {k: v for k, v in asdict(m).items() if k != "name"} for m in models.values()}
-    fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=f".{f.name}.")
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump({"models": rows}, out, indent=2, sort_keys=True)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, f)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(f, json.dumps({"models": rows}, indent=2, sort_keys=True))
 
 
 def check_name(name: str) -> None:

@@ -36,7 +36,7 @@ CACHE_NAME = "throughput.json"
 # the loss, the optimizer, Python between kernels), not of the machine, but it
 # differs by precision: bf16 speeds the matmuls up ~4x on an AMX CPU and the
 # rest barely. From benchmarks/train_bench.py's runs of the 135M built-in
-# (benchmarks/RESULTS.md, issue 5): in fp32, 94-119 GFLOP/s against an fp32
+# (benchmarks/RESULTS.md, "Training"): in fp32, 94-119 GFLOP/s against an fp32
 # matmul peak of 251-311, i.e. 0.37-0.47; in bf16 (LoRA), 109-170 GFLOP/s
 # against a bf16 peak of 593-2062, i.e. 0.09-0.18 (its `peak_fraction_bf16`;
 # the 0.45-0.6 `peak_fraction` there is the same bf16 run over the *fp32*
