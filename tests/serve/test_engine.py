@@ -280,8 +280,8 @@ def test_engine_stream_holds_back_split_characters(engine, base, tiny_tokenizer,
     real_sample = engine_mod.sample
     step = {"i": 0}
 
-    def scripted(logits, temperatures, top_ps, generators):
-        real_sample(logits, temperatures, top_ps, generators)
+    def scripted(logits, *rest):
+        real_sample(logits, *rest)
         i, step["i"] = step["i"], step["i"] + 1
         return [script[i % len(script)]] * logits.shape[0]
 
@@ -699,3 +699,86 @@ def test_prefill_groups_cut_by_padded_tokens():
     # A prompt longer than the budget goes alone; n choices count as n rows.
     assert [len(g) for g in prefill_groups([req(10), req(5000), req(10, n=3), req(10)], 64)] == [1, 1, 2]
     assert prefill_groups([], 64) == []
+
+
+# --------------------------------------------------------------------------- penalties, log-probs, statuses
+
+
+def _reference_logprobs(model_dir: Path, prompt_ids: list[int], tokens: list[int], presence: float, frequency: float):
+    """Per generated token: log_softmax(logits - frequency * count - presence * (count > 0))[token],
+    counts over the tokens generated before it, from one HF forward over the whole text."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt_ids + tokens[:-1]])).logits[0, len(prompt_ids) - 1 :].float()
+    out = []
+    for j, t in enumerate(tokens):
+        counts = torch.bincount(torch.tensor(tokens[:j], dtype=torch.long), minlength=logits.shape[-1]).float()
+        penalised = logits[j] - frequency * counts - presence * (counts > 0).float()
+        out.append(float(penalised.log_softmax(-1)[t]))
+    return out
+
+
+def test_penalties_and_logprobs_follow_openais_formulas_exactly(engine, base, talkative_dir):
+    ids = prompt(engine, base)
+    params = SamplingParams(max_tokens=16, temperature=0, presence_penalty=0.4, frequency_penalty=0.7, logprobs=2)
+    ((choice,), _) = run(engine.choices(base, ids, params))
+    tokens = [e.token_id for e in choice.logprobs]
+    assert len(tokens) == 16 and choice.finish_reason == "length"
+    want = _reference_logprobs(talkative_dir, ids, tokens, 0.4, 0.7)
+    got = [e.logprob for e in choice.logprobs]
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-3, (got, want)
+    for e in choice.logprobs:  # greedy on the penalised distribution: the chosen token is the top one
+        assert e.top[0] == (e.token_id, e.logprob) and e.top[0][1] >= e.top[1][1]
+    (plain,), _ = run(engine.choices(base, ids, SamplingParams(max_tokens=16, temperature=0, logprobs=0)))
+    assert [e.token_id for e in plain.logprobs] != tokens  # the penalties changed the answer
+    assert all(e.top == [] for e in plain.logprobs)
+
+
+def test_frequency_penalty_breaks_a_repeating_model(engine, tiny_model_dir):
+    # The plain tiny model (near-zero weights) repeats one token forever.
+    handle = ModelHandle(name="plain", base_path=tiny_model_dir)
+    ids = prompt(engine, handle, "Hi")
+
+    def tokens(**kw):
+        ((c,), _) = run(engine.choices(handle, ids, SamplingParams(max_tokens=12, temperature=0, logprobs=0, **kw)))
+        return [e.token_id for e in c.logprobs]
+
+    plain, penalised = tokens(), tokens(frequency_penalty=2.0)
+    assert max(map(plain.count, plain)) > max(map(penalised.count, penalised))
+
+
+def test_stopped_engine_refuses_with_503_until_started_again(base):
+    eng = Engine(device="cpu", dtype=torch.float32)
+    ids = prompt(eng, base)
+    eng.start()
+    eng.stop()
+    with pytest.raises(EngineError) as e:
+        run(eng.complete(base, ids, GREEDY))
+    assert e.value.code == "engine_stopped" and e.value.status == 503
+    eng.start()
+    try:
+        assert run(eng.complete(base, ids, GREEDY))[0][0][1] in ("stop", "length")
+    finally:
+        eng.stop()
+
+
+def test_unloadable_model_is_422_and_a_missing_one_404(engine, tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    for f in broken.glob("*.safetensors"):
+        f.write_bytes(b"garbage")
+    handle = ModelHandle(name="broken", base_path=broken)
+    with pytest.raises(EngineError) as e:
+        run(engine.complete(handle, prompt(engine, handle), GREEDY))
+    assert e.value.code == "model_invalid" and e.value.status == 422
+    bad_config = tmp_path / "bad-config"
+    shutil.copytree(tiny_model_dir, bad_config)
+    (bad_config / "config.json").write_text("{not json")
+    with pytest.raises(EngineError) as e:
+        engine.context_length(ModelHandle(name="b2", base_path=bad_config))
+    assert e.value.status == 422
+    with pytest.raises(EngineError) as e:
+        engine.tokenizer(ModelHandle(name="gone", base_path=tmp_path / "nothing-here"))
+    assert e.value.code == "model_not_found" and e.value.status == 404
