@@ -127,6 +127,24 @@ def _row(cur: sqlite3.Cursor, row: tuple) -> dict:
     return out
 
 
+def _enter_wal(conn: sqlite3.Connection, wait_s: float = 30.0) -> None:
+    """Switch the database to WAL. Switching a database that is still in rollback
+    mode needs it to itself for a moment, and SQLite answers "database is locked"
+    at once, without its busy timeout, while another process or thread opens it
+    too (the API and the worker starting together on a database made by an older
+    openft): so retry, with a short backoff, for as long as the busy timeout."""
+    deadline, pause = time.monotonic() + wait_s, 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
+
 class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -162,7 +180,7 @@ class Store:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _enter_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
             self._local.conn = conn
