@@ -186,8 +186,7 @@ def _gemma3(config: dict) -> Arch | None:
     n = base["num_layers"]
     pattern = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6)
     types = _checked_types(
-        config.get("layer_types")
-        or ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)],
+        config.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)],
         n,
     )
     params = config.get("rope_parameters") or {}
