@@ -436,3 +436,19 @@ def test_a_job_on_a_model_with_a_foreign_template_fails_with_the_message(foreign
     error = done["error"] if isinstance(done["error"], dict) else json.loads(done["error"])
     assert done["status"] == "failed" and error["code"] == "invalid_chat_template"
     assert "'<|im_start|>'" in error["message"] and "--chat-template FILE" in error["message"]
+
+
+def test_the_template_file_is_a_job_spec_field_from_flags_and_yaml_never_from_http(tmp_path):
+    import pydantic
+
+    from openft.cli import build_parser, spec_from_args
+    from openft.serve.fine_tuning import CreateJob
+
+    args = build_parser().parse_args(["finetune", "--data", "d.jsonl", "--chat-template", "t.jinja"])
+    assert spec_from_args(args).chat_template == "t.jinja"
+    (tmp_path / "job.yaml").write_text("model: m\nchat_template: y.jinja\ndata: {path: d.jsonl}\n")
+    args = build_parser().parse_args(["finetune", "--config", str(tmp_path / "job.yaml")])
+    assert spec_from_args(args).chat_template == "y.jinja"
+    # The HTTP job body takes no server paths: the field is refused there.
+    with pytest.raises(pydantic.ValidationError, match="chat_template"):
+        CreateJob(model="m", training_file="file-x", chat_template="/etc/passwd")
