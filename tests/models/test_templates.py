@@ -452,3 +452,19 @@ def test_the_template_file_is_a_job_spec_field_from_flags_and_yaml_never_from_ht
     # The HTTP job body takes no server paths: the field is refused there.
     with pytest.raises(pydantic.ValidationError, match="chat_template"):
         CreateJob(model="m", training_file="file-x", chat_template="/etc/passwd")
+
+
+def test_a_fine_tune_keeps_the_template_it_was_trained_with(gemma_dir, tmp_path, session_home):
+    from openft.config import JobSpec
+    from openft.models.load import load_tokenizer
+    from openft.models.templates import GEMMA
+    from openft.train.recipe import finetune
+
+    spec = JobSpec(model=str(gemma_dir), output_dir=str(tmp_path / "run"))
+    spec.data.path = str(_chat_file(tmp_path / "d.jsonl"))
+    spec.train.max_steps = 1
+    result = finetune(spec, progress=False)
+    # Saved with the adapter, so the served fine-tune renders as it was trained: its own template now.
+    served = load_tokenizer(result.output_dir)
+    assert served.chat_template == GEMMA
+    assert resolve_template(served, {}).source == "model"
