@@ -1,4 +1,4 @@
-"""Prefill A/B on openft's serving forward (fastllama), one process, side by side.
+"""Prefill A/B on openft's serving forward (openft.models.decoder), one process, side by side.
 
   OPENFT_HOME=.openft-home .venv/bin/python benchmarks/prefill_ab.py            # prompt grouping
   OPENFT_HOME=.openft-home .venv/bin/python benchmarks/prefill_ab.py --lora     # LoRA add: addmm vs matmul + add
@@ -140,21 +140,21 @@ def prefill_timers(model, seqs: list[list[int]], pad) -> tuple:
 def attention_ab(model, seqs: list[list[int]], report: Report) -> None:
     import statistics
 
-    from openft.models import fastllama
+    from openft.models import decoder
     from openft.models.padding import left_pad
 
-    ours = (fastllama.grouped_attention, fastllama.attention_bias)
+    ours = (decoder.grouped_attention, decoder.attention_bias)
 
-    def former_bias(attention_mask, n, groups, dtype):  # the former attention_mask_4d: bool, no groups
+    def former_bias(attention_mask, n, groups, dtype, window=None):  # the former attention_mask_4d: bool, no groups
         b, total = attention_mask.shape
         keys = attention_mask.bool()[:, None, None, :]
         if n == 1:
-            return keys if not bool(keys.all()) else None
+            return decoder.LayerMask(0, keys if not bool(keys.all()) else None)
         cols = torch.arange(total)
         rows = cols[total - n :, None]
-        return (keys & (cols <= rows)) | (cols == rows)
+        return decoder.LayerMask(0, (keys & (cols <= rows)) | (cols == rows))
 
-    def former_attention(q, k, v, mask):
+    def former_attention(q, k, v, mask, scale=None):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
     variants = {"openft": ours, "former": (former_attention, former_bias)}
@@ -184,11 +184,11 @@ def attention_ab(model, seqs: list[list[int]], report: Report) -> None:
     times = {(v, what): [] for v in variants for what in ("single", "prefill", "decode")}
     for _ in range(6):
         for name, (attn, bias) in variants.items():
-            fastllama.grouped_attention, fastllama.attention_bias = attn, bias
+            decoder.grouped_attention, decoder.attention_bias = attn, bias
             times[name, "single"].append(single())
             times[name, "prefill"].append(prefill())
             times[name, "decode"].append(decode())
-    fastllama.grouped_attention, fastllama.attention_bias = ours
+    decoder.grouped_attention, decoder.attention_bias = ours
     labels = {"single": "1 prompt", "prefill": "16 prompts, groups of 4", "decode": "one step, 16 rows"}
     rows = report.add("median_s", {})  # workload -> variant -> seconds
     for what, unit, scale in (("single", "ms", 1000.0), ("prefill", "s", 1.0), ("decode", "ms", 1000.0)):

@@ -187,16 +187,17 @@ def _config_of(path: Path) -> dict:
 
 
 def load_for_serving(arg: str | ModelSource, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """load_model for inference: Llama-architecture models run on openft's own
-    forward (fastllama) and tokenizer (fasttok), which spare the server 3-5 s of
-    transformers imports; every other model goes through transformers."""
-    from openft.models import fastllama
+    """load_model for inference: the families openft's own forward covers (Llama,
+    Qwen2, Qwen3, Gemma 3, Mistral; see openft.models.decoder) run on it and on its
+    own tokenizer (fasttok), which spare the server 3-5 s of transformers imports;
+    every other model goes through transformers."""
+    from openft.models import decoder
 
     setup_torch()
     source = resolve(arg) if isinstance(arg, str) else arg
     with LOAD_LOCK:
         path = materialise(source)
-        model = fastllama.load(path, dtype)
+        model = decoder.load(path, dtype)
     if model is None:
         return load_model(source, dtype=dtype)
     return LoadedModel(model=model, tokenizer=load_tokenizer(path), source=source, path=path)

@@ -1,5 +1,5 @@
 """Tensor side of continuous batching: left-padded prompts, KV-cache merging and
-row removal on a KV cache (fastllama's, or a transformers `DynamicCache`), and
+row removal on a KV cache (openft's own decoder's, or a transformers `DynamicCache`), and
 per-row sampling.
 
 Layout. Every row of a running batch is left-padded so that all rows end at the
@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from openft.models.fastllama import append_columns as _append
+from openft.models.decoder import append_columns as _append
 
-# transformers is imported only when a model that runs on it is served (fastllama
+# transformers is imported only when a model that runs on it is served (decoder
 # models bring their own cache): its import costs seconds of server start-up.
 _HF: tuple | None = None
 
@@ -74,7 +74,7 @@ def _plain(layer) -> bool:
 
 
 def new_cache(model):
-    """An empty cache for a prefill: the model's own (fastllama), or transformers'
+    """An empty cache for a prefill: the model's own (openft.models.decoder), or transformers'
     with plain growing layers replaced by `SlackLayer` (None: let the model make its own)."""
     if hasattr(model, "new_cache"):
         return model.new_cache()
