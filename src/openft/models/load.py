@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from openft.fileio import sha256_files
+from openft.models.builtins import gguf_target, verified_gguf
 from openft.models.registry import BUILTINS, DEFAULT_MODEL, ModelNotFound, ModelSource, builtin_gguf_path, resolve
 
 # transformers builds models under process-global patches (meta-device init, GGUF
@@ -75,8 +76,18 @@ def _materialise(source: ModelSource) -> Path:
     if source.kind == "hub":
         return _from_hub(source)
     if not is_materialised(source):
-        _convert_gguf(source.path, source.cache_dir)
+        _convert_gguf(_checked_gguf(source), source.cache_dir)
     return source.cache_dir
+
+
+def _checked_gguf(source: ModelSource) -> Path:
+    """The GGUF to convert: a built-in's file assembled (if it is not yet) and its size
+    and sha256 checked first, so a corrupt file is refused before anything converts;
+    any other GGUF as it is."""
+    builtin = BUILTINS.get(source.name)
+    if builtin is not None and source.path == gguf_target(builtin):
+        return verified_gguf(builtin)
+    return source.path
 
 
 def is_materialised(source: ModelSource) -> bool:
