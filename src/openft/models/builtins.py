@@ -288,6 +288,7 @@ def assemble(model: BuiltinModel) -> Path:
         else:
             _package_assemble(model, tmp)
         check_file(model, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would differ from every other file openft writes
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,8 +1,10 @@
 """Load a base model and its tokenizer, converting GGUF once to a safetensors cache.
 
-transformers de-quantises a GGUF file into a normal `LlamaForCausalLM` (~30 s for
-the built-in); we then save it as safetensors under OPENFT_HOME/models/<name>, so
-every later load takes about a second.
+transformers de-quantises a GGUF file (any quantisation gguf reads: Q4_1, Q8_0, the
+K-quants) into a plain model of its family (`LlamaForCausalLM`, `Qwen2ForCausalLM`, the
+text-only `Gemma3ForCausalLM`, ...; 30 s to a few minutes for the built-ins); we then save
+it as safetensors under OPENFT_HOME/models/<name>, so every later load takes seconds.
+A built-in's GGUF is assembled and its sha256 checked first (models/builtins.py).
 """
 
 from __future__ import annotations
