@@ -158,3 +158,22 @@ def test_pull_of_an_unknown_name_lists_the_builtins(capsys):
     assert cli.main(["models", "pull", "no-such-model"]) == 2
     err = capsys.readouterr().err
     assert "no built-in model named 'no-such-model'" in err and all(name in err for name in BUILTINS)
+
+
+def test_http_names_a_missing_builtin_404_with_the_pull_hint(tiny_builtin, monkeypatch):
+    """Over HTTP the registry's conventions hold: a built-in without its packages is not
+    listed and answers 404 model_not_found, and the message says how to install it."""
+    from fastapi.testclient import TestClient
+
+    from openft.serve.app import ServeConfig, create_app
+
+    model, _ = tiny_builtin
+    _with(monkeypatch, model, packages=(B.Package("tiny-nowhere", "2.0", "tinynowhere"),))
+    app = create_app(ServeConfig(run_worker=False))
+    client = TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 50000))  # a loopback caller
+    assert NAME not in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    chat = client.post("/v1/chat/completions", json={"model": NAME, "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 404, chat.text
+    err = chat.json()["error"]
+    assert err["code"] == "model_not_found" and err["param"] == "model"
+    assert f"openft models pull {NAME}" in err["message"]
