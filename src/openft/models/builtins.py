@@ -187,14 +187,10 @@ def builtin_gguf_path(model: BuiltinModel) -> Path | None:
 
 
 def state(model: BuiltinModel) -> BuiltinState:
-    from openft.models.registry import ModelSource  # registry imports this module
-
-    path = builtin_gguf_path(model)
-    converted = False
-    if path is not None:
-        cache = ModelSource(name=model.name, kind="gguf", path=path).cache_dir
-        converted = (cache / "config.json").exists()
-    return BuiltinState(missing=missing_packages(model), assembled=path is not None, converted=converted)
+    # The conversion cache is OPENFT_HOME/models/<name> (registry.ModelSource.cache_dir).
+    converted = (home.models_dir() / model.name / "config.json").exists()
+    assembled = builtin_gguf_path(model) is not None
+    return BuiltinState(missing=missing_packages(model), assembled=assembled, converted=converted)
 
 
 def pull_hint(model: BuiltinModel) -> str:
