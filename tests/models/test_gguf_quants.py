@@ -1,6 +1,7 @@
 """GGUF files in the quantisations real models ship (Q8_0, Q6_K, Q4_K and a
 Q4_K_M-like mix of them) convert through openft's loader to the weights they encode,
-for llama (q/k rows permuted by llama.cpp) and qwen2 (q/k/v biases)."""
+for llama (q/k rows permuted by llama.cpp), qwen2 (q/k/v biases) and qwen3 (q/k norms,
+64-wide heads: transformers' mapping alone would build them 128 wide)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _quant_tolerance(original: np.ndarray) -> float:
     return float(np.abs(original).max()) / 127 / 2 * 1.01
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("mix", list(MIXES))
 def test_quantised_gguf_converts_to_the_weights_it_encodes(arch, mix, tmp_path, session_home):
     path = tmp_path / f"tiny-{arch}-{mix}.gguf"

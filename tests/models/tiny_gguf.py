@@ -1,4 +1,4 @@
-"""Write tiny llama / qwen2 GGUF files with the `gguf` package, as llama.cpp lays them
+"""Write tiny llama / qwen2 / qwen3 GGUF files with the `gguf` package, as llama.cpp lays them
 out (tensor names, llama's q/k row permutation, f32 norms and biases), with 2-D
 weights in a chosen quantisation, and return the HF-layout weights the file encodes.
 
@@ -83,7 +83,7 @@ def encode(w: np.ndarray, qtype, rng: np.random.Generator) -> tuple[np.ndarray, 
 
 
 def write_tiny_gguf(path: Path, arch: str, qtypes: list, *, seed: int = 0) -> dict[str, np.ndarray]:
-    """Write a tiny `arch` (llama | qwen2) GGUF at `path`; 2-D weights take the types of
+    """Write a tiny `arch` (llama | qwen2 | qwen3) GGUF at `path`; 2-D weights take the types of
     `qtypes` in turn. Returns the HF state dict (name -> float32 array) the file encodes."""
     import gguf
 
@@ -102,6 +102,8 @@ def write_tiny_gguf(path: Path, arch: str, qtypes: list, *, seed: int = 0) -> di
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_vocab_size(len(tokens))
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "smollm")
@@ -144,6 +146,9 @@ def write_tiny_gguf(path: Path, arch: str, qtypes: list, *, seed: int = 0) -> di
             f"{b}.attn_k.weight", f"{h}.self_attn.k_proj.weight", (kv_dim, s["hidden"]), s["kv_heads"] if perm else None
         )
         matrix(f"{b}.attn_v.weight", f"{h}.self_attn.v_proj.weight", (kv_dim, s["hidden"]))
+        if arch == "qwen3":  # per-head RMSNorm of q and k
+            vector(f"{b}.attn_q_norm.weight", f"{h}.self_attn.q_norm.weight", head_dim, 1.0)
+            vector(f"{b}.attn_k_norm.weight", f"{h}.self_attn.k_norm.weight", head_dim, 1.0)
         if arch == "qwen2":
             vector(f"{b}.attn_q.bias", f"{h}.self_attn.q_proj.bias", s["hidden"])
             vector(f"{b}.attn_k.bias", f"{h}.self_attn.k_proj.bias", kv_dim)

@@ -114,7 +114,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     print(f"Converting {gguf.name} to safetensors (once; cached in {target}) ...", flush=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     _normalise_tokenizer(tok)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **gguf_config_overrides(gguf)
+    )
     # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its
     # config without quantization_config and copy the de-quantised weights in.
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
@@ -134,6 +136,24 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Architectures whose transformers GGUF mapping drops `<arch>.attention.key_length`, so the
+# config falls back to the class default head_dim (Qwen3Config: 128) whatever the file says.
+HEAD_DIM_FROM_KEY_LENGTH = frozenset({"qwen3", "qwen3moe"})
+
+
+def gguf_config_overrides(gguf: Path) -> dict:
+    """Config values a GGUF states that transformers' mapping would lose: head_dim for
+    Qwen3 files whose heads are not 128 wide. Reads the header only (memory-mapped)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    arch = fields["general.architecture"].contents()
+    key_length = fields.get(f"{arch}.attention.key_length")
+    if arch in HEAD_DIM_FROM_KEY_LENGTH and key_length is not None:
+        return {"head_dim": int(key_length.contents())}
+    return {}
 
 
 def _from_hub(source: ModelSource) -> Path:
