@@ -1,7 +1,8 @@
 """GGUF files in the quantisations real models ship (Q8_0, Q6_K, Q4_K and a
 Q4_K_M-like mix of them) convert through openft's loader to the weights they encode,
 for llama (q/k rows permuted by llama.cpp), qwen2 (q/k/v biases) and qwen3 (q/k norms,
-64-wide heads: transformers' mapping alone would build them 128 wide)."""
+64-wide heads: transformers' mapping alone would build them 128 wide) and gemma3 (norms
+stored as 1 + w, four norms per layer, sliding window)."""
 
 from __future__ import annotations
 
@@ -23,19 +24,24 @@ MIXES = {
 }
 
 
+MODEL_TYPE = {"gemma3": "gemma3_text"}
+
+
 def _quant_tolerance(original: np.ndarray) -> float:
     # Q8_0: per 32-value block, step amax/127, so rounding is at most half a step.
     return float(np.abs(original).max()) / 127 / 2 * 1.01
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
 @pytest.mark.parametrize("mix", list(MIXES))
 def test_quantised_gguf_converts_to_the_weights_it_encodes(arch, mix, tmp_path, session_home):
     path = tmp_path / f"tiny-{arch}-{mix}.gguf"
     encoded = write_tiny_gguf(path, arch, MIXES[mix])
     loaded = load_model(resolve(str(path)))
     model = loaded.model
-    assert model.config.model_type == arch and model.config.tie_word_embeddings
+    # A Gemma 3 GGUF is the text model: Gemma3ForCausalLM, never the multimodal class.
+    assert model.config.model_type == MODEL_TYPE.get(arch, arch) and model.config.tie_word_embeddings
+    assert model.config.architectures == [type(model).__name__] and type(model).__name__.endswith("ForCausalLM")
     state = {k: v.float().numpy() for k, v in model.state_dict().items()}
     for name, want in encoded.items():
         # Converted weights equal what the blocks decode to (fp32 rounding only), q/k rows unpermuted.

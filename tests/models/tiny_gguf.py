@@ -1,4 +1,4 @@
-"""Write tiny llama / qwen2 / qwen3 GGUF files with the `gguf` package, as llama.cpp lays them
+"""Write tiny llama / qwen2 / qwen3 / gemma3 GGUF files with the `gguf` package, as llama.cpp lays them
 out (tensor names, llama's q/k row permutation, f32 norms and biases), with 2-D
 weights in a chosen quantisation, and return the HF-layout weights the file encodes.
 
@@ -83,7 +83,7 @@ def encode(w: np.ndarray, qtype, rng: np.random.Generator) -> tuple[np.ndarray, 
 
 
 def write_tiny_gguf(path: Path, arch: str, qtypes: list, *, seed: int = 0) -> dict[str, np.ndarray]:
-    """Write a tiny `arch` (llama | qwen2 | qwen3) GGUF at `path`; 2-D weights take the types of
+    """Write a tiny `arch` (llama | qwen2 | qwen3 | gemma3) GGUF at `path`; 2-D weights take the types of
     `qtypes` in turn. Returns the HF state dict (name -> float32 array) the file encodes."""
     import gguf
 
@@ -104,6 +104,8 @@ def write_tiny_gguf(path: Path, arch: str, qtypes: list, *, seed: int = 0) -> di
     w.add_rope_dimension_count(head_dim)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
+    if arch == "gemma3":
+        w.add_sliding_window(8)
     w.add_vocab_size(len(tokens))
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "smollm")
@@ -113,6 +115,7 @@ def write_tiny_gguf(path: Path, arch: str, qtypes: list, *, seed: int = 0) -> di
     w.add_bos_token_id(tokens.index("<|im_start|>"))
     w.add_eos_token_id(tokens.index("<|im_end|>"))
     w.add_pad_token_id(tokens.index("<|endoftext|>"))
+    w.add_unk_token_id(tokens.index("<|endoftext|>"))  # Gemma's tokenizer class wants one
     w.add_chat_template(CHATML)
 
     hf: dict[str, np.ndarray] = {}
@@ -125,28 +128,26 @@ def write_tiny_gguf(path: Path, arch: str, qtypes: list, *, seed: int = 0) -> di
         w.add_tensor(gguf_name, raw, raw_dtype=qtype)
         hf[hf_name] = unpermute(decoded, n_perm) if n_perm else decoded
 
+    # Gemma keeps RMSNorm weights as w in (1 + w); llama.cpp writes 1 + w, and the loader
+    # takes the 1 back off.
+    norm_offset = 1.0 if arch == "gemma3" else 0.0
+
     def vector(gguf_name: str, hf_name: str, n: int, around: float = 0.0) -> None:
         data = (around + rng.standard_normal(n) * 0.05).astype(np.float32)
         w.add_tensor(gguf_name, data)
-        hf[hf_name] = data
+        hf[hf_name] = data - norm_offset if gguf_name.endswith("norm.weight") else data
 
     kv_dim = s["kv_heads"] * head_dim
-    perm = arch == "llama"  # llama.cpp permutes llama's q/k rows, not qwen2's
+    perm = arch == "llama"  # llama.cpp permutes llama's q/k rows, not the others'
     matrix("token_embd.weight", "model.embed_tokens.weight", (len(tokens), s["hidden"]))
     for i in range(s["layers"]):
         b, h = f"blk.{i}", f"model.layers.{i}"
         vector(f"{b}.attn_norm.weight", f"{h}.input_layernorm.weight", s["hidden"], 1.0)
-        matrix(
-            f"{b}.attn_q.weight",
-            f"{h}.self_attn.q_proj.weight",
-            (s["hidden"], s["hidden"]),
-            s["heads"] if perm else None,
-        )
-        matrix(
-            f"{b}.attn_k.weight", f"{h}.self_attn.k_proj.weight", (kv_dim, s["hidden"]), s["kv_heads"] if perm else None
-        )
+        q_perm, k_perm = (s["heads"], s["kv_heads"]) if perm else (None, None)
+        matrix(f"{b}.attn_q.weight", f"{h}.self_attn.q_proj.weight", (s["hidden"], s["hidden"]), q_perm)
+        matrix(f"{b}.attn_k.weight", f"{h}.self_attn.k_proj.weight", (kv_dim, s["hidden"]), k_perm)
         matrix(f"{b}.attn_v.weight", f"{h}.self_attn.v_proj.weight", (kv_dim, s["hidden"]))
-        if arch == "qwen3":  # per-head RMSNorm of q and k
+        if arch in ("qwen3", "gemma3"):  # per-head RMSNorm of q and k
             vector(f"{b}.attn_q_norm.weight", f"{h}.self_attn.q_norm.weight", head_dim, 1.0)
             vector(f"{b}.attn_k_norm.weight", f"{h}.self_attn.k_norm.weight", head_dim, 1.0)
         if arch == "qwen2":
@@ -154,7 +155,12 @@ def write_tiny_gguf(path: Path, arch: str, qtypes: list, *, seed: int = 0) -> di
             vector(f"{b}.attn_k.bias", f"{h}.self_attn.k_proj.bias", kv_dim)
             vector(f"{b}.attn_v.bias", f"{h}.self_attn.v_proj.bias", kv_dim)
         matrix(f"{b}.attn_output.weight", f"{h}.self_attn.o_proj.weight", (s["hidden"], s["hidden"]))
-        vector(f"{b}.ffn_norm.weight", f"{h}.post_attention_layernorm.weight", s["hidden"], 1.0)
+        if arch == "gemma3":  # a norm after attention, and before and after the MLP
+            vector(f"{b}.post_attention_norm.weight", f"{h}.post_attention_layernorm.weight", s["hidden"], 1.0)
+            vector(f"{b}.ffn_norm.weight", f"{h}.pre_feedforward_layernorm.weight", s["hidden"], 1.0)
+            vector(f"{b}.post_ffw_norm.weight", f"{h}.post_feedforward_layernorm.weight", s["hidden"], 1.0)
+        else:
+            vector(f"{b}.ffn_norm.weight", f"{h}.post_attention_layernorm.weight", s["hidden"], 1.0)
         matrix(f"{b}.ffn_gate.weight", f"{h}.mlp.gate_proj.weight", (s["intermediate"], s["hidden"]))
         matrix(f"{b}.ffn_up.weight", f"{h}.mlp.up_proj.weight", (s["intermediate"], s["hidden"]))
         matrix(f"{b}.ffn_down.weight", f"{h}.mlp.down_proj.weight", (s["hidden"], s["intermediate"]))
