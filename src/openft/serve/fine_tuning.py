@@ -137,7 +137,11 @@ def resolve_base(request: Request, who: str, model: str) -> str:
     ckpt = store.checkpoint_by_model(who, model)
     if ckpt is not None and (Path(ckpt["path"]) / "adapter_config.json").exists():
         return ckpt["path"]  # a LoRA checkpoint: the worker merges it into its run's base
-    if model in BUILTINS:
+    if model in BUILTINS:  # a built-in whose packages are missing: say how to pull it (still a 404)
+        try:
+            resolve_name(model)
+        except ModelNotFound as e:
+            raise APIError(404, str(e), param="model", code="model_not_found") from None
         return model
     try:
         resolve_name(model)

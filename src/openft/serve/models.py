@@ -19,8 +19,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
+from openft.models.builtins import missing_packages
 from openft.models.load import is_materialised, materialise
-from openft.models.registry import BUILTINS, ModelNotFound, builtin_gguf_path, registered, resolve_name, unknown_name
+from openft.models.registry import BUILTINS, ModelNotFound, registered, resolve_name, unknown_name
 from openft.serve import schemas as S
 from openft.serve.auth import owner
 from openft.serve.engine import ModelHandle
@@ -43,7 +44,9 @@ def model_not_found(name: str) -> APIError:
 def list_for(request: Request, who: str) -> list[dict]:
     store = request.app.state.store
     out = [
-        model_object(b.name, CREATED_BUILTIN, "openft", kind="base") for b in BUILTINS.values() if builtin_gguf_path(b)
+        model_object(b.name, CREATED_BUILTIN, "openft", kind="base")
+        for b in BUILTINS.values()
+        if not missing_packages(b)
     ]
     out += [model_object(m.name, m.added_at, "openft", kind="base") for m in registered().values()]
     for m in store.list_models(who):

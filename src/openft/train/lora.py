@@ -17,13 +17,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-# Every linear layer of the transformer blocks, per architecture family.
+# Every linear layer of the transformer blocks, per architecture family (transformers'
+# module names, which the adapter's keys and the serving decoder share). Never the
+# embedding or lm_head (the output head), and no norm: Qwen3's and Gemma 3's q_norm /
+# k_norm and Gemma's four norms per layer are RMSNorms, which apply_lora never wraps.
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "llama": PROJECTIONS,
+    "mistral": PROJECTIONS,
+    "qwen2": PROJECTIONS,
+    "qwen3": PROJECTIONS,
+    "gemma": PROJECTIONS,
+    "gemma2": PROJECTIONS,
+    "gemma3_text": PROJECTIONS,  # Gemma 3 text-only (what a Gemma 3 GGUF converts to)
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
