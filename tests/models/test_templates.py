@@ -5,7 +5,7 @@ tokenizers with each family's special tokens (tests/models/tiny_vocab.py)."""
 from __future__ import annotations
 
 import pytest
-from tiny_vocab import make_tokenizer
+from .tiny_vocab import make_tokenizer
 
 from openft.data.types import Example, Location, Message
 from openft.models.reasoning import is_reasoning_model, split_reasoning
@@ -340,7 +340,7 @@ def test_stop_tokens_follow_the_template(family, model_type, stops):
 
 @pytest.fixture(scope="module")
 def gemma_dir(tmp_path_factory):
-    from tiny_vocab import make_model_dir
+    from .tiny_vocab import make_model_dir
 
     return make_model_dir(tmp_path_factory.mktemp("gemma"), "gemma", "gemma3_text")
 
@@ -348,7 +348,7 @@ def gemma_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def foreign_dir(tmp_path_factory):
     """A Gemma-vocabulary model that ships ChatML as its own template (the wrong one)."""
-    from tiny_vocab import make_model_dir
+    from .tiny_vocab import make_model_dir
 
     return make_model_dir(tmp_path_factory.mktemp("foreign"), "gemma", "gemma3_text", template=CHATML)
 
