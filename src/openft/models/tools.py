@@ -1,0 +1,116 @@
+"""Tool calls between OpenAI's shapes and a model's chat template.
+
+OpenAI (requests, fine-tuning data) carries a call as
+`{"id", "type": "function", "function": {"name", "arguments": "<JSON text>"}}`;
+Hugging Face chat templates (Qwen2.5's, Hermes-style ones) expect `arguments` as
+a JSON object, which they write with `tojson` between `<tool_call>` tags. The
+model then answers a tool prompt with such blocks, which `parse_tool_calls` turns
+back into OpenAI calls, so no template markup reaches a client.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from typing import Any
+
+# A template renders tools when it reads the `tools` variable and writes the
+# assistant's `tool_calls` (Qwen2.5, Llama 3.1+, Hermes, Mistral v3 all do).
+_READS_TOOLS = re.compile(r"\btools\b")
+_WRITES_CALLS = re.compile(r"\btool_calls\b")
+
+# Qwen/Hermes output: <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>.
+# The last block may be cut off by the stop token before its closing tag.
+_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+
+
+def supports_tools(template: str | None) -> bool:
+    """Whether a chat template renders `tools` definitions and assistant `tool_calls`."""
+    return bool(template) and bool(_READS_TOOLS.search(template)) and bool(_WRITES_CALLS.search(template))
+
+
+def new_call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+def template_message(
+    role: str,
+    content: str | None,
+    tool_calls: list[dict] | None = None,
+    tool_call_id: str | None = None,
+    name: str | None = None,
+) -> dict:
+    """One message in the shape HF chat templates expect: OpenAI's, except that
+    each call's `arguments` is the decoded object (templates `tojson` it; a JSON
+    string there would be written as a quoted string)."""
+    out: dict[str, Any] = {"role": role, "content": content or ""}
+    if tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": c.get("id"),
+                "type": "function",
+                "function": {"name": c["function"]["name"], "arguments": _decoded(c["function"]["arguments"])},
+            }
+            for c in tool_calls
+        ]
+    if tool_call_id is not None:
+        out["tool_call_id"] = tool_call_id
+    if name is not None:
+        out["name"] = name
+    return out
+
+
+def _decoded(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments  # not ours to fix here: data validation refuses it earlier
+    return arguments
+
+
+def _call(body: str) -> dict | None:
+    """An OpenAI call from one block's JSON, or None when it is not a call."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return {
+        "id": new_call_id(),
+        "type": "function",
+        "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)},
+    }
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
+    """Split a generated answer into (content, OpenAI tool calls).
+
+    Every `<tool_call>` block is removed from the content. A block whose body is
+    not a call (bad JSON, no name) keeps its body as content, without the tags:
+    the client sees what the model said, never template markup.
+    """
+    calls: list[dict] = []
+    kept: list[str] = []
+    pos = 0
+    for m in _BLOCK.finditer(text):
+        kept.append(text[pos : m.start()])
+        pos = m.end()
+        call = _call(m.group(1).strip())
+        if call is None:
+            kept.append(m.group(1))
+        else:
+            calls.append(call)
+    kept.append(text[pos:])
+    content = "".join(kept).replace("</tool_call>", "")
+    return (content.strip() if calls else content), calls
