@@ -22,6 +22,7 @@ _WRITES_CALLS = re.compile(r"\btool_calls\b")
 
 # Qwen/Hermes output: <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>.
 # The last block may be cut off by the stop token before its closing tag.
+TOOL_CALL_TAG = "<tool_call>"
 _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 
 
@@ -114,3 +115,17 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
     kept.append(text[pos:])
     content = "".join(kept).replace("</tool_call>", "")
     return (content.strip() if calls else content), calls
+
+
+def reads_tool_call_blocks(template: str | None) -> bool:
+    """Whether the model writes its calls as `<tool_call>` blocks (Qwen2.5, Hermes),
+    the form `parse_tool_calls` reads: the server offers tools only to those."""
+    return supports_tools(template) and TOOL_CALL_TAG in (template or "")
+
+
+def forced_call_prefill(name: str | None = None) -> str:
+    """The start of an answer that must be a tool call (`tool_choice` "required"), or
+    a call of the tool `name`: the prompt ends with it, so the model can only go on."""
+    if name is None:
+        return TOOL_CALL_TAG + "\n"
+    return TOOL_CALL_TAG + '\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
