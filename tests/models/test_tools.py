@@ -1,0 +1,97 @@
+"""Tool calls between OpenAI's shapes and chat templates: which templates render
+tools, the messages templates take, and reading calls back out of model output."""
+
+from __future__ import annotations
+
+import json
+
+from openft.models.tools import (
+    forced_call_prefill,
+    parse_tool_calls,
+    reads_tool_call_blocks,
+    supports_tools,
+    template_message,
+)
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_supports_tools_by_template(qwen_tool_template):
+    qwen = qwen_tool_template
+    assert supports_tools(qwen) and reads_tool_call_blocks(qwen)
+    assert not supports_tools(CHATML) and not reads_tool_call_blocks(CHATML)
+    assert not supports_tools(None) and not supports_tools("")
+    # Llama 3.1 style: renders tools, but its calls are bare JSON, not <tool_call> blocks.
+    llama = (
+        "{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m.tool_calls | tojson }}{% endfor %}"
+    )
+    assert supports_tools(llama) and not reads_tool_call_blocks(llama)
+
+
+def test_template_message_decodes_arguments():
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    m = template_message("assistant", None, [call])
+    assert m == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}],
+    }
+    assert template_message("tool", "42", tool_call_id="call_1", name="f") == {
+        "role": "tool",
+        "content": "42",
+        "tool_call_id": "call_1",
+        "name": "f",
+    }
+    assert template_message("user", "hi") == {"role": "user", "content": "hi"}
+
+
+def test_parse_one_call():
+    content, calls = parse_tool_calls(
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "巴黎"}}\n</tool_call>'
+    )
+    assert content == ""
+    (call,) = calls
+    assert call["id"].startswith("call_") and len(call["id"]) > 10 and call["type"] == "function"
+    assert call["function"]["name"] == "get_weather"
+    assert isinstance(call["function"]["arguments"], str)
+    assert json.loads(call["function"]["arguments"]) == {"city": "巴黎"}
+
+
+def test_parse_text_and_parallel_calls():
+    text = (
+        'Let me check both.\n<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "b", "arguments": "{\\"k\\": [1, 2]}"}\n</tool_call>'
+    )
+    content, calls = parse_tool_calls(text)
+    assert content == "Let me check both."
+    assert [c["function"]["name"] for c in calls] == ["a", "b"]
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{}, {"k": [1, 2]}]
+    assert len({c["id"] for c in calls}) == 2
+
+
+def test_parse_a_call_cut_before_its_closing_tag():
+    content, calls = parse_tool_calls('<tool_call>\n{"name": "a", "arguments": {"x": 1}}')
+    assert content == "" and json.loads(calls[0]["function"]["arguments"]) == {"x": 1}
+
+
+def test_plain_text_is_untouched():
+    assert parse_tool_calls("Just an answer.\n") == ("Just an answer.\n", [])
+    assert parse_tool_calls("") == ("", [])
+
+
+def test_a_broken_block_keeps_its_text_but_never_its_markup():
+    for body in ('{"name": "a", "arguments": ', "not json", '{"arguments": {}}', '{"name": "a", "arguments": [1]}'):
+        content, calls = parse_tool_calls(f"<tool_call>\n{body}\n</tool_call>")
+        assert calls == [] and "<tool_call>" not in content and "</tool_call>" not in content
+        assert body in content
+
+
+def test_a_forced_prefill_parses_with_what_the_model_adds():
+    prefill = forced_call_prefill("get_weather")
+    _, calls = parse_tool_calls(prefill + '{"city": "Paris"}}\n</tool_call>')
+    assert calls[0]["function"]["name"] == "get_weather"
+    _, calls = parse_tool_calls(forced_call_prefill() + '{"name": "x", "arguments": {}}\n</tool_call>')
+    assert calls[0]["function"]["name"] == "x"
