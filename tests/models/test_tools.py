@@ -95,3 +95,24 @@ def test_a_forced_prefill_parses_with_what_the_model_adds():
     assert calls[0]["function"]["name"] == "get_weather"
     _, calls = parse_tool_calls(forced_call_prefill() + '{"name": "x", "arguments": {}}\n</tool_call>')
     assert calls[0]["function"]["name"] == "x"
+
+
+def test_the_serving_tokenizer_renders_tools_as_transformers_does(tiny_tool_model_dir, tool_tokenizer):
+    """The server renders with fasttok's LightTokenizer: tools and tool-call turns
+    come out exactly as transformers renders them."""
+    from openft.models import fasttok
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": "é"}'}}
+    messages = [
+        template_message("user", "hi"),
+        template_message("assistant", None, [call]),
+        template_message("tool", "ok", tool_call_id="call_1"),
+    ]
+    light = fasttok.load(tiny_tool_model_dir)
+    assert light is not None
+    for kwargs in ({"tools": tools}, {}):
+        ours = light.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        theirs = tool_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        assert ours == theirs
+    assert '"arguments": {"x": "é"}' in ours
