@@ -227,3 +227,16 @@ def test_the_tool_conversation_is_rendered_into_the_prompt(app, tool_tokenizer, 
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
     assert '<tool_response>\n{"temp": 21}\n</tool_response>' in text
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_sent_back_calls_need_a_tool_template_and_odd_arguments_are_no_500(app):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "[" * 1500}}
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "?"},
+    ]
+    # Arguments that are not JSON (here nested past any parser's depth) are rendered as the text they are.
+    r = post(app, {"model": TOOLY, "messages": history, "tools": TOOLS, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    r = post(app, {"model": TINY, "messages": history, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"

@@ -47,7 +47,7 @@ def parse_tools(value: Any, field: str, error: Report) -> list[dict] | None:
             return None
         try:
             value = json.loads(value)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             error(field, f"'{field}' is not valid JSON: {e}")
             return None
     if value is None or value == []:
@@ -124,7 +124,7 @@ def parse_sharegpt_calls(value: Any, field: str, turn: int, error: Report) -> tu
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             error(field, f"a function_call turn must hold a JSON call, not valid JSON: {e}")
             return None
     items = value if isinstance(value, list) else [value]
@@ -149,7 +149,7 @@ def _call(name: Any, arguments: Any, call_id: str, field: str, error: Report) ->
     if isinstance(arguments, str):
         try:
             decoded = json.loads(arguments)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             error(where, f"arguments of the call to '{name}' are not valid JSON: {e}")
             return None
     else:

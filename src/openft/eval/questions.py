@@ -134,7 +134,7 @@ def _tool_fields(obj: dict, where: Location, problems: list[str]) -> tuple[list[
     if isinstance(args, str):
         try:
             args = json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):
             args = None  # reported below as not an object
     names = {t["function"]["name"] for t in tools or []}
     if not isinstance(call, dict) or call.get("name") not in names:

@@ -66,7 +66,7 @@ def _decoded(arguments: Any) -> Any:
     if isinstance(arguments, str):
         try:
             return json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):
             return arguments  # not ours to fix here: data validation refuses it earlier
     return arguments
 
@@ -75,7 +75,7 @@ def _call(body: str) -> dict | None:
     """An OpenAI call from one block's JSON, or None when it is not a call."""
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
@@ -83,7 +83,7 @@ def _call(body: str) -> dict | None:
     if isinstance(args, str):
         try:
             args = json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     if not isinstance(args, dict):
         return None

@@ -439,7 +439,14 @@ def _chat_ids(body: ChatRequest, use: ToolUse):
                 param=param,
                 code="unsupported_parameter",
             )
-        return [engine.apply_chat_template(handle, messages, use.tools, use.prefill)]
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return [engine.apply_chat_template(handle, messages, use.tools, use.prefill)]
+        except TemplateError as e:  # the template's own raise_exception: a conversation it does not take
+            raise APIError(
+                400, f"messages: the model's chat template refused them: {e}", param="messages", code="invalid_value"
+            ) from None
 
     return encode
 
