@@ -240,3 +240,46 @@ def test_sent_back_calls_need_a_tool_template_and_odd_arguments_are_no_500(app):
     assert r.status_code == 200, r.text
     r = post(app, {"model": TINY, "messages": history, "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_previewing_tool_data_with_a_model_without_tools_is_a_400(app, tmp_path):
+    """The file preview and stats render the data with the chosen model's template:
+    tool calls through a template without tools are refused naming the model."""
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "21"},
+                {"role": "assistant", "content": "21 degrees."},
+            ],
+            "tools": TOOLS,
+        }
+    ]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=120) as client:
+            up = await client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", data)})
+            fid = up.json()["id"]
+            bad = await client.get(f"/v1/files/{fid}/preview", params={"model": TINY})
+            good = await client.get(f"/v1/files/{fid}/preview", params={"model": TOOLY})
+            return up, bad, good
+
+    up, bad, good = asyncio.run(go())
+    assert up.status_code == 200, up.text
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "model", bad.text
+    assert "does not render tools" in bad.json()["error"]["message"]
+    assert good.status_code == 200, good.text
+    trained = [s["text"] for s in good.json()["examples"][0]["segments"] if s.get("trained")]
+    assert trained and trained[0].startswith("<tool_call>")
