@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from openft.models.tools import (
+    CallHoldBack,
     forced_call_prefill,
     parse_tool_calls,
     reads_tool_call_blocks,
@@ -116,3 +119,33 @@ def test_the_serving_tokenizer_renders_tools_as_transformers_does(tiny_tool_mode
         theirs = tool_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
         assert ours == theirs
     assert '"arguments": {"x": "é"}' in ours
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        ["Hel", "lo ", "<", "tool", "_call>\n", '{"name": "a", "arguments": {}}', "\n</tool_call>"],
+        ["Hello", " <too", "ls are fun> ", "and <b>bold</b>"],  # looks like a tag for a moment, is not
+        ["  Plain text with trailing space  "],
+        ["<tool_call>", "\nnot json\n", "</tool_call>"],
+    ],
+)
+def test_hold_back_streams_what_parse_tool_calls_would_answer(pieces):
+    hold = CallHoldBack()
+    sent = "".join(hold.push(p) for p in pieces)
+    rest, calls = parse_tool_calls(hold.held)
+    whole_content, whole_calls = parse_tool_calls("".join(pieces))
+    assert "<tool_call>" not in sent and [c["function"] for c in calls] == [c["function"] for c in whole_calls]
+    if whole_calls:
+        assert (sent + rest).strip() == whole_content
+    else:
+        assert sent + rest == whole_content  # no call: the text exactly, streamed
+
+
+def test_hold_back_sends_content_as_it_comes_until_a_call_may_start():
+    hold = CallHoldBack()
+    assert hold.push("The weather") == "The weather"
+    assert hold.push(" is <") == " is"  # "<" may start a call: held, and the space before it
+    assert hold.push("b>") == " <b>"
+    assert hold.push("\n<tool_call>\n{") == "" and hold.in_call
+    assert CallHoldBack(forced_call_prefill()).push("anything") == ""

@@ -121,6 +121,34 @@ def test_streamed_tool_call_arrives_in_openais_delta_shape(app, openapi, script)
     assert text == "Checking." and "<tool_call>" not in text
 
 
+def test_streamed_tool_call_keeps_every_tokens_logprob(app, openapi, script):
+    body = {"model": TOOLY, "messages": ASK, "tools": TOOLS, "max_tokens": 64, "logprobs": True}
+    script("Checking. " + CALL_TEXT)
+    whole = post(app, body).json()["choices"][0]["logprobs"]["content"]
+    script("Checking. " + CALL_TEXT)
+    chunks = sse(post(app, {**body, "stream": True}))
+    for ch in chunks:
+        openapi(ch, "CreateChatCompletionStreamResponse")
+    streamed = [e for c in chunks for ch in c["choices"] for e in (ch.get("logprobs") or {}).get("content") or []]
+    assert [e["token"] for e in streamed] == [e["token"] for e in whole] and len(whole) > 10
+
+
+def test_a_text_answer_with_tools_offered_still_streams_piece_by_piece(app, openapi, script):
+    text = "Sunny <b>today</b>, 21 degrees in Paris."
+    script(text)
+    plain = post(app, {"model": TOOLY, "messages": ASK, "tools": TOOLS, "max_tokens": 64}).json()
+    script(text)
+    r = post(app, {"model": TOOLY, "messages": ASK, "tools": TOOLS, "max_tokens": 64, "stream": True})
+    chunks = sse(r)
+    for ch in chunks:
+        openapi(ch, "CreateChatCompletionStreamResponse")
+    deltas = [c["choices"][0] for c in chunks if c["choices"]]
+    pieces = [d["delta"].get("content") or "" for d in deltas]
+    assert "".join(pieces) == text == plain["choices"][0]["message"]["content"]
+    assert sum(1 for p in pieces if p) > 3  # sent as it came, not held to the end
+    assert deltas[-1]["finish_reason"] == "stop" and not any("tool_calls" in d["delta"] for d in deltas)
+
+
 @pytest.mark.parametrize(
     "choice, scripted, name",
     [

@@ -129,3 +129,38 @@ def forced_call_prefill(name: str | None = None) -> str:
     if name is None:
         return TOOL_CALL_TAG + "\n"
     return TOOL_CALL_TAG + '\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
+
+
+class CallHoldBack:
+    """Streaming with tools in play: text is sent as it comes while it can only be
+    content, and held from the first `<tool_call>` (or the start of what may become
+    one, with the whitespace before it) to the end, where `parse_tool_calls` reads
+    the held rest. An answer with no call streams exactly its text."""
+
+    def __init__(self, prefill: str = ""):
+        self.held = prefill
+        self.in_call = bool(prefill)  # a forced call: everything is the call
+
+    def push(self, text: str) -> str:
+        """Take the next piece of the answer; return the content that is safe to send now."""
+        self.held += text
+        if self.in_call:
+            return ""
+        k = self.held.find(TOOL_CALL_TAG)
+        if k >= 0:
+            out, self.held, self.in_call = self.held[:k].rstrip(), self.held[k:], True
+            return out
+        keep = _partial_tag(self.held)
+        body = self.held[: len(self.held) - keep]
+        safe = body.rstrip()  # whitespace right before a call is not content (parse_tool_calls strips it)
+        keep += len(body) - len(safe)
+        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        return out
+
+
+def _partial_tag(text: str) -> int:
+    """Length of the longest end of `text` that is a proper start of `<tool_call>`."""
+    for n in range(min(len(text), len(TOOL_CALL_TAG) - 1), 0, -1):
+        if TOOL_CALL_TAG.startswith(text[-n:]):
+            return n
+    return 0

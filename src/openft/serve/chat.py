@@ -16,9 +16,9 @@ Tools (`tools`, `tool_choice`) work for models whose chat template renders them
 in the Qwen/Hermes form (`<tool_call>{...}</tool_call>`): the template writes the
 definitions into the prompt, and the calls the model writes come back as
 `tool_calls` (finish_reason "tool_calls"), never as markup in `content`. Other
-models answer 400 naming `tools`. With `stream: true` and tools in play each
-choice is held back and sent whole in one delta when it ends (its text may turn
-into a call only at its end); without tools streaming is token by token.
+models answer 400 naming `tools`. With `stream: true` and tools in play, text
+streams as it comes until a `<tool_call>` may begin; from there the choice is held
+and its calls are sent in its last delta, in OpenAI's streamed shape.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -37,7 +37,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
-from openft.models.tools import forced_call_prefill, parse_tool_calls, reads_tool_call_blocks, template_message
+from openft.models.tools import (
+    CallHoldBack,
+    forced_call_prefill,
+    parse_tool_calls,
+    reads_tool_call_blocks,
+    template_message,
+)
 from openft.serve import schemas as S
 from openft.serve.auth import owner
 from openft.serve.engine import Choice, Delta, EngineError, SamplingParams, TokenLogprob, Usage
@@ -618,32 +624,36 @@ async def _stream(prep: Prepared, params: SamplingParams, head: dict, chat: bool
             offsets[index] = offsets.get(index, 0) + sum(map(len, lp["tokens"]))
         return {"index": index, "text": text, "finish_reason": finish, "logprobs": lp}
 
-    def whole(index, deltas: list[Delta]):
-        """A choice held back while tools are in play, sent as one delta: its content
-        and its calls in OpenAI's streamed shape (each call with its `index`)."""
-        message, finish = assistant_message(prep.tools, "".join(d.text for d in deltas), deltas[-1].finish_reason)
-        delta = {"content": message["content"]}
+    def tooled(index, item: Delta):
+        """With tools in play: the content that can only be content now; at the end the
+        held rest, with its calls in OpenAI's streamed shape (each call with its `index`)."""
+        hold = held.setdefault(index, CallHoldBack(prep.tools.prefill))
+        text = hold.push(item.text)
+        if item.finish_reason is None:
+            if not text and item.logprobs is None:
+                return None
+            return choice(index, text, logprobs=item.logprobs)
+        del held[index]
+        message, finish = assistant_message(replace(prep.tools, prefill=""), hold.held, item.finish_reason)
+        delta = {"content": text + (message["content"] or "") if text or message["content"] else None}
         if "tool_calls" in message:
             delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
-        logprobs = None if deltas[-1].logprobs is None else [e for d in deltas for e in d.logprobs or []]
-        return {
-            "index": index,
-            "delta": delta,
-            "finish_reason": finish,
-            "logprobs": _chat_logprobs(prep.tokenizer, logprobs),
-        }
+        elif delta["content"] is None:
+            delta["content"] = ""
+        lp = _chat_logprobs(prep.tokenizer, item.logprobs)
+        return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
 
     offsets: dict[int, int] = {}  # per choice: characters of token text sent so far (text_offset)
-    held: dict[int, list[Delta]] = {}  # per choice, with tools in play: its deltas until it ends
+    held: dict[int, CallHoldBack] = {}  # per choice, with tools in play: the text not sent yet
     if chat:
         yield chunk([choice(i, "", first=True) for i in range(n)])
     usages: list[Usage] = []
     try:
         async for p, item in _merged(prep, params):
             if isinstance(item, Delta) and chat and prep.tools.tools is not None:
-                held.setdefault(p * n + item.index, []).append(item)
-                if item.finish_reason is not None:
-                    yield chunk([whole(p * n + item.index, held.pop(p * n + item.index))])
+                piece = tooled(p * n + item.index, item)
+                if piece is not None:
+                    yield chunk([piece])
             elif isinstance(item, Delta):
                 # The final chunk carries content "" (not null), so a client that
                 # prints delta.content prints nothing extra.
