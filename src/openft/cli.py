@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import MISSING
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from openft.config import (
@@ -28,6 +28,11 @@ from openft.config import (
 
 # Flag names that read better than the field names.
 FLAG_NAMES = {"path": "data", "validation_path": "validation-file", "questions": "questions"}
+# The JobSpec field's help, plus the default rule (openft.models.templates).
+CHAT_TEMPLATE_HELP = (
+    next(f for f in fields(JobSpec) if f.name == "chat_template").metadata["help"]
+    + "; default: the model's own, else its family's confirmed by its vocabulary, else plain text ending in its EOS"
+)
 SECTIONS = {"data": DataConfig, "lora": LoraConfig, "train": TrainConfig, "eval": EvalConfig}
 
 
@@ -109,7 +114,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         if "__" in key and value is not None:
             section, name = key.split("__", 1)
             setattr(getattr(spec, section), name, value)
-    for name in ("model", "suffix"):
+    for name in ("model", "suffix", "chat_template"):
         if getattr(args, name, None):
             setattr(spec, name, getattr(args, name))
     if getattr(args, "output", None):
@@ -185,6 +190,7 @@ def _unless_auto(value):
 
 def cmd_data_validate(args) -> int:
     from openft.models.load import load_model
+    from openft.models.templates import check_template
     from openft.train.progress import fmt_duration
     from openft.train.stats import token_stats
 
@@ -192,7 +198,10 @@ def cmd_data_validate(args) -> int:
     report = result.to_dict()
     stats = None
     if result.examples and not args.no_stats:
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, chat_template=args.chat_template)
+        # Refused (exit 2 in main): markers the vocabulary splits, or nothing to train.
+        check_template(loaded.tokenizer, loaded.template, result.examples, train_on_prompt=args.train_on_prompt)
+        report["chat_template"] = {"name": loaded.template.name, "source": loaded.template.source}
         ctx = int(getattr(loaded.model.config, "max_position_embeddings", 2048))
         n_params = sum(p.numel() for p in loaded.model.parameters())
         stats, warns = token_stats(
@@ -220,6 +229,7 @@ def cmd_data_validate(args) -> int:
     for w in result.warnings:
         print(f"  warning: {w}")
     if stats:
+        print(f"  chat template: {loaded.template.describe()}")
         print(
             f"  turns {stats.turns}, tokens {stats.total_tokens} (trained {stats.supervised_tokens}), "
             f"length p50/p90/p99/max {stats.length_p50}/{stats.length_p90}/{stats.length_p99}/{stats.length_max}"
@@ -234,13 +244,16 @@ def cmd_data_validate(args) -> int:
 
 def cmd_data_preview(args) -> int:
     from openft.models.load import load_model
+    from openft.models.templates import check_template
     from openft.train.tokenize import segments
 
     result = _load_for_cli(args)
     for e in result.errors[:10]:
         print(f"error: {e}", file=sys.stderr)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, chat_template=args.chat_template)
     tok = loaded.tokenizer
+    print(f"chat template: {loaded.template.describe()}")
+    check_template(tok, loaded.template, result.examples, train_on_prompt=args.train_on_prompt)
     use_color = sys.stdout.isatty() and not args.plain
     for ex in result.examples[: args.n]:
         enc, runs = segments(tok, ex, args.train_on_prompt)
@@ -375,6 +388,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record-element", help="XML: the element that holds one record")
     p.add_argument("--model", default="smollm2-135m-instruct", help="model whose tokenizer and template to use")
     p.add_argument("--train-on-prompt", action="store_true", help="count prompt tokens as trained")
+    p.add_argument("--chat-template", metavar="FILE", help=CHAT_TEMPLATE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -413,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--output", help="run folder (default OPENFT_HOME/runs/...)")
     ft.add_argument("--suffix", help="a name for the fine-tuned model")
     ft.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    ft.add_argument("--chat-template", metavar="FILE", help=CHAT_TEMPLATE_HELP)
     _add_config_flags(ft)
     ft.set_defaults(fn=cmd_finetune)
 
@@ -489,9 +504,13 @@ def entry() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from openft.models.registry import ModelNotFound
+    from openft.models.templates import TemplateError
 
     try:
         return args.fn(args) or 0
+    except TemplateError as e:  # the chat template chosen does not fit the model or the data: a usage error
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (ModelNotFound, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

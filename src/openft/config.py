@@ -198,6 +198,11 @@ class EvalConfig:
 @dataclass
 class JobSpec:
     model: str = _f("smollm2-135m-instruct", "base model: built-in name, HF directory, .gguf file or hub id")
+    chat_template: str | None = _f(
+        None,
+        "a Jinja chat template file used instead of the model's own (or its family's); CLI and YAML only, "
+        "the HTTP API takes no server paths",
+    )
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

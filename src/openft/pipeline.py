@@ -15,7 +15,7 @@ from openft.eval.scores import Embedder
 from openft.eval.verdict import TrainingSignals, judge
 from openft.models.load import load_model
 from openft.train.export import load_any
-from openft.train.recipe import ControlFn, EventFn, TrainResult, finetune
+from openft.train.recipe import ControlFn, EventFn, TrainResult, check_data_template, finetune
 
 
 @dataclass
@@ -39,10 +39,11 @@ def finetune_with_comparison(
     echo=print,
     control: ControlFn | None = None,
 ) -> FinetuneOutcome:
-    loaded = load_model(spec.model)
+    loaded = load_model(spec.model, chat_template=spec.chat_template)
     questions = load_questions(spec.eval.questions) if spec.eval.questions else None
     before = None
     if questions:
+        check_data_template(spec, loaded)  # a refused template fails now, not after the base model's answers
         echo(f"Answering {len(questions)} questions with the base model ...")
         before = answer_questions(
             loaded.model,

@@ -39,6 +39,7 @@ from openft.faults import fault_point
 from openft.heap import release_free_memory
 from openft.jobs.naming import checkpoint_model_name
 from openft.jobs.store import TERMINAL, NotOwner, Store
+from openft.models.templates import TemplateError
 from openft.train.recipe import DataError, Interrupted
 
 MAX_ATTEMPTS = 3  # attempts in a row without a new checkpoint
@@ -431,6 +432,8 @@ def run_one(store: Store, job: dict, parent_pid: int | None = None) -> None:
             f"The training file has {len(e.result.errors)} error(s); first at {where}: {first.message if first else e}",
             "training_file",
         )
+    except TemplateError as e:  # the model's chat template does not fit its vocabulary or the data
+        _fail(store, jid, "invalid_chat_template", str(e), "model")
     except DataFileMissing as e:
         _fail(store, jid, "invalid_training_file", f"file {e} no longer exists", "training_file")
     except SystemExit:

@@ -18,6 +18,7 @@ import torch
 
 from openft.fileio import sha256_files
 from openft.models.registry import BUILTINS, DEFAULT_MODEL, ModelNotFound, ModelSource, builtin_gguf_path, resolve
+from openft.models.templates import ChatTemplate, apply_template
 
 # transformers builds models under process-global patches (meta-device init, GGUF
 # hooks), so two threads loading at once can corrupt each other's weights (seen in
@@ -32,6 +33,7 @@ class LoadedModel:
     tokenizer: object
     source: ModelSource
     path: Path  # the safetensors directory the weights came from
+    template: ChatTemplate | None = None  # the chat template the tokenizer renders with, and where it came from
 
 
 def setup_torch() -> None:
@@ -138,7 +140,11 @@ def _from_hub(source: ModelSource) -> Path:
     return Path(path)
 
 
-def load_model(arg: str | ModelSource, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(
+    arg: str | ModelSource, *, dtype: torch.dtype = torch.float32, chat_template: str | Path | None = None
+) -> LoadedModel:
+    """The model and its tokenizer, which renders with the resolved chat template
+    (`openft.models.templates`; `chat_template` is a Jinja file that overrides it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     setup_torch()
@@ -148,16 +154,15 @@ def load_model(arg: str | ModelSource, *, dtype: torch.dtype = torch.float32) ->
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     _normalise_tokenizer(tok)
-    if getattr(tok, "chat_template", None) is None:
-        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    template = apply_template(tok, model.config.to_dict(), chat_template)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tok, source=source, path=path)
+    return LoadedModel(model=model, tokenizer=tok, source=source, path=path, template=template)
 
 
 def load_tokenizer(path: Path):
     """The tokenizer saved in `path`: the light one when it can stand in for
     transformers' (see fasttok), AutoTokenizer otherwise. Pad and chat template
-    normalised as load_model does."""
+    resolved as load_model does (the architecture read from `path`/config.json)."""
     from openft.models import fasttok
 
     tok = fasttok.load(path)
@@ -167,9 +172,18 @@ def load_tokenizer(path: Path):
         with LOAD_LOCK:  # transformers' loading patches process-wide state
             tok = AutoTokenizer.from_pretrained(path)
     _normalise_tokenizer(tok)
-    if getattr(tok, "chat_template", None) is None:
-        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    apply_template(tok, _config_of(path))
     return tok
+
+
+def _config_of(path: Path) -> dict:
+    """config.json of a model directory ({} for an adapter folder, which has none)."""
+    import json
+
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def load_for_serving(arg: str | ModelSource, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -191,10 +205,3 @@ def load_for_serving(arg: str | ModelSource, *, dtype: torch.dtype = torch.float
 def hash_weights(path: Path) -> str:
     """sha256 over the model's safetensors files (lineage: which exact base)."""
     return sha256_files(sorted(Path(path).glob("*.safetensors")))
-
-
-# ChatML, used only when a base model ships no chat template of its own.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)

@@ -6,7 +6,11 @@ gives: an answer stops at the tokenizer's eos, at any end token the checkpoint's
 generation config names (Llama 3 ends turns with `<|eot_id|>`, which is not its
 tokenizer's eos), and at the end-of-turn token the model's own chat template
 writes (ChatML's `<|im_end|>`): a model whose eos is `<|endoftext|>` but whose
-template closes turns with `<|im_end|>` would otherwise run on into a new turn.
+template closes turns with `<|im_end|>` would otherwise run on into a new turn. The family templates that
+`openft.models.templates` gives base models end turns with tokens of this list
+(Gemma's `<end_of_turn>`, Llama 3's `<|eot_id|>`, ChatML's `<|im_end|>`), and its
+plain-text template with the eos itself, so whichever template a model is trained
+and served with, its end of turn stops generation.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def install(app: FastAPI) -> None:
             msg = "this server does not know this parameter"
         return envelope(400, f"{param + ': ' if param else ''}{msg}{more}", param=param, code=code)
 
-    from openft.train.tokenize import TemplateError
+    from openft.models.templates import TemplateError
 
     @app.exception_handler(TemplateError)
     async def _template(request: Request, exc: TemplateError):

@@ -35,6 +35,7 @@ from openft.faults import fault_point
 from openft.fileio import atomic_dir, atomic_write, sha256_files
 from openft.heap import allocator_in_use, keep_freed_memory
 from openft.models.load import LoadedModel, hash_weights, load_model
+from openft.models.templates import ChatTemplate, check_template, resolve_template
 from openft.train import checkpoint
 from openft.train.batching import Step, micro_batches, plan_steps
 from openft.train.hparams import auto_max_seq_length, lr_at, resolve_lora, resolve_train
@@ -111,8 +112,12 @@ def load_checked(path: str, spec: JobSpec) -> LoadResult:
     return result
 
 
-def prepare_data(spec: JobSpec, tokenizer, model_context: int) -> Prepared:
+def prepare_data(spec: JobSpec, tokenizer, model_context: int, template: ChatTemplate | None = None) -> Prepared:
+    """Load, split and tokenise; with `template`, first refuse one that does not fit
+    the model or the data (`check_template` raises TemplateError)."""
     train_res = load_checked(spec.data.path, spec)
+    if template is not None:
+        check_template(tokenizer, template, train_res.examples, train_on_prompt=spec.data.train_on_prompt)
     if spec.data.validation_path:
         train, valid = train_res.examples, load_checked(spec.data.validation_path, spec).examples
     else:
@@ -135,6 +140,14 @@ def prepare_data(spec: JobSpec, tokenizer, model_context: int) -> Prepared:
         fully_masked=len(train_enc) - len(kept),
         data_hash=file_hash(spec.data.path),
     )
+
+
+def check_data_template(spec: JobSpec, loaded: LoadedModel) -> None:
+    """The template check on the training data alone, for callers with work to do
+    before training (the base model's answers) that a refused template would waste."""
+    if loaded.template is not None:
+        examples = load_checked(spec.data.path, spec).examples
+        check_template(loaded.tokenizer, loaded.template, examples, train_on_prompt=spec.data.train_on_prompt)
 
 
 def default_run_dir(spec: JobSpec) -> Path:
@@ -233,7 +246,7 @@ def finetune(
     control: ControlFn | None = None,
 ) -> TrainResult:
     keep_freed_memory()  # each micro-batch reuses the last one's buffers instead of faulting them in anew
-    loaded = loaded or load_model(spec.model)  # a run folder is merged first (see jobs.worker)
+    loaded = loaded or load_model(spec.model, chat_template=spec.chat_template)  # a run folder is merged first
     run = Recipe(spec, loaded, emit=on_event or (lambda kind, data: None), progress=progress, control=control)
     try:
         return run.run(resume=resume)
@@ -338,7 +351,9 @@ class Recipe:
     def setup_data(self) -> None:
         """Load, split and tokenize the data; resolve every `auto` hyperparameter from it."""
         context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
-        self.data = prepare_data(self.spec, self.loaded.tokenizer, context)
+        tok = self.loaded.tokenizer
+        template = self.loaded.template or resolve_template(tok, self.model.config.to_dict())
+        self.data = prepare_data(self.spec, tok, context, template)
         if not self.data.train_enc:
             raise ValueError("no training example has a trained token left (all fully masked or truncated)")
         self.device = next(self.model.parameters()).device
