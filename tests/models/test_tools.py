@@ -149,3 +149,23 @@ def test_hold_back_sends_content_as_it_comes_until_a_call_may_start():
     assert hold.push("b>") == " <b>"
     assert hold.push("\n<tool_call>\n{") == "" and hold.in_call
     assert CallHoldBack(forced_call_prefill()).push("anything") == ""
+
+
+def test_a_bare_call_counts_only_for_an_offered_tool():
+    """Qwen2.5-Coder-0.5B, asked with tools, often answers the call without its tags."""
+    bare = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    content, calls = parse_tool_calls(bare, {"get_weather"})
+    assert content == "" and json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert parse_tool_calls(bare) == (bare, [])  # no tools offered: it is text
+    assert parse_tool_calls(bare, {"get_time"}) == (bare, [])
+    answer = '{"name": "Ada", "age": 36}'  # JSON that is no call
+    assert parse_tool_calls(answer, {"get_weather"}) == (answer, [])
+    assert parse_tool_calls("Call " + bare, {"get_weather"})[1] == []  # only a whole answer
+
+
+def test_hold_back_holds_an_answer_that_may_be_a_bare_call():
+    hold = CallHoldBack(bare=True)
+    assert hold.push("\n{") == "" and hold.push('"name": "a"}') == ""
+    assert hold.held == '\n{"name": "a"}'
+    text = CallHoldBack(bare=True)
+    assert text.push(" ") == "" and text.push("Hi {x}") == " Hi {x}"

@@ -133,6 +133,26 @@ def test_streamed_tool_call_keeps_every_tokens_logprob(app, openapi, script):
     assert [e["token"] for e in streamed] == [e["token"] for e in whole] and len(whole) > 10
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_written_without_its_tags_is_still_a_call(app, openapi, script, stream):
+    """What the real Qwen2.5-Coder-0.5B answers to a weather question with tools."""
+    script('{"name": "get_weather", "arguments": {"city": "Paris"}}')
+    r = post(app, {"model": TOOLY, "messages": ASK, "tools": TOOLS, "max_tokens": 64, "stream": stream})
+    if stream:
+        chunks = sse(r)
+        for ch in chunks:
+            openapi(ch, "CreateChatCompletionStreamResponse")
+        deltas = [c["choices"][0] for c in chunks if c["choices"]]
+        assert not "".join(d["delta"].get("content") or "" for d in deltas)
+        calls, finish = [tc for d in deltas for tc in d["delta"].get("tool_calls") or []], deltas[-1]["finish_reason"]
+    else:
+        openapi(r.json(), "CreateChatCompletionResponse")
+        choice = r.json()["choices"][0]
+        assert choice["message"]["content"] is None
+        calls, finish = choice["message"]["tool_calls"], choice["finish_reason"]
+    assert finish == "tool_calls" and [c["function"]["name"] for c in calls] == ["get_weather"]
+
+
 def test_a_text_answer_with_tools_offered_still_streams_piece_by_piece(app, openapi, script):
     text = "Sunny <b>today</b>, 21 degrees in Paris."
     script(text)

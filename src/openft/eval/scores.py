@@ -106,7 +106,7 @@ def tool_call_scores(answer: str, expected: dict, tools: list[dict]) -> tuple[bo
     """(right tool, valid arguments, expected arguments) of the answer's first call;
     an answer with no call gets (False, False, False), and the third is None when
     the question gives no arguments to compare with."""
-    _, calls = parse_tool_calls(answer)
+    _, calls = parse_tool_calls(answer, {t["function"]["name"] for t in tools})  # as the server reads it
     want = expected.get("arguments")
     if not calls:
         return False, False, None if want is None else False

@@ -24,6 +24,7 @@ _WRITES_CALLS = re.compile(r"\btool_calls\b")
 # The last block may be cut off by the stop token before its closing tag.
 TOOL_CALL_TAG = "<tool_call>"
 _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+_TAGLESS = re.compile(r"\s*\{.*\}\s*$", re.DOTALL)  # a whole answer that is one JSON object
 
 
 def supports_tools(template: str | None) -> bool:
@@ -94,13 +95,19 @@ def _call(body: str) -> dict | None:
     }
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
+def parse_tool_calls(text: str, names: frozenset[str] | set[str] | None = None) -> tuple[str, list[dict]]:
     """Split a generated answer into (content, OpenAI tool calls).
 
     Every `<tool_call>` block is removed from the content. A block whose body is
     not a call (bad JSON, no name) keeps its body as content, without the tags:
-    the client sees what the model said, never template markup.
+    the client sees what the model said, never template markup. With `names` (the
+    tools offered), an answer that is nothing but a bare call object of one of them
+    is a call too: small models (Qwen2.5-Coder-0.5B) often drop the tags.
     """
+    if names and _TAGLESS.match(text) and TOOL_CALL_TAG not in text:
+        call = _call(text.strip())
+        if call is not None and call["function"]["name"] in names:
+            return "", [call]
     calls: list[dict] = []
     kept: list[str] = []
     pos = 0
@@ -137,15 +144,26 @@ class CallHoldBack:
     one, with the whitespace before it) to the end, where `parse_tool_calls` reads
     the held rest. An answer with no call streams exactly its text."""
 
-    def __init__(self, prefill: str = ""):
+    def __init__(self, prefill: str = "", bare: bool = False):
         self.held = prefill
         self.in_call = bool(prefill)  # a forced call: everything is the call
+        # `bare`: an answer that opens with "{" may be a call without its tags
+        # (see parse_tool_calls' `names`): held until it ends.
+        self.bare, self.started = bare, False
 
     def push(self, text: str) -> str:
         """Take the next piece of the answer; return the content that is safe to send now."""
         self.held += text
         if self.in_call:
             return ""
+        if not self.started:
+            head = self.held.lstrip()
+            if not head:
+                return ""
+            self.started = True
+            if self.bare and head.startswith("{"):
+                self.in_call = True
+                return ""
         k = self.held.find(TOOL_CALL_TAG)
         if k >= 0:
             out, self.held, self.in_call = self.held[:k].rstrip(), self.held[k:], True

@@ -518,7 +518,7 @@ def assistant_message(use: ToolUse, text: str, finish: str | None) -> tuple[dict
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if use.tools is None:
         return message, finish
-    content, calls = parse_tool_calls(use.prefill + text)
+    content, calls = parse_tool_calls(use.prefill + text, {t["function"]["name"] for t in use.tools})
     calls = calls if use.parallel else calls[:1]
     message["content"] = content or (None if calls else "")
     if calls:
@@ -627,7 +627,7 @@ async def _stream(prep: Prepared, params: SamplingParams, head: dict, chat: bool
     def tooled(index, item: Delta):
         """With tools in play: the content that can only be content now; at the end the
         held rest, with its calls in OpenAI's streamed shape (each call with its `index`)."""
-        hold = held.setdefault(index, CallHoldBack(prep.tools.prefill))
+        hold = held.setdefault(index, CallHoldBack(prep.tools.prefill, bare=True))
         text = hold.push(item.text)
         if item.finish_reason is None:
             if not text and item.logprobs is None:
