@@ -50,14 +50,17 @@ def app(tmp_path_factory, session_home, tiny_model_dir, tiny_tool_model_dir):
 @pytest.fixture
 def script(monkeypatch, tool_tokenizer):
     """script(text): the next answers are `text` then the end-of-turn token, whatever
-    the logits (the real sampler still runs, so its state advances as usual)."""
+    the logits (the real sampler still runs, so its state advances as usual); one
+    request at a time."""
     real = engine_mod.sample
     state = {"ids": [], "i": 0}
 
     def scripted(logits, *rest):
         real(logits, *rest)
         i, state["i"] = state["i"], state["i"] + 1
-        return [state["ids"][min(i, len(state["ids"]) - 1)]] * logits.shape[0]
+        # Cycled: an answer ends at the script's last token (the end of turn), so the
+        # next request starts the script again.
+        return [state["ids"][i % len(state["ids"])]] * logits.shape[0]
 
     def set_script(text: str) -> None:
         end = tool_tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -331,3 +334,30 @@ def test_previewing_tool_data_with_a_model_without_tools_is_a_400(app, tmp_path)
     assert good.status_code == 200, good.text
     trained = [s["text"] for s in good.json()["examples"][0]["segments"] if s.get("trained")]
     assert trained and trained[0].startswith("<tool_call>")
+
+
+def test_a_comparison_scores_tool_questions(app, script):
+    """/v1/comparisons offers a question's tools through the template and scores the
+    call each model makes (both sides scripted to make the expected one)."""
+    question = {
+        "question": "Weather in Paris?",
+        "tools": TOOLS,
+        "tool_call": {"name": "get_weather", "arguments": {"city": "Paris"}},
+    }
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=300) as client:
+            up = await client.post(
+                "/v1/files", data={"purpose": "evals"}, files={"file": ("q.jsonl", json.dumps(question) + "\n")}
+            )
+            body = {"before_model": TOOLY, "after_model": TOOLY, "questions_file": up.json()["id"], "max_tokens": 40}
+            script(CALL_TEXT)
+            return await client.post("/v1/comparisons", json=body)
+
+    r = asyncio.run(go())
+    assert r.status_code == 200, r.text
+    summary = r.json()["summary"]["tool_calls"]
+    assert summary["questions"] == 1
+    assert summary["after"] == {"right_tool": 1, "valid_arguments": 1, "expected_arguments": 1}
+    assert r.json()["rows"][0]["after_scores"]["right_tool"] is True
