@@ -45,6 +45,8 @@ def test_preview_marks_the_assistant_turns(server, setup):
         f"{server.url}/v1/files/{setup['train'].id}/preview", params={"model": setup["model"], "n": 2}, timeout=60
     )
     ex = r.json()["examples"]
+    # The tiny model carries the built-in's own ChatML template.
+    assert r.json()["chat_template"]["source"] == "model" and r.json()["chat_template"]["name"] == "chatml"
     assert len(ex) == 2 and ex[0]["where"] == "train.jsonl:1"
     trained = "".join(s["text"] for s in ex[0]["segments"] if s["trained"])
     assert trained.endswith("<|im_end|>") and _rows(1)[0]["messages"][-1]["content"] in trained

@@ -260,6 +260,9 @@ def apply_template(tokenizer, config: dict | None, override: str | Path | None =
     template = resolve_template(tokenizer, config, override)
     if template.source != "model":
         tokenizer.chat_template = template.text
+    # Kept beside the tokenizer, so what serves it (the HTTP preview) can say which
+    # template renders and where it came from.
+    tokenizer.openft_template = template
     return template
 
 

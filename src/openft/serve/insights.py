@@ -131,7 +131,9 @@ def file_preview(
                 "segments": [{"text": text, "trained": t} for t, text in runs],
             }
         )
-    return {"object": "file.preview", "file_id": file_id, "model": model, "examples": out}
+    template = getattr(tok, "openft_template", None)  # set by models.templates.apply_template
+    shown = {"name": template.name, "source": template.source, "description": template.describe()} if template else None
+    return {"object": "file.preview", "file_id": file_id, "model": model, "chat_template": shown, "examples": out}
 
 
 @router.post("/v1/fine_tuning/estimate", responses=ok(S.Estimate))

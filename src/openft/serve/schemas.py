@@ -294,10 +294,17 @@ class PreviewExample(_Open):
     segments: list[dict[str, Any]]
 
 
+class PreviewTemplate(_Open):
+    name: str  # chatml, gemma, llama3, mistral, plain, or a file's stem
+    source: Literal["model", "family", "plain", "file"]
+    description: str  # the same words as `openft data preview`
+
+
 class FilePreview(_Open):
     object: Literal["file.preview"]
     file_id: str
     model: str
+    chat_template: PreviewTemplate | None = None  # which template renders the examples, and from where
     examples: list[PreviewExample]
 
 
