@@ -205,3 +205,16 @@ def test_glaive_toolcall_demo_loads_with_its_schema_breaks_named(shared_datasets
     assert all("do not match its schema" in e.message and e.field.startswith("conversations[") for e in r.errors)
     calls = [c for ex in r.examples for m in ex.messages for c in m.tool_calls]
     assert len(calls) > 180 and all(ex.tools for ex in r.examples if any(m.tool_calls for m in ex.messages))
+
+
+def test_prompt_completion_tool_calls_are_checked_too(write):
+    """TRL's conversational prompt/completion rows: a call in the completion names
+    a declared tool like any other, and its error names the completion's turn."""
+    good = openai_record()
+    row = {"prompt": good["messages"][:1], "completion": good["messages"][1:], "tools": [WEATHER]}
+    bad = {**row, "tools": [{"type": "function", "function": {"name": "other"}}]}
+    r = load_dataset(write("t.jsonl", [row, bad]))
+    assert r.layout == "prompt_completion" and len(r.examples) == 1
+    assert r.examples[0].tools == [WEATHER] and r.examples[0].messages[1].tool_calls[0].name == "get_weather"
+    (err,) = r.errors
+    assert (err.line, err.field) == (2, "completion[0].tool_calls[0]") and "not declared" in err.message

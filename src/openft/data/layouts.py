@@ -398,19 +398,19 @@ def normalise(
     return Example(messages=messages, where=where, tools=check.tools), []
 
 
-def _tools(record, messages: list[Message], key: str, sharegpt: bool, check: _Checker) -> None:
+def _tools(record, messages: list[Message], field_of, check: _Checker) -> None:
     """Read the record's tool definitions (`tools`, or OpenAI's legacy `functions`)
-    and check every call against them; `key` is the turns' field (messages/conversations)."""
+    and check every call against them; `field_of(turn, k)` names a call's field."""
     tkey = _lookup(record, "tools") or _lookup(record, "functions")
     tools = parse_tools(record[tkey], tkey, check.error) if tkey else None
     if tkey and tools is None and any(p.field and p.field.startswith(tkey) for p in check.problems):
         return  # the definitions are broken: checking calls against them says nothing more
-    if sharegpt:
-        field_of = lambda i, k: f"{key}[{i}].value"  # noqa: E731 - one call site
-    else:
-        field_of = lambda i, k: f"{key}[{i}].tool_calls[{k}]"  # noqa: E731
     check_calls(messages, tools, field_of, check.error)
     check.tools = tools
+
+
+def _openai_call_field(key: str):
+    return lambda i, k: f"{key}[{i}].tool_calls[{k}]"
 
 
 def _messages_layout(record, columns, check) -> list[Message] | None:
@@ -418,7 +418,7 @@ def _messages_layout(record, columns, check) -> list[Message] | None:
     messages = _message_list(value, key, check, sharegpt=False)
     if messages:
         _check_turns(messages, key, check)
-        _tools(record, messages, key, False, check)
+        _tools(record, messages, _openai_call_field(key), check)
     return messages
 
 
@@ -433,7 +433,7 @@ def _sharegpt_layout(record, columns, check) -> list[Message] | None:
     if messages is None:
         return None
     _check_turns(messages, key, check)
-    _tools(record, messages, key, True, check)  # before a system turn shifts the turn numbers
+    _tools(record, messages, lambda i, k: f"{key}[{i}].value", check)  # before a system turn shifts the turns
     if system and system.strip() and not (messages and messages[0].role == "system"):
         messages.insert(0, Message("system", system))
     return messages
@@ -498,6 +498,9 @@ def _prompt_completion_layout(record, columns, check) -> list[Message] | None:
         return None
     messages = before + after
     _check_turns(messages, ckey, check)
+    n = len(before)  # a call's field: in the prompt's list or the completion's
+    prompt_field, completion_field = _openai_call_field(pkey), _openai_call_field(ckey)
+    _tools(record, messages, lambda i, k: prompt_field(i, k) if i < n else completion_field(i - n, k), check)
     return messages
 
 
