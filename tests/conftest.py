@@ -52,3 +52,50 @@ def shared_datasets() -> Path:
     if not SHARED_DATASETS.exists():
         pytest.skip("../shared/datasets is not present (a user's fresh clone)")
     return SHARED_DATASETS
+
+
+# Qwen2.5's own chat template (read from the Qwen2.5-Coder GGUF's tokenizer.chat_template):
+# the tool-calling template of the tool tests.
+QWEN_TOOL_TEMPLATE = Path(__file__).resolve().parent / "fixtures" / "qwen2.5_chat_template.jinja"
+
+
+@pytest.fixture(scope="session")
+def qwen_tool_template() -> str:
+    return QWEN_TOOL_TEMPLATE.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tool_tokenizer(tiny_model_dir, qwen_tool_template):
+    """The tiny model's tokenizer (ChatML tokens) with Qwen2.5's tool-calling template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = qwen_tool_template
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_tool_model_dir(tool_tokenizer, tmp_path_factory) -> Path:
+    """A tiny random qwen2 model whose tokenizer carries Qwen2.5's tool template."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-qwen2-tools")
+    config = Qwen2Config(
+        vocab_size=len(tool_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        initializer_range=0.1,  # as build_tiny_model's: at 0.02 LoRA barely moves the loss
+        bos_token_id=tool_tokenizer.bos_token_id,
+        eos_token_id=tool_tokenizer.eos_token_id,
+        pad_token_id=tool_tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    tool_tokenizer.save_pretrained(out)
+    return out

@@ -46,7 +46,11 @@ def finetune_with_comparison(
         check_data_template(spec, loaded)  # a refused template fails now, not after the base model's answers
         echo(f"Answering {len(questions)} questions with the base model ...")
         before = answer_questions(
-            loaded.model, loaded.tokenizer, [q.question for q in questions], max_new_tokens=spec.eval.max_new_tokens
+            loaded.model,
+            loaded.tokenizer,
+            [q.question for q in questions],
+            max_new_tokens=spec.eval.max_new_tokens,
+            tools=[q.tools for q in questions],
         )
     result = finetune(spec, resume=resume, on_event=on_event, progress=progress, loaded=loaded, control=control)
     if not questions:
@@ -55,7 +59,11 @@ def finetune_with_comparison(
         return FinetuneOutcome(result, None, None)
     echo(f"Answering {len(questions)} questions with the fine-tuned model ...")
     after = answer_questions(
-        loaded.model, loaded.tokenizer, [q.question for q in questions], max_new_tokens=spec.eval.max_new_tokens
+        loaded.model,
+        loaded.tokenizer,
+        [q.question for q in questions],
+        max_new_tokens=spec.eval.max_new_tokens,
+        tools=[q.tools for q in questions],
     )
     comparison = build_comparison(
         questions, before, after, before_model=spec.model, after_model=str(result.run_dir), embedder=Embedder()
@@ -75,7 +83,11 @@ def compare_models(
     for arg in (before, after):
         loaded = load_any(arg)
         echo(f"Answering {len(texts)} questions with {arg} ...")
-        answers.append(answer_questions(loaded.model, loaded.tokenizer, texts, max_new_tokens=max_new_tokens))
+        answers.append(
+            answer_questions(
+                loaded.model, loaded.tokenizer, texts, max_new_tokens=max_new_tokens, tools=[q.tools for q in questions]
+            )
+        )
         del loaded
     comparison = build_comparison(
         questions, answers[0], answers[1], before_model=before, after_model=after, embedder=Embedder()

@@ -24,17 +24,23 @@ def test_messages_layout_multiturn_tools_and_parts(write):
             "messages": [
                 {"role": "system", "content": "be brief"},
                 {"role": "user", "content": [{"type": "text", "text": "what"}, {"type": "text", "text": "time?"}]},
-                {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "function": {"name": "clock"}}]},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "1", "type": "function", "function": {"name": "clock", "arguments": "{}"}}],
+                },
                 {"role": "tool", "content": "12:00", "tool_call_id": "1"},
                 {"role": "assistant", "content": "noon"},
-            ]
+            ],
+            "tools": [{"type": "function", "function": {"name": "clock", "parameters": {"type": "object"}}}],
         }
     ]
     r = load_dataset(write("d.jsonl", rows))
     assert r.layout == "messages" and not r.errors
     ex = r.examples[0]
     assert msgs(ex)[1] == ("user", "what\ntime?")
-    assert ex.messages[2].role == "assistant" and '"clock"' in ex.messages[2].content
+    assert ex.messages[2].role == "assistant" and ex.messages[2].content == ""
+    assert [c.name for c in ex.messages[2].tool_calls] == ["clock"] and ex.messages[3].tool_call_id == "1"
     assert msgs(ex)[-1] == ("assistant", "noon")
     assert ex.where == Location(str(write("d.jsonl", rows)), line=1)
 
@@ -45,10 +51,11 @@ def test_sharegpt_layout_roles_and_system(write):
             "system": "sys",
             "conversations": [
                 {"from": "human", "value": "q"},
-                {"from": "function_call", "value": "{}"},
+                {"from": "function_call", "value": '{"name": "f", "arguments": {}}'},
                 {"from": "observation", "value": "obs"},
                 {"from": "gpt", "value": "a"},
             ],
+            "tools": '[{"name": "f", "parameters": {"type": "object"}}]',
         },
         # ShareGPT turns under a "messages" key are recognised by their from/value keys
     ]
@@ -57,7 +64,7 @@ def test_sharegpt_layout_roles_and_system(write):
     assert msgs(r.examples[0]) == [
         ("system", "sys"),
         ("user", "q"),
-        ("assistant", "{}"),
+        ("assistant", ""),
         ("tool", "obs"),
         ("assistant", "a"),
     ]

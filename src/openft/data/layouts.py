@@ -3,9 +3,11 @@ an `Example`.
 
 Layouts (the names are the API, used by `--layout`):
 
-- `messages`: OpenAI chat, `{"messages": [{"role", "content"}, ...]}`.
-- `sharegpt`: `{"conversations": [{"from", "value"}, ...], "system"?}` (also under
-  a `messages` key when its items use from/value).
+- `messages`: OpenAI chat, `{"messages": [{"role", "content"}, ...], "tools"?}`
+  (assistant `tool_calls` and `tool` replies: see data/tools.py).
+- `sharegpt`: `{"conversations": [{"from", "value"}, ...], "system"?, "tools"?}`
+  (also under a `messages` key when its items use from/value; `function_call` and
+  `observation` turns).
 - `alpaca`: `instruction`, `input`?, `output`, `system`?, `history`? (also Dolly's
   `context`/`response` names for input/output).
 - `prompt_completion`: `prompt`, `completion` (strings, or message lists as TRL's
@@ -21,12 +23,12 @@ record is checked completely: all its problems are reported, not the first.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from openft.data.readers import json_loads, value_problem
+from openft.data.tools import check_calls, parse_openai_calls, parse_sharegpt_calls, parse_tools
 from openft.data.types import ROLES, Example, Location, Message, Problem
 
 LAYOUTS: tuple[str, ...] = ("messages", "sharegpt", "alpaca", "prompt_completion", "qa", "text")
@@ -179,11 +181,13 @@ def no_layout_message(keys_seen: Counter) -> str:
 
 
 class _Checker:
-    """Collects a record's problems with its location filled in."""
+    """Collects a record's problems with its location filled in (and the record's
+    tool definitions, for the layouts that read them)."""
 
     def __init__(self, where: Location):
         self.where = where
         self.problems: list[Problem] = []
+        self.tools: list[dict] | None = None
 
     def error(self, field: str | None, message: str) -> None:
         self.problems.append(
@@ -295,17 +299,60 @@ def _message_list(value: Any, field: str, check: _Checker, sharegpt: bool) -> li
                 check.error(f"{here}.{role_key}", f"unknown role {_short(raw_role)}: allowed are " + ", ".join(ROLES))
                 role = None
         raw_content = item.get(content_key)
-        if not raw_content and item.get("tool_calls") and role == "assistant":
-            # Function-calling turns: keep the calls as JSON text, since `Message`
-            # has content only; the model then learns to emit the call as text.
-            raw_content = json.dumps(item["tool_calls"], ensure_ascii=False)
+        if role == "assistant" and (_calls_openai(item, sharegpt) or _calls_sharegpt(raw_role, sharegpt)):
+            calls = (
+                parse_sharegpt_calls(raw_content, f"{here}.{content_key}", i, check.error)
+                if sharegpt
+                else parse_openai_calls(item, f"{here}.tool_calls", i, check.error)
+            )
+            # A call turn may carry text beside its calls (OpenAI's), never instead of them.
+            text = None if sharegpt or raw_content in (None, "") else _content(raw_content, f"{here}.content", check)
+            if calls is not None:
+                out.append(Message("assistant", text or "", calls))
+            continue
         if content_key not in item and raw_content is None:
             check.error(f"{here}.{content_key}", f"missing '{content_key}'")
             continue
         content = _content(raw_content, f"{here}.{content_key}", check)
         if role is not None and content is not None:
-            out.append(Message(role, content))
-    return out if len(check.problems) == before else None
+            out.append(_reply(item, content) if role == "tool" else Message(role, content))
+    return _linked(out) if len(check.problems) == before else None
+
+
+def _calls_openai(item: dict, sharegpt: bool) -> bool:
+    return not sharegpt and bool(item.get("tool_calls") or item.get("function_call"))
+
+
+def _calls_sharegpt(raw_role: Any, sharegpt: bool) -> bool:
+    return sharegpt and isinstance(raw_role, str) and raw_role.lower() == "function_call"
+
+
+def _reply(item: dict, content: str) -> Message:
+    """A tool's answer, with the call it answers and the tool's name where given."""
+    call_id, name = item.get("tool_call_id"), item.get("name")
+    return Message(
+        "tool",
+        content,
+        tool_call_id=call_id if isinstance(call_id, str) else None,
+        name=name if isinstance(name, str) else None,
+    )
+
+
+def _linked(messages: list[Message]) -> list[Message]:
+    """Tool replies without a `tool_call_id` (ShareGPT observations, legacy function
+    replies) answer the latest assistant turn's calls in order: give them those ids,
+    as OpenAI's format would have them."""
+    out: list[Message] = []
+    pending: list = []
+    for m in messages:
+        if m.role == "assistant":
+            pending = list(m.tool_calls)
+        elif m.role == "tool" and pending:
+            call = pending.pop(0)
+            if m.tool_call_id is None:
+                m = Message("tool", m.content, tool_call_id=call.id, name=m.name or call.name)
+        out.append(m)
+    return out
 
 
 def _check_turns(messages: list[Message], field: str, check: _Checker) -> None:
@@ -348,7 +395,22 @@ def normalise(
     }[layout](record, columns, check)
     if messages is None or check.problems:
         return None, check.problems
-    return Example(messages=messages, where=where), []
+    return Example(messages=messages, where=where, tools=check.tools), []
+
+
+def _tools(record, messages: list[Message], field_of, check: _Checker) -> None:
+    """Read the record's tool definitions (`tools`, or OpenAI's legacy `functions`)
+    and check every call against them; `field_of(turn, k)` names a call's field."""
+    tkey = _lookup(record, "tools") or _lookup(record, "functions")
+    tools = parse_tools(record[tkey], tkey, check.error) if tkey else None
+    if tkey and tools is None and any(p.field and p.field.startswith(tkey) for p in check.problems):
+        return  # the definitions are broken: checking calls against them says nothing more
+    check_calls(messages, tools, field_of, check.error)
+    check.tools = tools
+
+
+def _openai_call_field(key: str):
+    return lambda i, k: f"{key}[{i}].tool_calls[{k}]"
 
 
 def _messages_layout(record, columns, check) -> list[Message] | None:
@@ -356,6 +418,7 @@ def _messages_layout(record, columns, check) -> list[Message] | None:
     messages = _message_list(value, key, check, sharegpt=False)
     if messages:
         _check_turns(messages, key, check)
+        _tools(record, messages, _openai_call_field(key), check)
     return messages
 
 
@@ -370,6 +433,7 @@ def _sharegpt_layout(record, columns, check) -> list[Message] | None:
     if messages is None:
         return None
     _check_turns(messages, key, check)
+    _tools(record, messages, lambda i, k: f"{key}[{i}].value", check)  # before a system turn shifts the turns
     if system and system.strip() and not (messages and messages[0].role == "system"):
         messages.insert(0, Message("system", system))
     return messages
@@ -434,6 +498,9 @@ def _prompt_completion_layout(record, columns, check) -> list[Message] | None:
         return None
     messages = before + after
     _check_turns(messages, ckey, check)
+    n = len(before)  # a call's field: in the prompt's list or the completion's
+    prompt_field, completion_field = _openai_call_field(pkey), _openai_call_field(ckey)
+    _tools(record, messages, lambda i, k: prompt_field(i, k) if i < n else completion_field(i - n, k), check)
     return messages
 
 

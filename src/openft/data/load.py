@@ -145,7 +145,8 @@ def example_key(example: Example) -> tuple:
     """What makes two examples exact duplicates."""
     if example.messages is None:
         return ("text", example.text)
-    return tuple((m.role, m.content) for m in example.messages)
+    # Two conversations that differ only in a tool call's arguments are not copies.
+    return tuple((m.role, m.content, m.tool_calls) for m in example.messages)
 
 
 def _dataset_warnings(examples: list[Example], path: str) -> list[Problem]:

@@ -32,9 +32,25 @@ class Location:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """One function call of an assistant turn, in OpenAI's terms: `arguments` is
+    the JSON text of an object (checked against the tool's schema on loading)."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_openai(self) -> dict:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
 class Message:
     role: Role
-    content: str
+    content: str  # "" for an assistant turn that only calls tools
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant turns
+    tool_call_id: str | None = None  # tool replies: the call answered
+    name: str | None = None  # tool replies: the tool's name, where the data gives it
 
 
 @dataclass
@@ -45,6 +61,7 @@ class Example:
     messages: list[Message] | None = None
     text: str | None = None
     where: Location = field(default_factory=lambda: Location(""))
+    tools: list[dict] | None = None  # OpenAI tool definitions {"type": "function", "function": {...}}
 
     @property
     def prompt_key(self) -> str:

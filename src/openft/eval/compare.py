@@ -16,7 +16,7 @@ from pathlib import Path
 from statistics import fmean
 
 from openft.eval.questions import Question
-from openft.eval.scores import Embedder, contains, exact_match, rouge_l
+from openft.eval.scores import Embedder, contains, exact_match, rouge_l, tool_call_scores
 from openft.eval.verdict import TrainingSignals, Verdict, judge
 from openft.fileio import atomic_write
 
@@ -34,6 +34,11 @@ class Scores:
     contains: bool | None = None
     rouge_l: float | None = None
     similarity: float | None = None
+    # Tool questions (an expected call): None elsewhere; expected_arguments also
+    # None when the question gives no arguments.
+    right_tool: bool | None = None
+    valid_arguments: bool | None = None
+    expected_arguments: bool | None = None
 
 
 @dataclass
@@ -89,8 +94,10 @@ def build_comparison(
                 reference=q.reference,
                 before=before_answers[i],
                 after=after_answers[i],
-                before_scores=_score(before_answers[i], q.reference, sims_before.get(i)),
-                after_scores=_score(after_answers[i], q.reference, sims_after.get(i)),
+                before_scores=_with_tools(
+                    _score(before_answers[i], q.reference, sims_before.get(i)), before_answers[i], q
+                ),
+                after_scores=_with_tools(_score(after_answers[i], q.reference, sims_after.get(i)), after_answers[i], q),
             )
         )
     summary = summarise(rows)
@@ -102,6 +109,32 @@ def _score(answer: str, reference: str | None, similarity: float | None) -> Scor
     if reference is None:
         return Scores()
     return Scores(exact_match(answer, reference), contains(answer, reference), rouge_l(answer, reference), similarity)
+
+
+def _with_tools(scores: Scores, answer: str, q: Question) -> Scores:
+    if q.tool_call is not None:
+        scores.right_tool, scores.valid_arguments, scores.expected_arguments = tool_call_scores(
+            answer, q.tool_call, q.tools or []
+        )
+    return scores
+
+
+def _tool_summary(rows: list[Row]) -> dict | None:
+    """Per side, how many tool questions got the right tool, valid and expected arguments."""
+    tool_rows = [r for r in rows if r.after_scores.right_tool is not None]
+    if not tool_rows:
+        return None
+
+    def side(scores: list[Scores]) -> dict:
+        return {
+            k: sum(bool(getattr(s, k)) for s in scores) for k in ("right_tool", "valid_arguments", "expected_arguments")
+        }
+
+    return {
+        "questions": len(tool_rows),
+        "before": side([r.before_scores for r in tool_rows]),
+        "after": side([r.after_scores for r in tool_rows]),
+    }
 
 
 def summarise(rows: list[Row]) -> dict:
@@ -126,6 +159,7 @@ def summarise(rows: list[Row]) -> dict:
         "unchanged": len(scored) - improved - worse,
         "before": _side([r.before_scores for r in scored]),
         "after": _side([r.after_scores for r in scored]),
+        "tool_calls": _tool_summary(rows),
     }
 
 
@@ -152,10 +186,23 @@ def to_json(comparison: Comparison) -> dict:
     return {
         "before_model": comparison.before_model,
         "after_model": comparison.after_model,
-        "rows": [asdict(r) for r in comparison.rows],
+        "rows": [_row_json(r) for r in comparison.rows],
         "summary": comparison.summary,
         "verdict": asdict(comparison.verdict) if comparison.verdict else None,
     }
+
+
+TOOL_SCORES = ("right_tool", "valid_arguments", "expected_arguments")
+
+
+def _row_json(row: Row) -> dict:
+    """A row as JSON; the tool scores only on tool questions (other rows keep their keys)."""
+    out = asdict(row)
+    for side in ("before_scores", "after_scores"):
+        if row.after_scores.right_tool is None:
+            for key in TOOL_SCORES:
+                out[side].pop(key)
+    return out
 
 
 def write_report(comparison: Comparison, out_dir: str | Path) -> tuple[Path, Path]:
@@ -171,12 +218,19 @@ def write_report(comparison: Comparison, out_dir: str | Path) -> tuple[Path, Pat
 
 
 def _fmt_scores(s: Scores) -> str:
+    def mark(ok) -> str:
+        return "✓" if ok else "✗"
+
+    tool = []
+    if s.right_tool is not None:
+        tool = [f"right tool {mark(s.right_tool)}", f"valid arguments {mark(s.valid_arguments)}"]
+        tool += [f"expected arguments {mark(s.expected_arguments)}"] if s.expected_arguments is not None else []
     if s.rouge_l is None:
-        return "no reference"
-    parts = [f"exact {'✓' if s.exact else '✗'}", f"contains {'✓' if s.contains else '✗'}", f"ROUGE-L {s.rouge_l:.2f}"]
+        return " · ".join(tool) or "no reference"
+    parts = [f"exact {mark(s.exact)}", f"contains {mark(s.contains)}", f"ROUGE-L {s.rouge_l:.2f}"]
     if s.similarity is not None:
         parts.append(f"similarity {s.similarity:.2f}")
-    return " · ".join(parts)
+    return " · ".join(parts + tool)
 
 
 def _md_cell(text: str) -> str:
@@ -198,12 +252,27 @@ def _summary_lines(summary: dict) -> list[str]:
             f"By {label}: {summary['improved']} improved, {summary['worse']} got worse, "
             f"{summary['unchanged']} about the same."
         )
+    tools = summary.get("tool_calls")
+    if tools:
+        n, before, after = tools["questions"], tools["before"]["right_tool"], tools["after"]["right_tool"]
+        lines.append(f"Tool calls: the right tool on {before}/{n} questions before, {after}/{n} after.")
     return lines
 
 
 def _metric_rows(summary: dict) -> list[tuple[str, str, str]]:
     b, a, k = summary["before"], summary["after"], summary["with_reference"]
-    rows = [
+    tools = summary.get("tool_calls")
+    tool_rows = (
+        [
+            (label, f"{tools['before'][key]}/{tools['questions']}", f"{tools['after'][key]}/{tools['questions']}")
+            for key, label in (("right_tool", "right tool"), ("valid_arguments", "valid arguments"))
+        ]
+        if tools
+        else []
+    )
+    if not summary["metric"]:
+        return tool_rows
+    rows = tool_rows + [
         ("exact match", f"{b['exact']}/{k}", f"{a['exact']}/{k}"),
         ("contains", f"{b['contains']}/{k}", f"{a['contains']}/{k}"),
     ]
@@ -230,7 +299,7 @@ def to_markdown(comparison: Comparison) -> str:
             "",
         ]
     out += ["## Summary", ""] + _summary_lines(c.summary) + [""]
-    if c.summary["metric"]:
+    if _metric_rows(c.summary):
         out += ["| | Before | After |", "| --- | --- | --- |"]
         out += [f"| {name} | {b} | {a} |" for name, b, a in _metric_rows(c.summary)] + [""]
     if c.verdict:
@@ -328,7 +397,7 @@ def format_terminal(comparison: Comparison, width: int = 100) -> str:
     full = 2 * col + len(sep)
     for line in _summary_lines(c.summary):
         out += wrap(line, full)
-    if c.summary["metric"]:
+    if _metric_rows(c.summary):
         for name, b, a in _metric_rows(c.summary):
             out.append(f"  {name:<16} {b:>9}  →  {a}")
     if c.verdict:

@@ -27,13 +27,16 @@ def answer_questions(
     max_new_tokens: int = 96,
     system: str | None = None,
     batch_size: int = 8,
+    tools: list[list[dict] | None] | None = None,
 ) -> list[str]:
-    """One answer per question, in the questions' order (greedy, special tokens dropped)."""
+    """One answer per question, in the questions' order (greedy, special tokens dropped).
+    `tools[i]`: the tool definitions question i offers (rendered by the model's template)."""
     from transformers import GenerationConfig
 
     if not questions:
         return []
-    prompts = [_prompt_ids(tokenizer, q, system) for q in questions]
+    tools = tools or [None] * len(questions)
+    prompts = [_prompt_ids(tokenizer, q, system, t) for q, t in zip(questions, tools)]
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     config = GenerationConfig(
@@ -70,10 +73,11 @@ def answer_questions(
     return answers
 
 
-def _prompt_ids(tokenizer, question: str, system: str | None) -> list[int]:
+def _prompt_ids(tokenizer, question: str, system: str | None, tools: list[dict] | None = None) -> list[int]:
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": question})
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    kwargs = {"tools": tools} if tools else {}
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
     # The template already wrote every special token (BOS included where the
     # model wants one); letting the tokenizer add its own would double them.
     return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -6,6 +6,11 @@ them), CSV with a `question` header (optional `reference`), or a JSON array of t
 same objects. The reference answer is optional: without one a question is still
 asked and shown side by side, just not scored.
 
+A tool question (JSON only) also carries `tools` (OpenAI definitions, offered to
+the model through its template) and the call it expects, `tool_call`:
+`{"name": ..., "arguments": {...}?}`; answers are then scored on the call (right
+tool, arguments valid for its schema, equal to the expected ones when given).
+
 Every problem is reported with its file and line (or record), and all of them are
 gathered into one error, so a user fixes the whole file in one pass instead of one
 line per run.
@@ -18,6 +23,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from openft.data.tools import parse_tools
 from openft.data.types import Location
 
 # First name wins when a record carries more than one of them.
@@ -38,6 +44,8 @@ class Question:
     question: str
     reference: str | None
     where: Location
+    tools: list[dict] | None = None  # OpenAI tool definitions offered with the question
+    tool_call: dict | None = None  # the expected call: {"name", "arguments": dict | None}
 
 
 def load_questions(path: str | Path) -> list[Question]:
@@ -103,7 +111,39 @@ def _from_record(obj: object, where: Location, problems: list[str]) -> Question 
     # An empty reference (a blank CSV cell) means "no reference", not "the answer is ''".
     if reference is not None and not reference.strip():
         reference = None
-    return Question(question=question.strip(), reference=reference.strip() if reference else None, where=where)
+    before = len(problems)
+    tools, call = _tool_fields(obj, where, problems)
+    if len(problems) > before:
+        return None
+    return Question(
+        question=question.strip(),
+        reference=reference.strip() if reference else None,
+        where=where,
+        tools=tools,
+        tool_call=call,
+    )
+
+
+def _tool_fields(obj: dict, where: Location, problems: list[str]) -> tuple[list[dict] | None, dict | None]:
+    """A question's `tools` and expected `tool_call`, checked against each other."""
+    tools = parse_tools(obj.get("tools"), "tools", lambda field, msg: problems.append(f"{where}: {msg}"))
+    call = obj.get("tool_call")
+    if call is None:
+        return tools, None
+    args = call.get("arguments") if isinstance(call, dict) else None
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except (ValueError, RecursionError):
+            args = None  # reported below as not an object
+    names = {t["function"]["name"] for t in tools or []}
+    if not isinstance(call, dict) or call.get("name") not in names:
+        problems.append(f"{where}: 'tool_call' must name one of the question's tools ({', '.join(names) or 'none'})")
+    elif "arguments" in call and not isinstance(args, dict):
+        problems.append(f"{where}: 'tool_call.arguments' must be a JSON object")
+    else:
+        return tools, {"name": call["name"], "arguments": args}
+    return tools, None
 
 
 def _parse_jsonl(text: str, name: str, problems: list[str]) -> list[Question]:

@@ -13,6 +13,10 @@ question set:
 - `Embedder.similarity`: cosine similarity of sentence embeddings
   (all-MiniLM-L6-v2), for answers that mean the same with other words.
 
+Tool questions are scored on the call instead (`tool_call_scores`): the right
+tool, arguments that are JSON valid for the tool's schema, and equal to the
+expected arguments where the question gives them.
+
 Tokenising splits CJK text into single characters (it has no spaces between
 words) and everything else on word boundaries, so Chinese and Japanese answers get
 meaningful partial scores instead of one giant "word" each.
@@ -20,10 +24,14 @@ meaningful partial scores instead of one giant "word" each.
 
 from __future__ import annotations
 
+import json
 import os
 import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
+
+from openft.data.tools import schema_problem
+from openft.models.tools import parse_tool_calls
 
 # Ideographs, kana and hangul syllables: scripts scored one character at a time.
 _CJK_RANGES = (
@@ -92,6 +100,22 @@ def rouge_l(answer: str, reference: str) -> float:
         return 0.0
     precision, recall = lcs / len(a), lcs / len(r)
     return 2 * precision * recall / (precision + recall)
+
+
+def tool_call_scores(answer: str, expected: dict, tools: list[dict]) -> tuple[bool, bool, bool | None]:
+    """(right tool, valid arguments, expected arguments) of the answer's first call;
+    an answer with no call gets (False, False, False), and the third is None when
+    the question gives no arguments to compare with."""
+    _, calls = parse_tool_calls(answer, {t["function"]["name"] for t in tools})  # as the server reads it
+    want = expected.get("arguments")
+    if not calls:
+        return False, False, None if want is None else False
+    fn = calls[0]["function"]
+    args = json.loads(fn["arguments"])  # parse_tool_calls only returns calls whose arguments are an object
+    schema = next((t["function"].get("parameters") or {} for t in tools if t["function"]["name"] == fn["name"]), None)
+    right = fn["name"] == expected["name"]
+    valid = schema is not None and schema_problem(args, schema) is None
+    return right, valid, None if want is None else (right and args == want)
 
 
 def _lcs_length(a: list[str], b: list[str]) -> int:

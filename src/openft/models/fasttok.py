@@ -103,7 +103,7 @@ class LightTokenizer:
             raise ValueError("this tokenizer has no chat template")
         text = _compile(self.chat_template).render(
             messages=[dict(m) for m in messages],
-            tools=None,
+            tools=kwargs.pop("tools", None),
             documents=None,
             add_generation_prompt=add_generation_prompt,
             **{**self._specials, **kwargs},

@@ -9,8 +9,16 @@ Every OpenAI parameter is either honoured or refused with a 400 naming it
 (code `unknown_parameter`), as OpenAI does. The few accepted without effect
 change nothing an answer could show: `user`, `safety_identifier`, `metadata`,
 `store` (openft keeps no completions), the prompt-cache hints, `prediction` (a
-latency hint: OpenAI's answer is the same without it), `parallel_tool_calls`
-(no tools are ever called), `stream_options.include_obfuscation`.
+latency hint: OpenAI's answer is the same without it),
+`stream_options.include_obfuscation`.
+
+Tools (`tools`, `tool_choice`) work for models whose chat template renders them
+in the Qwen/Hermes form (`<tool_call>{...}</tool_call>`): the template writes the
+definitions into the prompt, and the calls the model writes come back as
+`tool_calls` (finish_reason "tool_calls"), never as markup in `content`. Other
+models answer 400 naming `tools`. With `stream: true` and tools in play, text
+streams as it comes until a `<tool_call>` may begin; from there the choice is held
+and its calls are sent in its last delta, in OpenAI's streamed shape.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -29,6 +37,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
+from openft.models.tools import (
+    CallHoldBack,
+    forced_call_prefill,
+    parse_tool_calls,
+    reads_tool_call_blocks,
+    template_message,
+)
 from openft.serve import schemas as S
 from openft.serve.auth import owner
 from openft.serve.engine import Choice, Delta, EngineError, SamplingParams, TokenLogprob, Usage
@@ -58,11 +73,34 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it back
+
+
+class ToolCallIn(BaseModel):
+    """An earlier assistant turn's call, as the client sends the conversation back."""
+
+    model_config = ConfigDict(strict=True)
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool replies
+
+    def for_template(self) -> dict:
+        calls = [c.model_dump() for c in self.tool_calls or []]
+        role = "system" if self.role == "developer" else self.role
+        name = self.name if self.role == "tool" else None
+        return template_message(role, self.text(), calls, self.tool_call_id, name)
 
     def text(self) -> str:
         if self.content is None:
@@ -70,6 +108,31 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # schema-exact arguments: asked of the model, not enforced on its output
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ChosenFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["function"]
+    function: ChosenFunction
 
 
 class StreamOptions(BaseModel):
@@ -145,11 +208,9 @@ class SamplingFields(BaseModel):
 
 
 # Fields refused unless absent or one of these values (which ask for nothing this
-# server does not do: no tools, text only, the one service tier there is).
+# server does not do: no legacy functions, text only, the one service tier there is).
 HARMLESS: dict[str, tuple] = {
-    "tools": ([],),
     "functions": ([],),
-    "tool_choice": ("none",),
     "function_call": ("none",),
     "audio": (),
     "reasoning_effort": (),
@@ -184,12 +245,12 @@ class ChatRequest(SamplingFields):
     prompt_cache_retention: str | None = None
     prompt_cache_options: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    # Refused unless absent or HARMLESS (tools: a later version adds them).
+    parallel_tool_calls: bool | None = None  # false: the first call only
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    # Refused unless absent or HARMLESS (legacy functions: use tools).
     service_tier: str | None = None
     modalities: list[str] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
     audio: Any = None
@@ -287,11 +348,23 @@ def _total(usages: list[Usage]) -> Usage:
 
 
 @dataclass
+class ToolUse:
+    """What a chat request does with tools: `tools` rendered into the prompt (None:
+    no tools in play, the answer is plain text), and `prefill`, the forced start of
+    the answer (tool_choice "required" or a named function)."""
+
+    tools: list[dict] | None = None
+    prefill: str = ""
+    parallel: bool = True  # parallel_tool_calls: false keeps the first call only
+
+
+@dataclass
 class Prepared:
     engine: Any
     handle: Any
     tokenizer: Any
     prompts: list[list[int]]  # token ids, one list per prompt
+    tools: ToolUse = field(default_factory=ToolUse)
 
 
 def _prepare(request: Request, who: str, body: SamplingFields, prompt_ids_fn, prompt_param: str) -> Prepared:
@@ -337,12 +410,58 @@ def _completion_ids(body: CompletionRequest):
     return encode
 
 
+def _tool_use(body: ChatRequest) -> ToolUse:
+    """The request's tools and tool_choice, checked against each other (not yet the model)."""
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+    choice = body.tool_choice
+    if choice not in (None, "none") and not tools:
+        raise APIError(400, "tool_choice: needs a non-empty tools list", param="tool_choice", code="invalid_value")
+    if not tools or choice == "none":
+        return ToolUse()
+    prefill = ""
+    if choice == "required":
+        prefill = forced_call_prefill()
+    elif isinstance(choice, NamedToolChoice):
+        name = choice.function.name
+        if name not in {t["function"]["name"] for t in tools}:
+            raise APIError(
+                400, f"tool_choice: no tool named {name[:64]!r} in tools", param="tool_choice", code="invalid_value"
+            )
+        prefill = forced_call_prefill(name)
+    return ToolUse(tools, prefill, body.parallel_tool_calls is not False)
+
+
+def _chat_ids(body: ChatRequest, use: ToolUse):
+    messages = [m.for_template() for m in body.messages]
+    history_calls = any(m.tool_calls for m in body.messages)
+
+    def encode(engine, handle, tok) -> list[list[int]]:
+        if (use.tools is not None or history_calls) and not reads_tool_call_blocks(getattr(tok, "chat_template", None)):
+            param = "tools" if body.tools else "messages"
+            raise APIError(
+                400,
+                f"{param}: model {body.model} cannot use tools: its chat template does not render tool definitions "
+                "and <tool_call> blocks (Qwen2.5's does)",
+                param=param,
+                code="unsupported_parameter",
+            )
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return [engine.apply_chat_template(handle, messages, use.tools, use.prefill)]
+        except TemplateError as e:  # the template's own raise_exception: a conversation it does not take
+            raise APIError(
+                400, f"messages: the model's chat template refused them: {e}", param="messages", code="invalid_value"
+            ) from None
+
+    return encode
+
+
 @router.post("/chat/completions", responses=_streamed(S.ChatCompletion))
 async def chat_completions(request: Request, body: ChatRequest, who: str = Depends(owner)):
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    prep = await run_in_threadpool(
-        _prepare, request, who, body, lambda e, h, tok: [e.apply_chat_template(h, messages)], "messages"
-    )
+    use = _tool_use(body)
+    prep = await run_in_threadpool(_prepare, request, who, body, _chat_ids(body, use), "messages")
+    prep.tools = use
     return await _respond(prep, body, chat=True)
 
 
@@ -389,12 +508,32 @@ def _legacy_logprobs(tok, entries: list[TokenLogprob] | None, offset: int = 0) -
 # ------------------------------------------------------------------ answers
 
 
+def assistant_message(use: ToolUse, text: str, finish: str | None) -> tuple[dict, str | None]:
+    """The answer's message and finish_reason from the model's raw text.
+
+    The one place the raw text is split into message fields: tool calls here; the
+    reasoning of a thinking model (`<think>` ... `</think>` as `reasoning_content`)
+    is split off the same text, before the tool calls, in this function.
+    """
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if use.tools is None:
+        return message, finish
+    content, calls = parse_tool_calls(use.prefill + text, {t["function"]["name"] for t in use.tools})
+    calls = calls if use.parallel else calls[:1]
+    message["content"] = content or (None if calls else "")
+    if calls:
+        message["tool_calls"] = calls
+        finish = "tool_calls" if finish == "stop" else finish
+    return message, finish
+
+
 def _choice_json(prep: Prepared, c: Choice, index: int, chat: bool) -> dict:
     if chat:
+        message, finish = assistant_message(prep.tools, c.text, c.finish_reason)
         return {
             "index": index,
-            "message": {"role": "assistant", "content": c.text, "refusal": None},
-            "finish_reason": c.finish_reason,
+            "message": message,
+            "finish_reason": finish,
             "logprobs": _chat_logprobs(prep.tokenizer, c.logprobs),
         }
     return {
@@ -485,13 +624,37 @@ async def _stream(prep: Prepared, params: SamplingParams, head: dict, chat: bool
             offsets[index] = offsets.get(index, 0) + sum(map(len, lp["tokens"]))
         return {"index": index, "text": text, "finish_reason": finish, "logprobs": lp}
 
+    def tooled(index, item: Delta):
+        """With tools in play: the content that can only be content now; at the end the
+        held rest, with its calls in OpenAI's streamed shape (each call with its `index`)."""
+        hold = held.setdefault(index, CallHoldBack(prep.tools.prefill, bare=True))
+        text = hold.push(item.text)
+        if item.finish_reason is None:
+            if not text and item.logprobs is None:
+                return None
+            return choice(index, text, logprobs=item.logprobs)
+        del held[index]
+        message, finish = assistant_message(replace(prep.tools, prefill=""), hold.held, item.finish_reason)
+        delta = {"content": text + (message["content"] or "") if text or message["content"] else None}
+        if "tool_calls" in message:
+            delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
+        elif delta["content"] is None:
+            delta["content"] = ""
+        lp = _chat_logprobs(prep.tokenizer, item.logprobs)
+        return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
+
     offsets: dict[int, int] = {}  # per choice: characters of token text sent so far (text_offset)
+    held: dict[int, CallHoldBack] = {}  # per choice, with tools in play: the text not sent yet
     if chat:
         yield chunk([choice(i, "", first=True) for i in range(n)])
     usages: list[Usage] = []
     try:
         async for p, item in _merged(prep, params):
-            if isinstance(item, Delta):
+            if isinstance(item, Delta) and chat and prep.tools.tools is not None:
+                piece = tooled(p * n + item.index, item)
+                if piece is not None:
+                    yield chunk([piece])
+            elif isinstance(item, Delta):
                 # The final chunk carries content "" (not null), so a client that
                 # prints delta.content prints nothing extra.
                 yield chunk([choice(p * n + item.index, item.text, item.finish_reason, logprobs=item.logprobs)])

@@ -338,9 +338,15 @@ class Engine:
                 self._tokenizers[key] = tok
             return self._tokenizers[key]
 
-    def apply_chat_template(self, handle: ModelHandle, messages: list[dict]) -> list[int]:
+    def apply_chat_template(
+        self, handle: ModelHandle, messages: list[dict], tools: list[dict] | None = None, prefill: str = ""
+    ) -> list[int]:
+        """The prompt's ids: `tools` rendered by the template (where given), and
+        `prefill`, text the answer is made to start with (a forced tool call), after
+        the generation prompt."""
         tok = self.tokenizer(handle)
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        kwargs = {"tools": tools} if tools else {}
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs) + prefill
         # The template writes every special token itself (BOS included where the
         # model wants one); letting the tokenizer add its own would double them.
         return list(tok(text, add_special_tokens=False)["input_ids"])

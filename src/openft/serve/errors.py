@@ -102,6 +102,15 @@ def install(app: FastAPI) -> None:
             msg = "this server does not know this parameter"
         return envelope(400, f"{param + ': ' if param else ''}{msg}{more}", param=param, code=code)
 
+    from openft.models.templates import TemplateError
+
+    @app.exception_handler(TemplateError)
+    async def _template(request: Request, exc: TemplateError):
+        # The model's chat template cannot render the data (tool calls through a
+        # template without tools, one that does not render incrementally): the
+        # model asked for is the wrong one for this file, not a server fault.
+        return envelope(400, str(exc), param="model", code="unsupported_template")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)

@@ -218,7 +218,7 @@ async def compare(request: Request, body: CompareBody, who: str = Depends(owner)
             try:
                 prompts.append(
                     [
-                        engine.apply_chat_template(handles[-1], [{"role": "user", "content": q.question}])
+                        engine.apply_chat_template(handles[-1], [{"role": "user", "content": q.question}], q.tools)
                         for q in questions
                     ]
                 )

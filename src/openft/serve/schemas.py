@@ -168,10 +168,25 @@ class Usage(_Open):
     total_tokens: int
 
 
+class CalledFunction(_Open):
+    name: str
+    arguments: str  # JSON text of an object
+
+
+class ToolCall(_Open):
+    id: str  # call_...
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class AssistantMessage(_Open):
+    """With tools in play and a call made: `tool_calls`, and `content` null unless
+    the model also wrote text."""
+
     role: Literal["assistant"]
     content: str | None
     refusal: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(_Open):
@@ -195,7 +210,7 @@ class ChatLogprobs(_Open):
 class ChatChoice(_Open):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
     logprobs: ChatLogprobs | None
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from openft.data.types import Example
+from openft.data.types import Example, Message
 from openft.models.reasoning import EMPTY_THINK, THINK_CLOSE, THINK_OPEN, has_empty_think, is_reasoning_model
 from openft.models.templates import ADVICE, TemplateError
+from openft.models.tools import supports_tools, template_message
 
 IGNORE = -100
 
@@ -31,23 +32,46 @@ class Encoded:
         return len(self.input_ids)
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
+    kwargs = {"tools": tools} if tools else {}  # templates without tool support never see the argument
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+    )
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def chat_messages(messages: list[Message]) -> list[dict]:
+    """Messages as chat templates take them (tool calls with their arguments decoded)."""
+    return [
+        template_message(m.role, m.content, [c.to_openai() for c in m.tool_calls], m.tool_call_id, m.name)
+        for m in messages
+    ]
+
+
+def _check_tools(tokenizer, example: Example) -> None:
+    """Tool calls through a template that cannot write them would train empty turns."""
+    uses_tools = bool(example.tools) or any(m.tool_calls for m in example.messages or [])
+    if uses_tools and not supports_tools(getattr(tokenizer, "chat_template", None)):
+        raise TemplateError(
+            f"{example.where}: the conversation has tools or tool calls, but the model's chat template does not "
+            "render tools; use a model whose template does (Qwen2.5, Llama 3.1) or pass --chat-template FILE"
+        )
+
+
+def assistant_spans(
+    tokenizer, messages: list[dict], tools: list[dict] | None = None
+) -> tuple[str, list[tuple[int, int]]]:
     """Render `messages` and return (text, [(start, end) char spans of assistant turns]).
 
     The span starts where the generation prompt ends and runs to the end of the
     turn, so the end-of-turn token is trained: that is how the model learns to stop.
     """
-    full = _render(tokenizer, messages, False)
+    full = _render(tokenizer, messages, False, tools)
     spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], True) if i else ""
-        through = _render(tokenizer, messages[: i + 1], False)
+        before = _render(tokenizer, messages[:i], True, tools) if i else ""
+        through = _render(tokenizer, messages[: i + 1], False, tools)
         if not full.startswith(before) or not full.startswith(through):
             raise TemplateError(
                 "the chat template does not render conversations incrementally, so the assistant turns cannot "
@@ -71,8 +95,8 @@ def encode(tokenizer, example: Example, max_length: int, train_on_prompt: bool =
         ids = ids[:max_length]
         return Encoded(ids, list(ids), truncated)
 
-    messages = [{"role": m.role, "content": m.content} for m in example.messages]
-    text, spans = masked_spans(tokenizer, messages)
+    _check_tools(tokenizer, example)
+    text, spans = masked_spans(tokenizer, chat_messages(example.messages), example.tools)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
     labels = [IGNORE] * len(ids)
@@ -89,7 +113,7 @@ def encode(tokenizer, example: Example, max_length: int, train_on_prompt: bool =
 # ---- reasoning templates (<think> blocks)
 
 
-def masked_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def masked_spans(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """`assistant_spans`, minus any empty think block the template injected into an
     answer that has none (Qwen3's `<think>\n\n</think>\n\n`): those tokens are context
     the model is given, never something it learns to write. A think block written in
@@ -97,12 +121,12 @@ def masked_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, 
     differently from the one being answered (DeepSeek-R1 and Qwen3 drop the reasoning
     of earlier turns) is trained on its last assistant turn (`reasoning_spans`)."""
     try:
-        text, spans = assistant_spans(tokenizer, messages)
+        text, spans = assistant_spans(tokenizer, messages, tools)
         contents = [m.get("content") for m in messages if m["role"] == "assistant"]
     except TemplateError:
         if not is_reasoning_model(tokenizer):
             raise
-        text, spans = reasoning_spans(tokenizer, messages)
+        text, spans = reasoning_spans(tokenizer, messages, tools)
         contents = [[m for m in messages if m["role"] == "assistant"][-1].get("content")]
     out: list[tuple[int, int]] = []
     for (start, end), content in zip(spans, contents):
@@ -125,7 +149,9 @@ def _without_injected_think(text: str, start: int, end: int, content) -> list[tu
     return out
 
 
-def reasoning_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def reasoning_spans(
+    tokenizer, messages: list[dict], tools: list[dict] | None = None
+) -> tuple[str, list[tuple[int, int]]]:
     """(text, [span of the last assistant turn]) for a reasoning template whose
     earlier turns are history: the prompt is what the template writes before the
     answer is generated, and the answer follows as the model would write it.
@@ -137,8 +163,8 @@ def reasoning_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     template's end-of-turn; an answer without reasoning gets the opened block closed
     empty, untrained."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    prompt = _render(tokenizer, messages[:last], True)
-    through = _render(tokenizer, messages[: last + 1], False)
+    prompt = _render(tokenizer, messages[:last], True, tools)
+    through = _render(tokenizer, messages[: last + 1], False, tools)
     if through.startswith(prompt):
         end = len(through.rstrip())
         return through, [(len(prompt), max(len(prompt), end))]
