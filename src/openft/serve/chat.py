@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
+from openft.models.reasoning import THINK_OPEN, ReasoningStream, is_reasoning_model, prompt_opens_block, split_reasoning
 from openft.models.tools import (
     CallHoldBack,
     forced_call_prefill,
@@ -365,6 +366,10 @@ class Prepared:
     tokenizer: Any
     prompts: list[list[int]]  # token ids, one list per prompt
     tools: ToolUse = field(default_factory=ToolUse)
+    # A reasoning model (DeepSeek-R1 distills, Qwen3): its `<think>` block comes back as
+    # `reasoning_content` beside `content`, as DeepSeek's API returns it.
+    reasoning: bool = False
+    think_opened: bool = False  # the rendered prompt ends inside a `<think>` block (R1's template)
 
 
 def _prepare(request: Request, who: str, body: SamplingFields, prompt_ids_fn, prompt_param: str) -> Prepared:
@@ -387,7 +392,9 @@ def _prepare(request: Request, who: str, body: SamplingFields, prompt_ids_fn, pr
                 param=prompt_param,
                 code="context_length_exceeded",
             )
-    return Prepared(engine, handle, tok, prompts)
+    reasoning = is_reasoning_model(tok)
+    opened = reasoning and bool(prompts) and prompt_opens_block(tok, prompts[0])
+    return Prepared(engine, handle, tok, prompts, reasoning=reasoning, think_opened=opened)
 
 
 def _completion_ids(body: CompletionRequest):
@@ -508,7 +515,9 @@ def _legacy_logprobs(tok, entries: list[TokenLogprob] | None, offset: int = 0) -
 # ------------------------------------------------------------------ answers
 
 
-def assistant_message(use: ToolUse, text: str, finish: str | None) -> tuple[dict, str | None]:
+def assistant_message(
+    use: ToolUse, text: str, finish: str | None, reasoning: bool = False, opened: bool = False
+) -> tuple[dict, str | None]:
     """The answer's message and finish_reason from the model's raw text.
 
     The one place the raw text is split into message fields: tool calls here; the
@@ -516,6 +525,9 @@ def assistant_message(use: ToolUse, text: str, finish: str | None) -> tuple[dict
     is split off the same text, before the tool calls, in this function.
     """
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if reasoning:
+        message["reasoning_content"], text = split_reasoning(THINK_OPEN + text if opened else text)
+        message["content"] = text
     if use.tools is None:
         return message, finish
     content, calls = parse_tool_calls(use.prefill + text, {t["function"]["name"] for t in use.tools})
@@ -529,7 +541,7 @@ def assistant_message(use: ToolUse, text: str, finish: str | None) -> tuple[dict
 
 def _choice_json(prep: Prepared, c: Choice, index: int, chat: bool) -> dict:
     if chat:
-        message, finish = assistant_message(prep.tools, c.text, c.finish_reason)
+        message, finish = assistant_message(prep.tools, c.text, c.finish_reason, prep.reasoning, prep.think_opened)
         return {
             "index": index,
             "message": message,
@@ -643,13 +655,31 @@ async def _stream(prep: Prepared, params: SamplingParams, head: dict, chat: bool
         lp = _chat_logprobs(prep.tokenizer, item.logprobs)
         return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
 
+    def thought(index, item: Delta) -> tuple[dict | None, Delta]:
+        """A reasoning model's piece: its reasoning as a `reasoning_content` delta, the
+        rest passed on as the content to send."""
+        rs = thinking.setdefault(index, ReasoningStream(opened=prep.think_opened))
+        reasoning, content = rs.push(item.text)
+        if item.finish_reason is not None:
+            r, c = rs.finish()
+            reasoning, content = reasoning + r, content + c
+        piece = {"index": index, "delta": {"reasoning_content": reasoning}, "finish_reason": None, "logprobs": None}
+        return (piece if reasoning else None), replace(item, text=content)
+
     offsets: dict[int, int] = {}  # per choice: characters of token text sent so far (text_offset)
+    thinking: dict[int, ReasoningStream] = {}  # per choice, for a reasoning model
     held: dict[int, CallHoldBack] = {}  # per choice, with tools in play: the text not sent yet
     if chat:
         yield chunk([choice(i, "", first=True) for i in range(n)])
     usages: list[Usage] = []
     try:
         async for p, item in _merged(prep, params):
+            if isinstance(item, Delta) and chat and prep.reasoning:
+                piece, item = thought(p * n + item.index, item)
+                if piece is not None:
+                    yield chunk([piece])
+                if not item.text and item.finish_reason is None and item.logprobs is None:
+                    continue
             if isinstance(item, Delta) and chat and prep.tools.tools is not None:
                 piece = tooled(p * n + item.index, item)
                 if piece is not None:

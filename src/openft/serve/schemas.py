@@ -187,6 +187,8 @@ class AssistantMessage(_Open):
     content: str | None
     refusal: str | None
     tool_calls: list[ToolCall] | None = None
+    # A reasoning model's `<think>` block (DeepSeek's API field); absent for other models.
+    reasoning_content: str | None = None
 
 
 class TopLogprob(_Open):
