@@ -471,13 +471,12 @@ def main() -> None:
             phases = asyncio.run(drive(server, names, prompts, max_tokens, args.quick, n_base))
         finally:
             server.stop()
-        # The baseline runs in every precision this machine runs fast (fp32, and
-        # bf16 where the hardware has it), and each ratio takes its better figure.
-        from openft.hardware import fast_bf16
+        # The baseline runs in every precision this machine runs fast (fp32, and bf16
+        # where it measured faster: openft.autoprecision), and each ratio takes its better figure.
+        from openft.autoprecision import resolve_precision
 
-        precisions = (
-            ["bf16"] if args.device == "cuda" else (["fp32", "bf16"] if fast_bf16(torch.device("cpu")) else ["fp32"])
-        )
+        cpu_bf16 = resolve_precision("auto", torch.device("cpu")) == "bf16"
+        precisions = ["bf16"] if args.device == "cuda" else (["fp32", "bf16"] if cpu_bf16 else ["fp32"])
         baselines = {}
         for precision in precisions:
             log(f"baseline: plain transformers generate in {precision}, one request at a time ...")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from openft.hardware import cpu_has_amx, resolve_precision
+from openft.autoprecision import decide, resolve_precision
 from openft.models.load import load_model
 from openft.train.lora import LoraParams, apply_lora, lora_layers
 from openft.train.loss import causal_lm_loss
@@ -22,7 +22,7 @@ from .test_recipe import _spec
 def test_resolve_precision():
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
-    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_amx() else "fp32")
+    assert resolve_precision("auto", cpu) == decide("auto", cpu).precision  # measured (tests/test_autoprecision.py)
     with pytest.raises(ValueError, match="auto, fp32, bf16"):
         resolve_precision("fp16", cpu)
 
