@@ -88,7 +88,10 @@ run (sup tok/s) among trl_packed, trl_packed_bf16, trl_best and trl_unpacked
 trl_defaults, capped and at other hyperparameters, is never the peer), openft / trl_packed (fp32:
 throughput_ratio_fp32_peer), openft / trl_unpacked (throughput_ratio_unpacked);
 peak_fraction is openft's, of the fp32 peak as the issue defines it, and
-peak_fraction_bf16 the same FLOP/s over the bf16 peak measured beside it.
+peak_fraction_bf16 the same FLOP/s over the bf16 peak measured beside it (on a
+CPU where bf16 is far behind fp32, openft.autoprecision's small-product figure
+instead: a 2048^3 bf16 product takes ~50 s there; matmul_peak_flops_bf16_source),
+and peak_fraction_chosen that of the precision openft trained in.
 
 Commands (from the repo root; OPENFT_HOME must hold the converted built-in):
   OPENFT_HOME=.openft-home .venv/bin/python benchmarks/train_bench.py --quick
@@ -412,9 +415,20 @@ def child_peak(spec: dict) -> dict:
         return best
 
     # On the CPU both: the issue's peak is fp32's; a CPU with AMX runs bf16 ~4x faster.
+    from openft.autoprecision import ROWS, decide
+
+    bf16_source = "mm"
+    decision = decide("auto", torch.device(spec["device"]))  # cached by the parent
+    if spec["device"] == "cpu" and decision.bf16_rows < ROWS:
+        # bf16 far behind fp32 here (no bf16 instructions): one 2048^3 bf16 product would
+        # take ~50 s (0.35 GFLOP/s on an AVX2 EPYC), so the decision's own figure stands in.
+        peak_bf16, bf16_source = decision.bf16_flops, f"openft.autoprecision ({decision.bf16_rows}-row product)"
+    else:
+        peak_bf16 = best_of(torch.bfloat16)
     return {
         "peak_flops": best_of(torch.float32),
-        "peak_flops_bf16": best_of(torch.bfloat16),
+        "peak_flops_bf16": peak_bf16,
+        "peak_flops_bf16_source": bf16_source,
         "threads": torch.get_num_threads(),
     }
 
@@ -583,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         "hyperparameters": hp,
         "matmul_peak_flops": peak["peak_flops"],
         "matmul_peak_flops_bf16": peak["peak_flops_bf16"],
+        "matmul_peak_flops_bf16_source": peak["peak_flops_bf16_source"],
         "threads": peak["threads"],
         "configs": results,
     }

@@ -98,6 +98,7 @@ def test_the_flag_beats_the_environment_and_a_bad_value_is_refused(home, monkeyp
         '{"KEY": {"precision": "fp16", "fp32_flops": 1, "bf16_flops": 2, "bf16_rows": 512}}',
         '{"KEY": {"precision": "bf16", "fp32_flops": -1, "bf16_flops": 2, "bf16_rows": 512}}',
         '{"KEY": {"precision": "bf16", "fp32_flops": 1, "bf16_flops": 2}}',
+        '{"KEY": {"precision": "bf16", "fp32_flops": 1, "bf16_flops": 2, "bf16_rows": true}}',
     ],
 )
 def test_a_corrupt_cache_is_measured_again_and_rewritten(home, content):
@@ -140,6 +141,24 @@ def test_bf16_stops_early_where_it_is_far_behind(home, monkeypatch):
     rates = iter([1e11, 1e9])  # fp32 at full size, then bf16 at the first step
     monkeypatch.setattr(ap, "best_rate", lambda product, flops, sync: next(rates))
     assert ap.measure(CPU) == (1e11, 1e9, ap.CPU_BF16_STEPS[0])
+
+
+def test_a_device_without_bf16_kernels_gets_fp32_and_keeps_it(home, monkeypatch):
+    calls = []
+
+    def best_rate(product, flops, sync):
+        calls.append(flops)
+        if len(calls) > 1:
+            raise RuntimeError("bf16 not supported")
+        return 1e11
+
+    monkeypatch.setattr(ap, "best_rate", best_rate)
+    d = ap.decide("auto", CPU)
+    assert (d.precision, d.bf16_flops, d.bf16_rows) == ("fp32", 0.0, 0)
+    monkeypatch.setattr(ap, "_MEASURED", {})
+    assert (
+        ap.decide("auto", CPU).source == "cached" and len(calls) == 2
+    )  # the file's entry is valid: not measured again
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -158,13 +158,16 @@ def _valid_entry(entry) -> dict | None:
     """A cached entry with every field well formed, else None (then it is measured again)."""
     if not isinstance(entry, dict) or entry.get("precision") not in ("fp32", "bf16"):
         return None
-    rates = [entry.get("fp32_flops"), entry.get("bf16_flops")]
-    if not all(isinstance(r, (int, float)) and math.isfinite(r) and r > 0 for r in rates):
+    fp32, bf16, rows = entry.get("fp32_flops"), entry.get("bf16_flops"), entry.get("bf16_rows")
+    if not (_finite(fp32) and fp32 > 0 and _finite(bf16) and bf16 >= 0):  # bf16 0: no bf16 kernel
         return None
-    rows = entry.get("bf16_rows")
-    if not isinstance(rows, int) or rows < 1:
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
         return None
     return {k: entry[k] for k in ("precision", "fp32_flops", "bf16_flops", "bf16_rows")}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def measure(device: torch.device) -> tuple[float, float, int]:
@@ -185,7 +188,10 @@ def measure(device: torch.device) -> tuple[float, float, int]:
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 F.linear(xr, w16)
 
-        bf16, timed = best_rate(bf16_product, 2 * r * width * width, sync), r
+        try:
+            bf16, timed = best_rate(bf16_product, 2 * r * width * width, sync), r
+        except RuntimeError:  # no bf16 kernel at all (an older GPU): fp32, measured at nothing
+            return fp32, 0.0, 0
         if bf16 * FAR_BEHIND < fp32:
             break
     return fp32, bf16, timed
