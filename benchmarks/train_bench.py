@@ -18,8 +18,9 @@ Configurations:
   openft        openft.train.recipe.finetune, the real training path, unchanged
                 (length-sorted micro-batches under a token budget, LM head + CE
                 only at labelled positions, no gradient checkpointing, precision
-                auto: on a CPU with AMX, as here, bf16 mixed precision -- base
-                weights stored bf16, adapter/optimizer/loss fp32, bf16 matmuls),
+                auto, measured (openft.autoprecision): where bf16 runs >= 1.2x fp32,
+                as on an AMX CPU, bf16 mixed precision -- base weights stored
+                bf16, adapter/optimizer/loss fp32, bf16 matmuls -- else fp32),
                 in a process started as openft starts its training processes:
                 under tcmalloc where the machine has it (openft.heap; `allocator`
                 in --json). The TRL configurations run as their users run
