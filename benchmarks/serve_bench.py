@@ -1,5 +1,10 @@
-"""Serving and start-up figures for `openft serve` on the built-in model, with a
+"""Serving and start-up figures for `openft serve` on one model, with a
 plain transformers `generate` baseline measured in the same run.
+
+The model: `--model NAME`, a built-in, a registered name or a path (as
+openft.models.registry.resolve takes it; default the built-in
+smollm2-135m-instruct). A name that is not a built-in is served under the name
+`bench-base`, registered in the benchmark's scratch home.
 
 Commands (run from the repository root; OPENFT_HOME must hold the converted
 built-in model, e.g. OPENFT_HOME=.openft-home):
@@ -36,12 +41,13 @@ with clients spread over 4 different adapters (round robin; --quick: 16 clients 
 Baseline: plain transformers `model.generate` (greedy, batch 1, the adapter
 applied unmerged with openft's LoraLinear: the baseline of the serving targets) serving the
 16-client phase's 16 requests one at a time (--quick: the first 3), in this
-process after the server has stopped; in fp32 and, where the hardware runs bf16
-fast (a CPU with AMX), again in bf16 (--device cuda: bf16 only). Each ratio
+process after the server has stopped; in fp32 and, where bf16 measured faster
+(openft.autoprecision, the decision `auto` takes), again in bf16 (--device cuda: bf16 only). Each ratio
 takes the better baseline figure: the faster aggregate, the lower TTFT.
 
-The server runs at `--precision` (auto by default: bf16 on a GPU or a CPU with
-AMX, fp32 elsewhere; the figures record which as server_precision).
+The server runs at `--precision` (auto by default: bf16 where it measured at
+least 1.2x fp32's matmul rate here, fp32 elsewhere; the figures record which as
+server_precision).
 
 Figures (keys of --json):
   - ttft_p50_s / ttft_p95_s per phase: time from sending the request to the first
@@ -57,7 +63,7 @@ Figures (keys of --json):
     adapters loaded / API-process RSS with only the base model loaded, both
     measured on a fresh server at rest after short requests (one to the base,
     then one to each adapter), so batch buffers of a long run do not count (target <= 1.1).
-  - load_s: `openft.models.load.load_for_serving("smollm2-135m-instruct")` (what
+  - load_s: `openft.models.load.load_for_serving(MODEL)` (what
     the server runs: openft's own Llama forward and tokenizer) wall time in a
     fresh process that has imported torch (everything else it imports counts);
     load_cold_s: the same process from interpreter start. Target load_s <= 2.
@@ -90,6 +96,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 from serve.conftest import Server  # noqa: E402  (the same real-server helper the tests use)
 
 BUILTIN = "smollm2-135m-instruct"
+# The served base model's name (--model): the built-in as given, else the name it is
+# registered under in the benchmark's scratch home (see bench_model).
+MODEL = BUILTIN
+BENCH_NAME = "bench-base"
 DATASET = ROOT.parent / "shared" / "datasets" / "alpaca_en_demo.json"
 N_ADAPTERS = 8
 
@@ -134,7 +144,7 @@ def make_adapters(home: Path, n: int) -> list[str]:
     from openft.models.load import load_model
     from openft.train.lora import LoraParams, apply_lora, default_targets, save_adapter
 
-    loaded = load_model(BUILTIN)
+    loaded = load_model(MODEL)
     # openft's training defaults: r=16, alpha=2r, every linear layer of the decoder.
     params = LoraParams(16, 32.0, 0.0, tuple(default_targets(loaded.model)))
     apply_lora(loaded.model, params)
@@ -146,11 +156,11 @@ def make_adapters(home: Path, n: int) -> list[str]:
             if "lora_B" in name:
                 p.data.normal_(0, 0.002)
         run = home / "runs" / f"bench-{i}"
-        save_adapter(loaded.model, params, run / "adapter", BUILTIN)
+        save_adapter(loaded.model, params, run / "adapter", MODEL)
         loaded.tokenizer.save_pretrained(run / "adapter")  # as training does
-        (run / "lineage.json").write_text(json.dumps({"base_model": BUILTIN, "base_model_path": str(loaded.path)}))
-        name = f"ft:{BUILTIN}:local:bench{i}:{i:04d}"
-        store.add_model(id=name, owner="local", base=BUILTIN, job_id=None, path=str(run / "adapter"), kind="adapter")
+        (run / "lineage.json").write_text(json.dumps({"base_model": MODEL, "base_model_path": str(loaded.path)}))
+        name = f"ft:{MODEL}:local:bench{i}:{i:04d}"
+        store.add_model(id=name, owner="local", base=MODEL, job_id=None, path=str(run / "adapter"), kind="adapter")
         names.append(name)
     return names
 
@@ -238,7 +248,7 @@ def measure_load(env: dict, fn: str = "load_for_serving") -> tuple[float, float]
     code = (
         "import time; t0 = time.perf_counter(); import torch; t1 = time.perf_counter()\n"
         f"from openft.models.load import {fn}\n"
-        f"{fn}({BUILTIN!r}); t2 = time.perf_counter()\n"
+        f"{fn}({MODEL!r}); t2 = time.perf_counter()\n"
         "print(t2 - t1, t2 - t0)"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -251,7 +261,7 @@ def first_answer(home: Path, env: dict, precision: str) -> tuple[Server, float, 
     import httpx
 
     server = Server(home)
-    body = {"model": BUILTIN, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
     t0 = time.perf_counter()
     server.proc = subprocess.Popen(
         [sys.executable, "-m", "openft.cli", "serve", "--port", str(server.port), "--precision", precision],
@@ -293,7 +303,7 @@ def memory(server: Server, names: list[str]) -> tuple[float, float]:
 
     client = OpenAI(api_key="local", base_url=server.url + "/v1", max_retries=0, timeout=300)
     ask = [{"role": "user", "content": "Hello"}]
-    client.chat.completions.create(model=BUILTIN, messages=ask, max_tokens=4, temperature=0)
+    client.chat.completions.create(model=MODEL, messages=ask, max_tokens=4, temperature=0)
     time.sleep(1.0)
     base = rss_mb(server.proc.pid)
     for name in names:
@@ -324,7 +334,7 @@ def baseline(adapter_dir: Path, prompts: list[list[dict]], max_tokens: int, devi
     from openft.train.lora import load_adapter
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    loaded = load_model(BUILTIN, dtype=dtype)
+    loaded = load_model(MODEL, dtype=dtype)
     model = loaded.model.to(device)
     load_adapter(model, adapter_dir)
     model.to(device, dtype)
@@ -395,6 +405,26 @@ async def drive(
     return phases
 
 
+def bench_weights(model: str) -> Path:
+    """The safetensors directory of `model` (a built-in, registered name or path,
+    as openft.models.registry.resolve takes it), converted once where it is a GGUF."""
+    from openft.models.load import materialise
+    from openft.models.registry import resolve
+
+    return materialise(resolve(model))
+
+
+def bench_model(model: str, weights: Path) -> str:
+    """The name the server is asked for: a built-in's own, else `weights` registered
+    under BENCH_NAME in the scratch home (the server serves base models by name only)."""
+    from openft.models import registry
+
+    if model in registry.BUILTINS:
+        return model
+    registry.add(weights, BENCH_NAME)
+    return BENCH_NAME
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="shorter prompts and answers, fewer baseline requests")
@@ -403,11 +433,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int)
     ap.add_argument("--prompt-tokens", type=int)
     ap.add_argument("--baseline-requests", type=int)
+    ap.add_argument("--model", default=BUILTIN, help=f"a built-in, registered name or path (default {BUILTIN})")
     ap.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16"),
         default="auto",
-        help="the server's --precision (auto: bf16 on a GPU or a CPU with AMX)",
+        help="the server's --precision (auto: bf16 where it measured faster, openft.autoprecision)",
     )
     args = ap.parse_args()
     max_tokens = args.max_tokens or (24 if args.quick else 128)
@@ -429,17 +460,17 @@ def main() -> None:
     # A terminated benchmark still stops the servers it started (the finally blocks below).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     src_home = Path(os.environ.get("OPENFT_HOME", Path.home() / ".openft"))
-    if not (src_home / "models" / BUILTIN / "config.json").exists():
-        raise SystemExit(
-            f"{src_home}/models/{BUILTIN} is missing: convert the built-in model first "
-            "(e.g. OPENFT_HOME=.openft-home openft models pull, or run any openft command once)"
-        )
+    os.environ["OPENFT_HOME"] = str(src_home)
+    weights = bench_weights(args.model)  # in the source home: a GGUF converts once, there
     home = Path(tempfile.mkdtemp(prefix="openft-bench-"))
     (home / "models").symlink_to((src_home / "models").resolve(), target_is_directory=True)
     env["OPENFT_HOME"] = os.environ["OPENFT_HOME"] = str(home)
+    global MODEL
+    MODEL = bench_model(args.model, weights)
     t_start = time.perf_counter()
     result: dict = {
         "device": args.device,
+        "model": args.model,
         "max_tokens": max_tokens,
         "prompt_tokens_target": prompt_tokens,
         "cpus": os.cpu_count(),
@@ -451,10 +482,10 @@ def main() -> None:
         result["load_transformers_s"], result["load_transformers_cold_s"] = measure_load(env, "load_model")
         log("adapters and prompts ...")
         names = make_adapters(home, N_ADAPTERS)
-        from openft.models.load import load_builtin_tokenizer
+        from transformers import AutoTokenizer
 
-        prompts = make_prompts(load_builtin_tokenizer(), 16, prompt_tokens)
-        tok = load_builtin_tokenizer()
+        tok = AutoTokenizer.from_pretrained(weights)
+        prompts = make_prompts(tok, 16, prompt_tokens)
         lengths = [prompt_length(tok, p) for p in prompts]
         result["prompt_tokens_mean"] = statistics.mean(lengths)
         log("start-up: spawn openft serve, first answer ...")
@@ -471,13 +502,12 @@ def main() -> None:
             phases = asyncio.run(drive(server, names, prompts, max_tokens, args.quick, n_base))
         finally:
             server.stop()
-        # The baseline runs in every precision this machine runs fast (fp32, and
-        # bf16 where the hardware has it), and each ratio takes its better figure.
-        from openft.hardware import fast_bf16
+        # The baseline runs in every precision this machine runs fast (fp32, and bf16
+        # where it measured faster: openft.autoprecision), and each ratio takes its better figure.
+        from openft.autoprecision import resolve_precision
 
-        precisions = (
-            ["bf16"] if args.device == "cuda" else (["fp32", "bf16"] if fast_bf16(torch.device("cpu")) else ["fp32"])
-        )
+        cpu_bf16 = resolve_precision("auto", torch.device("cpu")) == "bf16"
+        precisions = ["bf16"] if args.device == "cuda" else (["fp32", "bf16"] if cpu_bf16 else ["fp32"])
         baselines = {}
         for precision in precisions:
             log(f"baseline: plain transformers generate in {precision}, one request at a time ...")

@@ -1,7 +1,8 @@
 """Training benchmark: openft against TRL SFTTrainer + PEFT on the same work.
 
-Every configuration trains the built-in model (smollm2-135m-instruct, fp32 on
-CPU) on the same rows of ../shared/datasets/alpaca_en_demo.json, written once as
+Every configuration trains the same model (`--model NAME`: a built-in, a
+registered name or a path, as openft.models.registry.resolve takes it; default
+the built-in smollm2-135m-instruct, loaded fp32 on CPU) on the same rows of ../shared/datasets/alpaca_en_demo.json, written once as
 conversational prompt/completion JSONL (user turn = instruction [+ input],
 assistant turn = output), so every side computes the loss on completion tokens
 only. Same hyperparameters on every side: LoRA r=16, alpha=32, dropout 0 on every
@@ -17,8 +18,9 @@ Configurations:
   openft        openft.train.recipe.finetune, the real training path, unchanged
                 (length-sorted micro-batches under a token budget, LM head + CE
                 only at labelled positions, no gradient checkpointing, precision
-                auto: on a CPU with AMX, as here, bf16 mixed precision -- base
-                weights stored bf16, adapter/optimizer/loss fp32, bf16 matmuls),
+                auto, measured (openft.autoprecision): where bf16 runs >= 1.2x fp32,
+                as on an AMX CPU, bf16 mixed precision -- base weights stored
+                bf16, adapter/optimizer/loss fp32, bf16 matmuls -- else fp32),
                 in a process started as openft starts its training processes:
                 under tcmalloc where the machine has it (openft.heap; `allocator`
                 in --json). The TRL configurations run as their users run
@@ -31,7 +33,7 @@ Configurations:
                 first set against, which expected bf16 to be 10-50x slower on a
                 CPU; with AMX it is not),
                 packing=True, rest at TRL's defaults -- which include
-                gradient_checkpointing=True. TRL 1.16
+                gradient_checkpointing=True (about a third more compute). TRL 1.16
                 packs with packing_strategy="bfd" (best-fit decreasing, whole
                 examples, no splitting), which forces padding_free: each batch is
                 one flattened row with position_ids restarting at 0 per example
@@ -47,8 +49,11 @@ Configurations:
                 over the whole packed row. The collator also masks the first
                 label of each packed example, so no example predicts the next.
   trl_packed_bf16  the same with bf16=True (autocast over fp32 weights), so
-                TRL also gets this CPU's fast bf16. The best-configured peer is
-                whichever of trl_packed / trl_packed_bf16 trains faster in the run.
+                TRL also gets this CPU's fast bf16.
+  trl_best      what a careful TRL user runs: packing, gradient_checkpointing
+                OFF, and bf16 or fp32 whichever this machine runs faster -- the
+                same measurement openft's `--precision auto` uses
+                (openft.autoprecision; `trl_precision` in --json).
   trl_unpacked  trl_packed without packing (fp32, padded to the longest in each batch).
   trl_defaults  TRL's pure defaults (only the dataset, the same LoRA config,
                 report_to="none" and a step cap set): bf16 autocast, lr 2e-5,
@@ -78,11 +83,16 @@ Figures per configuration:
                 not credit TRL's gradient-checkpointing recompute, nor charge the
                 LM head openft skips at unlabelled positions.
 
-Ratios: openft / the best-configured peer (throughput_ratio, peak_rss_ratio,
-val_loss_ratio; `best_peer` names it), openft / trl_packed (fp32:
+Ratios: openft / the best-configured peer, the FASTEST TRL configuration of the
+run (sup tok/s) among trl_packed, trl_packed_bf16, trl_best and trl_unpacked
+(throughput_ratio, peak_rss_ratio, val_loss_ratio; `best_peer` names it;
+trl_defaults, capped and at other hyperparameters, is never the peer), openft / trl_packed (fp32:
 throughput_ratio_fp32_peer), openft / trl_unpacked (throughput_ratio_unpacked);
 peak_fraction is openft's, of the fp32 peak as the issue defines it, and
-peak_fraction_bf16 the same FLOP/s over the bf16 peak measured beside it.
+peak_fraction_bf16 the same FLOP/s over the bf16 peak measured beside it (on a
+CPU where bf16 is far behind fp32, openft.autoprecision's small-product figure
+instead: a 2048^3 bf16 product takes ~50 s there; matmul_peak_flops_bf16_source),
+and peak_fraction_chosen that of the precision openft trained in.
 
 Commands (from the repo root; OPENFT_HOME must hold the converted built-in):
   OPENFT_HOME=.openft-home .venv/bin/python benchmarks/train_bench.py --quick
@@ -110,7 +120,9 @@ T_START = time.time()
 REPO = Path(__file__).resolve().parent.parent
 DATASET = REPO.parent / "shared" / "datasets" / "alpaca_en_demo.json"
 MODEL = "smollm2-135m-instruct"
-CONFIGS = ("openft", "trl_packed", "trl_packed_bf16", "trl_unpacked", "trl_defaults")
+CONFIGS = ("openft", "trl_packed", "trl_packed_bf16", "trl_best", "trl_unpacked", "trl_defaults")
+# The configurations the best-configured peer is chosen from (the fastest of them in the run).
+PEERS = ("trl_packed", "trl_packed_bf16", "trl_best", "trl_unpacked")
 # On request (--configs), for A/Bs: openft with precision fp32; openft under the
 # system's malloc instead of the training allocator (openft.heap).
 EXTRA_CONFIGS = ("openft_fp32", "openft_system_malloc")
@@ -187,7 +199,7 @@ def _load_openft_model(spec: dict):
     from openft.models.load import load_model
 
     dtype = torch.bfloat16 if spec["device"] == "cuda" else torch.float32
-    loaded = load_model(MODEL, dtype=dtype)
+    loaded = load_model(spec["model"], dtype=dtype)
     if spec["device"] == "cuda":
         loaded.model.to("cuda")
     return loaded
@@ -200,7 +212,7 @@ def child_openft(spec: dict, name: str) -> dict:
     loaded = _load_openft_model(spec)
     h = spec["hp"]
     job = JobSpec(
-        model=MODEL,
+        model=spec["model"],
         data=DataConfig(path=spec["train_path"], validation_split=0.0, layout="prompt_completion"),
         lora=LoraConfig(rank=LORA_R, alpha=float(LORA_ALPHA), dropout=0.0),
         train=TrainConfig(
@@ -221,11 +233,13 @@ def child_openft(spec: dict, name: str) -> dict:
         output_dir=str(Path(spec["tmp"]) / f"{name}-run"),
     )
     marks: dict = {"steps": []}
+    n_params = count_params(loaded.model)  # before LoRA's adapters join it
 
     def on_event(kind: str, data: dict) -> None:
         now = time.time()
         if kind == "started":
             marks["t0"], marks["c0"] = now, cpu_s()
+            marks["precision_decision"] = data.get("precision")
         elif kind == "metrics":
             marks["steps"].append((now, data))
             marks["c1"] = cpu_s()
@@ -243,11 +257,32 @@ def child_openft(spec: dict, name: str) -> dict:
         "steps": len(rows),
         "peak_rss_mb": rss_mb(),
         "precision": result.config["train"]["precision"],
+        "precision_decision": marks.get("precision_decision"),
+        "n_params": n_params,
         # finetune hands the model back as loaded (fp32 base) + the trained adapter:
         # the shared evaluation scores what `openft serve` would serve.
         "_model": loaded.model,
         "_tok": loaded.tokenizer,
     }
+
+
+def count_params(model) -> int:
+    """Every parameter once (parameters() yields tied embeddings once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def trl_bf16(name: str, cuda: bool) -> bool:
+    """Whether a TRL configuration trains with bf16 autocast: on a GPU always; trl_best
+    where openft.autoprecision measured bf16 faster here (the decision `auto` takes)."""
+    if cuda or name == "trl_packed_bf16":
+        return True
+    if name == "trl_best":
+        import torch
+
+        from openft.autoprecision import resolve_precision
+
+        return resolve_precision("auto", torch.device("cpu")) == "bf16"
+    return False
 
 
 class _Counting:
@@ -281,13 +316,14 @@ def child_trl(spec: dict, name: str) -> dict:
     from openft.models.registry import resolve
 
     setup_torch()  # flush-to-zero: the same CPU setting openft runs with
-    path = materialise(resolve(MODEL))
+    path = materialise(resolve(spec["model"]))
     cuda = spec["device"] == "cuda"
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     dtype = torch.bfloat16 if cuda else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    n_params = count_params(model)
     ds = load_dataset("json", data_files=spec["train_path"], split="train")
     h = spec["hp"]
     out_dir = str(Path(spec["tmp"]) / f"{name}-out")
@@ -297,10 +333,13 @@ def child_trl(spec: dict, name: str) -> dict:
             output_dir=out_dir, report_to="none", disable_tqdm=True, max_steps=h["defaults_steps"], use_cpu=not cuda
         )
     else:
-        packed = name.startswith("trl_packed")
+        packed = name.startswith("trl_packed") or name == "trl_best"
+        # TRL's default (gradient checkpointing on) except in trl_best, which has the memory to spare.
+        ckpt = {"gradient_checkpointing": False} if name == "trl_best" else {}
         args = SFTConfig(
             **common,
-            bf16=cuda or name == "trl_packed_bf16",
+            **ckpt,
+            bf16=trl_bf16(name, cuda),
             packing=packed,
             max_length=h["max_length"],
             per_device_train_batch_size=h["packed_rows"] if packed else h["batch_size"],
@@ -348,6 +387,7 @@ def child_trl(spec: dict, name: str) -> dict:
         "padding_free": bool(getattr(trainer, "padding_free", False)),
         "gradient_checkpointing": bool(args.gradient_checkpointing),
         "bf16": bool(args.bf16),
+        "n_params": n_params,
         "_model": trainer.model,
         "_tok": tok,
     }
@@ -376,9 +416,20 @@ def child_peak(spec: dict) -> dict:
         return best
 
     # On the CPU both: the issue's peak is fp32's; a CPU with AMX runs bf16 ~4x faster.
+    from openft.autoprecision import ROWS, decide
+
+    bf16_source = "mm"
+    decision = decide("auto", torch.device(spec["device"]))  # cached by the parent
+    if spec["device"] == "cpu" and decision.bf16_rows < ROWS:
+        # bf16 far behind fp32 here (no bf16 instructions): one 2048^3 bf16 product would
+        # take ~50 s (0.35 GFLOP/s on an AVX2 EPYC), so the decision's own figure stands in.
+        peak_bf16, bf16_source = decision.bf16_flops, f"openft.autoprecision ({decision.bf16_rows}-row product)"
+    else:
+        peak_bf16 = best_of(torch.bfloat16)
     return {
         "peak_flops": best_of(torch.float32),
-        "peak_flops_bf16": best_of(torch.bfloat16),
+        "peak_flops_bf16": peak_bf16,
+        "peak_flops_bf16_source": bf16_source,
         "threads": torch.get_num_threads(),
     }
 
@@ -434,11 +485,37 @@ def derive(res: dict, n_params: int, method: str, peak: float, peak_bf16: float)
     return res
 
 
+def load_tokenizer(model: str):
+    """The tokenizer of `model` as the TRL side loads it (converting a GGUF once, for every child)."""
+    from transformers import AutoTokenizer
+
+    from openft.models.load import materialise
+    from openft.models.registry import resolve
+
+    return AutoTokenizer.from_pretrained(materialise(resolve(model)))
+
+
+def machine_facts() -> dict:
+    """The CPU (figures.machine) and its bf16 instructions, for RESULTS.md; the precision
+    openft and trl_best use is measured, these are only the facts beside it."""
+    import torch
+    from figures import machine
+
+    from openft.autoprecision import decide
+    from openft.hardware import cpu_bf16_features
+
+    return machine() | {
+        "bf16_features": cpu_bf16_features(),
+        "auto_precision": decide("auto", torch.device("cpu")).as_dict(),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short rows, few steps: under 2 minutes on 2 cores")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--method", choices=("lora", "full"), default="lora")
+    ap.add_argument("--model", default=MODEL, help=f"a built-in, registered name or path (default {MODEL})")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--rows", type=int, help="training rows (default 160; quick 16)")
     ap.add_argument("--valid", type=int, help="held-out rows (default 32; quick 8)")
@@ -462,9 +539,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     os.environ.setdefault("OPENFT_HOME", str(REPO / ".openft-home"))
     sys.path.insert(0, str(REPO / "src"))
-    from openft.models.load import load_builtin_tokenizer
-
-    tok = load_builtin_tokenizer()
+    tok = load_tokenizer(a.model)
+    facts = machine_facts()  # measures (and caches) the auto precision before any configuration runs
     n_train = a.rows or (16 if a.quick else 160)
     n_valid = a.valid or (8 if a.quick else 32)
     max_length = a.max_length or (512 if a.quick else 1024)
@@ -491,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_path": str(train_path),
             "valid_path": str(valid_path),
             "method": a.method,
+            "model": a.model,
             "device": a.device,
             "hp": hp,
             "tmp": tmp,
@@ -504,12 +581,16 @@ def main(argv: list[str] | None = None) -> int:
             if not a.json:
                 print(f"running {name} ...", file=sys.stderr, flush=True)
             results[name] = launch(name, str(spec_path), tmp, 3600)
-    n_params = 134_515_008  # smollm2-135m: every parameter once (tied embeddings)
+    # every parameter of the base model once (tied embeddings once; 134,515,008 for smollm2-135m)
+    n_params = next(r["n_params"] for r in results.values())
     for r in results.values():
         derive(r, n_params, a.method, peak["peak_flops"], peak["peak_flops_bf16"])
     report = {
         "method": a.method,
+        "model": a.model,
+        "n_params": n_params,
         "device": a.device,
+        "machine": facts,
         "quick": a.quick,
         "train_rows": len(train),
         "valid_rows": len(valid),
@@ -517,12 +598,13 @@ def main(argv: list[str] | None = None) -> int:
         "hyperparameters": hp,
         "matmul_peak_flops": peak["peak_flops"],
         "matmul_peak_flops_bf16": peak["peak_flops_bf16"],
+        "matmul_peak_flops_bf16_source": peak["peak_flops_bf16_source"],
         "threads": peak["threads"],
         "configs": results,
     }
     o, u = results.get("openft"), results.get("trl_unpacked")
-    # The best-configured peer: TRL packed in whichever precision trained faster here.
-    peers = [n for n in ("trl_packed", "trl_packed_bf16") if n in results]
+    # The best-configured peer: the fastest TRL configuration of the run.
+    peers = [n for n in PEERS if n in results]
     best = max(peers, key=lambda n: results[n]["sup_tok_s"]) if peers else None
     p = results.get(best) if best else None
     report["best_peer"] = best
@@ -539,10 +621,15 @@ def main(argv: list[str] | None = None) -> int:
         report["cpu_throughput_ratio"] = o["sup_tok_per_cpu_s"] / p["sup_tok_per_cpu_s"]
     if o and u:
         report["cpu_throughput_ratio_unpacked"] = o["sup_tok_per_cpu_s"] / u["sup_tok_per_cpu_s"]
+    if "trl_best" in results:
+        report["trl_precision"] = "bf16" if results["trl_best"]["bf16"] else "fp32"
     if o:
         report["peak_fraction"] = o["peak_fraction"]
         report["peak_fraction_bf16"] = o["peak_fraction_bf16"]
         report["openft_precision"] = o["precision"]
+        report["openft_precision_decision"] = o.get("precision_decision")
+        # of the measured matmul peak of the precision openft trained in (issue 5's >= 50%)
+        report["peak_fraction_chosen"] = o["peak_fraction_bf16"] if o["precision"] == "bf16" else o["peak_fraction"]
         report["openft_allocator"] = o.get("allocator")
     sm = results.get("openft_system_malloc")
     if o and sm:  # the training allocator's A/B, same run
@@ -557,7 +644,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(r: dict) -> None:
     print(
-        f"train_bench: {r['method']} on {r['device']}, {r['train_rows']} train rows (mean {r['mean_example_tokens']:.0f} "
+        f"train_bench: {r['model']} ({r['n_params'] / 1e6:.1f}M), {r['method']} on {r['device']} "
+        f"({r['machine']['cpu']}, {r['machine']['cores']} cores, bf16 instructions: "
+        f"{', '.join(r['machine']['bf16_features']) or 'none'}), {r['train_rows']} train rows (mean {r['mean_example_tokens']:.0f} "
         f"tokens), {r['valid_rows']} held out, hp {r['hyperparameters']}"
     )
     print(
@@ -566,6 +655,9 @@ def print_table(r: dict) -> None:
         f"under {r.get('openft_allocator', '-')} malloc; "
         f"best-configured peer: {r.get('best_peer')}"
     )
+    decision = r.get("openft_precision_decision")
+    if decision:
+        print(f"openft's auto: {decision.get('text')}; trl_best in {r.get('trl_precision', '-')}")
     head = (
         f"{'config':<17}{'sup tok/s':>10}{'/cpu-s':>8}{'padding':>9}{'wall s':>8}{'1st step s':>11}{'peak RSS MB':>12}"
         f"{'val loss':>10}{'GFLOP/s':>9}{'of peak':>9}{'steps':>7}"
@@ -584,7 +676,8 @@ def print_table(r: dict) -> None:
         ("throughput_ratio_unpacked", ">= 2.0"),
         ("peak_rss_ratio", "<= 0.7"),
         ("val_loss_ratio", "<= 1.01"),
-        ("peak_fraction", ">= 0.5 (of the fp32 peak)"),
+        ("peak_fraction_chosen", ">= 0.5 (of the chosen precision's peak)"),
+        ("peak_fraction", "(of the fp32 peak)"),
         ("peak_fraction_bf16", "(of the bf16 peak, reference)"),
         ("throughput_ratio_fp32_peer", "(vs trl_packed fp32)"),
         ("allocator_throughput_ratio", "(openft / openft_system_malloc)"),

@@ -1,48 +1,47 @@
-"""What this machine runs fast: bf16 or fp32, and how to keep bf16 matmul shapes few.
+"""Facts about this machine (CPU model and flags, GPU name) and how to keep bf16 matmul shapes few.
 
 Shared by training (`openft.train.precision`) and serving (`openft.serve.engine`).
-
-On a CPU with AMX (Sapphire Rapids class) a bf16 matmul runs ~3-4x faster than
-fp32 (oneDNN: 665-930 vs 230-310 GFLOP/s for a 2048^3 mm on the 2-core
-machine this was written on), and on recent GPUs bf16 is the native type. So
-`auto` picks bf16 there and fp32 elsewhere (a CPU without AMX emulates bf16
-slowly: 10-50x slower than fp32).
+Which precision `auto` picks is measured, not read from a flag: `openft.autoprecision`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import platform
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
-
 
 @functools.cache
-def cpu_has_amx() -> bool:
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where it cannot be read)."""
     try:
         flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     except OSError:
-        return False
-    return "amx_bf16" in flags.split()
+        return frozenset()
+    return frozenset(flags.partition(":")[2].split())
 
 
-def fast_bf16(device: torch.device) -> bool:
+def cpu_bf16_features() -> list[str]:
+    """Which bf16 matmul instructions the CPU lists (amx_bf16, avx512_bf16): a fact for
+    reports; whether bf16 is faster is measured (`openft.autoprecision`), not read from these."""
+    return sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+def device_name(device: torch.device) -> str:
+    """The CPU model (/proc/cpuinfo's model name, else platform's) or the GPU's name."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_amx() and torch.backends.mkldnn.is_available()
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """ "auto" / "fp32" / "bf16" -> "fp32" or "bf16" (auto: bf16 where it is fast)."""
-    if requested not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
-    if requested == "auto":
-        return "bf16" if fast_bf16(device) else "fp32"
-    return requested
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def onednn_shapes(dtype: torch.dtype, device: torch.device) -> bool:

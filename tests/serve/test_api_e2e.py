@@ -95,6 +95,9 @@ def test_job_lifecycle_events_checkpoints_and_schema(server, finished_job, opena
     messages = [e.message for e in events.data][::-1]
     assert messages[0].startswith("Created fine-tuning job")
     assert any("Files validated" in m for m in messages) and any("started" in m for m in messages)
+    started = next(e for e in events.data if e.message.startswith("Fine-tuning started"))
+    # the precision auto chose, and why (openft.autoprecision), in the line and its data
+    assert "; precision " in started.message and started.data["precision"]["precision"] in ("fp32", "bf16")
     metrics = [e for e in events.data if e.type == "metrics"]
     assert metrics and {"step", "train_loss", "train_mean_token_accuracy"} <= set(metrics[0].data)
     assert any("valid_loss" in e.data for e in metrics)

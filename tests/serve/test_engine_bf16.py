@@ -1,4 +1,4 @@
-"""The engine in bf16 (its default on a GPU or a CPU with AMX): adapters kept
+"""The engine in bf16 (its default where bf16 measured faster: a GPU, a CPU with AMX): adapters kept
 in int8 per rank component, prompts padded to bucketed widths, one-row decode
 steps off oneDNN. The fp32 engine's exactness tests are in test_engine.py."""
 
@@ -8,16 +8,18 @@ import asyncio
 
 import torch
 
-from openft.hardware import fast_bf16, shape_bucket
+from openft.autoprecision import resolve_precision
+from openft.hardware import shape_bucket
 from openft.serve.engine import Delta, Engine, SamplingParams, Usage
 from openft.serve.engine_lora import Int8PerRank, MultiLoraLinear
 
 from .test_engine import GREEDY, adapters, base, make_adapter, prompt, run, talkative_dir, with_adapter  # noqa: F401
 
 
-def test_default_precision_follows_the_hardware():
+def test_default_precision_follows_the_measured_decision():
     eng = Engine(device="cpu")
-    assert eng.dtype == (torch.bfloat16 if fast_bf16(torch.device("cpu")) else torch.float32)
+    auto = resolve_precision("auto", torch.device("cpu"))
+    assert eng.dtype == (torch.bfloat16 if auto == "bf16" else torch.float32) and eng.precision.precision == auto
     assert Engine(device="cpu", dtype=torch.float32).dtype == torch.float32
 
 

@@ -60,7 +60,7 @@ def test_fused_head_gradients_equal_full_logits_gradients(tiny_model_dir, tiny_t
     gradient the plain full-logits loss gives; with several head chunks too."""
     import openft.train.loss as loss_mod
 
-    monkeypatch.setattr(loss_mod, "CHUNK_ROWS", 7)  # several chunks, a ragged last one
+    monkeypatch.setattr(loss_mod, "chunk_rows", lambda vocab: 7)  # several chunks, a ragged last one
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     exs = [
         Example(messages=[Message("user", "w" * (i + 2)), Message("assistant", "reply " * (i + 3))]) for i in range(3)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from openft.hardware import cpu_has_amx, resolve_precision
+from openft.autoprecision import decide, resolve_precision
 from openft.models.load import load_model
 from openft.train.lora import LoraParams, apply_lora, lora_layers
 from openft.train.loss import causal_lm_loss
@@ -22,7 +22,7 @@ from .test_recipe import _spec
 def test_resolve_precision():
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
-    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_amx() else "fp32")
+    assert resolve_precision("auto", cpu) == decide("auto", cpu).precision  # measured (tests/test_autoprecision.py)
     with pytest.raises(ValueError, match="auto, fp32, bf16"):
         resolve_precision("fp16", cpu)
 
@@ -90,3 +90,20 @@ def test_bf16_run_trains_and_leaves_the_model_as_loaded(tiny_model_dir, tmp_path
         if name.endswith(".base.weight") or name in before:
             key = name.replace(".base.", ".")
             assert p.dtype == torch.float32 and torch.equal(p, before[key]), name
+
+
+def test_the_started_event_says_which_precision_auto_chose_and_why(tiny_model_dir, tmp_path, monkeypatch):
+    """OPENFT_PRECISION forces `auto`'s path without measuring; the run follows it and
+    its started event (the job's 'Fine-tuning started' line) carries the decision."""
+    monkeypatch.setenv("OPENFT_PRECISION", "bf16")
+    data = write_chat_jsonl(tmp_path / "train.jsonl", n=8)
+    events = []
+    result = finetune(
+        _spec(tiny_model_dir, data, tmp_path / "run", epochs=1, max_steps=1),
+        progress=False,
+        on_event=lambda kind, d: events.append((kind, d)),
+    )
+    started = next(d for kind, d in events if kind == "started")
+    assert started["precision"]["precision"] == "bf16" and started["precision"]["forced_by"] == "OPENFT_PRECISION"
+    assert started["precision"]["text"] == "precision bf16 (forced by OPENFT_PRECISION)"
+    assert result.config["train"]["precision"] == "bf16"

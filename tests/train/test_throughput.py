@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from openft.autoprecision import resolve_precision
 from openft.data.types import Example, Message
-from openft.hardware import resolve_precision
 from openft.train import throughput
 from openft.train.hparams import estimate_seconds
 from openft.train.stats import token_stats

@@ -206,8 +206,13 @@ class JobRunner:
             self.store.add_event(
                 jid,
                 f"Fine-tuning started: {data['train_examples']} training and "
-                f"{data['valid_examples']} validation examples, {data['total_steps']} steps",
-                data={"total_steps": data["total_steps"], "hyperparameters": data["config"]["train"]},
+                f"{data['valid_examples']} validation examples, {data['total_steps']} steps"
+                + (f"; {data['precision']['text']}" if data.get("precision") else ""),
+                data={
+                    "total_steps": data["total_steps"],
+                    "hyperparameters": data["config"]["train"],
+                    "precision": data.get("precision"),
+                },
             )
         elif kind == "resumed":
             self.store.add_event(

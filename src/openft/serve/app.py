@@ -26,7 +26,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from openft import __version__, home
-from openft.hardware import PRECISIONS
+from openft.autoprecision import PRECISIONS
 from openft.heap import training_env
 from openft.jobs.store import Store
 from openft.serve import errors
@@ -43,7 +43,7 @@ class ServeConfig:
     max_upload_mb: int = 512
     run_worker: bool = True
     max_batch_size: int = 8
-    precision: str = "auto"  # the served weights' dtype: auto (bf16 where fast), fp32 or bf16
+    precision: str = "auto"  # the served weights' dtype: auto (bf16 where measured faster), fp32 or bf16
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones (--allowed-host)
 
 

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from openft.hardware import fast_bf16, onednn_shapes, shape_bucket, without_onednn
+from openft.autoprecision import Decision, decide
+from openft.hardware import onednn_shapes, shape_bucket, without_onednn
 from openft.heap import release_free_memory
 from openft.models.load import load_for_serving, load_tokenizer, setup_torch
 from openft.models.padding import left_pad
@@ -251,10 +252,17 @@ class Engine:
         self.max_loaded_bases = max_loaded_bases
         self.max_loaded_adapters = max_loaded_adapters
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        # bf16 where the hardware runs it fast (a GPU, a CPU with AMX: prefill ~3x, a
-        # 16-row decode step ~1.25x faster than fp32 here, benchmarks/prefill_ab.py
-        # --precision), fp32 elsewhere (a CPU without AMX emulates bf16 10-50x slower).
-        self.dtype = dtype or (torch.bfloat16 if fast_bf16(self.device) else torch.float32)
+        # bf16 where this machine measurably runs it faster (openft.autoprecision, the
+        # same decision training makes: on an AMX CPU prefill ran ~3x, a 16-row decode
+        # step ~1.25x faster than fp32, benchmarks/prefill_ab.py --precision), fp32
+        # elsewhere (a CPU without bf16 hardware runs it 10-50x slower).
+        if dtype is None:
+            self.precision = decide("auto", self.device)
+            dtype = torch.bfloat16 if self.precision.precision == "bf16" else torch.float32
+        else:
+            self.precision = Decision("bf16" if dtype == torch.bfloat16 else "fp32", "forced", forced_by="--precision")
+        self.dtype = dtype
+        log.info("serving engine on %s: %s", self.device, self.precision.describe())
         # oneDNN (bf16 on a CPU) compiles a kernel per matmul shape: prompts are
         # padded to a few bucketed widths so later prefills reuse earlier kernels.
         self._onednn = onednn_shapes(self.dtype, self.device)

@@ -70,7 +70,7 @@ def resolve_train(cfg: TrainConfig, n_examples: int, max_len: int, device: torch
     the GPU if there is one)."""
     import torch
 
-    from openft.hardware import resolve_precision
+    from openft.autoprecision import resolve_precision
 
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ import torch
 
 from openft import __version__ as openft_version
 from openft import home
+from openft.autoprecision import Decision, decide
 from openft.config import JobSpec, TrainConfig
 from openft.data.load import LoadResult, load_dataset, parse_columns
 from openft.data.split import split_examples
@@ -300,6 +302,7 @@ class Recipe:
     run_dir: Path = field(init=False, repr=False)
     lora: LoraParams | None = field(init=False, repr=False, default=None)
     precision: Precision = field(init=False, repr=False)
+    precision_decision: Decision = field(init=False, repr=False)
     params: list[torch.nn.Parameter] = field(init=False, repr=False)
     initial: list[torch.Tensor] | IO[bytes] = field(init=False, repr=False)
     optimizer: torch.optim.Optimizer | None = field(init=False, repr=False, default=None)
@@ -337,6 +340,7 @@ class Recipe:
                 "train_examples": len(self.data.train),
                 "valid_examples": len(self.data.valid),
                 "config": self.resolved,
+                "precision": self.precision_decision.as_dict() | {"text": self.precision_decision.describe()},
             },
         )
         stopped_early = self.train()
@@ -358,6 +362,10 @@ class Recipe:
             raise ValueError("no training example has a trained token left (all fully masked or truncated)")
         self.device = next(self.model.parameters()).device
         self.cfg = resolve_train(self.spec.train, len(self.data.train_enc), self.data.max_len, self.device)
+        # Why this precision (measured figures or what forced it); cached, so no second measurement.
+        self.precision_decision = decide(self.spec.train.precision, self.device)
+        if self.progress:
+            print(f"openft: training in {self.precision_decision.describe()}", file=sys.stderr, flush=True)
 
     def setup_run_dir(self, resume: bool) -> None:
         run_dir = Path(self.spec.output_dir) if self.spec.output_dir else default_run_dir(self.spec)

@@ -4,7 +4,7 @@ The estimate (`openft.train.hparams.estimate_seconds`) divides a run's FLOPs by
 an effective rate. That rate is measured, not assumed: a short probe times the
 three products a linear layer runs per training step (forward X·W, backward
 dY·Wᵀ and Xᵀ·dY) on the device and at the precision training would pick here
-(`openft.hardware.resolve_precision("auto", ...)`), and a training step reaches
+(`openft.autoprecision.resolve_precision("auto", ...)`, itself measured), and a training step reaches
 a fixed fraction of that matmul rate (`TRAINING_EFFICIENCY`). The probe takes a
 fraction of a second; its figure is cached under OPENFT_HOME per machine (CPU
 model or GPU name, torch version, thread count, precision), so later estimates
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,8 +23,9 @@ from pathlib import Path
 import torch
 
 from openft import home
+from openft.autoprecision import resolve_precision
 from openft.fileio import atomic_write
-from openft.hardware import resolve_precision
+from openft.hardware import device_name
 
 ENV_FLOPS = "OPENFT_ESTIMATE_FLOPS"
 CACHE_NAME = "throughput.json"
@@ -62,18 +62,6 @@ class MachineKey:
 def training_device() -> torch.device:
     """Where training runs by default (as `resolve_train`): the GPU if there is one."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_key(device: torch.device, precision: str) -> MachineKey:
