@@ -5,7 +5,6 @@ tokenizers with each family's special tokens (tests/models/tiny_vocab.py)."""
 from __future__ import annotations
 
 import pytest
-from .tiny_vocab import make_tokenizer
 
 from openft.data.types import Example, Location, Message
 from openft.models.reasoning import is_reasoning_model, split_reasoning
@@ -20,6 +19,8 @@ from openft.models.templates import (
     resolve_template,
 )
 from openft.train.tokenize import IGNORE, encode, segments
+
+from .tiny_vocab import make_tokenizer
 
 CHAT = Example(
     messages=[
