@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from openft import home
-from openft.fileio import atomic_write
+from openft.fileio import atomic_write, read_json_object
 from openft.hardware import device_name
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -124,7 +124,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 def measured_decision(device: torch.device) -> Decision:
     """The cached decision for this machine, else measured now and cached."""
     key = machine_key(device).text()
-    entries = _read_cache(cache_path())
+    entries = read_json_object(cache_path())
     cached = _valid_entry(entries.get(key))
     if cached is not None:
         return Decision(source="cached", **cached)
@@ -143,15 +143,6 @@ def measured_entry(device: torch.device) -> dict:
     full = ROWS if device.type == "cpu" else GPU_ROWS
     precision = "bf16" if rows == full and bf16 >= BF16_MARGIN * fp32 else "fp32"
     return {"precision": precision, "fp32_flops": fp32, "bf16_flops": bf16, "bf16_rows": rows}
-
-
-def _read_cache(path: Path) -> dict:
-    """The cached decisions; an unreadable or malformed file counts as empty (it is rewritten)."""
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return entries if isinstance(entries, dict) else {}
 
 
 def _valid_entry(entry) -> dict | None:

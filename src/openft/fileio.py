@@ -10,6 +10,7 @@ crash mid-write leaves the old file (or nothing) plus a hidden temp to clean up.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -93,3 +94,14 @@ def sha256_files(files: Iterable[str | Path], *, names: bool = False) -> str:
             while chunk := fh.read(CHUNK_BYTES):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object kept as a cache (measured figures, decisions): an unreadable or
+    malformed file, or one holding something else, counts as empty (the caller measures
+    again and rewrites it)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -24,7 +24,7 @@ import torch
 
 from openft import home
 from openft.autoprecision import resolve_precision
-from openft.fileio import atomic_write
+from openft.fileio import atomic_write, read_json_object
 from openft.hardware import device_name
 
 ENV_FLOPS = "OPENFT_ESTIMATE_FLOPS"
@@ -96,7 +96,7 @@ def cache_path() -> Path:
 def matmul_flops(device: torch.device, precision: str) -> float:
     """The probe's figure for this machine: from the cache, else measured and cached."""
     key = machine_key(device, precision)
-    entries = _read_cache(cache_path())
+    entries = read_json_object(cache_path())
     cached = entries.get(key.text())
     if isinstance(cached, (int, float)) and math.isfinite(cached) and cached > 0:
         return float(cached)
@@ -104,15 +104,6 @@ def matmul_flops(device: torch.device, precision: str) -> float:
     entries[key.text()] = flops
     atomic_write(cache_path(), json.dumps(entries, indent=1, sort_keys=True))
     return flops
-
-
-def _read_cache(path: Path) -> dict:
-    """The cached figures; an unreadable or malformed file counts as empty (it is rewritten)."""
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return entries if isinstance(entries, dict) else {}
 
 
 def probe(device: torch.device, precision: str) -> float:
