@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -143,3 +144,45 @@ def wait_for(predicate, timeout: float = 300, every: float = 0.5):
 
 def jsonl(rows) -> bytes:
     return ("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n").encode()
+
+
+@contextlib.contextmanager
+def in_process_app(home: Path, models: dict[str, Path]):
+    """The real app and engine in this process (no server process, no worker) with
+    `models` registered in `home`; for routes whose answers a test scripts."""
+    from openft.serve.app import ServeConfig, create_app
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPENFT_HOME", str(home))
+        for name, path in models.items():
+            register(home, name, path)
+        application = create_app(ServeConfig(run_worker=False))
+        try:
+            yield application
+        finally:
+            application.state.engine.stop()
+
+
+def scripted_sampler(monkeypatch, tokenizer, end_token: str):
+    """set_script(text): the engine's next answers are `text` then `end_token`, whatever
+    the logits (the real sampler still runs, so its state advances as usual); one
+    request at a time. A tiny random model never writes a given answer, so this is how
+    the route, engine, detokenizer and parsers are run on one."""
+    from openft.serve import engine as engine_mod
+
+    real = engine_mod.sample
+    state = {"ids": [], "i": 0}
+
+    def scripted(logits, *rest):
+        real(logits, *rest)
+        i, state["i"] = state["i"], state["i"] + 1
+        # Cycled: an answer ends at the script's last token (the end of turn), so the
+        # next request starts the script again.
+        return [state["ids"][i % len(state["ids"])]] * logits.shape[0]
+
+    def set_script(text: str) -> None:
+        end = tokenizer.convert_tokens_to_ids(end_token)
+        state["ids"], state["i"] = tokenizer(text, add_special_tokens=False)["input_ids"] + [end], 0
+
+    monkeypatch.setattr(engine_mod, "sample", scripted)
+    return set_script

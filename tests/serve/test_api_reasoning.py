@@ -11,7 +11,7 @@ import pytest
 
 from openft.models.reasoning import ReasoningStream, split_reasoning
 
-from .conftest import TINY, register
+from .conftest import TINY, in_process_app, scripted_sampler
 from .test_api_tools import post, sse
 
 THINKER = "tiny-r1"
@@ -41,37 +41,14 @@ def thinker_dir(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, session_home, tiny_model_dir, thinker_dir):
-    from openft.serve.app import ServeConfig, create_app
-
     home = tmp_path_factory.mktemp("reasoning-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OPENFT_HOME", str(home))
-        register(home, THINKER, thinker_dir)
-        register(home, TINY, tiny_model_dir)
-        application = create_app(ServeConfig(run_worker=False))
+    with in_process_app(home, {THINKER: thinker_dir, TINY: tiny_model_dir}) as application:
         yield application
-        application.state.engine.stop()
 
 
 @pytest.fixture
 def script(monkeypatch, tiny_tokenizer):
-    """script(text): the next answer is `text` then `<|im_end|>`, whatever the logits."""
-    from openft.serve import engine as engine_mod
-
-    real = engine_mod.sample
-    state = {"ids": [], "i": 0}
-
-    def scripted(logits, *rest):
-        real(logits, *rest)
-        i, state["i"] = state["i"], state["i"] + 1
-        return [state["ids"][i % len(state["ids"])]] * logits.shape[0]
-
-    def set_script(text: str) -> None:
-        end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
-        state["ids"], state["i"] = tiny_tokenizer(text, add_special_tokens=False)["input_ids"] + [end], 0
-
-    monkeypatch.setattr(engine_mod, "sample", scripted)
-    return set_script
+    return scripted_sampler(monkeypatch, tiny_tokenizer, "<|im_end|>")
 
 
 def test_reasoning_comes_back_beside_the_answer(app, openapi, script):

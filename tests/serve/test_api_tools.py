@@ -14,9 +14,7 @@ import httpx
 import openai
 import pytest
 
-from openft.serve import engine as engine_mod
-
-from .conftest import TINY, register
+from .conftest import TINY, in_process_app, scripted_sampler
 
 TOOLY = "tiny-qwen2-tools"
 TOOLS = [
@@ -35,39 +33,14 @@ CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, session_home, tiny_model_dir, tiny_tool_model_dir):
-    from openft.serve.app import ServeConfig, create_app
-
     home = tmp_path_factory.mktemp("tools-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OPENFT_HOME", str(home))
-        register(home, TOOLY, tiny_tool_model_dir)
-        register(home, TINY, tiny_model_dir)
-        application = create_app(ServeConfig(run_worker=False))
+    with in_process_app(home, {TOOLY: tiny_tool_model_dir, TINY: tiny_model_dir}) as application:
         yield application
-        application.state.engine.stop()
 
 
 @pytest.fixture
 def script(monkeypatch, tool_tokenizer):
-    """script(text): the next answers are `text` then the end-of-turn token, whatever
-    the logits (the real sampler still runs, so its state advances as usual); one
-    request at a time."""
-    real = engine_mod.sample
-    state = {"ids": [], "i": 0}
-
-    def scripted(logits, *rest):
-        real(logits, *rest)
-        i, state["i"] = state["i"], state["i"] + 1
-        # Cycled: an answer ends at the script's last token (the end of turn), so the
-        # next request starts the script again.
-        return [state["ids"][i % len(state["ids"])]] * logits.shape[0]
-
-    def set_script(text: str) -> None:
-        end = tool_tokenizer.convert_tokens_to_ids("<|im_end|>")
-        state["ids"], state["i"] = tool_tokenizer(text, add_special_tokens=False)["input_ids"] + [end], 0
-
-    monkeypatch.setattr(engine_mod, "sample", scripted)
-    return set_script
+    return scripted_sampler(monkeypatch, tool_tokenizer, "<|im_end|>")
 
 
 def post(app, body: dict) -> httpx.Response:
