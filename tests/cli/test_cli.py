@@ -30,7 +30,14 @@ def openft(*args: str, home: Path, check: bool = False, **env_vars: str) -> subp
 
 def test_models_list_shows_the_builtin(session_home):
     out = openft("models", "list", home=session_home, check=True).stdout
-    assert "smollm2-135m-instruct" in out and "available" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and line.split()}
+    assert "NAME" in rows and "STATE" in rows["NAME"]
+    # The default built-in ships with the install; the others say how to get them when absent.
+    assert " llama " in rows["smollm2-135m-instruct"] and "installed" in rows["smollm2-135m-instruct"]
+    assert "not installed" not in rows["smollm2-135m-instruct"]
+    for name in ("qwen2.5-coder-0.5b-instruct", "gemma-3-270m"):
+        line = rows[name]
+        assert line.rstrip().endswith("installed") or "installed," in line or f"openft models pull {name}" in line
 
 
 HELP_FLAGS = {
