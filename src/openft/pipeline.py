@@ -14,6 +14,7 @@ from openft.eval.questions import load_questions
 from openft.eval.scores import Embedder
 from openft.eval.verdict import TrainingSignals, judge
 from openft.models.load import load_model
+from openft.train.distributed import Launch
 from openft.train.export import load_any
 from openft.train.recipe import ControlFn, EventFn, TrainResult, check_data_template, finetune
 
@@ -38,7 +39,11 @@ def finetune_with_comparison(
     progress: bool = True,
     echo=print,
     control: ControlFn | None = None,
+    launch: Launch | None = None,
 ) -> FinetuneOutcome:
+    """Fine-tune `spec`, answering its questions before and after. With a `launch`
+    of more than one rank, training runs on torchrun's ranks (`openft.train.launch`)
+    while this process relays their events and control requests."""
     loaded = load_model(spec.model, chat_template=spec.chat_template)
     questions = load_questions(spec.eval.questions) if spec.eval.questions else None
     before = None
