@@ -306,13 +306,39 @@ def cmd_data_preview(args) -> int:
     return 0 if result.ok else 1
 
 
+def add_launch_flags(p: argparse.ArgumentParser) -> None:
+    """torchrun's flags: several training processes on this machine, or across machines."""
+    g = p.add_argument_group("distributed training (torchrun; gloo on a CPU, NCCL on GPUs)")
+    g.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="training processes (ranks) here")
+    g.add_argument("--nnodes", type=int, default=1, metavar="M", help="machines taking part, each running this")
+    g.add_argument("--node-rank", type=int, default=0, metavar="R", help="this machine's place, 0 to M-1")
+    g.add_argument(
+        "--rdzv-endpoint", metavar="HOST:PORT", help="the c10d rendezvous every machine reaches (needed with M > 1)"
+    )
+    g.add_argument("--max-restarts", type=int, default=1, help="restarts of every rank after one dies (each resumes)")
+
+
+def launch_from_args(args):
+    from openft.train.distributed import Launch
+
+    return Launch(
+        nproc_per_node=args.nproc_per_node,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint,
+        max_restarts=args.max_restarts,
+    )
+
+
 def cmd_finetune(args) -> int:
     from openft.pipeline import finetune_with_comparison
+    from openft.train.launch import RankFailure
     from openft.train.recipe import DataError
 
     try:
         spec = spec_from_args(args)
-    except ValueError as e:  # the --config file: an unknown key, a value of the wrong type
+        launch = launch_from_args(args)
+    except ValueError as e:  # the --config file: an unknown key, a value of the wrong type; a bad launch
         print(f"error: {e}", file=sys.stderr)
         return 2  # a usage error, as a wrongly typed flag is
     if not spec.data.path:
@@ -322,8 +348,8 @@ def cmd_finetune(args) -> int:
         print("error: --resume needs --output RUN_DIR (the run to continue)", file=sys.stderr)
         return 2
     try:
-        outcome = finetune_with_comparison(spec, resume=args.resume)
-    except DataError as e:
+        outcome = finetune_with_comparison(spec, resume=args.resume, launch=launch)
+    except (DataError, RankFailure) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     r = outcome.result
@@ -466,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--suffix", help="a name for the fine-tuned model")
     ft.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     ft.add_argument("--chat-template", metavar="FILE", help=CHAT_TEMPLATE_HELP)
+    add_launch_flags(ft)
     _add_config_flags(ft)
     ft.set_defaults(fn=cmd_finetune)
 

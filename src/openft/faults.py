@@ -12,7 +12,9 @@ Off unless the environment variable OPENFT_FAULTS names a point, so in normal us
   hold    write `<OPENFT_FAULTS_DIR>/<point>.held` and wait until
           `<point>.go` appears there, so a test can act at a known moment
 
-e.g. OPENFT_FAULTS="checkpoint.write:2,eval:1:hold". Before a kill, one JSON line
+e.g. OPENFT_FAULTS="checkpoint.write:2,eval:1:hold". Under torchrun every rank
+inherits the plan; OPENFT_FAULTS_RANK=R keeps it to rank R's first attempt, so a
+rank restarted by torchrun does not die again at the same point. Before a kill, one JSON line
 naming the point goes to OPENFT_FAULTS_DIR/injected.jsonl, so a campaign can tell
 which moment each death hit.
 
@@ -38,6 +40,7 @@ from pathlib import Path
 
 ENV = "OPENFT_FAULTS"
 DIR_ENV = "OPENFT_FAULTS_DIR"
+RANK_ENV = "OPENFT_FAULTS_RANK"
 ACTIONS = ("kill", "enospc", "hold")
 POINTS = ("step", "eval", "checkpoint.write", "checkpoint.commit", "checkpoint.prune", "register")
 
@@ -74,10 +77,18 @@ def _faults_dir() -> Path:
     return Path(os.environ.get(DIR_ENV) or ".")
 
 
+def _this_process_faults() -> bool:
+    """False in a rank other than OPENFT_FAULTS_RANK, and in any torchrun restart."""
+    want = os.environ.get(RANK_ENV)
+    if want is None:
+        return True
+    return os.environ.get("RANK", "0") == want and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+
+
 def fault_point(name: str) -> None:
     global _plan
     if _plan is None:
-        _plan = parse(os.environ.get(ENV, ""))
+        _plan = parse(os.environ.get(ENV, "")) if _this_process_faults() else {}
     fault = _plan.get(name)
     if fault is None:
         return

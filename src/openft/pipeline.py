@@ -16,6 +16,7 @@ from openft.eval.verdict import TrainingSignals, judge
 from openft.models.load import load_model
 from openft.train.distributed import Launch
 from openft.train.export import load_any
+from openft.train.launch import run_ranks
 from openft.train.recipe import ControlFn, EventFn, TrainResult, check_data_template, finetune
 
 
@@ -57,7 +58,15 @@ def finetune_with_comparison(
             max_new_tokens=spec.eval.max_new_tokens,
             tools=[q.tools for q in questions],
         )
-    result = finetune(spec, resume=resume, on_event=on_event, progress=progress, loaded=loaded, control=control)
+    if launch and launch.distributed:
+        check_data_template(spec, loaded)  # bad data fails here, once, not on every rank
+        loaded = None  # each rank loads its own copy; this one is not needed until the answers after
+        result = run_ranks(spec, launch, resume=resume, on_event=on_event, control=control, progress=progress)
+        if launch.node_rank != 0:
+            return FinetuneOutcome(result, None, None)  # node 0 reports
+        loaded = load_any(str(result.run_dir))  # the ranks trained their own copies
+    else:
+        result = finetune(spec, resume=resume, on_event=on_event, progress=progress, loaded=loaded, control=control)
     if not questions:
         verdict = judge(_signals(result))
         echo(verdict.summary)

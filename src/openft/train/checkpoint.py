@@ -108,11 +108,13 @@ def save(
     optimizer: torch.optim.Optimizer,
     state: TrainerState,
     extra: Callable[[Path], None] | None = None,
+    rngs: list[torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint `state.step`; `extra(tmp_dir)` may add files (the servable
     adapter) before the folder is renamed into place. A failed write (a full disk)
     removes its partial folder, so it neither fills the disk further nor looks like
-    a checkpoint, and raises CheckpointWriteError naming the step and the cause."""
+    a checkpoint, and raises CheckpointWriteError naming the step and the cause.
+    `rngs`: every rank's RNG state where several ranks train (rank 0 writes)."""
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{state.step:06d}"
@@ -120,7 +122,7 @@ def save(
         # Written as .tmp-step-N, renamed into place; the same step saved again
         # replaces the old copy with never a moment with neither on disk.
         with atomic_dir(final) as tmp:
-            _write(tmp, model, optimizer, state, extra)
+            _write(tmp, model, optimizer, state, extra, rngs)
     except Exception as e:
         code = os_errno(e)
         if code is None:
@@ -151,22 +153,29 @@ def _write(
     optimizer: torch.optim.Optimizer,
     state: TrainerState,
     extra: Callable[[Path], None] | None,
+    rngs: list[torch.Tensor] | None,
 ) -> None:
     write_safetensors(trainable_state(model), tmp / "trainable.safetensors")
     fault_point("checkpoint.write")
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     write_safetensors(opt_tensors, tmp / "optimizer.safetensors")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    write_safetensors(rng, tmp / "rng.safetensors")
-    py_state = random.getstate()
+    write_rng(tmp, rngs or [torch.get_rng_state()])
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-    (tmp / "python_rng.json").write_text(json.dumps([py_state[0], list(py_state[1]), py_state[2]]))
     if extra:
         extra(tmp)
     # Written last: its presence inside a renamed folder means "complete".
     (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
+
+
+def write_rng(tmp: Path, rngs: list[torch.Tensor]) -> None:
+    """torch's RNG state of every rank (`torch` is rank 0's, `torch.rank<R>` the
+    others'), CUDA's, and Python's."""
+    rng = {"torch": rngs[0], **{f"torch.rank{r}": t for r, t in enumerate(rngs) if r}}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    write_safetensors(rng, tmp / "rng.safetensors")
+    py_state = random.getstate()
+    (tmp / "python_rng.json").write_text(json.dumps([py_state[0], list(py_state[1]), py_state[2]]))
 
 
 def prune(run_dir: Path, keep: int) -> list[int]:
@@ -218,22 +227,50 @@ def latest(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainerState:
+def load(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> TrainerState:
     weights = load_file(str(ckpt / "trainable.safetensors"))
     params = dict(model.named_parameters())
     for name, value in weights.items():
         params[name].data.copy_(value)
+    optimizer.load_state_dict(_read_optimizer(ckpt))
+    read_rng(ckpt, rank)
+    return read_state(ckpt)
+
+
+def _read_optimizer(ckpt: Path) -> dict:
     meta = json.loads((ckpt / "optimizer.json").read_text())
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     state: dict[int, dict] = {}
     for key, t in tensors.items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = t.reshape(()) if key in meta["scalar_keys"] else t
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def read_full(ckpt: Path, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """A one-rank checkpoint as full state dicts keyed by parameter name (what a
+    sharded model loads): the optimizer's parameter ids are positions in the list
+    of trainable parameters, in `named_parameters` order."""
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    sd = _read_optimizer(ckpt)
+    state = {names[pid]: v for pid, v in sd["state"].items()}
+    groups = [dict(g, params=[names[i] for i in g["params"]]) for g in sd["param_groups"]]
+    return weights, {"state": state, "param_groups": groups}
+
+
+def read_rng(ckpt: Path, rank: int = 0) -> None:
+    """Restore this rank's RNG states; a rank the writing run did not have keeps
+    the seed it started with."""
     rng = load_file(str(ckpt / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
+    key = "torch" if rank == 0 else f"torch.rank{rank}"
+    if key in rng:
+        torch.set_rng_state(rng[key])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     v, internal, gauss = json.loads((ckpt / "python_rng.json").read_text())
     random.setstate((v, tuple(internal), gauss))
+
+
+def read_state(ckpt: Path) -> TrainerState:
     return TrainerState(**json.loads((ckpt / STATE_FILE).read_text()))

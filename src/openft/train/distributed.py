@@ -111,6 +111,18 @@ class World:
             local_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
         )
 
+    def from_main(self, fn):
+        """`fn()` run on rank 0, its result given to every rank."""
+        if not self.distributed:
+            return fn()
+        box = [fn() if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
     def device(self) -> torch.device:
         """The rank's GPU where there are GPUs, else the CPU."""
         if torch.cuda.is_available():

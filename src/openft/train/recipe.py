@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -38,8 +39,9 @@ from openft.fileio import atomic_dir, atomic_write, sha256_files
 from openft.heap import allocator_in_use, keep_freed_memory
 from openft.models.load import LoadedModel, hash_weights, load_model
 from openft.models.templates import ChatTemplate, check_template, resolve_template
-from openft.train import checkpoint
-from openft.train.batching import Step, micro_batches, plan_steps
+from openft.train import checkpoint, distributed, sharded
+from openft.train.batching import MicroBatch, Step, collate, micro_batches, plan_steps
+from openft.train.distributed import World
 from openft.train.hparams import auto_max_seq_length, lr_at, resolve_lora, resolve_train
 from openft.train.lora import LoraParams, apply_lora, default_targets, save_adapter
 from openft.train.loss import causal_lm_loss
@@ -157,22 +159,89 @@ def default_run_dir(spec: JobSpec) -> Path:
     return home.runs_dir() / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+class LossModule(torch.nn.Module):
+    """The model with its loss, as one module: what the recipe calls for every
+    forward, so that DDP's and FSDP2's hooks (set on the module they wrap) run."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int, int]:
+        out = causal_lm_loss(self.model, input_ids, attention_mask, labels)
+        return out.loss_sum, out.n_tokens, out.n_correct
+
+
+def rank_share(items: list[Encoded], world: World) -> list[Encoded]:
+    """This rank's examples of one step: longest first, each to the rank with the
+    fewest tokens so far (ties to the lower rank), so ranks finish together. Every
+    rank computes the same split from the same step, with no communication."""
+    if not world.distributed:
+        return items
+    order = sorted(range(len(items)), key=lambda i: (-len(items[i]), i))
+    load = [0] * world.size
+    mine = []
+    for i in order:
+        r = min(range(world.size), key=lambda k: (load[k], k))
+        load[r] += len(items[i])
+        if r == world.rank:
+            mine.append(items[i])
+    return mine
+
+
+def lockstep(mbs: list[MicroBatch], spare: Encoded | None, pad_id: int, world: World) -> list[tuple[MicroBatch, bool]]:
+    """The micro-batches to run, each with whether it counts: every rank runs as
+    many as the busiest one (FSDP2 gathers weights inside each forward, and DDP's
+    reduction needs a backward on every rank), topping up with `spare` at weight 0."""
+    runs = [(mb, True) for mb in mbs]
+    if not world.distributed:
+        return runs
+    count = world_max(len(runs))
+    filler = mbs[0] if mbs else collate([spare], pad_id)
+    return runs + [(filler, False)] * (count - len(runs))
+
+
+def world_max(n: int) -> int:
+    t = torch.tensor([n], dtype=torch.long)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t)
+
+
+def world_sum(values: list[float], world: World) -> list[float]:
+    """Sums over the ranks (in float64: token counts stay exact)."""
+    if not world.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
 @torch.inference_mode()
 def evaluate(
-    model: torch.nn.Module, encoded: list[Encoded], pad_id: int, token_budget: int, precision: Precision
+    loss_fn: torch.nn.Module,
+    encoded: list[Encoded],
+    pad_id: int,
+    token_budget: int,
+    precision: Precision,
+    world: World | None = None,
 ) -> tuple[float, float]:
-    """Mean loss and token accuracy over trained tokens of `encoded`."""
-    was_training = model.training
-    model.eval()
+    """Mean loss and token accuracy over trained tokens of `encoded`, through
+    `loss_fn` (the recipe's `LossModule`, wrapped or not), each rank scoring its share."""
+    world = world or World()
+    was_training = loss_fn.training
+    loss_fn.eval()
     loss_sum, n, correct = 0.0, 0, 0
-    for mb in micro_batches(encoded, pad_id, token_budget, precision.widths()):
+    mine = rank_share(encoded, world)
+    spare = encoded[0] if encoded else None
+    runs = lockstep(micro_batches(mine, pad_id, token_budget, precision.widths()), spare, pad_id, world)
+    for mb, counts in runs:
         fault_point("eval")
         with precision.autocast():
-            out = causal_lm_loss(model, mb.input_ids, mb.attention_mask, mb.labels)
-        loss_sum += float(out.loss_sum)
-        n += out.n_tokens
-        correct += out.n_correct
-    model.train(was_training)
+            ls, nt, nc = loss_fn(mb.input_ids, mb.attention_mask, mb.labels)
+        if counts:
+            loss_sum, n, correct = loss_sum + float(ls), n + nt, correct + nc
+    loss_fn.train(was_training)
+    loss_sum, n, correct = world_sum([loss_sum, n, correct], world)
     return (loss_sum / n, correct / n) if n else (float("nan"), float("nan"))
 
 
@@ -187,10 +256,10 @@ def snapshot_weights(params: list[torch.nn.Parameter], run_dir: Path, *, spill: 
     process however the run ends (cancel, crash, SIGKILL); a resumed run takes a
     new copy before loading its checkpoint, i.e. of the same base weights."""
     if not spill:
-        return [p.detach().clone() for p in params]
+        return [sharded.local(p).detach().clone() for p in params]
     f = tempfile.TemporaryFile(dir=run_dir)
-    for p in params:
-        f.write(checkpoint.raw_bytes(p.detach().cpu().contiguous()))
+    for p in params:  # a sharded run spills this rank's shard
+        f.write(checkpoint.raw_bytes(sharded.local(p).detach().cpu().contiguous()))
     f.flush()
     return f
 
@@ -198,19 +267,30 @@ def snapshot_weights(params: list[torch.nn.Parameter], run_dir: Path, *, spill: 
 SPILL_CHUNK = 1 << 22  # elements read back at a time (16 MB of fp32)
 
 
-def weight_delta_norm(params: list[torch.nn.Parameter], initial: list[torch.Tensor] | IO[bytes]) -> float:
+def weight_delta_norm(
+    params: list[torch.nn.Parameter], initial: list[torch.Tensor] | IO[bytes], world: World | None = None
+) -> float:
     """||trained - initial||_2 over every trained weight; closes (frees) a spilled copy.
+    With sharded weights each rank holds a part: the squares are summed over `world`."""
+    sq = _delta_squared(params, initial)
+    if world is not None and any(sharded.is_sharded_param(p) for p in params):
+        sq = world_sum([sq], world)[0]
+    return math.sqrt(sq)
+
+
+def _delta_squared(params: list[torch.nn.Parameter], initial: list[torch.Tensor] | IO[bytes]) -> float:
+    """The sum of squared changes of this process's (part of the) weights.
 
     The spilled copy is read into one reused buffer rather than memory-mapped:
     mapped pages count in the process's resident memory, and at the end of a run
     they stacked 540 MB on top of the trained model."""
     if isinstance(initial, list):
-        return _distance(params, initial)
+        return sum(float((sharded.local(p).detach().cpu() - q).pow(2).sum()) for p, q in zip(params, initial))
     total = 0.0
     with initial:
         initial.seek(0)
         for p in params:
-            flat = p.detach().cpu().reshape(-1)
+            flat = sharded.local(p).detach().cpu().reshape(-1)
             buf = torch.empty(min(SPILL_CHUNK, flat.numel()), dtype=flat.dtype)
             for s in range(0, flat.numel(), SPILL_CHUNK):
                 part = buf[: min(SPILL_CHUNK, flat.numel() - s)]
@@ -218,11 +298,7 @@ def weight_delta_norm(params: list[torch.nn.Parameter], initial: list[torch.Tens
                 if initial.readinto(view) != len(view):
                     raise OSError("the spilled copy of the initial weights is shorter than the weights")
                 total += float((flat[s : s + len(part)].float() - part.float()).pow(2).sum())
-    return math.sqrt(total)
-
-
-def _distance(params: list[torch.nn.Parameter], before: list[torch.Tensor]) -> float:
-    return math.sqrt(sum(float((p.detach().cpu() - q).pow(2).sum()) for p, q in zip(params, before)))
+    return total
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -311,6 +387,8 @@ class Recipe:
     state: checkpoint.TrainerState = field(init=False, repr=False)
     clock: Clock = field(init=False, repr=False)
     bar: ProgressBar | None = field(init=False, repr=False, default=None)
+    world: World = field(default_factory=distributed.current)  # this rank among the run's ranks
+    loss_fn: torch.nn.Module = field(init=False, repr=False)  # LossModule, wrapped by DDP/FSDP2 on several ranks
 
     @property
     def model(self) -> torch.nn.Module:
@@ -363,13 +441,15 @@ class Recipe:
         self.device = next(self.model.parameters()).device
         self.cfg = resolve_train(self.spec.train, len(self.data.train_enc), self.data.max_len, self.device)
         # Why this precision (measured figures or what forced it); cached, so no second measurement.
-        self.precision_decision = decide(self.spec.train.precision, self.device)
-        if self.progress:
+        # Rank 0 decides for all: ranks measuring side by side could disagree.
+        self.precision_decision = self.world.from_main(lambda: decide(self.spec.train.precision, self.device))
+        if self.progress and self.world.main:
             print(f"openft: training in {self.precision_decision.describe()}", file=sys.stderr, flush=True)
 
     def setup_run_dir(self, resume: bool) -> None:
         run_dir = Path(self.spec.output_dir) if self.spec.output_dir else default_run_dir(self.spec)
-        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        # On several ranks the launcher made this check before starting them (openft.train.launch).
+        if run_dir.exists() and any(run_dir.iterdir()) and not resume and not self.world.distributed:
             raise FileExistsError(
                 f"{run_dir} already holds a run; pass --resume to continue it or choose another --output"
             )
@@ -394,6 +474,19 @@ class Recipe:
             self.undo.append(lambda: precision.restore(model, converted, weights_on_disk(self.loaded.path)))
         # bf16: matmul attention, no kept weight casts
         self.undo.append(precision.use_kernels(model, full=cfg.method == "full"))
+        self.loss_fn = self.parallel(LossModule(model))
+
+    def parallel(self, loss_fn: LossModule) -> torch.nn.Module:
+        """On several ranks, LoRA's trainable weights are replicated and DDP averages
+        their gradients (the frozen base is neither all-reduced nor, with
+        init_sync off, broadcast: every rank loads it and draws the same LoRA init
+        from the same seed); full fine-tuning is sharded with FSDP2."""
+        if not self.world.distributed:
+            return loss_fn
+        if self.cfg.method == "lora":
+            return torch.nn.parallel.DistributedDataParallel(loss_fn, init_sync=False, broadcast_buffers=False)
+        sharded.shard(self.model, loss_fn)
+        return loss_fn
 
     def setup_optimizer(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -412,8 +505,11 @@ class Recipe:
         resolved["lora"] = asdict(self.lora) if self.lora else None
         resolved["output_dir"] = str(self.run_dir)
         self.resolved = resolved
-        atomic_write(self.run_dir / "config.json", json.dumps(resolved, indent=2))
-        atomic_write(self.run_dir / "lineage.json", json.dumps(self.lineage(), indent=2))
+        resolved["world_size"] = self.world.size
+        self.resolved = resolved
+        if self.world.main:
+            atomic_write(self.run_dir / "config.json", json.dumps(resolved, indent=2))
+            atomic_write(self.run_dir / "lineage.json", json.dumps(self.lineage(), indent=2))
 
     def lineage(self) -> dict:
         spec, loaded, data = self.spec, self.loaded, self.data
@@ -429,6 +525,7 @@ class Recipe:
             "train_examples": len(data.train),
             "valid_examples": len(data.valid),
             "method": self.cfg.method,
+            "world_size": self.world.size,
             "openft_version": openft_version,
         }
 
@@ -443,17 +540,27 @@ class Recipe:
             trained_tokens=0,
             elapsed_s=0.0,
         )
+        main = self.world.main
         if not resume:
-            self.metrics_path.unlink(missing_ok=True)
+            if main:
+                self.metrics_path.unlink(missing_ok=True)
             return
         last = checkpoint.latest(self.run_dir)
         if last is not None:
-            self.state = checkpoint.load(last, self.model, self.optimizer)
+            self.state = self.load_checkpoint(last)
             self.emit("resumed", {"step": self.state.step, "checkpoint": str(last)})
-            self.emit(
-                "checkpoints_deleted", {"steps": checkpoint.prune(self.run_dir, max(1, self.cfg.keep_checkpoints))}
-            )
-        checkpoint.trim_metrics(self.metrics_path, self.state)  # drop rows past the checkpoint
+            if main:
+                deleted = checkpoint.prune(self.run_dir, max(1, self.cfg.keep_checkpoints))
+                self.emit("checkpoints_deleted", {"steps": deleted})
+        if main:
+            checkpoint.trim_metrics(self.metrics_path, self.state)  # drop rows past the checkpoint
+        self.world.barrier()  # no rank reads the checkpoints while rank 0 prunes them
+
+    def load_checkpoint(self, ckpt: Path) -> checkpoint.TrainerState:
+        """Any checkpoint of this run, whatever world size wrote it."""
+        if (ckpt / sharded.DCP_DIR).is_dir() or sharded.is_sharded(self.model):
+            return sharded.load(ckpt, self.model, self.optimizer, self.world)
+        return checkpoint.load(ckpt, self.model, self.optimizer, self.world.rank)
 
     # ---- train -------------------------------------------------------------
 
@@ -484,19 +591,38 @@ class Recipe:
         return self.metrics_row(out, lr)
 
     def forward_backward(self, items: list[Encoded]) -> StepOutcome:
-        """The causal-LM loss over one step's examples, gradients accumulated."""
-        n_step = sum(e.n_trained for e in items)
+        """The causal-LM loss over one step's examples, gradients accumulated; on
+        several ranks each takes its share and the outcome is summed over all."""
+        n_step = sum(e.n_trained for e in items)  # the whole step's, on every rank
+        world = self.world
+        # Divide by the whole step's trained tokens: the gradient is the same however
+        # the step is split into micro-batches and ranks (DDP and FSDP2 average over
+        # the ranks, hence the world size).
+        scale = world.size / n_step
+        mbs = micro_batches(rank_share(items, world), self.pad_id, self.cfg.micro_batch_tokens, self.precision.widths())
+        runs = lockstep(mbs, min(items, key=len), self.pad_id, world)
         loss_total, correct, real, padded = 0.0, 0, 0, 0
-        for mb in micro_batches(items, self.pad_id, self.cfg.micro_batch_tokens, self.precision.widths()):
-            real, padded = real + mb.n_tokens, padded + mb.input_ids.numel()
-            with self.precision.autocast():
-                out = causal_lm_loss(self.model, mb.input_ids, mb.attention_mask, mb.labels)
-            # Divide by the whole step's trained tokens: the gradient is the same
-            # however the step is split into micro-batches.
-            (out.loss_sum / n_step).backward()
-            loss_total += float(out.loss_sum.detach())
-            correct += out.n_correct
-        return StepOutcome(loss_sum=loss_total, n_correct=correct, n_tokens=n_step, real=real, padded=padded)
+        for i, (mb, counts) in enumerate(runs):
+            with self.gradient_sync(i == len(runs) - 1), self.precision.autocast():
+                loss_sum, n_tokens, n_correct = self.loss_fn(mb.input_ids, mb.attention_mask, mb.labels)
+            (loss_sum * (scale if counts else 0.0)).backward()
+            if counts:
+                real, padded = real + mb.n_tokens, padded + mb.input_ids.numel()
+                loss_total += float(loss_sum.detach())
+                correct += n_correct
+        loss_total, correct, real, padded = world_sum([loss_total, correct, real, padded], world)
+        return StepOutcome(
+            loss_sum=loss_total, n_correct=int(correct), n_tokens=n_step, real=int(real), padded=int(padded)
+        )
+
+    def gradient_sync(self, last: bool):
+        """Ranks exchange gradients once per optimizer step, in its last backward."""
+        fn = self.loss_fn
+        if isinstance(fn, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext() if last else fn.no_sync()
+        if hasattr(fn, "set_requires_gradient_sync"):  # FSDP2
+            fn.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
 
     def optimizer_step(self) -> None:
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
@@ -531,7 +657,8 @@ class Recipe:
         state.elapsed_s = row["elapsed_s"]
         patience = cfg.early_stopping_patience
         stop = bool(patience and state.evals_without_improvement >= patience)
-        request = self.control() if self.control else None
+        # Rank 0 polls; every rank acts on its answer at the same step.
+        request = self.world.from_main(lambda: self.control() if self.control else None)
         if state.step % cfg.save_every == 0 or is_last or stop or request == "pause":
             self.save_checkpoint(row)
         if request in ("pause", "cancel") and not is_last:
@@ -546,7 +673,7 @@ class Recipe:
         # Interval checks use a fixed sample (as OpenAI's valid_loss does);
         # the whole validation set is scored once at the end (full_valid_loss).
         sample = self.data.valid_enc[:VALID_SAMPLE]
-        vl, va = evaluate(self.model, sample, self.pad_id, self.cfg.micro_batch_tokens, self.precision)
+        vl, va = evaluate(self.loss_fn, sample, self.pad_id, self.cfg.micro_batch_tokens, self.precision, self.world)
         row["valid_loss"], row["valid_mean_token_accuracy"] = vl, va
         state = self.state
         if state.best_valid_loss is None or vl < state.best_valid_loss - 1e-4:
@@ -556,6 +683,8 @@ class Recipe:
 
     def log_step(self, row: dict) -> None:
         self.state.history.append(row)
+        if not self.world.main:
+            return
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.emit("metrics", row)
@@ -563,15 +692,25 @@ class Recipe:
             self.bar.update(row)
 
     def save_checkpoint(self, row: dict) -> None:
-        # Each checkpoint also holds a servable adapter (PEFT format), so it can
+        # Each LoRA checkpoint also holds a servable adapter (PEFT format), so it can
         # be called as a model of its own.
-        lora, model = self.lora, self.model
-        extra = (lambda d: save_adapter(model, lora, d, self.spec.model)) if lora else None
-        path = checkpoint.save(self.run_dir, model, self.optimizer, self.state, extra=extra)
-        self.emit("checkpoint", {"step": self.state.step, "path": str(path), "metrics": row})
-        deleted = checkpoint.prune(self.run_dir, max(1, self.cfg.keep_checkpoints))
-        if deleted:
-            self.emit("checkpoints_deleted", {"steps": deleted})
+        lora, model, world = self.lora, self.model, self.world
+        if sharded.is_sharded(model):
+            path = sharded.save(self.run_dir, model, self.optimizer, self.state, world)
+        else:  # one rank, or LoRA's replicated weights: rank 0 writes every rank's RNG with them
+            rngs = sharded.gather_rng(world)
+            extra = (lambda d: save_adapter(model, lora, d, self.spec.model)) if lora else None
+            path = (
+                checkpoint.save(self.run_dir, model, self.optimizer, self.state, extra=extra, rngs=rngs)
+                if world.main
+                else None
+            )
+        if world.main:
+            self.emit("checkpoint", {"step": self.state.step, "path": str(path), "metrics": row})
+            deleted = checkpoint.prune(self.run_dir, max(1, self.cfg.keep_checkpoints))
+            if deleted:
+                self.emit("checkpoints_deleted", {"steps": deleted})
+        world.barrier()
 
     def close_bar(self) -> None:
         if self.bar:
@@ -583,11 +722,17 @@ class Recipe:
         """The final adapter/ or model/ folder."""
         self.optimizer = None  # its state (2x the trained weights) is not needed past the last checkpoint
         self.model.eval()
-        return _save_final(self.run_dir, self.model, self.loaded.tokenizer, self.lora, self.spec.model)
+        # A sharded model is gathered whole (every rank takes part), rank 0 writes.
+        weights = sharded.full_state(self.model) if sharded.is_sharded(self.model) else None
+        final = self.run_dir / ("adapter" if self.lora else "model")
+        if self.world.main:
+            _save_final(final, self.model, self.loaded.tokenizer, self.lora, self.spec.model, weights)
+        self.world.barrier()
+        return final
 
     def summarise(self, out_dir: Path, stopped_early: bool) -> TrainResult:
         """summary.json, the `finished` event and the result, with the signals the verdict reads."""
-        signals = self.signals(weight_delta_norm(self.params, self.initial), self.final_valid_loss())
+        signals = self.signals(weight_delta_norm(self.params, self.initial, self.world), self.final_valid_loss())
         state = self.state
         elapsed = time.monotonic() - self.clock.t0
         summary = {
@@ -599,9 +744,11 @@ class Recipe:
             "stopped_early": stopped_early,
             "steps": state.step,
             "allocator": allocator_in_use(),
+            "world_size": self.world.size,
         }  # tcmalloc or system: it moves speed and memory (openft.heap)
-        atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-        self.emit("finished", summary)
+        if self.world.main:
+            atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            self.emit("finished", summary)
         return TrainResult(
             run_dir=self.run_dir,
             output_dir=out_dir,
@@ -620,7 +767,9 @@ class Recipe:
         if valid and len(valid) <= VALID_SAMPLE and hist and "valid_loss" in hist[-1]:
             return hist[-1]["valid_loss"]
         if valid:
-            return evaluate(self.model, valid, self.pad_id, self.cfg.micro_batch_tokens, self.precision)[0]
+            return evaluate(self.loss_fn, valid, self.pad_id, self.cfg.micro_batch_tokens, self.precision, self.world)[
+                0
+            ]
         return None
 
     def signals(self, delta: float, full_valid: float | None) -> dict:
@@ -645,13 +794,12 @@ def _tail_mean(xs: list[float], k: int = 3) -> float:
     return sum(tail) / len(tail)
 
 
-def _save_final(run_dir: Path, model: torch.nn.Module, tok, lora: LoraParams | None, base: str) -> Path:
-    name = "adapter" if lora else "model"
-    final = run_dir / name
+def _save_final(
+    final: Path, model: torch.nn.Module, tok, lora: LoraParams | None, base: str, weights: dict | None
+) -> None:
     with atomic_dir(final) as tmp:
         if lora:
             save_adapter(model, lora, tmp, base)
         else:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=weights)
         tok.save_pretrained(tmp)
-    return final
