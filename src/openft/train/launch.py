@@ -131,7 +131,7 @@ def run_ranks(
 def finish(run_dir: Path, code: int, launch: Launch) -> TrainResult:
     dist_dir = run_dir / rank_files.DIST_DIR
     if code != 0:
-        raise RankFailure(failure_message(run_dir, code))
+        raise RankFailure(failure_message(run_dir, code, launch.world_size))
     outcome = dist_dir / rank_files.OUTCOME
     if outcome.exists():
         o = json.loads(outcome.read_text())
@@ -139,7 +139,11 @@ def finish(run_dir: Path, code: int, launch: Launch) -> TrainResult:
     return result_from_run(run_dir)
 
 
-def failure_message(run_dir: Path, code: int) -> str:
+def _timed_out(message: str) -> bool:
+    return "timed out" in message.lower() or "timeout" in message.lower()
+
+
+def failure_message(run_dir: Path, code: int, launch_world: int = 0) -> str:
     """Which rank failed first and why: torchrun's root cause where a rank was
     killed (it wrote nothing itself), else the first rank's own error (the others
     usually fail on its absence)."""
@@ -152,6 +156,14 @@ def failure_message(run_dir: Path, code: int) -> str:
         rank, host, how = killed
         after = f"; then rank {first['rank']} failed: {first['type']}: {first['message']}" if first else ""
         return f"rank {rank} on {host} died ({how}) and torchrun stopped the run{after}"
+    if first and launch_world and _timed_out(first["message"]):
+        failed = {json.loads(p.read_text())["rank"] for p in errors}
+        hung = [r for r in range(launch_world) if r not in failed]
+        if hung:
+            return (
+                f"rank{'s' if len(hung) > 1 else ''} {', '.join(map(str, hung))} stopped answering: rank "
+                f"{first['rank']} on {first['host']} timed out waiting for it in a collective ({first['message'][:300]})"
+            )
     if first:
         others = [json.loads(p.read_text())["rank"] for p in errors[1:]]
         tail = f" (then rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} stopped)" if others else ""

@@ -11,11 +11,12 @@ rank died) resumes from the last complete checkpoint.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -27,11 +28,17 @@ OUTCOME = "outcome.json"
 
 def die_with_parent() -> None:
     """SIGKILL this rank when its torchrun agent dies (killed with the job's worker):
-    an orphaned rank would train on, beside the attempt that resumes the job."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the collective timeout still ends an orphan
+    an orphaned rank would train on, beside the attempt that resumes the job. A
+    watch thread rather than PR_SET_PDEATHSIG, which fires when the *thread* that
+    started the process exits, and torchrun starts ranks from threads that do."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)  # polling: Linux has no event for "my parent died" short of PDEATHSIG
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="openft-parent-watch", daemon=True).start()
 
 
 def error_file(dist_dir: Path, rank: int) -> Path:
