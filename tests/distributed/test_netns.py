@@ -108,3 +108,32 @@ def test_run_on_both_raises_with_both_outputs_past_the_timeout(netns_hosts):
         run_on_both(netns_hosts, lambda i, h: say, timeout=2)
     for h in netns_hosts:  # each ran in its own host, told its own interface
         assert f"--- {h.name} ---\n{h.ifname}" in str(e.value)
+
+
+def test_openft_finetune_on_two_nodes_equals_the_one_rank_run(netns_hosts, tiny_model_dir, tmp_path):
+    """`openft finetune` on each "machine", one rank each, c10d across the veth,
+    into one shared run folder: the job succeeds and ends where one rank ends."""
+    from train.helpers import write_chat_jsonl
+    from train.test_distributed import FLAGS, TOL, apart
+
+    data = write_chat_jsonl(tmp_path / "train.jsonl", n=20)
+    base = [sys.executable, "-m", "openft.cli", "finetune", "--model", str(tiny_model_dir), "--data", str(data), *FLAGS]
+    one = tmp_path / "one"
+    single = subprocess.run([*base, "--output", str(one)], capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    endpoint = f"{netns_hosts.a.ip}:{netns_hosts.a.free_port()}"
+    two = tmp_path / "two"
+
+    def argv(i, host):
+        return [*base, "--output", str(two), "--nnodes", "2", "--node-rank", str(i), "--rdzv-endpoint", endpoint]
+
+    results = run_on_both(netns_hosts, argv, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    for h, r in zip(netns_hosts, results):
+        assert r.returncode == 0, f"{h.name}: exit {r.returncode}\n{r.stderr[-3000:]}"
+    assert "Run folder" in results[0].stdout  # node 0 reports
+    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
+    assert apart("lora", one, two, tiny_model_dir) <= TOL
+    assert sorted(p.name for p in (two / "logs").glob("torchrun-node*.log")) == [
+        "torchrun-node0.log",
+        "torchrun-node1.log",
+    ]

@@ -63,6 +63,14 @@ def read_control(path: Path) -> str | None:
         return None
 
 
+def write_usage(dist_dir: Path, rank: int) -> None:
+    """This rank's peak resident memory, for `benchmarks/dist_bench.py` and the curious."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    (dist_dir / f"usage-rank{rank}.json").write_text(json.dumps({"rank": rank, "peak_rss_bytes": peak}))
+
+
 def set_threads(local_size: int) -> None:
     """Ranks that share a CPU split its cores (one thread each on a 2-core machine
     with 2 ranks) unless OMP_NUM_THREADS says otherwise."""
@@ -99,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=False,
             control=lambda: read_control(dist_dir / CONTROL),
         )
+        write_usage(dist_dir, world.rank)
     except Interrupted as e:
         if world.main:
             (dist_dir / OUTCOME).write_text(json.dumps({"interrupted": e.reason, "step": e.step}))
