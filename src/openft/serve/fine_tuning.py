@@ -214,8 +214,11 @@ def job_object(row: dict) -> dict:
 
 def job_resources(row: dict) -> dict:
     """What the job asked for, or, once a worker started it, what it runs on (the
-    worker records its own default for a job that asked for nothing)."""
-    return {**DEFAULT_RESOURCES, **((row["extra"] or {}).get("resources") or {})}
+    worker records its own default for a job that asked for nothing). A value that
+    is no object (written by hand; the worker fails such a job) shows as the default,
+    so the job can still be listed."""
+    asked = (row["extra"] or {}).get("resources")
+    return {**DEFAULT_RESOURCES, **asked} if isinstance(asked, dict) else dict(DEFAULT_RESOURCES)
 
 
 def _extra(body: CreateJob) -> dict:
