@@ -399,9 +399,32 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _worker_launch(args):
+    """The worker's Launch from --nproc-per-node / --max-restarts (None: the defaults).
+    Raises LaunchError (a ValueError) naming the bad value."""
+    from openft.train.distributed import Launch
+
+    given = {k: getattr(args, k) for k in ("nproc_per_node", "max_restarts") if getattr(args, k) is not None}
+    return Launch(**given) if given else None
+
+
+def _launch_args(args) -> tuple[str, ...]:
+    """The launch flags given to `openft serve`, as passed on to the worker it spawns."""
+    out: list[str] = []
+    for name in ("nproc_per_node", "max_restarts"):
+        if getattr(args, name) is not None:
+            out += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    return tuple(out)
+
+
 def cmd_serve(args) -> int:
     from openft.serve.app import ServeConfig, serve
 
+    try:
+        _worker_launch(args)  # refused here, not by a worker that then dies at every restart
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     serve(
         ServeConfig(
             host=args.host,
@@ -411,6 +434,7 @@ def cmd_serve(args) -> int:
             max_batch_size=args.max_batch_size,
             precision=args.precision,
             allowed_hosts=tuple(args.allowed_host),
+            worker_args=_launch_args(args),
         )
     )
     return 0
@@ -419,7 +443,12 @@ def cmd_serve(args) -> int:
 def cmd_worker(args) -> int:
     from openft.jobs.worker import run_worker
 
-    run_worker(once=args.once, parent_pid=args.parent_pid)
+    try:
+        launch = _worker_launch(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_worker(once=args.once, parent_pid=args.parent_pid, launch=launch)
     return 0
 
 
@@ -450,6 +479,24 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="model whose tokenizer and template to use")
     p.add_argument("--train-on-prompt", action="store_true", help="count prompt tokens as trained")
     p.add_argument("--chat-template", metavar="FILE", help=CHAT_TEMPLATE_HELP)
+
+
+def add_launch_flags(p: argparse.ArgumentParser) -> None:
+    """How a worker trains a job that does not ask (its `resources`): torchrun's flags.
+    Defaults stay None, so only the flags given override openft.train.distributed.Launch."""
+    group = p.add_argument_group("distributed training (torchrun)")
+    group.add_argument(
+        "--nproc-per-node",
+        type=int,
+        metavar="N",
+        help="training processes (ranks) per job, unless a job's resources ask for another count (default: 1)",
+    )
+    group.add_argument(
+        "--max-restarts",
+        type=int,
+        metavar="K",
+        help="times torchrun restarts a job's ranks after one dies; each resumes its checkpoint (default: 1)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -531,10 +578,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="also answer requests whose Host is NAME (repeatable; loopback names are always accepted)",
     )
+    add_launch_flags(sv)  # passed on to the worker it starts
     sv.set_defaults(fn=cmd_serve)
     wk = sub.add_parser("worker", help="run fine-tuning jobs from the store")
     wk.add_argument("--once", action="store_true", help="run at most one job, then exit")
     wk.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    add_launch_flags(wk)
     wk.set_defaults(fn=cmd_worker)
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="sub", required=True)
     kc = keys.add_parser("create", help="create a key for an owner")

@@ -40,6 +40,7 @@ from openft.heap import release_free_memory
 from openft.jobs.naming import checkpoint_model_name
 from openft.jobs.store import TERMINAL, NotOwner, Store
 from openft.models.templates import TemplateError
+from openft.train.distributed import Launch, LaunchError
 from openft.train.recipe import DataError, Interrupted
 
 MAX_ATTEMPTS = 3  # attempts in a row without a new checkpoint
@@ -160,6 +161,7 @@ class JobRunner:
     store: Store
     job: dict
     parent_pid: int | None = None
+    launch: Launch | None = None  # the worker's own --nproc-per-node / --max-restarts
     reported_step: int = 0  # metrics events up to this step exist (from earlier attempts)
     total_steps: int | None = None
     pid: int = field(default_factory=os.getpid)
@@ -174,6 +176,20 @@ class JobRunner:
             spec.eval.questions = self._file_path(extra["questions_file"])
         spec.output_dir = str(self.run_dir)
         return spec
+
+    def job_launch(self) -> Launch:
+        """The job's `resources` over the worker's own launch flags (LaunchError if
+        they cannot run). Recorded on the job, so the job shows the ranks it trains
+        on, and an attempt resumed by another worker keeps them."""
+        extra = self.job["extra"] or {}
+        resources = extra.get("resources")
+        if resources is not None and not isinstance(resources, dict):
+            raise LaunchError(f"resources must be an object like {{'nproc_per_node': 2}}, not {resources!r}")
+        launch = Launch.from_resources(resources, default=self.launch)
+        ran = {**extra, "resources": {"nproc_per_node": launch.nproc_per_node}}
+        if ran != extra:
+            self.store.update_job(self.job["id"], expect_worker=self.pid, extra=ran)
+        return launch
 
     @property
     def run_dir(self) -> Path:
@@ -296,6 +312,7 @@ class JobRunner:
         from openft.pipeline import finetune_with_comparison
 
         jid = self.job["id"]
+        launch = self.job_launch()  # first: a job that cannot run fails before any model is merged
         spec = self.spec()
         spec.model = merged_base(spec.model)
         resume = self.run_dir.exists()
@@ -303,7 +320,13 @@ class JobRunner:
             self.sync_checkpoints()
         self.reported_step = self.store.last_metrics_step(jid)
         outcome = finetune_with_comparison(
-            spec, resume=resume, on_event=self.on_event, progress=False, echo=lambda *a: None, control=self.control
+            spec,
+            resume=resume,
+            on_event=self.on_event,
+            progress=False,
+            echo=lambda *a: None,
+            control=self.control,
+            launch=launch,
         )
         r = outcome.result
         name = fine_tuned_model_name(self.job)
@@ -392,9 +415,9 @@ class DataFileMissing(Exception):
     pass
 
 
-def run_one(store: Store, job: dict, parent_pid: int | None = None) -> None:
+def run_one(store: Store, job: dict, parent_pid: int | None = None, launch: Launch | None = None) -> None:
     jid = job["id"]
-    runner = JobRunner(store, job, parent_pid)
+    runner = JobRunner(store, job, parent_pid, launch)
     try:
         with Heartbeat(store, jid):
             runner.run()
@@ -441,6 +464,8 @@ def run_one(store: Store, job: dict, parent_pid: int | None = None) -> None:
         _fail(store, jid, "invalid_chat_template", str(e), "model")
     except DataFileMissing as e:
         _fail(store, jid, "invalid_training_file", f"file {e} no longer exists", "training_file")
+    except LaunchError as e:  # the job's resources (over this worker's flags) cannot run: the job's fault
+        _fail(store, jid, "invalid_resources", f"The job's resources cannot run: {e}", "resources")
     except SystemExit:
         raise
     except Exception as e:  # noqa: BLE001 - a job failure must never kill the worker
@@ -496,7 +521,10 @@ def release_memory() -> None:
     release_free_memory()
 
 
-def run_worker(*, poll_s: float = 0.5, once: bool = False, parent_pid: int | None = None) -> None:
+def run_worker(
+    *, poll_s: float = 0.5, once: bool = False, parent_pid: int | None = None, launch: Launch | None = None
+) -> None:
+    """`launch`: how this worker trains a job whose `resources` do not say (one rank by default)."""
     from openft.models.load import setup_torch
 
     setup_torch()
@@ -515,7 +543,7 @@ def run_worker(*, poll_s: float = 0.5, once: bool = False, parent_pid: int | Non
                 return
             time.sleep(poll_s)
             continue
-        run_one(store, job, parent_pid)
+        run_one(store, job, parent_pid, launch)
         release_memory()
         if once:
             return

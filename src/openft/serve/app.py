@@ -45,6 +45,7 @@ class ServeConfig:
     max_batch_size: int = 8
     precision: str = "auto"  # the served weights' dtype: auto (bf16 where measured faster), fp32 or bf16
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones (--allowed-host)
+    worker_args: tuple[str, ...] = ()  # flags for the worker it starts (--nproc-per-node 2)
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,9 @@ class RestartPolicy:
 class WorkerSupervisor:
     """Keeps one `openft worker` child alive; starts nothing once the server stops."""
 
-    def __init__(self, policy: RestartPolicy | None = None):
+    def __init__(self, policy: RestartPolicy | None = None, worker_args: tuple[str, ...] = ()):
         self.proc: subprocess.Popen | None = None
+        self.worker_args = worker_args
         self.policy = policy or RestartPolicy()
         self.restarts = 0
         self._runs: deque[float] = deque(maxlen=64)  # how long each worker ran (enough history for the cap)
@@ -92,7 +94,7 @@ class WorkerSupervisor:
         self._thread.start()
 
     def _spawn(self) -> None:
-        cmd = [sys.executable, "-m", "openft.cli", "worker", "--parent-pid", str(os.getpid())]
+        cmd = [sys.executable, "-m", "openft.cli", "worker", "--parent-pid", str(os.getpid()), *self.worker_args]
         # Started under the training allocator directly, so it need not re-execute itself.
         self.proc = subprocess.Popen(cmd, env=training_env({**os.environ, "OPENFT_HOME": str(home.home())}))
         self._started_at = time.monotonic()
@@ -196,7 +198,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
 
     config = config or ServeConfig()
     hosts = HostPolicy.for_server(config.host, config.allowed_hosts)  # a bad --allowed-host fails here, first
-    supervisor = WorkerSupervisor() if config.run_worker else None
+    supervisor = WorkerSupervisor(worker_args=config.worker_args) if config.run_worker else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -40,6 +40,18 @@ class Method(BaseModel):
     supervised: Supervised | None = None
 
 
+class Resources(BaseModel):
+    """What a job's training runs on: `nproc_per_node` training processes (torchrun
+    ranks) on the worker's machine. Strict: a rank count sent as "2" or true is a
+    client bug, not something to guess at."""
+
+    model_config = ConfigDict(extra="forbid")
+    nproc_per_node: int = Field(1, ge=1, le=64, strict=True, description="training processes (ranks), 1-64")
+
+
+DEFAULT_RESOURCES = {"nproc_per_node": 1}
+
+
 class CreateJob(BaseModel):
     """OpenAI's create-job body; the fields after `metadata` are openft extensions
     (sent by the openai client with `extra_body`)."""
@@ -70,6 +82,7 @@ class CreateJob(BaseModel):
     max_steps: int | None = Field(None, ge=1)
     train_on_prompt: bool = False
     questions_file: str | None = Field(None, description="a file of questions answered before and after training")
+    resources: Resources | None = Field(None, description="ranks to train on; default: the worker's --nproc-per-node")
 
 
 def _hyper(body: CreateJob) -> Hyperparameters:
@@ -180,6 +193,7 @@ def job_object(row: dict) -> dict:
         "validation_split": None if row["validation_file"] else spec["data"]["validation_split"],
         "lora": None if spec["train"]["method"] == "full" else spec["lora"],
         "questions_file": (row["extra"] or {}).get("questions_file"),
+        "resources": job_resources(row),
         # what was asked for (before `auto` is resolved), so a job can be cloned
         **{
             k: spec["train"][k]
@@ -196,6 +210,22 @@ def job_object(row: dict) -> dict:
         "has_comparison": row["comparison"] is not None,
     }
     return out
+
+
+def job_resources(row: dict) -> dict:
+    """What the job asked for, or, once a worker started it, what it runs on (the
+    worker records its own default for a job that asked for nothing). A value that
+    is no object (written by hand; the worker fails such a job) shows as the default,
+    so the job can still be listed."""
+    asked = (row["extra"] or {}).get("resources")
+    return {**DEFAULT_RESOURCES, **asked} if isinstance(asked, dict) else dict(DEFAULT_RESOURCES)
+
+
+def _extra(body: CreateJob) -> dict:
+    extra: dict = {"questions_file": body.questions_file}
+    if body.resources is not None:  # only what was sent: an omitted count is the worker's to choose
+        extra["resources"] = body.resources.model_dump(exclude_unset=True)
+    return extra
 
 
 def validate_files(app, job_id: str) -> None:
@@ -268,7 +298,7 @@ def create(
         "suffix": body.suffix,
         "seed": spec.train.seed,
         "metadata": body.metadata,
-        "extra": {"questions_file": body.questions_file},
+        "extra": _extra(body),
     }
     row, created = store.create_job(values, idempotency_key)
     if created:

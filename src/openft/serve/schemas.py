@@ -97,6 +97,7 @@ class Job(_Open):
     estimated_finish: int | None = None
     method: dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
+    resources: dict[str, int] | None = None  # openft: the ranks it trains on, {"nproc_per_node": 2}
 
 
 class JobList(_Open):

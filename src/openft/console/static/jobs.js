@@ -12,6 +12,11 @@ const POLL_MS = 1000;
 // Chat and comparisons take every model name (built-in, registered, fine-tuned);
 // a job from before bases were names may hold a server path (it has a "/"), not served.
 const callable = (model) => !!model && !model.includes("/");
+// A job's `resources`: what it asked for, or what its worker runs it on once started.
+const ranks = (resources) => {
+  const n = (resources && resources.nproc_per_node) || 1;
+  return n === 1 ? "1 rank" : `${n} ranks`;
+};
 
 export async function render(root, ctx) {
   if (ctx.args[0]) return renderJob(root, ctx, ctx.args[0]);
@@ -143,6 +148,7 @@ async function renderJob(root, ctx, id) {
       ["Question set", job.questions_file ? h("a", { href: `#/datasets/${enc(job.questions_file)}` }, job.questions_file) : "none"],
       ["Hyperparameters", Object.entries(hp).map(([k, v]) => `${k}=${v}`).join(", ")],
       job.lora ? ["LoRA", Object.entries(job.lora).map(([k, v]) => `${k}=${Array.isArray(v) ? v.join("+") : v}`).join(", ")] : null,
+      ["Resources", ranks(job.resources)],
       ["Seed", job.seed],
       ["Created", fmtTime(job.created_at)],
       ["Finished", fmtTime(job.finished_at)],

@@ -1,6 +1,6 @@
 // New job: base model (built-in, registered, or a fine-tuned model for a second
 // round), data, validation, hyperparameters shown as `auto` with their rule, an
-// optional question set, and the server's estimate before starting.
+// optional question set, the ranks to train on, and the server's estimate before starting.
 
 import { enc, get, post } from "./api.js";
 import { busy, card, clear, field, fmtDuration, fmtNum, h, modelInput, navigate } from "./ui.js";
@@ -53,6 +53,7 @@ export async function render(root, ctx) {
   inputs.train_on_prompt = h("input", { type: "checkbox", name: "train_on_prompt" });
   inputs.questions_file = h("select", { name: "questions_file" }, fileOptions(evals, "— none —"));
   inputs.suffix = h("input", { type: "text", name: "suffix", maxlength: 64, placeholder: "e.g. support-bot", pattern: "[A-Za-z0-9._\\-]*" });
+  inputs.nproc_per_node = h("input", { type: "number", name: "nproc_per_node", min: 1, max: 64, step: 1, placeholder: "1", inputmode: "numeric" });
 
   const hyperRows = HYPER.map(([name, label, type, , help, group]) => {
     inputs[name] = h("input", { type: "text", name, placeholder: "auto", inputmode: type === "int" ? "numeric" : "decimal", autocomplete: "off" });
@@ -96,6 +97,10 @@ export async function render(root, ctx) {
     if (inputs.train_on_prompt.checked) out.train_on_prompt = true;
     if (inputs.questions_file.value) out.questions_file = inputs.questions_file.value;
     if (inputs.suffix.value.trim()) out.suffix = inputs.suffix.value.trim();
+    // One rank is what a job that asks for nothing gets: send resources only to ask for more.
+    const ranks = parseValue(inputs.nproc_per_node.value, "int");
+    if (ranks && ranks.bad) problems.push(["nproc_per_node", ranks.bad]);
+    else if (ranks !== undefined && ranks !== 1) out.resources = { nproc_per_node: ranks };
     return { out, problems };
   };
 
@@ -141,7 +146,8 @@ export async function render(root, ctx) {
       field("Method", method),
       h("label.check", {}, inputs.train_on_prompt, " train on prompts too ", h("span.help", {}, "auto: off, the loss is on assistant tokens only")),
       field("Question set (optional)", inputs.questions_file, "questions (and optional reference answers) answered before and after training, scored side by side"),
-      field("Suffix", inputs.suffix, "a name inside the fine-tuned model's id: ft:<base>:<owner>:<suffix>:<id>")),
+      field("Suffix", inputs.suffix, "a name inside the fine-tuned model's id: ft:<base>:<owner>:<suffix>:<id>"),
+      field("Ranks (processes)", inputs.nproc_per_node, "training processes (torchrun ranks) on the worker's machine, 1–64; empty: the worker's own setting (1 unless it was started with --nproc-per-node)")),
     card("Hyperparameters", h("p.help", {}, "Leave a field empty (auto) to let openft decide from the data and the model; the resolved values are recorded with the run."),
       h("div.hp-grid", {}, hyperRows)),
     card("Estimate", estimateOut, h("div.row", {}, estimateBtn, submit)));
@@ -201,6 +207,7 @@ function prefill(inputs, { method, splitRadio, fileRadio }, job, query) {
   set("seed", job.seed);
   set("questions_file", job.questions_file);
   set("suffix", job.suffix);
+  if (job.resources && job.resources.nproc_per_node > 1) set("nproc_per_node", job.resources.nproc_per_node);
 }
 
 // A file may have been deleted or be unlisted (another purpose): keep the id selectable.
