@@ -481,7 +481,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", metavar="FILE", help=CHAT_TEMPLATE_HELP)
 
 
-def add_launch_flags(p: argparse.ArgumentParser) -> None:
+def add_worker_launch_flags(p: argparse.ArgumentParser) -> None:
     """How a worker trains a job that does not ask (its `resources`): torchrun's flags.
     Defaults stay None, so only the flags given override openft.train.distributed.Launch."""
     group = p.add_argument_group("distributed training (torchrun)")
@@ -578,12 +578,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="also answer requests whose Host is NAME (repeatable; loopback names are always accepted)",
     )
-    add_launch_flags(sv)  # passed on to the worker it starts
+    add_worker_launch_flags(sv)  # passed on to the worker it starts
     sv.set_defaults(fn=cmd_serve)
     wk = sub.add_parser("worker", help="run fine-tuning jobs from the store")
     wk.add_argument("--once", action="store_true", help="run at most one job, then exit")
     wk.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
-    add_launch_flags(wk)
+    add_worker_launch_flags(wk)
     wk.set_defaults(fn=cmd_worker)
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="sub", required=True)
     kc = keys.add_parser("create", help="create a key for an owner")

@@ -151,7 +151,16 @@ def init(timeout_s: float | None = None) -> World:
     seconds = timeout_s or float(os.environ.get("OPENFT_COLLECTIVE_TIMEOUT_S") or COLLECTIVE_TIMEOUT_S)
     if torch.cuda.is_available():
         torch.cuda.set_device(world.device())
-    dist.init_process_group(backend=backend(), timeout=datetime.timedelta(seconds=seconds))
+    timeout = datetime.timedelta(seconds=seconds)
+    # The store torchrun's agent serves can outlive an attempt: under a prefix of its
+    # own, a restarted rank never reads the addresses its dead predecessors
+    # published (seen as "connectFullMesh ... Connection refused" after a restart).
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    tcp = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.size, is_master=False, timeout=timeout
+    )
+    store = dist.PrefixStore(f"openft/attempt-{attempt}", tcp)
+    dist.init_process_group(backend=backend(), store=store, rank=world.rank, world_size=world.size, timeout=timeout)
     return world
 
 
