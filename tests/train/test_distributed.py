@@ -38,9 +38,10 @@ def data(tmp_path_factory) -> Path:
 
 
 def finetune(model: Path, data: Path, out: Path, *flags: str, ranks: int = 1, env: dict | None = None):
+    env = {"OPENFT_FAULTS_DIR": str(out.parent), **(env or {})}  # an injected kill's record stays out of the tree
     argv = [sys.executable, "-m", "openft.cli", "finetune", "--model", str(model), "--data", str(data)]
     argv += ["--output", str(out), "--nproc-per-node", str(ranks), *FLAGS, *flags]
-    return subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    return subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
