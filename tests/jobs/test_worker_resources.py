@@ -104,3 +104,25 @@ def test_resources_that_cannot_run_fail_the_job_not_the_worker(store, tmp_path, 
     good = claimed_job(store, tmp_path, {"resources": {"nproc_per_node": 2}})
     run_one(store, good)
     assert launches == [Launch(nproc_per_node=2)]
+
+
+def test_failed_ranks_requeue_the_job_until_attempts_without_progress_run_out(store, tmp_path, monkeypatch):
+    from openft.jobs.worker import MAX_ATTEMPTS
+    from openft.train.launch import RankFailure
+
+    def ranks_fail(spec, **kw):
+        raise RankFailure("rank 1 on host-b died (SIGKILL) and torchrun stopped the run")
+
+    monkeypatch.setattr("openft.pipeline.finetune_with_comparison", ranks_fail)
+    job = claimed_job(store, tmp_path, {"resources": {"nproc_per_node": 2}})
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        run_one(store, job)
+        after = store.get_job(None, job["id"])
+        if attempt < MAX_ATTEMPTS:  # queued again, to resume from its last checkpoint
+            assert after["status"] == "queued" and after["worker_pid"] is None
+            job = store.claim_next_job(os.getpid())
+            assert job is not None and job["stalls"] == attempt + 1
+    assert after["status"] == "failed" and after["error"]["code"] == "training_failed"
+    assert "rank 1 on host-b died" in after["error"]["message"]
+    messages = [e["message"] for e in store.list_events(job["id"], limit=100)]
+    assert sum("queued again" in m for m in messages) == MAX_ATTEMPTS - 1

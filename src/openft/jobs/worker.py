@@ -41,6 +41,7 @@ from openft.jobs.naming import checkpoint_model_name
 from openft.jobs.store import TERMINAL, NotOwner, Store
 from openft.models.templates import TemplateError
 from openft.train.distributed import Launch, LaunchError
+from openft.train.launch import RankFailure
 from openft.train.recipe import DataError, Interrupted
 
 MAX_ATTEMPTS = 3  # attempts in a row without a new checkpoint
@@ -466,6 +467,8 @@ def run_one(store: Store, job: dict, parent_pid: int | None = None, launch: Laun
         _fail(store, jid, "invalid_training_file", f"file {e} no longer exists", "training_file")
     except LaunchError as e:  # the job's resources (over this worker's flags) cannot run: the job's fault
         _fail(store, jid, "invalid_resources", f"The job's resources cannot run: {e}", "resources")
+    except RankFailure as e:  # torchrun's restarts are spent: the worker's own retry comes next
+        retry_ranks(store, jid, str(e))
     except SystemExit:
         raise
     except Exception as e:  # noqa: BLE001 - a job failure must never kill the worker
@@ -474,6 +477,30 @@ def run_one(store: Store, job: dict, parent_pid: int | None = None, launch: Laun
             _fail(store, jid, "disk_full", _disk_full_message(store, jid, e), None)
         else:
             _fail(store, jid, "training_failed", f"{type(e).__name__}: {e}", None)
+
+
+def retry_ranks(store: Store, jid: str, why: str) -> None:
+    """A job whose ranks failed goes back in the queue to resume from its last
+    checkpoint, as a job whose worker died does; after MAX_ATTEMPTS attempts in a
+    row without a new checkpoint it fails, naming the rank."""
+    job = store.get_job(None, jid)
+    if job is None or job["stalls"] >= MAX_ATTEMPTS:
+        _fail(store, jid, "training_failed", f"The training ranks failed {MAX_ATTEMPTS} times in a row: {why}", None)
+        return
+    store.update_job(
+        jid,
+        expect_status=("running",),
+        status="queued",
+        worker_pid=None,
+        events=[
+            {
+                "message": f"The training ranks failed ({why}); the job is queued again and resumes from its "
+                "last checkpoint",
+                "level": "warn",
+                "data": {"code": "ranks_failed"},
+            }
+        ],
+    )
 
 
 def _print_exc() -> None:
