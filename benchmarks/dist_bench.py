@@ -7,7 +7,8 @@ same steps, global batch and seed in each configuration:
 - `1x2`: one rank with 2 threads (the plain in-process run);
 - `2x1`: two ranks through torchrun, 1 thread each (gloo).
 Peak RSS is the process's own `ru_maxrss`: of the openft process for one rank,
-of each rank (`<run>/.dist/usage-rank<R>.json`) for two.
+of each rank (`<run>/.dist/usage-rank<R>.json`) for two. Run it on a quiet
+machine: the wall times of 2 threads in one rank suffer most from another load.
 
     OPENFT_HOME=~/.openft .venv/bin/python benchmarks/dist_bench.py --steps 6 --json
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,20 +30,26 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "src" / "openft" / "examples" / "lumen_train.jsonl"
 
 
+MEASURE = (
+    "import resource, subprocess, sys; code = subprocess.call(sys.argv[2:]); "
+    "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)"
+)
+
+
 def run(method: str, ranks: int, out: Path, args) -> dict:
     argv = [sys.executable, "-m", "openft.cli", "finetune", "--model", args.model, "--data", str(DATA)]
     argv += ["--output", str(out), "--method", method, "--max-steps", str(args.steps), "--batch-size", "8"]
     argv += ["--save-every", str(args.steps), "--lora-dropout", "0", "--nproc-per-node", str(ranks)]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks))}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    usage = out.parent / f"{out.name}.maxrss"
     t0 = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    # A fresh middle process per run, so its children's peak is this run's alone.
+    proc = subprocess.run([sys.executable, "-c", MEASURE, str(usage), *argv], capture_output=True, text=True, env=env)
     wall = time.monotonic() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{method} on {ranks} rank(s) failed:\n{proc.stderr[-3000:]}")
     if ranks == 1:
-        child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        peaks = [child * 1024 if child > before else None]  # the largest child so far: this one if it grew
+        peaks = [int(usage.read_text()) * 1024]  # Linux reports KiB
     else:
         peaks = [json.loads((out / ".dist" / f"usage-rank{r}.json").read_text())["peak_rss_bytes"] for r in range(2)]
     summary = json.loads((out / "summary.json").read_text())
@@ -73,7 +79,6 @@ def main() -> None:
     rep = Report(args.json, benchmark="dist_bench", model=args.model, steps=args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
-            # The 1-rank run goes first: RUSAGE_CHILDREN's peak is the largest child so far.
             one = run(method, 1, Path(tmp) / f"{method}-1", args)
             two = run(method, 2, Path(tmp) / f"{method}-2", args)
             diff = apart(Path(tmp) / f"{method}-1", Path(tmp) / f"{method}-2")

@@ -438,6 +438,8 @@ class Recipe:
         self.data = prepare_data(self.spec, tok, context, template)
         if not self.data.train_enc:
             raise ValueError("no training example has a trained token left (all fully masked or truncated)")
+        if self.world.distributed and torch.cuda.is_available():
+            self.model.to(self.world.device())  # NCCL: each rank on its own GPU (untested without one)
         self.device = next(self.model.parameters()).device
         self.cfg = resolve_train(self.spec.train, len(self.data.train_enc), self.data.max_len, self.device)
         # Why this precision (measured figures or what forced it); cached, so no second measurement.
