@@ -164,6 +164,11 @@ def init(timeout_s: float | None = None) -> World:
     return world
 
 
-def shutdown() -> None:
+def shutdown(*, together: bool = False) -> None:
+    """Leave the process group. `together`: first wait for every rank, so that no
+    rank tears its connections down while another still reads them (gloo aborts
+    the reader: a finished run ended as a SIGABRT)."""
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()

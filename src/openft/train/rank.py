@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     world = distributed.World.from_env()
     set_threads(world.local_size)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    error_file(dist_dir, world.rank).unlink(missing_ok=True)  # an earlier attempt's, if any
     try:
         world = distributed.init()
         emit = EventFile(dist_dir / EVENTS) if world.main else (lambda kind, data: None)
@@ -108,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             control=lambda: read_control(dist_dir / CONTROL),
         )
         write_usage(dist_dir, world.rank)
+        distributed.shutdown(together=True)
     except Interrupted as e:
         if world.main:
             (dist_dir / OUTCOME).write_text(json.dumps({"interrupted": e.reason, "step": e.step}))
+        distributed.shutdown(together=True)  # every rank stops at the same step
         return 0
     except BaseException as e:
         error_file(dist_dir, world.rank).write_text(

@@ -46,8 +46,23 @@ def shard(model: nn.Module, root: nn.Module) -> None:
     if layers is None:
         raise ValueError(f"{type(model).__name__}: no decoder layers to shard (model.get_decoder().layers)")
     for layer in layers:
+        own_memory(layer)
         fully_shard(layer)
+    own_memory(root)
     fully_shard(root)
+
+
+@torch.no_grad()
+def own_memory(module: nn.Module) -> None:
+    """Give `module`'s weights memory of their own before sharding. A base loaded
+    from safetensors is a view of the memory-mapped file, and FSDP2's shards keep
+    views of it: the whole file stayed mapped, its touched pages resident (382 MB
+    per rank for the 135M built-in, more than its shard). Done a layer at a time,
+    so the copies never add up to a second model."""
+    for p in module.parameters():
+        if not getattr(p, "_openft_owned", False):
+            p.data = p.data.clone()
+            p._openft_owned = True
 
 
 def is_sharded(model: nn.Module) -> bool:
