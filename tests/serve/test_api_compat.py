@@ -124,7 +124,7 @@ def test_completion_logprobs_have_the_legacy_shape(server, openapi):
     r = c.completions.create(model=BUILTIN, prompt="The sky is", max_tokens=6, temperature=0, logprobs=2)
     openapi(r, "CreateCompletionResponse")
     lp = r.choices[0].logprobs
-    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.tokens and "".join(lp.tokens) == r.choices[0].text  # tokens to check below
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
     for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
