@@ -99,3 +99,25 @@ def tiny_tool_model_dir(tool_tokenizer, tmp_path_factory) -> Path:
     Qwen2ForCausalLM(config).save_pretrained(out)
     tool_tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A real PostgreSQL server for the session (tests/pgserver.py), removed at the end."""
+    from pgserver import PgCluster, unavailable
+
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    with PgCluster() as pg:
+        yield pg
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """The same store test on both engines: a new SQLite file, or a new PostgreSQL database."""
+    import secrets
+
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'openft.db'}"
+    return request.getfixturevalue("pg_cluster").create_database(f"t_{secrets.token_hex(6)}")

@@ -430,7 +430,9 @@ def cmd_serve(args) -> int:
             host=args.host,
             port=args.port,
             max_upload_mb=args.max_upload_mb,
-            run_worker=not args.no_worker,
+            run_worker=not args.no_worker and args.workers > 0,
+            workers=args.workers,
+            database_url=args.database_url,
             max_batch_size=args.max_batch_size,
             precision=args.precision,
             allowed_hosts=tuple(args.allowed_host),
@@ -448,15 +450,32 @@ def cmd_worker(args) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_worker(once=args.once, parent_pid=args.parent_pid, launch=launch)
+    run_worker(
+        once=args.once,
+        parent_pid=args.parent_pid,
+        launch=launch,
+        database_url=args.database_url,
+        max_ranks=args.max_ranks,
+    )
+    return 0
+
+
+def cmd_status(args) -> int:
+    from openft.jobs import fleet
+    from openft.jobs.store import open_store
+
+    view = fleet.view(open_store(args.database_url))
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return 0
+    print(fleet.render(view))
     return 0
 
 
 def cmd_keys(args) -> int:
-    from openft import home
-    from openft.jobs.store import Store
+    from openft.jobs.store import open_store
 
-    store = Store(home.home() / "openft.db")
+    store = open_store(args.database_url)
     if args.sub == "create":
         print(store.create_key(args.owner).key)
         print(f"(API key for owner '{args.owner}': shown once, store it now)", file=sys.stderr)
@@ -479,6 +498,15 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="model whose tokenizer and template to use")
     p.add_argument("--train-on-prompt", action="store_true", help="count prompt tokens as trained")
     p.add_argument("--chat-template", metavar="FILE", help=CHAT_TEMPLATE_HELP)
+
+
+def add_database_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="the job store: postgresql://user:pass@host/db, or sqlite:///path "
+        "(default: OPENFT_DATABASE_URL, else SQLite under OPENFT_HOME)",
+    )
 
 
 def add_worker_launch_flags(p: argparse.ArgumentParser) -> None:
@@ -570,7 +598,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="dtype of the served weights; auto: bf16 where it measured >=1.2x fp32 here (as training), else fp32",
     )
-    sv.add_argument("--no-worker", action="store_true", help="do not start a worker (run 'openft worker' yourself)")
+    sv.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes to start and supervise; 0: an API replica only, workers run elsewhere (default: 1)",
+    )
+    sv.add_argument("--no-worker", action="store_true", help="the same as --workers 0")
+    add_database_flag(sv)
     sv.add_argument(
         "--allowed-host",
         action="append",
@@ -583,13 +619,27 @@ def build_parser() -> argparse.ArgumentParser:
     wk = sub.add_parser("worker", help="run fine-tuning jobs from the store")
     wk.add_argument("--once", action="store_true", help="run at most one job, then exit")
     wk.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    wk.add_argument(
+        "--max-ranks",
+        type=int,
+        metavar="N",
+        help="the most ranks it starts for a job that asks; it claims only jobs within it (default: GPUs, else cores)",
+    )
+    add_database_flag(wk)
     add_worker_launch_flags(wk)
     wk.set_defaults(fn=cmd_worker)
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="sub", required=True)
     kc = keys.add_parser("create", help="create a key for an owner")
     kc.add_argument("--owner", required=True)
+    add_database_flag(kc)
     kc.set_defaults(fn=cmd_keys)
-    keys.add_parser("list", help="list keys (not their secrets)").set_defaults(fn=cmd_keys)
+    kl = keys.add_parser("list", help="list keys (not their secrets)")
+    add_database_flag(kl)
+    kl.set_defaults(fn=cmd_keys)
+    st = sub.add_parser("status", help="the fleet: API replicas, workers, what each runs, their heartbeats")
+    st.add_argument("--json", action="store_true", help="machine-readable")
+    add_database_flag(st)
+    st.set_defaults(fn=cmd_status)
     from openft.client_cli import add_client_commands
 
     add_client_commands(sub)

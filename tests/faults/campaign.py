@@ -19,7 +19,6 @@ import os
 import queue
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -150,27 +149,32 @@ class Worker:
                 self.wait(60)
 
 
-def db(home: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(f"file:{home / 'openft.db'}?mode=ro", uri=True, timeout=30)
-    conn.row_factory = sqlite3.Row
-    return conn
+_STORES: dict[str, object] = {}
 
 
-def job_row(home: Path, job_id: str) -> sqlite3.Row:
-    with db(home) as conn:
-        return conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+def store_of(where):
+    """The store a campaign reads: `where` is a Store, or an OPENFT_HOME whose SQLite file it opens."""
+    from openft.jobs.store import Store
+
+    if isinstance(where, Store):
+        return where
+    key = str(Path(where) / "openft.db")
+    if key not in _STORES:
+        _STORES[key] = Store(Path(key))
+    return _STORES[key]
 
 
-def events(home: Path, job_id: str) -> list[dict]:
-    with db(home) as conn:
-        out = conn.execute("SELECT * FROM events WHERE job_id = ? ORDER BY seq", (job_id,)).fetchall()
-    return [{**dict(r), "data": json.loads(r["data"]) if r["data"] else {}} for r in out]
+def job_row(where, job_id: str) -> dict:
+    return store_of(where).get_job(None, job_id)
 
 
-def store_checkpoints(home: Path, job_id: str) -> dict[int, str]:
-    with db(home) as conn:
-        out = conn.execute("SELECT step, path FROM checkpoints WHERE job_id = ?", (job_id,)).fetchall()
-    return {r["step"]: r["path"] for r in out}
+def events(where, job_id: str) -> list[dict]:
+    out = store_of(where).list_events(job_id, order="asc", limit=1_000_000)
+    return [{**e, "data": e["data"] or {}} for e in out]
+
+
+def store_checkpoints(where, job_id: str) -> dict[int, str]:
+    return {r["step"]: r["path"] for r in store_of(where).list_checkpoints(job_id, limit=1_000_000)}
 
 
 @dataclass
@@ -184,8 +188,15 @@ class Campaign:
     """Create jobs through the API and run them under killing workers until
     `kills` SIGKILLs have landed inside real jobs."""
 
-    def __init__(self, server, zygote: Zygote, model: str, *, seed: int = 0, log=print):
+    def __init__(
+        self, server, zygote: Zygote, model: str, *, seed: int = 0, log=print, database_url: str | None = None
+    ):
+        """`database_url`: the store the server and its workers share (None: SQLite under the server's home)."""
+        from openft.jobs.store import Store
+
         self.server, self.home, self.model = server, Path(server.home), model
+        self.where = Store(database_url) if database_url else self.home
+        self.env = {"OPENFT_DATABASE_URL": database_url} if database_url else {}
         self.zygote = zygote
         self.rng = random.Random(seed)
         self.log = log
@@ -204,18 +215,18 @@ class Campaign:
             seed=3,
             hyperparameters={"n_epochs": 1, "batch_size": 1},
         )
-        wait_for(lambda: job_row(self.home, job.id)["status"] != "validating_files", timeout=60)
+        wait_for(lambda: job_row(self.where, job.id)["status"] != "validating_files", timeout=60)
         return job.id
 
     def run_reference(self) -> str:
         """One uninterrupted run of the job every campaign job repeats."""
         jid = self.create_job()
-        w = Worker(self.zygote, self.home).start()
+        w = Worker(self.zygote, self.home, env=self.env).start()
         try:
-            wait_for(lambda: job_row(self.home, jid)["status"] in TERMINAL, timeout=600)
+            wait_for(lambda: job_row(self.where, jid)["status"] in TERMINAL, timeout=600)
         finally:
             w.stop()
-        assert job_row(self.home, jid)["status"] == "succeeded", dict(job_row(self.home, jid))
+        assert job_row(self.where, jid)["status"] == "succeeded", dict(job_row(self.where, jid))
         self.reference = jid
         return jid
 
@@ -224,7 +235,7 @@ class Campaign:
         """(kind, OPENFT_FAULTS) for the next worker running `jid`: kinds that have
         not landed yet come first (in a seeded random order), so every moment is
         covered; then any kind, with a random hit count."""
-        if job_row(self.home, jid)["stalls"] >= MAX_STALLS - 1:
+        if job_row(self.where, jid)["stalls"] >= MAX_STALLS - 1:
             return "none", ""  # a third attempt in a row without progress would (rightly) fail the job
         landed = {k.how for r in self.jobs for k in r.kills}
         pending = [k for k in KINDS if k not in landed]
@@ -241,7 +252,7 @@ class Campaign:
         return (kind, f"{kind}:{hit[kind]()}") if kind in hit else (kind, "")
 
     def _total_steps(self) -> int:
-        ev = events(self.home, self.reference) if self.reference else []
+        ev = events(self.where, self.reference) if self.reference else []
         started = [e for e in ev if e["message"].startswith("Fine-tuning started")]
         return started[-1]["data"]["total_steps"] if started else 24
 
@@ -263,9 +274,9 @@ class Campaign:
         rec = JobRecord(self.create_job())
         self.jobs.append(rec)
         for plan in plans + [""] * 5:
-            if job_row(self.home, rec.id)["status"] in TERMINAL:
+            if job_row(self.where, rec.id)["status"] in TERMINAL:
                 break
-            w = Worker(self.zygote, self.home, plan, self.faults_dir).start()
+            w = Worker(self.zygote, self.home, plan, self.faults_dir, self.env).start()
             rec.attempts += 1
             try:
                 if self._watch(rec.id, w, timed=False):
@@ -273,10 +284,10 @@ class Campaign:
             finally:
                 w.stop()
         # The last death is only noticed by the next worker's sweep.
-        if job_row(self.home, rec.id)["status"] not in TERMINAL:
-            w = Worker(self.zygote, self.home).start()
+        if job_row(self.where, rec.id)["status"] not in TERMINAL:
+            w = Worker(self.zygote, self.home, env=self.env).start()
             try:
-                wait_for(lambda: job_row(self.home, rec.id)["status"] in TERMINAL, timeout=300)
+                wait_for(lambda: job_row(self.where, rec.id)["status"] in TERMINAL, timeout=300)
             finally:
                 w.stop()
         return rec
@@ -284,11 +295,11 @@ class Campaign:
     def _run_job(self, rec: JobRecord, budget: int) -> int:
         landed = 0
         while True:
-            status = job_row(self.home, rec.id)["status"]
+            status = job_row(self.where, rec.id)["status"]
             if status in TERMINAL:
                 return landed
             kind, plan = self._plan(rec.id) if landed < budget else ("none", "")
-            w = Worker(self.zygote, self.home, plan, self.faults_dir).start()
+            w = Worker(self.zygote, self.home, plan, self.faults_dir, self.env).start()
             rec.attempts += 1
             try:
                 died = self._watch(rec.id, w, timed=kind == "timed")
@@ -305,34 +316,80 @@ class Campaign:
         claimed = wait_for(
             lambda: (
                 w.poll() is not None
-                or job_row(self.home, jid)["worker_pid"] == w.pid
-                or job_row(self.home, jid)["status"] in TERMINAL
+                or job_row(self.where, jid)["worker_pid"] == w.pid
+                or job_row(self.where, jid)["status"] in TERMINAL
             ),
             timeout=300,
             every=0.05,
         )
         assert claimed
-        if timed and w.poll() is None and job_row(self.home, jid)["worker_pid"] == w.pid:
+        if timed and w.poll() is None and job_row(self.where, jid)["worker_pid"] == w.pid:
             delay = self.rng.uniform(0.0, 3.0)
             end = time.time() + delay
-            while time.time() < end and job_row(self.home, jid)["status"] not in TERMINAL:
+            while time.time() < end and job_row(self.where, jid)["status"] not in TERMINAL:
                 time.sleep(0.02)
-            if job_row(self.home, jid)["status"] not in TERMINAL:
+            if job_row(self.where, jid)["status"] not in TERMINAL:
                 os.kill(w.pid, signal.SIGKILL)
-        wait_for(lambda: w.poll() is not None or job_row(self.home, jid)["status"] in TERMINAL, timeout=600, every=0.05)
+        wait_for(
+            lambda: w.poll() is not None or job_row(self.where, jid)["status"] in TERMINAL, timeout=600, every=0.05
+        )
         if w.poll() is None:
             return False
         rc = w.wait()
         assert rc == -signal.SIGKILL, f"worker {w.pid} exited with {rc} (see {self.home / 'workers.log'})"
         return True
 
+    # ------------------------------------------------------- several workers
+    # Fault points that come after progress: a worker killed there leaves a new
+    # checkpoint behind, so a job never fails for lack of progress, however often its
+    # workers die (kills before any progress are the single-worker campaign's part).
+    PAIR_PLANS = ("checkpoint.commit:1", "checkpoint.commit:2", "checkpoint.prune:1", "register:1")
+
+    def run_concurrent(self, n_jobs: int, kills: int, workers: int = 2, timeout: float = 1500) -> list[JobRecord]:
+        """`n_jobs` jobs queued at once, run by `workers` workers side by side that die
+        `kills` times in all: by fault plans, and by SIGKILL from outside once the
+        job a worker runs has made progress in its attempt. Each dead worker is
+        replaced at once; its job is taken over by whichever worker sweeps first."""
+        if self.reference is None:
+            self.run_reference()
+        recs = [JobRecord(self.create_job()) for _ in range(n_jobs)]
+        self.jobs.extend(recs)
+        slots: list[Worker | None] = [None] * workers
+        landed, deadline = 0, time.time() + timeout
+        while not all(job_row(self.where, r.id)["status"] in TERMINAL for r in recs):
+            assert time.time() < deadline, f"concurrent campaign ran out of time after {landed} kills"
+            for i, w in enumerate(slots):
+                if w is not None and w.poll() is None:
+                    continue
+                if w is not None:
+                    assert w.poll() == -signal.SIGKILL, f"worker {w.pid} exited with {w.poll()}"
+                    landed += 1
+                plan = self.rng.choice(self.PAIR_PLANS) if landed < kills else ""
+                slots[i] = Worker(self.zygote, self.home, plan, self.faults_dir, self.env).start()
+            if landed < kills and self.rng.random() < 0.05:
+                self._kill_one_that_progressed([w for w in slots if w is not None])
+            time.sleep(0.1)
+        for w in slots:
+            if w is not None:
+                w.stop()
+        self.concurrent_kills = landed
+        return recs
+
+    def _kill_one_that_progressed(self, workers: list[Worker]) -> None:
+        running = {j["worker_pid"]: j for j in store_of(self.where).jobs_in("running")}
+        ready = [w for w in workers if w.poll() is None and running.get(w.pid, {}).get("stalls") == 0]
+        if ready:
+            victim = self.rng.choice(ready)
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.wait(60)
+
     # ---------------------------------------------------------------- checks
     def check(self, jid: str) -> dict:
         """Every promise of the campaign, for one job; returns a few figures."""
         ref = self.reference
-        job = job_row(self.home, jid)
+        job = job_row(self.where, jid)
         assert job["status"] == "succeeded", (jid, job["status"], job["error"])
-        ev, ref_ev = events(self.home, jid), events(self.home, ref)
+        ev, ref_ev = events(self.where, jid), events(self.where, ref)
         assert len({e["id"] for e in ev}) == len(ev)
         total = self._total_steps()
         steps = [e["data"]["step"] for e in ev if e["type"] == "metrics"]
@@ -350,7 +407,7 @@ class Campaign:
         on_disk = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
         assert on_disk == sorted(p.name for p in (ref_dir / "checkpoints").iterdir()), (jid, on_disk)
         assert all(n.startswith("step-") for n in on_disk), on_disk  # no half-written or half-deleted folder
-        stored = store_checkpoints(self.home, jid)
+        stored = store_checkpoints(self.where, jid)
         assert sorted(stored) == [int(n.split("-")[1]) for n in on_disk], (stored, on_disk)
         assert all(Path(p).is_dir() for p in stored.values())
         rows_ = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -361,10 +418,7 @@ class Campaign:
         diff = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
         assert diff < 1e-5, (jid, diff)
         assert job["fine_tuned_model"]
-        with db(self.home) as conn:
-            assert (
-                conn.execute("SELECT COUNT(*) FROM models WHERE id = ?", (job["fine_tuned_model"],)).fetchone()[0] == 1
-            )
+        assert store_of(self.where).get_model(job["owner"], job["fine_tuned_model"]) is not None
         finished = [e for e in ev if e["message"] == "The job has successfully completed"]
         assert len(finished) == 1
         return {"max_weight_diff": diff, "resumes": sum(e["message"].startswith("Resumed from") for e in ev)}

@@ -110,7 +110,7 @@ def test_an_older_database_gains_the_stalls_column(tmp_path):
             "method, seed) VALUES ('ftjob-1', 'o', 'm', 'queued', 1, 'f', '{}', '{}', 'supervised', 0)"
         )
     store = Store(db)
-    job = store.claim_next_job(123)
+    job = store.claim_next_job("wrk-test", 123)
     assert job["id"] == "ftjob-1" and job["stalls"] == 1 and job["attempts"] == 1
     assert store.add_checkpoint("ftjob-1", 3, {}, "m:ckpt-step-3", "/x", event={"message": "Checkpoint created"})
     assert not store.add_checkpoint("ftjob-1", 3, {}, "m:ckpt-step-3", "/x", event={"message": "Checkpoint created"})

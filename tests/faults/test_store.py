@@ -1,4 +1,6 @@
-"""Unit tier: the store's transactions and schema versions, on real SQLite files."""
+"""Unit tier: the store's transactions and schema upgrades (Alembic), on real SQLite files.
+
+The same store on PostgreSQL: tests/jobs/test_store_engines.py."""
 
 from __future__ import annotations
 
@@ -6,8 +8,12 @@ import sqlite3
 import threading
 
 import pytest
+import sqlalchemy as sa
 
-from openft.jobs.store import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, Store
+from openft.jobs import schema
+from openft.jobs.store import SchemaTooNew, Store
+
+ALL = schema.revisions()  # oldest first
 
 # The tables exactly as the first openft release created them (commit b78c163),
 # written out here so that no later edit of the store's own constants can hide a
@@ -73,15 +79,21 @@ def _shape(path) -> dict:
         return shape
 
 
+def _revision(path) -> str:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+
+
 def test_a_database_of_the_first_release_upgrades_in_place_once(tmp_path):
     old, fresh = tmp_path / "old.db", tmp_path / "fresh.db"
     _old_database(old)
     store = Store(old)
-    assert store.applied_migrations == list(range(1, SCHEMA_VERSION + 1))  # every step, in order
-    assert store._version(store._conn()) == SCHEMA_VERSION
-    assert store.get_job(None, "ftjob-1")["stalls"] == 0  # the old row kept, with the new column's default
+    assert store.applied_migrations == ALL[1:]  # stamped at the first release's revision, then every later step
+    assert _revision(old) == schema.head()
+    job = store.get_job(None, "ftjob-1")
+    assert job["stalls"] == 0 and job["ranks"] == 1  # the old row kept, with the new columns' defaults
     assert Store(old).applied_migrations == []  # re-opening is a no-op
-    assert Store(fresh).applied_migrations == list(range(1, SCHEMA_VERSION + 1))
+    assert Store(fresh).applied_migrations == ALL
     assert _shape(old) == _shape(fresh)  # upgraded and new databases end up alike
 
 
@@ -92,9 +104,21 @@ def test_a_database_that_gained_columns_before_versions_existed_upgrades(tmp_pat
     _old_database(db)
     with sqlite3.connect(db) as conn:
         conn.execute("ALTER TABLE jobs ADD COLUMN stalls INTEGER NOT NULL DEFAULT 0")
-    assert Store(db).applied_migrations == list(range(1, SCHEMA_VERSION + 1))
+    assert Store(db).applied_migrations == ALL[2:]
     Store(tmp_path / "fresh.db")
     assert _shape(db) == _shape(tmp_path / "fresh.db")
+
+
+def test_a_database_of_the_pre_alembic_releases_upgrades(tmp_path):
+    """The releases before Alembic counted their steps in PRAGMA user_version (2 = stalls)."""
+    db = tmp_path / "openft.db"
+    _old_database(db)
+    with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE jobs ADD COLUMN stalls INTEGER NOT NULL DEFAULT 0")
+        conn.execute("PRAGMA user_version = 2")
+    assert Store(db).applied_migrations == ALL[2:]
+    with sqlite3.connect(db) as conn:  # an openft of those releases reads this, and refuses the newer schema
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(ALL)
 
 
 def test_stores_opened_at_once_apply_each_step_once(tmp_path):
@@ -102,7 +126,7 @@ def test_stores_opened_at_once_apply_each_step_once(tmp_path):
     together): each step applies once and none fails. Repeated, since the race
     (switching a rollback-mode database to WAL) loses only now and then."""
     n = 4
-    for round_ in range(150):
+    for round_ in range(60):
         db = tmp_path / f"openft-{round_}.db"
         _old_database(db)
         barrier, applied, errors = threading.Barrier(n), [], []
@@ -120,51 +144,53 @@ def test_stores_opened_at_once_apply_each_step_once(tmp_path):
         for t in threads:
             t.join()
         assert not errors, f"round {round_}: {errors}"
-        assert sorted(applied) == list(range(1, SCHEMA_VERSION + 1))
+        assert sorted(applied) == ALL[1:]
 
 
 def test_a_database_from_a_newer_openft_is_refused(tmp_path):
     db = tmp_path / "openft.db"
     Store(db)
     with sqlite3.connect(db) as conn:
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    with pytest.raises(SchemaTooNew, match=f"schema version {SCHEMA_VERSION + 1}"):
+        conn.execute("UPDATE alembic_version SET version_num = 'f00d'")
+    with pytest.raises(SchemaTooNew, match="revision f00d"):
+        Store(db)
+
+
+def test_a_pre_alembic_database_from_a_newer_openft_is_refused(tmp_path):
+    db = tmp_path / "openft.db"
+    _old_database(db)
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"PRAGMA user_version = {len(ALL) + 1}")
+    with pytest.raises(SchemaTooNew, match=f"schema version {len(ALL) + 1}"):
         Store(db)
 
 
 def test_every_migration_says_what_it_changes():
-    assert len(MIGRATIONS) == SCHEMA_VERSION and all(m.description for m in MIGRATIONS)
+    revisions = list(schema.script().walk_revisions())
+    assert len(revisions) == len(ALL) and all((r.doc or "").strip() for r in revisions)
 
 
-def test_a_failed_commit_leaves_the_connection_usable(tmp_path):
-    """A COMMIT that fails must not leave the thread's connection inside its
-    transaction. SQLite checks a deferred foreign key at COMMIT, so a violation of
-    one makes COMMIT itself fail (as a full disk does), with the transaction open."""
+def test_a_failed_unit_of_work_is_rolled_back_whole(tmp_path):
     store = Store(tmp_path / "openft.db")
-    db = store._conn()  # the connection of this thread, which every store call here uses
-    db.execute("PRAGMA foreign_keys = ON")
-    db.execute("CREATE TABLE scratch_parent (id INTEGER PRIMARY KEY)")
-    db.execute(
-        "CREATE TABLE scratch_child (parent INTEGER REFERENCES scratch_parent(id) DEFERRABLE INITIALLY DEFERRED)"
-    )
-    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
-        with store.tx() as tx:
-            tx.execute("INSERT INTO scratch_child (parent) VALUES (42)")  # accepted until COMMIT
-    assert not store._conn().in_transaction
-    assert db.execute("SELECT COUNT(*) FROM scratch_child").fetchone()[0] == 0  # rolled back, nothing half-written
-    new = store.create_key("o")  # the next write on the same thread
+
+    def twice(c):
+        c.exec_driver_sql("INSERT INTO keys (id, key_hash, owner, created_at) VALUES ('key-1', 'h', 'o', 1)")
+        c.exec_driver_sql("INSERT INTO keys (id, key_hash, owner, created_at) VALUES ('key-1', 'h', 'o', 1)")
+
+    with pytest.raises(sa.exc.IntegrityError, match="UNIQUE"):
+        store.db.write(twice)
+    assert store.list_keys() == []  # the first insert went with the second
+    new = store.create_key("o")  # and the next write works
     assert store.owner_for_key(new.key) == "o"
     assert [k["id"] for k in store.list_keys()] == [new.id]
 
 
-def test_a_failed_transaction_body_is_rolled_back(tmp_path):
-    store = Store(tmp_path / "openft.db")
-    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
-        with store.tx() as db:
-            db.execute("INSERT INTO keys (id, key_hash, owner, created_at) VALUES ('key-1', 'h', 'o', 1)")
-            db.execute("INSERT INTO keys (id, key_hash, owner, created_at) VALUES ('key-1', 'h', 'o', 1)")
-    assert store.list_keys() == []
-    assert store.create_key("o").owner == "o"
+def test_a_full_disk_is_not_retried_as_an_unreachable_server(tmp_path):
+    """Only a lost connection is waited out; a statement that fails fails at once."""
+    from openft.jobs.db import _unreachable
+
+    err = sa.exc.OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
+    assert not _unreachable(err)
 
 
 def test_create_key_returns_the_id_it_created(tmp_path):

@@ -68,7 +68,7 @@ def claimed_job(store: Store, tmp_path, extra: dict) -> dict:
             "extra": extra,
         }
     )
-    return store.claim_next_job(os.getpid())
+    return store.claim_next_job("wrk-test", os.getpid())
 
 
 def test_the_jobs_resources_reach_the_training_as_a_launch(store, tmp_path, launches):
@@ -120,7 +120,7 @@ def test_failed_ranks_requeue_the_job_until_attempts_without_progress_run_out(st
         after = store.get_job(None, job["id"])
         if attempt < MAX_ATTEMPTS:  # queued again, to resume from its last checkpoint
             assert after["status"] == "queued" and after["worker_pid"] is None
-            job = store.claim_next_job(os.getpid())
+            job = store.claim_next_job("wrk-test", os.getpid())
             assert job is not None and job["stalls"] == attempt + 1
     assert after["status"] == "failed" and after["error"]["code"] == "training_failed"
     assert "rank 1 on host-b died" in after["error"]["message"]

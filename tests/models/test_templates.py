@@ -431,7 +431,7 @@ def test_a_job_on_a_model_with_a_foreign_template_fails_with_the_message(foreign
             "seed": 0,
         }
     )
-    job = store.claim_next_job(12345)
+    job = store.claim_next_job("wrk-test", 12345)
     run_one(store, job)
     done = store.get_job(None, job["id"])
     error = done["error"] if isinstance(done["error"], dict) else json.loads(done["error"])

@@ -55,7 +55,8 @@ def test_a_job_that_asks_for_nothing_shows_one_rank(client, train_file, extra):
 @pytest.mark.parametrize(
     "resources, param, code",
     [
-        ({"gpus": 2}, "resources.gpus", "unknown_parameter"),
+        ({"memory_gb": 2}, "resources.memory_gb", "unknown_parameter"),
+        ({"gpus": -1}, "resources.gpus", "invalid_value"),
         ({"nproc_per_node": 2, "nnodes": 2}, "resources.nnodes", "unknown_parameter"),
         ({"nproc_per_node": "2"}, "resources.nproc_per_node", "invalid_value"),
         ({"nproc_per_node": 2.5}, "resources.nproc_per_node", "invalid_value"),

@@ -1,11 +1,16 @@
-"""The job store: files, jobs, events, checkpoints, models, keys, in SQLite (WAL).
+"""The job store: files, jobs, events, checkpoints, models, keys, the fleet.
 
-One database file under OPENFT_HOME holds all state; the API process and the
-worker process share it. Every write is a short transaction, so a crash of either
-process leaves the store consistent, and WAL lets readers go on while the worker
-writes. Objects carry an `owner`; every read takes the caller's owner, so another
-owner's object is simply not found (the API answers 404 exactly as for a
-missing one).
+One store for all state, on SQLite under OPENFT_HOME (the embedded default) or on
+PostgreSQL (`OPENFT_DATABASE_URL`), shared by every API replica and worker. Every
+write is one short transaction (openft.jobs.db), so a crash of any process leaves
+the store consistent, and each is safe to run again after a lost connection.
+Objects carry an `owner`; every read takes the caller's owner, so another owner's
+object is simply not found (the API answers 404 exactly as for a missing one).
+
+A job being run is leased: `worker_id` names the worker that claimed it and
+`attempts` counts the claims, and the pair is the fencing token (`Lease`) that
+every write of that worker carries. A worker presumed dead whose job was taken
+over finds its token stale and writes nothing.
 """
 
 from __future__ import annotations
@@ -13,55 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The tables as first released. Databases of that time carry no schema version
-# (PRAGMA user_version 0); every later change is a step in MIGRATIONS below.
-BASE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS keys (
-  id TEXT PRIMARY KEY, key_hash TEXT UNIQUE NOT NULL, owner TEXT NOT NULL, created_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS files (
-  id TEXT PRIMARY KEY, owner TEXT NOT NULL, filename TEXT NOT NULL, bytes INTEGER NOT NULL,
-  purpose TEXT NOT NULL, created_at INTEGER NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL,
-  status TEXT NOT NULL, status_details TEXT, validation TEXT
-);
-CREATE TABLE IF NOT EXISTS jobs (
-  id TEXT PRIMARY KEY, owner TEXT NOT NULL, model TEXT NOT NULL, status TEXT NOT NULL,
-  created_at INTEGER NOT NULL, started_at INTEGER, finished_at INTEGER,
-  training_file TEXT NOT NULL, validation_file TEXT, spec TEXT NOT NULL, hyperparameters TEXT NOT NULL,
-  method TEXT NOT NULL, suffix TEXT, seed INTEGER NOT NULL, metadata TEXT, error TEXT,
-  fine_tuned_model TEXT, trained_tokens INTEGER, result_files TEXT NOT NULL DEFAULT '[]',
-  comparison TEXT, run_dir TEXT, control TEXT NOT NULL DEFAULT '', worker_pid INTEGER,
-  heartbeat_at REAL, attempts INTEGER NOT NULL DEFAULT 0, estimated_finish INTEGER, extra TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, created_at);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at);
-CREATE TABLE IF NOT EXISTS events (
-  seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL,
-  created_at INTEGER NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL, data TEXT
-);
-CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
-CREATE TABLE IF NOT EXISTS checkpoints (
-  id TEXT PRIMARY KEY, job_id TEXT NOT NULL, step INTEGER NOT NULL, created_at INTEGER NOT NULL,
-  metrics TEXT NOT NULL, model_name TEXT NOT NULL, path TEXT NOT NULL, UNIQUE(job_id, step)
-);
-CREATE TABLE IF NOT EXISTS models (
-  id TEXT PRIMARY KEY, owner TEXT NOT NULL, base TEXT NOT NULL, job_id TEXT, created_at INTEGER NOT NULL,
-  path TEXT NOT NULL, kind TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS idempotency (
-  owner TEXT NOT NULL, key TEXT NOT NULL, job_id TEXT NOT NULL, created_at INTEGER NOT NULL,
-  PRIMARY KEY(owner, key)
-);
-"""
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from openft.jobs import schema
+from openft.jobs.db import Database, StoreUnavailable, redact
+from openft.jobs.schema import SchemaTooNew
 
 JSON_COLUMNS = {
     "validation",
@@ -74,42 +41,22 @@ JSON_COLUMNS = {
     "data",
     "metrics",
     "extra",
+    "capabilities",
 }
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
-class Migration:
-    """One schema change; applying MIGRATIONS[n] takes a database from version n to n + 1."""
+class Lease:
+    """The fencing token of one claim of a job: writes carrying it apply only while
+    the job is still held by that worker under that very claim."""
 
-    description: str
-    apply: Callable[[sqlite3.Connection], None]
+    worker: str
+    attempt: int
 
-
-def _create_base(db: sqlite3.Connection) -> None:
-    # Statement by statement: executescript would commit the migration's transaction.
-    for statement in BASE_SCHEMA.split(";"):
-        if statement.strip():
-            db.execute(statement)
-
-
-def _add_stalls(db: sqlite3.Connection) -> None:
-    # Databases from before schema versions gained this column without a version.
-    if "stalls" not in {r[1] for r in db.execute("PRAGMA table_info(jobs)").fetchall()}:
-        db.execute("ALTER TABLE jobs ADD COLUMN stalls INTEGER NOT NULL DEFAULT 0")
-
-
-# Append only: a step once released is never edited (databases in the field have applied it).
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration("the original tables", _create_base),
-    # A worker that dies while making progress should not use up its job's retries.
-    Migration("jobs.stalls: attempts in a row that ended without a new checkpoint", _add_stalls),
-)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-class SchemaTooNew(RuntimeError):
-    """The database was written by a newer openft."""
+    @classmethod
+    def of(cls, job: dict) -> Lease:
+        return cls(job["worker_id"], job["attempts"])
 
 
 def new_id(prefix: str) -> str:
@@ -120,254 +67,248 @@ def now() -> int:
     return int(time.time())
 
 
-def _row(cur: sqlite3.Cursor, row: tuple) -> dict:
-    out = {}
-    for (name, *_), value in zip(cur.description, row):
-        out[name] = json.loads(value) if name in JSON_COLUMNS and value is not None else value
-    return out
+def _decode(row: sa.RowMapping) -> dict:
+    return {k: (json.loads(v) if k in JSON_COLUMNS and v is not None else v) for k, v in row.items()}
 
 
-def _enter_wal(conn: sqlite3.Connection, wait_s: float = 30.0) -> None:
-    """Switch the database to WAL. Switching a database that is still in rollback
-    mode needs it to itself for a moment, and SQLite answers "database is locked"
-    at once, without its busy timeout, while another process or thread opens it
-    too (the API and the worker starting together on a database made by an older
-    openft): so retry, with a short backoff, for as long as the busy timeout."""
-    deadline, pause = time.monotonic() + wait_s, 0.005
-    while True:
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as e:
-            if "locked" not in str(e) or time.monotonic() > deadline:
-                raise
-            time.sleep(pause)
-            pause = min(pause * 2, 0.2)
+def _enc(values: dict) -> dict:
+    return {
+        k: (json.dumps(v, ensure_ascii=False) if k in JSON_COLUMNS and v is not None else v) for k, v in values.items()
+    }
+
+
+def _one(conn: Connection, sql: str, **args: Any) -> dict | None:
+    row = conn.execute(sa.text(sql), args).mappings().first()
+    return _decode(row) if row else None
+
+
+def _all(conn: Connection, sql: str, **args: Any) -> list[dict]:
+    return [_decode(r) for r in conn.execute(sa.text(sql), args).mappings()]
+
+
+def _insert(conn: Connection, table: str, values: dict, *, on_conflict: str = "") -> int:
+    values = _enc(values)
+    cols = ", ".join(values)
+    params = ", ".join(f":{k}" for k in values)
+    return conn.execute(sa.text(f"INSERT INTO {table} ({cols}) VALUES ({params}){on_conflict}"), values).rowcount
+
+
+def _fence(lease: Lease | None) -> tuple[str, dict]:
+    """The WHERE clause a fenced write adds."""
+    if lease is None:
+        return "", {}
+    return " AND worker_id = :lease_worker AND attempts = :lease_attempt", {
+        "lease_worker": lease.worker,
+        "lease_attempt": lease.attempt,
+    }
 
 
 class Store:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self.applied_migrations = self._migrate()
+    def __init__(self, url: str | Path):
+        """`url`: a database URL, or the path of a SQLite file."""
+        self.url = url if isinstance(url, str) and "://" in url else f"sqlite:///{Path(url)}"
+        self.db = Database(self.url)
+        self.applied_migrations = schema.migrate(self.db)
 
-    def _version(self, db: sqlite3.Connection) -> int:
-        return db.execute("PRAGMA user_version").fetchone()[0]
+    @property
+    def dialect(self) -> str:
+        return self.db.dialect
 
-    def _migrate(self) -> list[int]:
-        """Bring the schema to SCHEMA_VERSION; returns the versions this call reached.
-        Each step commits with its version number, under the write lock, and the
-        version is read again under that lock: the API process and the worker may
-        open one database at once, and each step still applies exactly once."""
-        applied: list[int] = []
-        version = self._version(self._conn())
-        while version < SCHEMA_VERSION:
-            with self.tx() as db:
-                version = self._version(db)
-                if version < SCHEMA_VERSION:
-                    MIGRATIONS[version].apply(db)
-                    version += 1
-                    db.execute(f"PRAGMA user_version = {version}")
-                    applied.append(version)
-        if version > SCHEMA_VERSION:
-            raise SchemaTooNew(
-                f"{self.path} has schema version {version}, newer than this openft's {SCHEMA_VERSION}: upgrade openft"
-            )
-        return applied
+    def describe(self) -> str:
+        """The store's URL without a password."""
+        return redact(self.url)
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            _enter_wal(conn)
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=30000")
-            self._local.conn = conn
-        return conn
+    def close(self) -> None:
+        self.db.dispose()
 
-    @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE: writers queue, never deadlock)."""
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-            db.execute("COMMIT")  # inside the try: a COMMIT that fails (disk full) is rolled back too
-        except BaseException:
-            self._end_failed(db)
-            raise
+    def _r1(self, sql: str, **args: Any) -> dict | None:
+        return self.db.read(lambda c: _one(c, sql, **args))
 
-    def _end_failed(self, db: sqlite3.Connection) -> None:
-        """Leave the thread's connection outside any transaction, so its next one can
-        begin. SQLite rolls some failures back itself (a full disk, an I/O error),
-        leaving nothing to end; a connection that cannot even roll back is closed,
-        and the thread's next call opens a fresh one."""
-        if not db.in_transaction:
-            return
-        try:
-            db.execute("ROLLBACK")
-        except sqlite3.Error:
-            db.close()
-            self._local.conn = None
+    def _rall(self, sql: str, **args: Any) -> list[dict]:
+        return self.db.read(lambda c: _all(c, sql, **args))
 
-    def _one(self, sql: str, args: tuple = ()) -> dict | None:
-        cur = self._conn().execute(sql, args)
-        row = cur.fetchone()
-        return _row(cur, row) if row else None
+    def _w(self, sql: str, **args: Any) -> int:
+        return self.db.write(lambda c: c.execute(sa.text(sql), args).rowcount)
 
-    def _all(self, sql: str, args: tuple = ()) -> list[dict]:
-        cur = self._conn().execute(sql, args)
-        return [_row(cur, r) for r in cur.fetchall()]
+    # -------------------------------------------------------------- settings
+    def setting(self, key: str) -> str | None:
+        row = self._r1("SELECT value FROM settings WHERE key = :k", k=key)
+        return row["value"] if row else None
 
-    @staticmethod
-    def _enc(values: dict) -> dict:
-        return {
-            k: (json.dumps(v, ensure_ascii=False) if k in JSON_COLUMNS and v is not None else v)
-            for k, v in values.items()
-        }
-
-    def _insert(self, db: sqlite3.Connection, table: str, values: dict) -> None:
-        values = self._enc(values)
-        cols = ", ".join(values)
-        db.execute(f"INSERT INTO {table} ({cols}) VALUES ({', '.join('?' * len(values))})", tuple(values.values()))
+    def setting_or_set(self, key: str, value: str) -> str:
+        """The stored value of `key`, storing `value` first if there is none (the
+        first process to ask wins; every other gets the same answer)."""
+        self.db.write(
+            lambda c: _insert(c, "settings", {"key": key, "value": value}, on_conflict=" ON CONFLICT (key) DO NOTHING")
+        )
+        return self.setting(key)
 
     # ------------------------------------------------------------------ keys
     def create_key(self, owner: str) -> NewKey:
         new = NewKey(id=new_id("key"), owner=owner, created_at=now(), key="sk-oft-" + secrets.token_urlsafe(24))
-        with self.tx() as db:
-            self._insert(
-                db, "keys", {"id": new.id, "key_hash": _hash(new.key), "owner": owner, "created_at": new.created_at}
-            )
+        row = {"id": new.id, "key_hash": _hash(new.key), "owner": owner, "created_at": new.created_at}
+        self.db.write(lambda c: _insert(c, "keys", row, on_conflict=" ON CONFLICT (id) DO NOTHING"))
         return new
 
     def owner_for_key(self, key: str) -> str | None:
-        row = self._one("SELECT owner FROM keys WHERE key_hash = ?", (_hash(key),))
+        row = self._r1("SELECT owner FROM keys WHERE key_hash = :h", h=_hash(key))
         return row["owner"] if row else None
 
     def has_keys(self) -> bool:
-        return self._one("SELECT 1 AS x FROM keys LIMIT 1") is not None
+        return self._r1("SELECT 1 AS x FROM keys LIMIT 1") is not None
 
     def list_keys(self) -> list[dict]:
-        return self._all("SELECT id, owner, created_at FROM keys ORDER BY created_at, rowid")
+        return self._rall("SELECT id, owner, created_at FROM keys ORDER BY created_at, id")
 
     def delete_key(self, owner: str, key_id: str) -> bool:
-        with self.tx() as db:
-            return db.execute("DELETE FROM keys WHERE id = ? AND owner = ?", (key_id, owner)).rowcount == 1
+        return self._w("DELETE FROM keys WHERE id = :id AND owner = :o", id=key_id, o=owner) == 1
 
     # ----------------------------------------------------------------- files
     def add_file(self, **values: Any) -> dict:
         values.setdefault("id", new_id("file"))
         values.setdefault("created_at", now())
-        with self.tx() as db:
-            self._insert(db, "files", values)
+        self.db.write(lambda c: _insert(c, "files", values, on_conflict=" ON CONFLICT (id) DO NOTHING"))
         return self.get_file(values["owner"], values["id"])
 
     def get_file(self, owner: str, file_id: str) -> dict | None:
-        return self._one("SELECT * FROM files WHERE id = ? AND owner = ?", (file_id, owner))
+        return self._r1("SELECT * FROM files WHERE id = :id AND owner = :o", id=file_id, o=owner)
 
     def list_files(
         self, owner: str, purpose: str | None = None, limit: int = 10000, after: str | None = None, order: str = "desc"
     ) -> list[dict]:
-        sql, args = "SELECT * FROM files WHERE owner = ?", [owner]
+        sql, args = "SELECT * FROM files WHERE owner = :o", {"o": owner, "lim": limit}
         if purpose:
-            sql, args = sql + " AND purpose = ?", args + [purpose]
-        if after:
-            ref = self.get_file(owner, after)
-            if ref:
-                op = "<" if order == "desc" else ">"
-                sql, args = sql + f" AND (created_at, id) {op} (?, ?)", args + [ref["created_at"], ref["id"]]
+            sql, args["p"] = sql + " AND purpose = :p", purpose
+        if after and (ref := self.get_file(owner, after)):
+            op = "<" if order == "desc" else ">"
+            sql += f" AND (created_at, id) {op} (:rc, :rid)"
+            args.update(rc=ref["created_at"], rid=ref["id"])
         direction = "DESC" if order == "desc" else "ASC"
-        return self._all(sql + f" ORDER BY created_at {direction}, id {direction} LIMIT ?", tuple(args + [limit]))
+        return self._rall(sql + f" ORDER BY created_at {direction}, id {direction} LIMIT :lim", **args)
 
     def delete_file(self, owner: str, file_id: str) -> dict | None:
         row = self.get_file(owner, file_id)
         if row:
-            with self.tx() as db:
-                db.execute("DELETE FROM files WHERE id = ? AND owner = ?", (file_id, owner))
+            self._w("DELETE FROM files WHERE id = :id AND owner = :o", id=file_id, o=owner)
         return row
 
     # ------------------------------------------------------------------ jobs
     def create_job(self, values: dict, idempotency_key: str | None = None) -> tuple[dict, bool]:
         """Insert a job; with an idempotency key seen before, return the first job
-        instead (created=False). Both happen in one transaction, so two retries
-        racing each other still create one job."""
-        with self.tx() as db:
+        instead (created=False). Both happen in one transaction; two retries racing
+        each other on two replicas still create one job (the loser's insert of the
+        key conflicts, and it answers with the winner's job)."""
+        owner, jid = values["owner"], values["id"]
+
+        def create(c: Connection) -> tuple[str, bool]:
+            if _one(c, "SELECT id FROM jobs WHERE id = :id", id=jid):  # this very call, retried after a lost COMMIT
+                return jid, True
             if idempotency_key:
-                cur = db.execute(
-                    "SELECT job_id FROM idempotency WHERE owner = ? AND key = ?", (values["owner"], idempotency_key)
-                )
-                hit = cur.fetchone()
-                if hit:
-                    return self._one("SELECT * FROM jobs WHERE id = ?", (hit[0],)), False
-                db.execute(
-                    "INSERT INTO idempotency (owner, key, job_id, created_at) VALUES (?, ?, ?, ?)",
-                    (values["owner"], idempotency_key, values["id"], now()),
-                )
-            self._insert(db, "jobs", values)
-        return self._one("SELECT * FROM jobs WHERE id = ?", (values["id"],)), True
+                row = {"owner": owner, "key": idempotency_key, "job_id": jid, "created_at": now()}
+                if not _insert(c, "idempotency", row, on_conflict=" ON CONFLICT (owner, key) DO NOTHING"):
+                    hit = _one(
+                        c, "SELECT job_id FROM idempotency WHERE owner = :o AND key = :k", o=owner, k=idempotency_key
+                    )
+                    return hit["job_id"], False
+            _insert(c, "jobs", values)
+            return jid, True
+
+        job_id, created = self.db.write(create)
+        return self.get_job(None, job_id), created
 
     def get_job(self, owner: str | None, job_id: str) -> dict | None:
-        if owner is None:  # the worker: no owner filter
-            return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        return self._one("SELECT * FROM jobs WHERE id = ? AND owner = ?", (job_id, owner))
+        if owner is None:  # a worker: no owner filter
+            return self._r1("SELECT * FROM jobs WHERE id = :id", id=job_id)
+        return self._r1("SELECT * FROM jobs WHERE id = :id AND owner = :o", id=job_id, o=owner)
 
     def list_jobs(self, owner: str, after: str | None = None, limit: int = 20) -> list[dict]:
-        sql, args = "SELECT * FROM jobs WHERE owner = ?", [owner]
-        if after:
-            ref = self.get_job(owner, after)
-            if ref:
-                sql, args = sql + " AND (created_at, id) < (?, ?)", args + [ref["created_at"], ref["id"]]
-        return self._all(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", tuple(args + [limit]))
+        sql, args = "SELECT * FROM jobs WHERE owner = :o", {"o": owner, "lim": limit}
+        if after and (ref := self.get_job(owner, after)):
+            sql += " AND (created_at, id) < (:rc, :rid)"
+            args.update(rc=ref["created_at"], rid=ref["id"])
+        return self._rall(sql + " ORDER BY created_at DESC, id DESC LIMIT :lim", **args)
 
     def update_job(
         self,
         job_id: str,
         *,
         expect_status: tuple[str, ...] | None = None,
-        expect_worker: int | None = None,
+        expect_worker: Lease | None = None,
         events: list[dict] | None = None,
         **values: Any,
     ) -> bool:
         """Update fields; with `expect_status`, only if the job is in one of those
         states (a compare-and-set: cancel vs. succeed races resolve cleanly); with
-        `expect_worker`, only if that worker pid still owns it (a worker whose job
-        was taken over writes nothing). `events` (add_event keyword dicts) are
-        added in the same transaction, only if the update applied: a crash never
-        leaves a status change without its event, or the reverse."""
-        values = self._enc(values)
-        sets = ", ".join(f"{k} = ?" for k in values)
-        sql, args = f"UPDATE jobs SET {sets} WHERE id = ?", list(values.values()) + [job_id]
+        `expect_worker`, only if that lease still holds (a worker whose job was
+        taken over writes nothing). `events` (add_event keyword dicts) are added in
+        the same transaction, only if the update applied: a crash never leaves a
+        status change without its event, or the reverse."""
+        values = _enc(values)
+        args = {f"v_{k}": v for k, v in values.items()} | {"jid": job_id}
+        sql = f"UPDATE jobs SET {', '.join(f'{k} = :v_{k}' for k in values)} WHERE id = :jid"
         if expect_status:
-            sql += f" AND status IN ({', '.join('?' * len(expect_status))})"
-            args += list(expect_status)
-        if expect_worker is not None:
-            sql, args = sql + " AND worker_pid = ?", args + [expect_worker]
-        with self.tx() as db:
-            ok = db.execute(sql, tuple(args)).rowcount == 1
-            if ok:
-                for ev in events or ():
-                    self._insert(db, "events", self._event(job_id, **ev))
-            return ok
+            sql += f" AND status IN ({', '.join(f':s{i}' for i in range(len(expect_status)))})"
+            args |= {f"s{i}": s for i, s in enumerate(expect_status)}
+        fence, fargs = _fence(expect_worker)
+        sql, args = sql + fence, args | fargs
+        rows = [self._event(job_id, **ev) for ev in events or ()]  # ids fixed once: a retry adds no second copy
 
-    def claim_next_job(self, worker_pid: int) -> dict | None:
-        """Atomically move the oldest queued job to running for this worker."""
-        with self.tx() as db:
-            cur = db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, id LIMIT 1")
-            row = cur.fetchone()
+        def update(c: Connection) -> bool:
+            if not c.execute(sa.text(sql), args).rowcount:
+                return False
+            for ev in rows:
+                _insert(c, "events", ev, on_conflict=" ON CONFLICT (id) DO NOTHING")
+            return True
+
+        return self.db.write(update)
+
+    def claim_next_job(self, worker: str, pid: int, *, max_ranks: int = 1, gpus: int = 0) -> dict | None:
+        """Move the oldest queued job this worker can run (ranks and GPUs within its
+        own) to running under a new lease. On PostgreSQL the row is locked with SKIP
+        LOCKED, so workers claiming at once each get a different job without waiting.
+        A job already running under this worker's id is handed back first: it is
+        this worker's own claim whose COMMIT answer was lost to a dropped connection
+        (a worker runs one job at a time, so it holds no other)."""
+
+        def claim(c: Connection) -> str | None:
+            mine = _one(c, "SELECT id FROM jobs WHERE status = 'running' AND worker_id = :w", w=worker)
+            if mine:
+                return mine["id"]
+            row = _one(
+                c,
+                "SELECT id FROM jobs WHERE status = 'queued' AND ranks <= :r AND gpus <= :g "
+                "ORDER BY created_at, id LIMIT 1" + self.db.skip_locked(),
+                r=max_ranks,
+                g=gpus,
+            )
             if not row:
                 return None
-            db.execute(
-                "UPDATE jobs SET status = 'running', worker_pid = ?, heartbeat_at = ?, attempts = attempts + 1, "
-                "stalls = stalls + 1, started_at = COALESCE(started_at, ?) WHERE id = ?",
-                (worker_pid, time.time(), now(), row[0]),
+            c.execute(
+                sa.text(
+                    "UPDATE jobs SET status = 'running', worker_id = :w, worker_pid = :pid, heartbeat_at = :hb, "
+                    "attempts = attempts + 1, stalls = stalls + 1, started_at = COALESCE(started_at, :now) "
+                    "WHERE id = :id AND status = 'queued'"
+                ),
+                {"w": worker, "pid": pid, "hb": time.time(), "now": now(), "id": row["id"]},
             )
-        return self.get_job(None, row[0])
+            return row["id"]
+
+        job_id = self.db.write(claim)
+        return self.get_job(None, job_id) if job_id else None
 
     def jobs_in(self, *statuses: str) -> list[dict]:
-        return self._all(
-            f"SELECT * FROM jobs WHERE status IN ({', '.join('?' * len(statuses))}) ORDER BY created_at",
-            tuple(statuses),
+        names = ", ".join(f":s{i}" for i in range(len(statuses)))
+        return self._rall(
+            f"SELECT * FROM jobs WHERE status IN ({names}) ORDER BY created_at, id",
+            **{f"s{i}": s for i, s in enumerate(statuses)},
+        )
+
+    def unfit_queued_jobs(self, max_ranks: int, gpus: int) -> list[dict]:
+        """Queued jobs that need more ranks or GPUs than the given worker has."""
+        return self._rall(
+            "SELECT * FROM jobs WHERE status = 'queued' AND (ranks > :r OR gpus > :g) ORDER BY created_at, id",
+            r=max_ranks,
+            g=gpus,
         )
 
     # ---------------------------------------------------------------- events
@@ -393,41 +334,41 @@ class Store:
         level: str = "info",
         type: str = "message",
         data: dict | None = None,
-        expect_worker: int | None = None,
+        expect_worker: Lease | None = None,
     ) -> dict:
-        """With `expect_worker`, raise NotOwner (and add nothing) unless that worker
-        pid still owns the job."""
+        """With `expect_worker`, raise NotOwner (and add nothing) unless that lease
+        still holds. The job's row is locked first, so one job's events commit in
+        the order of their sequence numbers (a reader paging by `after` misses none)."""
         values = self._event(job_id, message, level=level, type=type, data=data)
-        with self.tx() as db:
-            self._check_owner(db, job_id, expect_worker)
-            self._insert(db, "events", values)
+
+        def add(c: Connection) -> None:
+            self._check_owner(c, job_id, expect_worker)
+            _insert(c, "events", values, on_conflict=" ON CONFLICT (id) DO NOTHING")
+
+        self.db.write(add)
         return values
 
-    @staticmethod
-    def _check_owner(db: sqlite3.Connection, job_id: str, worker_pid: int | None) -> None:
-        if worker_pid is None:
-            return
-        row = db.execute("SELECT worker_pid FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None or row[0] != worker_pid:
+    def _check_owner(self, c: Connection, job_id: str, lease: Lease | None) -> None:
+        row = _one(c, "SELECT worker_id, attempts FROM jobs WHERE id = :id" + self.db.lock_row(), id=job_id)
+        if lease is not None and (row is None or Lease(row["worker_id"], row["attempts"]) != lease):
             raise NotOwner(job_id)
 
     def last_metrics_step(self, job_id: str) -> int:
         """The highest step with a metrics event (0 if none)."""
-        row = self._one(
-            "SELECT MAX(CAST(json_extract(data, '$.step') AS INTEGER)) AS s FROM events "
-            "WHERE job_id = ? AND type = 'metrics'",
-            (job_id,),
+        row = self._r1(
+            f"SELECT MAX({self.db.json_int('data', 'step')}) AS s FROM events WHERE job_id = :id AND type = 'metrics'",
+            id=job_id,
         )
         return int(row["s"] or 0) if row else 0
 
     def list_events(self, job_id: str, after: str | None = None, limit: int = 20, order: str = "desc") -> list[dict]:
-        sql, args = "SELECT * FROM events WHERE job_id = ?", [job_id]
+        sql, args = "SELECT * FROM events WHERE job_id = :jid", {"jid": job_id, "lim": limit}
         if after:
-            ref = self._one("SELECT seq FROM events WHERE id = ? AND job_id = ?", (after, job_id))
+            ref = self._r1("SELECT seq FROM events WHERE id = :id AND job_id = :jid", id=after, jid=job_id)
             if ref:
-                sql, args = sql + (" AND seq < ?" if order == "desc" else " AND seq > ?"), args + [ref["seq"]]
+                sql, args["seq"] = sql + (" AND seq < :seq" if order == "desc" else " AND seq > :seq"), ref["seq"]
         direction = "DESC" if order == "desc" else "ASC"
-        return self._all(sql + f" ORDER BY seq {direction} LIMIT ?", tuple(args + [limit]))
+        return self._rall(sql + f" ORDER BY seq {direction} LIMIT :lim", **args)
 
     # ----------------------------------------------------------- checkpoints
     def add_checkpoint(
@@ -438,78 +379,111 @@ class Store:
         model_name: str,
         path: str,
         event: dict | None = None,
-        expect_worker: int | None = None,
+        expect_worker: Lease | None = None,
     ) -> bool:
         """Register a checkpoint, with its event (add_event keyword dicts) in the
         same transaction. Registering a step again (a resumed attempt that finds
         it on disk) updates it and adds no second event. A new checkpoint is
         progress: the job's stall count starts again. Returns True if new.
         `expect_worker`: as for add_event."""
-        with self.tx() as db:
-            self._check_owner(db, job_id, expect_worker)
-            cur = db.execute(
-                "UPDATE checkpoints SET metrics = ?, model_name = ?, path = ? WHERE job_id = ? AND step = ?",
-                (json.dumps(metrics), model_name, path, job_id, step),
-            )
-            if cur.rowcount:
+        row = {
+            "id": new_id("ftckpt"),
+            "job_id": job_id,
+            "step": step,
+            "created_at": now(),
+            "metrics": metrics,
+            "model_name": model_name,
+            "path": path,
+        }
+        ev = self._event(job_id, **event) if event else None
+
+        def add(c: Connection) -> bool:
+            self._check_owner(c, job_id, expect_worker)
+            updated = c.execute(
+                sa.text(
+                    "UPDATE checkpoints SET metrics = :m, model_name = :n, path = :p WHERE job_id = :j AND step = :s"
+                ),
+                {"m": json.dumps(metrics), "n": model_name, "p": path, "j": job_id, "s": step},
+            ).rowcount
+            if updated:
                 return False
-            self._insert(
-                db,
-                "checkpoints",
-                {
-                    "id": new_id("ftckpt"),
-                    "job_id": job_id,
-                    "step": step,
-                    "created_at": now(),
-                    "metrics": metrics,
-                    "model_name": model_name,
-                    "path": path,
-                },
-            )
-            db.execute("UPDATE jobs SET stalls = 0 WHERE id = ?", (job_id,))
-            if event:
-                self._insert(db, "events", self._event(job_id, **event))
+            _insert(c, "checkpoints", row)
+            c.execute(sa.text("UPDATE jobs SET stalls = 0 WHERE id = :id"), {"id": job_id})
+            if ev:
+                _insert(c, "events", ev, on_conflict=" ON CONFLICT (id) DO NOTHING")
             return True
 
+        return self.db.write(add)
+
     def list_checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> list[dict]:
-        sql, args = "SELECT * FROM checkpoints WHERE job_id = ?", [job_id]
+        sql, args = "SELECT * FROM checkpoints WHERE job_id = :jid", {"jid": job_id, "lim": limit}
         if after:
-            ref = self._one("SELECT step FROM checkpoints WHERE id = ? AND job_id = ?", (after, job_id))
+            ref = self._r1("SELECT step FROM checkpoints WHERE id = :id AND job_id = :jid", id=after, jid=job_id)
             if ref:
-                sql, args = sql + " AND step < ?", args + [ref["step"]]
-        return self._all(sql + " ORDER BY step DESC LIMIT ?", tuple(args + [limit]))
+                sql, args["st"] = sql + " AND step < :st", ref["step"]
+        return self._rall(sql + " ORDER BY step DESC LIMIT :lim", **args)
 
     def delete_checkpoint(self, job_id: str, step: int) -> None:
-        with self.tx() as db:
-            db.execute("DELETE FROM checkpoints WHERE job_id = ? AND step = ?", (job_id, step))
+        self._w("DELETE FROM checkpoints WHERE job_id = :j AND step = :s", j=job_id, s=step)
 
     def checkpoint_by_model(self, owner: str, model_name: str) -> dict | None:
-        return self._one(
-            "SELECT c.* FROM checkpoints c JOIN jobs j ON j.id = c.job_id WHERE c.model_name = ? AND j.owner = ?",
-            (model_name, owner),
+        return self._r1(
+            "SELECT c.* FROM checkpoints c JOIN jobs j ON j.id = c.job_id WHERE c.model_name = :n AND j.owner = :o",
+            n=model_name,
+            o=owner,
         )
 
     # ---------------------------------------------------------------- models
     def add_model(self, **values: Any) -> None:
         values.setdefault("created_at", now())
-        with self.tx() as db:
-            db.execute("DELETE FROM models WHERE id = ?", (values["id"],))
-            self._insert(db, "models", values)
+        updates = ", ".join(f"{k} = excluded.{k}" for k in values if k != "id")
+        self.db.write(lambda c: _insert(c, "models", values, on_conflict=f" ON CONFLICT (id) DO UPDATE SET {updates}"))
 
     def get_model(self, owner: str, model_id: str) -> dict | None:
-        return self._one("SELECT * FROM models WHERE id = ? AND owner = ?", (model_id, owner))
+        return self._r1("SELECT * FROM models WHERE id = :id AND owner = :o", id=model_id, o=owner)
 
     def list_models(self, owner: str) -> list[dict]:
-        return self._all("SELECT * FROM models WHERE owner = ? ORDER BY created_at", (owner,))
+        return self._rall("SELECT * FROM models WHERE owner = :o ORDER BY created_at, id", o=owner)
 
     def delete_model(self, owner: str, model_id: str) -> bool:
-        with self.tx() as db:
-            n = db.execute("DELETE FROM models WHERE id = ? AND owner = ?", (model_id, owner)).rowcount
-            db.execute(
-                "DELETE FROM checkpoints WHERE job_id IN (SELECT id FROM jobs WHERE fine_tuned_model = ? AND owner = ?)",
-                (model_id, owner),
+        def delete(c: Connection) -> bool:
+            n = c.execute(sa.text("DELETE FROM models WHERE id = :id AND owner = :o"), {"id": model_id, "o": owner})
+            c.execute(
+                sa.text(
+                    "DELETE FROM checkpoints WHERE job_id IN "
+                    "(SELECT id FROM jobs WHERE fine_tuned_model = :id AND owner = :o)"
+                ),
+                {"id": model_id, "o": owner},
             )
-        return n == 1
+            return n.rowcount == 1
+
+        return self.db.write(delete)
+
+    # ----------------------------------------------------------------- fleet
+    def fleet_join(self, values: dict) -> None:
+        """A worker or replica announces itself (fleet.Member.row())."""
+        self.db.write(lambda c: _insert(c, "fleet", values, on_conflict=" ON CONFLICT (id) DO NOTHING"))
+
+    def fleet_beat(self, member_id: str, **values: Any) -> bool:
+        values = _enc({"heartbeat_at": time.time(), **values})
+        sets = ", ".join(f"{k} = :{k}" for k in values)
+        return self._w(f"UPDATE fleet SET {sets} WHERE id = :member", member=member_id, **values) == 1
+
+    def fleet(self, since: float | None = None) -> list[dict]:
+        """Members whose last heartbeat is after `since` (all if None), newest first."""
+        if since is None:
+            return self._rall("SELECT * FROM fleet ORDER BY kind, started_at DESC, id")
+        return self._rall(
+            "SELECT * FROM fleet WHERE heartbeat_at > :t AND stopped_at IS NULL ORDER BY kind, started_at DESC, id",
+            t=since,
+        )
+
+    def fleet_member(self, member_id: str) -> dict | None:
+        return self._r1("SELECT * FROM fleet WHERE id = :id", id=member_id)
+
+    def fleet_prune(self, before: float) -> int:
+        """Forget members silent since `before` (stopped or lost long ago)."""
+        return self._w("DELETE FROM fleet WHERE heartbeat_at < :t", t=before)
 
 
 @dataclass(frozen=True)
@@ -523,9 +497,32 @@ class NewKey:
 
 
 class NotOwner(Exception):
-    """The worker writing for a job no longer owns it (it was presumed dead and
-    the job taken over)."""
+    """The worker writing for a job no longer holds its lease (it was presumed dead
+    and the job taken over)."""
 
 
 def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+__all__ = [
+    "Store",
+    "open_store",
+    "Lease",
+    "NotOwner",
+    "NewKey",
+    "SchemaTooNew",
+    "StoreUnavailable",
+    "TERMINAL",
+    "new_id",
+    "now",
+]
+
+
+def open_store(url: str | None = None) -> Store:
+    """The store this process uses: `url` (--database-url), else OPENFT_DATABASE_URL,
+    else SQLite under OPENFT_HOME."""
+    from openft import home
+    from openft.jobs.db import database_url
+
+    return Store(database_url(url, home=home.home()))

@@ -26,19 +26,19 @@ import gc
 import json
 import os
 import signal
-import socket
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from openft import home
 from openft.config import JobSpec
 from openft.faults import fault_point
 from openft.heap import release_free_memory
+from openft.jobs import fleet
 from openft.jobs.naming import checkpoint_model_name
-from openft.jobs.store import TERMINAL, NotOwner, Store
+from openft.jobs.store import TERMINAL, Lease, NotOwner, Store, open_store
 from openft.models.templates import TemplateError
 from openft.train.distributed import Launch, LaunchError
 from openft.train.launch import RankFailure
@@ -56,9 +56,6 @@ def _env_seconds(name: str, default: float) -> float:
         return float(os.environ.get(name) or default)
     except ValueError:
         raise SystemExit(f"{name} must be a number of seconds, not {os.environ[name]!r}") from None
-
-
-HOST = socket.gethostname()
 
 
 def store_path() -> Path:
@@ -82,6 +79,19 @@ def _pid_alive(pid: int | None) -> bool:
         return True
 
 
+def _worker_gone(store: Store, job: dict, stale_after_s: float) -> bool:
+    """The job's heartbeat stopped, or its worker is known gone: it stopped, or it
+    ran on this very machine and its pid is dead (a pid elsewhere says nothing)."""
+    if job["heartbeat_at"] is not None and time.time() - job["heartbeat_at"] > stale_after_s:
+        return True
+    member = store.fleet_member(job["worker_id"]) if job["worker_id"] else None
+    if member is None:  # a job claimed before the fleet existed: by a worker of this machine
+        return job["worker_pid"] != os.getpid() and not _pid_alive(job["worker_pid"])
+    if member["stopped_at"] is not None:
+        return True
+    return member["machine"] == fleet.machine() and member["pid"] != os.getpid() and not _pid_alive(member["pid"])
+
+
 def requeue_orphans(store: Store, *, stale_after_s: float | None = None) -> list[str]:
     """Put 'running' jobs whose worker is gone back in the queue (or fail them
     after MAX_ATTEMPTS attempts in a row that made no progress)."""
@@ -89,12 +99,10 @@ def requeue_orphans(store: Store, *, stale_after_s: float | None = None) -> list
         stale_after_s = _env_seconds("OPENFT_WORKER_STALE_S", STALE_AFTER_S)
     requeued = []
     for job in store.jobs_in("running"):
-        pid = job["worker_pid"]
-        dead = not _pid_alive(pid) if pid != os.getpid() else False
-        stale = job["heartbeat_at"] is not None and time.time() - job["heartbeat_at"] > stale_after_s
-        if not (dead or stale):
+        if not _worker_gone(store, job, stale_after_s):
             continue
-        # Compare-and-set on the pid too: a worker that took the job meanwhile keeps it.
+        # Fenced by the job's lease: a worker that took the job meanwhile keeps it.
+        lease = Lease.of(job)
         if job["stalls"] >= MAX_ATTEMPTS:
             msg = (
                 f"the worker running this job stopped {job['stalls']} times in a row without reaching a new "
@@ -103,7 +111,7 @@ def requeue_orphans(store: Store, *, stale_after_s: float | None = None) -> list
             store.update_job(
                 job["id"],
                 expect_status=("running",),
-                expect_worker=pid,
+                expect_worker=lease,
                 status="failed",
                 finished_at=int(time.time()),
                 estimated_finish=None,
@@ -114,9 +122,10 @@ def requeue_orphans(store: Store, *, stale_after_s: float | None = None) -> list
         if store.update_job(
             job["id"],
             expect_status=("running",),
-            expect_worker=pid,
+            expect_worker=lease,
             status="queued",
             worker_pid=None,
+            worker_id=None,
             events=[
                 {
                     "message": "The worker running this job stopped; the job is queued again and "
@@ -136,15 +145,15 @@ class Heartbeat:
     """A thread that stamps the job's heartbeat every HEARTBEAT_S while it runs, so
     a worker busy in a long evaluation or model save is not taken for dead."""
 
-    def __init__(self, store: Store, job_id: str):
-        self.store, self.job_id = store, job_id
+    def __init__(self, store: Store, job_id: str, lease: Lease):
+        self.store, self.job_id, self.lease = store, job_id, lease
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(_env_seconds("OPENFT_WORKER_HEARTBEAT_S", HEARTBEAT_S)):
             try:
-                self.store.update_job(self.job_id, expect_worker=os.getpid(), heartbeat_at=time.time())
+                self.store.update_job(self.job_id, expect_worker=self.lease, heartbeat_at=time.time())
             except Exception:  # noqa: BLE001 - a busy database must not end the heartbeat
                 pass
 
@@ -165,7 +174,10 @@ class JobRunner:
     launch: Launch | None = None  # the worker's own --nproc-per-node / --max-restarts
     reported_step: int = 0  # metrics events up to this step exist (from earlier attempts)
     total_steps: int | None = None
-    pid: int = field(default_factory=os.getpid)
+
+    @property
+    def lease(self) -> Lease:
+        return Lease.of(self.job)
 
     def spec(self) -> JobSpec:
         spec = JobSpec.from_dict(self.job["spec"])
@@ -187,9 +199,9 @@ class JobRunner:
         if resources is not None and not isinstance(resources, dict):
             raise LaunchError(f"resources must be an object like {{'nproc_per_node': 2}}, not {resources!r}")
         launch = Launch.from_resources(resources, default=self.launch)
-        ran = {**extra, "resources": {"nproc_per_node": launch.nproc_per_node}}
+        ran = {**extra, "resources": {**(resources or {}), "nproc_per_node": launch.nproc_per_node}}
         if ran != extra:
-            self.store.update_job(self.job["id"], expect_worker=self.pid, extra=ran)
+            self.store.update_job(self.job["id"], expect_worker=self.lease, extra=ran)
         return launch
 
     @property
@@ -209,9 +221,9 @@ class JobRunner:
         job = self.store.get_job(None, self.job["id"])
         if job is None or job["status"] == "cancelled" or job["control"] == "cancel":
             return "cancel"
-        if job["status"] != "running" or job["worker_pid"] != self.pid:
+        if job["status"] != "running" or Lease.of(job) != self.lease:
             raise TakenOver(self.job["id"])  # requeued (or failed) while this worker was presumed dead
-        self.store.update_job(self.job["id"], expect_worker=self.pid, heartbeat_at=time.time())
+        self.store.update_job(self.job["id"], expect_worker=self.lease, heartbeat_at=time.time())
         if job["control"] == "pause":
             return "pause"
         return None
@@ -243,12 +255,12 @@ class JobRunner:
                 msg += f", validation loss={row['valid_loss']:.4f}"
             if row["step"] > self.reported_step:  # else an earlier attempt reported this very step
                 self.store.add_event(
-                    jid, msg, type="metrics", data={**row, "total_steps": total}, expect_worker=self.pid
+                    jid, msg, type="metrics", data={**row, "total_steps": total}, expect_worker=self.lease
                 )
             eta = row.get("eta_s")
             self.store.update_job(
                 jid,
-                expect_worker=self.pid,
+                expect_worker=self.lease,
                 trained_tokens=row["trained_tokens"],
                 estimated_finish=int(time.time() + eta) if eta is not None else None,
             )
@@ -282,7 +294,7 @@ class JobRunner:
             metrics,
             name,
             path,
-            expect_worker=self.pid,
+            expect_worker=self.lease,
             event={
                 "message": f"Checkpoint created at step {step}",
                 "type": "message",
@@ -345,7 +357,7 @@ class JobRunner:
         ok = self.store.update_job(
             jid,
             expect_status=("running",),
-            expect_worker=self.pid,
+            expect_worker=self.lease,
             status="succeeded",
             finished_at=int(time.time()),
             fine_tuned_model=name,
@@ -417,10 +429,12 @@ class DataFileMissing(Exception):
 
 
 def run_one(store: Store, job: dict, parent_pid: int | None = None, launch: Launch | None = None) -> None:
-    jid = job["id"]
+    """Run one claimed job to its end. Every write that ends it is fenced by the
+    job's lease: a worker presumed dead meanwhile changes nothing."""
+    jid, lease = job["id"], Lease.of(job)
     runner = JobRunner(store, job, parent_pid, launch)
     try:
-        with Heartbeat(store, jid):
+        with Heartbeat(store, jid, lease):
             runner.run()
     except TakenOver:
         print(f"job {jid} was taken over by another worker; leaving it", flush=True)
@@ -429,6 +443,7 @@ def run_one(store: Store, job: dict, parent_pid: int | None = None, launch: Laun
             store.update_job(
                 jid,
                 expect_status=("running",),
+                expect_worker=lease,
                 status="paused",
                 control="",
                 events=[
@@ -445,6 +460,7 @@ def run_one(store: Store, job: dict, parent_pid: int | None = None, launch: Laun
                 control="",
                 finished_at=int(time.time()),
                 expect_status=("running", "cancelled"),
+                expect_worker=lease,
                 events=[{"message": f"Job cancelled at step {e.step}", "data": {"status": "cancelled"}}],
             )
     except DataError as e:
@@ -456,42 +472,52 @@ def run_one(store: Store, job: dict, parent_pid: int | None = None, launch: Laun
         )
         _fail(
             store,
+            lease,
             jid,
             "invalid_training_file",
             f"The training file has {len(e.result.errors)} error(s); first at {where}: {first.message if first else e}",
             "training_file",
         )
     except TemplateError as e:  # the model's chat template does not fit its vocabulary or the data
-        _fail(store, jid, "invalid_chat_template", str(e), "model")
+        _fail(store, lease, jid, "invalid_chat_template", str(e), "model")
     except DataFileMissing as e:
-        _fail(store, jid, "invalid_training_file", f"file {e} no longer exists", "training_file")
+        _fail(store, lease, jid, "invalid_training_file", f"file {e} no longer exists", "training_file")
     except LaunchError as e:  # the job's resources (over this worker's flags) cannot run: the job's fault
-        _fail(store, jid, "invalid_resources", f"The job's resources cannot run: {e}", "resources")
+        _fail(store, lease, jid, "invalid_resources", f"The job's resources cannot run: {e}", "resources")
     except RankFailure as e:  # torchrun's restarts are spent: the worker's own retry comes next
-        retry_ranks(store, jid, str(e))
+        retry_ranks(store, lease, jid, str(e))
     except SystemExit:
         raise
     except Exception as e:  # noqa: BLE001 - a job failure must never kill the worker
         _print_exc()
         if _disk_full(e):
-            _fail(store, jid, "disk_full", _disk_full_message(store, jid, e), None)
+            _fail(store, lease, jid, "disk_full", _disk_full_message(store, jid, e), None)
         else:
-            _fail(store, jid, "training_failed", f"{type(e).__name__}: {e}", None)
+            _fail(store, lease, jid, "training_failed", f"{type(e).__name__}: {e}", None)
 
 
-def retry_ranks(store: Store, jid: str, why: str) -> None:
+def retry_ranks(store: Store, lease: Lease, jid: str, why: str) -> None:
     """A job whose ranks failed goes back in the queue to resume from its last
     checkpoint, as a job whose worker died does; after MAX_ATTEMPTS attempts in a
     row without a new checkpoint it fails, naming the rank."""
     job = store.get_job(None, jid)
     if job is None or job["stalls"] >= MAX_ATTEMPTS:
-        _fail(store, jid, "training_failed", f"The training ranks failed {MAX_ATTEMPTS} times in a row: {why}", None)
+        _fail(
+            store,
+            lease,
+            jid,
+            "training_failed",
+            f"The training ranks failed {MAX_ATTEMPTS} times in a row: {why}",
+            None,
+        )
         return
     store.update_job(
         jid,
         expect_status=("running",),
+        expect_worker=lease,
         status="queued",
         worker_pid=None,
+        worker_id=None,
         events=[
             {
                 "message": f"The training ranks failed ({why}); the job is queued again and resumes from its "
@@ -528,10 +554,11 @@ def _disk_full_message(store: Store, jid: str, e: BaseException) -> str:
     )
 
 
-def _fail(store: Store, jid: str, code: str, message: str, param: str | None) -> None:
+def _fail(store: Store, lease: Lease, jid: str, code: str, message: str, param: str | None) -> None:
     store.update_job(
         jid,
         expect_status=("running",),
+        expect_worker=lease,
         status="failed",
         finished_at=int(time.time()),
         error={"code": code, "message": message, "param": param},
@@ -549,14 +576,37 @@ def release_memory() -> None:
 
 
 def run_worker(
-    *, poll_s: float = 0.5, once: bool = False, parent_pid: int | None = None, launch: Launch | None = None
+    *,
+    poll_s: float = 0.5,
+    once: bool = False,
+    parent_pid: int | None = None,
+    launch: Launch | None = None,
+    database_url: str | None = None,
+    max_ranks: int | None = None,
 ) -> None:
-    """`launch`: how this worker trains a job whose `resources` do not say (one rank by default)."""
+    """`launch`: how this worker trains a job whose `resources` do not say (one rank
+    by default). `max_ranks`: the most ranks it starts for a job that asks (default:
+    one per GPU, else one per core); it claims only jobs within that and its GPUs."""
     from openft.models.load import setup_torch
 
     setup_torch()
-    store = Store(store_path())
+    store = open_store(database_url)
+    fleet.check_home(store, home.home())
+    own = launch.nproc_per_node if launch else 1
+    caps = fleet.capabilities(max(max_ranks or 0, own) if max_ranks else None)
+    caps["max_ranks"] = max(caps["max_ranks"], own)
+    member = fleet.Member(kind="worker", capabilities=caps)
+    presence = fleet.Presence(store, member, _env_seconds("OPENFT_WORKER_HEARTBEAT_S", HEARTBEAT_S)).start()
     signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(SystemExit(0)))
+    print(f"worker {member.id} (pid {member.pid}) on {store.describe()}: {caps}", flush=True)
+    try:
+        _work(store, member, poll_s=poll_s, once=once, parent_pid=parent_pid, launch=launch)
+    finally:
+        presence.stop()
+
+
+def _work(store: Store, member: fleet.Member, *, poll_s: float, once: bool, parent_pid: int | None, launch) -> None:
+    caps = member.capabilities
     last_sweep = 0.0
     while True:
         if parent_pid and os.getppid() != parent_pid:
@@ -564,13 +614,15 @@ def run_worker(
         if time.monotonic() - last_sweep > SWEEP_S:
             requeue_orphans(store)
             last_sweep = time.monotonic()
-        job = store.claim_next_job(os.getpid())
+        job = store.claim_next_job(member.id, member.pid, max_ranks=caps["max_ranks"], gpus=caps["gpus"])
         if job is None:
             if once:
                 return
             time.sleep(poll_s)
             continue
+        store.fleet_beat(member.id, job_id=job["id"])
         run_one(store, job, parent_pid, launch)
+        store.fleet_beat(member.id, job_id=None)
         release_memory()
         if once:
             return

@@ -28,7 +28,8 @@ from fastapi import FastAPI
 from openft import __version__, home
 from openft.autoprecision import PRECISIONS
 from openft.heap import training_env
-from openft.jobs.store import Store
+from openft.jobs import fleet
+from openft.jobs.store import open_store
 from openft.serve import errors
 from openft.serve.auth import BrowserGuard, HostPolicy
 from openft.serve.errors import envelope
@@ -41,7 +42,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_mb: int = 512
-    run_worker: bool = True
+    run_worker: bool = True  # False: an API replica only (`--workers 0`); workers run elsewhere
+    workers: int = 1  # worker processes it starts and supervises (with run_worker)
+    database_url: str | None = None  # the job store (None: OPENFT_DATABASE_URL, else SQLite under OPENFT_HOME)
     max_batch_size: int = 8
     precision: str = "auto"  # the served weights' dtype: auto (bf16 where measured faster), fp32 or bf16
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones (--allowed-host)
@@ -193,24 +196,31 @@ class _TooBig(Exception):
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:
     from openft.serve import chat, files, fine_tuning, insights, keys, models, schemas
+    from openft.serve import fleet as fleet_api
     from openft.serve.engine import Engine
     from openft.serve.fine_tuning import validate_files
 
     config = config or ServeConfig()
     hosts = HostPolicy.for_server(config.host, config.allowed_hosts)  # a bad --allowed-host fails here, first
-    supervisor = WorkerSupervisor(worker_args=config.worker_args) if config.run_worker else None
+    n_workers = config.workers if config.run_worker else 0
+    supervisors = [WorkerSupervisor(worker_args=config.worker_args) for _ in range(n_workers)]
+    supervisor = supervisors[0] if supervisors else None
+    store = open_store(config.database_url)
+    fleet.check_home(store, home.home())  # before anything is written into a folder no one else sees
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         for job in app.state.store.jobs_in("validating_files"):  # a restart mid-validation
             validate_files(app, job["id"])
+        presence = fleet.Presence(store, fleet.replica(f"{config.host}:{config.port}"), fleet.HEARTBEAT_S).start()
         app.state.engine.start()
-        if supervisor:
-            supervisor.start()
+        for sup in supervisors:
+            sup.start()
         yield
-        if supervisor:
-            supervisor.stop()
+        for sup in supervisors:
+            sup.stop()
         app.state.engine.stop()
+        presence.stop()
 
     app = FastAPI(
         title="openft",
@@ -218,7 +228,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         lifespan=lifespan,
         description="OpenAI-compatible fine-tuning and inference on your own machine.",
     )
-    app.state.store = Store(home.home() / "openft.db")
+    app.state.store = store
     app.state.files_dir = home.home() / "files"
     app.state.files_dir.mkdir(parents=True, exist_ok=True)
     app.state.max_upload_bytes = config.max_upload_mb << 20
@@ -227,7 +237,15 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(UploadLimit, limit_bytes_fn=lambda: app.state.max_upload_bytes)
     app.add_middleware(BrowserGuard, policy=hosts)  # added last: the outermost, before anything reads a body
-    for r in (insights.router, keys.router, files.router, fine_tuning.router, models.router, chat.router):
+    for r in (
+        insights.router,
+        keys.router,
+        files.router,
+        fine_tuning.router,
+        models.router,
+        chat.router,
+        fleet_api.router,
+    ):
         app.include_router(r)
 
     @app.get("/health", tags=["meta"], responses=schemas.ok(schemas.Health))
@@ -258,7 +276,9 @@ def serving_dtype(precision: str) -> torch.dtype | None:
 def serve(config: ServeConfig) -> None:
     from openft.serve.auth import is_loopback
 
-    store = Store(home.home() / "openft.db")
+    if config.database_url:  # the workers it starts use the same store (in the environment: no password in ps)
+        os.environ["OPENFT_DATABASE_URL"] = config.database_url
+    store = open_store(config.database_url)
     if not is_loopback(config.host) and not store.has_keys():
         raise SystemExit(
             f"refusing to listen on {config.host}: no API keys exist, so the server would be open to "
@@ -271,6 +291,7 @@ def serve(config: ServeConfig) -> None:
         uvicorn.Config(app, host=config.host, port=config.port, log_level="info"),
         on_signal=supervisor.stopping if supervisor else lambda: None,
     )
+    store.close()
     server.run()
     if not server.started:  # as uvicorn.run: a port in use, a failed startup
         raise SystemExit(3)

@@ -111,6 +111,14 @@ def install(app: FastAPI) -> None:
         # model asked for is the wrong one for this file, not a server fault.
         return envelope(400, str(exc), param="model", code="unsupported_template")
 
+    from openft.jobs.db import StoreUnavailable
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_down(request: Request, exc: StoreUnavailable):
+        # The database stayed unreachable through the store's retries: a clean answer
+        # the client can retry on, never a half-done write.
+        return envelope(503, f"the job store is unavailable, try again shortly: {exc}", code="store_unavailable")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)

@@ -42,11 +42,13 @@ class Method(BaseModel):
 
 class Resources(BaseModel):
     """What a job's training runs on: `nproc_per_node` training processes (torchrun
-    ranks) on the worker's machine. Strict: a rank count sent as "2" or true is a
-    client bug, not something to guess at."""
+    ranks) on the worker's machine, which must have `gpus` GPUs at least. Only a
+    worker that can run that many ranks and has those GPUs claims the job. Strict:
+    a count sent as "2" or true is a client bug, not something to guess at."""
 
     model_config = ConfigDict(extra="forbid")
     nproc_per_node: int = Field(1, ge=1, le=64, strict=True, description="training processes (ranks), 1-64")
+    gpus: int = Field(0, ge=0, le=64, strict=True, description="GPUs the worker must have (0: any worker)")
 
 
 DEFAULT_RESOURCES = {"nproc_per_node": 1}
@@ -299,6 +301,9 @@ def create(
         "seed": spec.train.seed,
         "metadata": body.metadata,
         "extra": _extra(body),
+        # What a worker must have to claim it (one rank fits every worker; it may run more of its own).
+        "ranks": body.resources.nproc_per_node if body.resources else 1,
+        "gpus": body.resources.gpus if body.resources else 0,
     }
     row, created = store.create_job(values, idempotency_key)
     if created:

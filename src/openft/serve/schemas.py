@@ -282,6 +282,33 @@ class Health(_Open):
     precision: Literal["fp32", "bf16"]  # the dtype chat completions run in
 
 
+class FleetJob(_Open):
+    id: str | None  # None: another owner's job
+    model: str | None
+    ranks: int
+
+
+class FleetMember(_Open):
+    id: str
+    kind: Literal["worker", "replica"]
+    host: str
+    pid: int
+    address: str | None  # a replica's listen address
+    capabilities: dict | None  # a worker's cpus, gpus, max_ranks
+    state: Literal["alive", "lost", "stopped"]
+    started_at: int
+    heartbeat_age_s: float
+    job: FleetJob | None
+
+
+class Fleet(_Open):
+    object: Literal["openft.fleet"]
+    store: dict[str, str]  # dialect, url (without its password)
+    replicas: list[FleetMember]
+    workers: list[FleetMember]
+    jobs: dict[str, int]  # queued, running
+
+
 class FileStats(_Open):
     object: Literal["file.stats"]
     file_id: str

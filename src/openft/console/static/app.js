@@ -9,6 +9,7 @@ import * as jobs from "./jobs.js";
 import * as compare from "./compare.js";
 import * as playground from "./playground.js";
 import * as models from "./models.js";
+import * as fleet from "./fleet.js";
 
 const PAGES = [
   { path: "datasets", title: "Datasets", module: datasets },
@@ -17,6 +18,7 @@ const PAGES = [
   { path: "compare", title: "Compare", module: compare },
   { path: "playground", title: "Playground", module: playground },
   { path: "models", title: "Models & keys", module: models },
+  { path: "fleet", title: "Fleet", module: fleet },
 ];
 
 let current = { token: 0, cleanup: null };

@@ -1,0 +1,1 @@
+"""Alembic migrations of the job store, applied by openft.jobs.schema (no alembic.ini, no env.py)."""
