@@ -197,3 +197,39 @@ def run_on_both(
         tails = "\n".join(f"--- {h.name} ---\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}" for h, r in zip(hosts, results))
         raise TimeoutError(f"still running after {timeout}s, killed:\n{tails}")
     return results
+
+
+@dataclass(frozen=True)
+class Linked:
+    """One "other machine" joined to this one: `host` in its namespace, `root_ip` this
+    machine's end of their veth (where a server of the root namespace listens for it)."""
+
+    host: Host
+    root_ip: str
+    root_ifname: str
+
+
+@contextlib.contextmanager
+def linked_host() -> Iterator[Linked]:
+    """A namespace `oft-<pid>-<n>-m` on 10.202.x.2/24 with a veth to this machine's
+    10.202.x.1, removed on exit. Skips when the machine refuses to make it."""
+    pid, n = os.getpid(), next(_runs)
+    x = (pid + n) % 254 + 1
+    host = Host(f"oft-{pid}-{n}-m", f"10.202.{x}.2", f"ov{pid}-{n}m")
+    root_if, root_ip = f"ov{pid}-{n}r", f"10.202.{x}.1"
+    try:
+        _ip("netns", "add", host.name)
+        _ip("link", "add", root_if, "type", "veth", "peer", "name", host.ifname)
+        _ip("link", "set", host.ifname, "netns", host.name)
+        _ip("addr", "add", f"{root_ip}/24", "dev", root_if)
+        _ip("link", "set", root_if, "up")
+        _ip("-n", host.name, "addr", "add", f"{host.ip}/24", "dev", host.ifname)
+        _ip("-n", host.name, "link", "set", "lo", "up")
+        _ip("-n", host.name, "link", "set", host.ifname, "up")
+        probe = subprocess.run(host.argv(["true"]), capture_output=True, text=True, timeout=30)
+        if probe.returncode != 0:
+            pytest.skip(f"the machine refuses a hostname per host: {probe.stderr.strip()}")
+        yield Linked(host, root_ip, root_if)
+    finally:
+        _teardown(Hosts(host, host))
+        _quiet_ip("link", "del", root_if)

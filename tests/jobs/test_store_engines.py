@@ -250,3 +250,20 @@ def test_a_database_down_for_longer_than_the_retry_budget_is_a_clean_error(tmp_p
         assert pg.user in str(e.value) and "***" not in str(e.value)
         pg.start()
         assert store.get_job(None, "ftjob-1") is None  # back: the same store object works again
+
+
+def test_urls_pick_psycopg_and_never_show_a_password(tmp_path, monkeypatch):
+    from openft.jobs.db import database_url, redact
+
+    monkeypatch.delenv("OPENFT_DATABASE_URL", raising=False)
+    assert database_url(home=tmp_path) == f"sqlite:///{tmp_path / 'openft.db'}"
+    assert database_url("postgres://u:pw@db/x", home=tmp_path) == "postgresql+psycopg://u:pw@db/x"
+    monkeypatch.setenv("OPENFT_DATABASE_URL", "postgresql://u:pw@db:5432/x")
+    assert database_url(home=tmp_path) == "postgresql+psycopg://u:pw@db:5432/x"
+    assert redact("postgresql+psycopg://u:s3cret@db:5432/x") == "postgresql+psycopg://u:***@db:5432/x"
+    with pytest.raises(ValueError, match="must start with sqlite:// or postgresql://"):
+        database_url("mysql://u:s3cret@db/x", home=tmp_path)
+    try:
+        database_url("mysql://u:s3cret@db/x", home=tmp_path)
+    except ValueError as e:
+        assert "s3cret" not in str(e)
