@@ -40,6 +40,30 @@ def test_the_schema_is_created_once_and_reopening_changes_nothing(store_url):
     assert Store(store_url).applied_migrations == []
 
 
+def test_a_database_of_an_older_openft_is_upgraded_in_place(store_url):
+    from openft.jobs import schema
+    from openft.jobs.db import Database
+
+    old = Database(_url(store_url))
+    assert schema.migrate(old, "0002") == ["0001", "0002"]  # as an openft of that release left it
+    with old.engine.begin() as c:
+        c.exec_driver_sql(
+            "INSERT INTO jobs (id, owner, model, status, created_at, training_file, spec, hyperparameters, method, "
+            "seed) VALUES ('ftjob-old', 'o', 'm', 'queued', 1, 'f', '{}', '{}', 'supervised', 0)"
+        )
+    store = Store(store_url)
+    assert store.applied_migrations == ["0003"]
+    job = store.get_job(None, "ftjob-old")
+    assert job["ranks"] == 1 and job["gpus"] == 0 and job["worker_id"] is None  # kept, with the new defaults
+    assert store.claim_next_job("wrk-new", 1)["id"] == "ftjob-old"
+
+
+def _url(store_url: str) -> str:
+    from openft.jobs.db import database_url
+
+    return database_url(store_url, home=None)
+
+
 def test_eight_workers_claiming_at_once_each_job_is_claimed_once(store_url):
     store = Store(store_url)
     for i in range(40):
@@ -267,3 +291,20 @@ def test_urls_pick_psycopg_and_never_show_a_password(tmp_path, monkeypatch):
         database_url("mysql://u:s3cret@db/x", home=tmp_path)
     except ValueError as e:
         assert "s3cret" not in str(e)
+
+
+def test_a_job_no_live_worker_can_run_is_warned_about_once(store_url):
+    from openft.jobs.worker import warn_unrunnable
+
+    store = Store(store_url)
+    _job(store, "ftjob-big", ranks=4)
+    _job(store, "ftjob-ok", ranks=2)
+    store.fleet_join(fleet.Member(kind="worker", capabilities={"cpus": 2, "gpus": 0, "max_ranks": 2}).row())
+    assert warn_unrunnable(store) == ["ftjob-big"]
+    assert warn_unrunnable(store) == []  # once
+    (event,) = store.list_events("ftjob-big")
+    assert (
+        event["level"] == "warn" and "needs 4 rank(s)" in event["message"] and "at most 2 rank(s)" in event["message"]
+    )
+    assert store.get_job(None, "ftjob-big")["status"] == "queued"  # still waiting for a bigger worker
+    assert store.list_events("ftjob-ok") == []

@@ -84,6 +84,46 @@ def test_the_fleet_shows_both_replicas_and_the_worker(fleet, trained):
     assert {m["id"] for m in cli["replicas"]} == {m["id"] for m in view["replicas"]}
 
 
+def test_a_chat_stream_and_the_next_request_ride_out_a_postgresql_restart(fleet, trained, pg_cluster):
+    b = fleet["b"].client()
+    stream = b.chat.completions.create(
+        model=trained.fine_tuned_model,
+        messages=[{"role": "user", "content": "Tell me about lamps."}],
+        max_tokens=64,
+        stream=True,
+    )
+    chunks = iter(stream)
+    first = next(chunks)
+    pg_cluster.restart()  # while the stream is open
+    rest = list(chunks)
+    assert first.choices and rest and rest[-1].choices[0].finish_reason in ("stop", "length")
+    # The next calls need the store: they wait for it and answer as usual.
+    assert b.fine_tuning.jobs.retrieve(trained.id).status == "succeeded"
+    assert trained.fine_tuned_model in [m.id for m in fleet["a"].client().models.list().data]
+
+
+def test_a_store_down_past_the_retry_budget_answers_503_in_the_envelope(tmp_path, monkeypatch):
+    from pgserver import PgCluster
+    from starlette.testclient import TestClient
+
+    from openft.serve.app import ServeConfig, create_app
+
+    with PgCluster() as pg:
+        monkeypatch.setenv("OPENFT_HOME", str(tmp_path))
+        monkeypatch.setenv("OPENFT_DATABASE_URL", pg.create_database("down"))
+        app = create_app(ServeConfig(run_worker=False))
+        with TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 50000)) as client:
+            assert client.get("/v1/fine_tuning/jobs").status_code == 200
+            pg.stop()
+            monkeypatch.setenv("OPENFT_DATABASE_RETRY_S", "1")
+            r = client.get("/v1/fine_tuning/jobs")
+            assert r.status_code == 503
+            err = r.json()["error"]
+            assert err["code"] == "store_unavailable" and "unavailable" in err["message"]
+            pg.start()
+            assert client.get("/v1/fine_tuning/jobs").status_code == 200  # back once the database is
+
+
 def test_a_model_deleted_on_one_replica_is_gone_on_every_replica(fleet, trained):
     a, b = fleet["a"].client(), fleet["b"].client()
     name = trained.fine_tuned_model

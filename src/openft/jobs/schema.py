@@ -58,8 +58,9 @@ def _legacy_revision(conn: Connection) -> str | None:
     return "0002" if "stalls" in {c["name"] for c in inspector.get_columns("jobs")} else "0001"
 
 
-def migrate(db: Database) -> list[str]:
-    """Upgrade to head; returns the revisions this call applied (empty: it was current)."""
+def migrate(db: Database, target: str = "head") -> list[str]:
+    """Upgrade to `target` (tests stop short of head to make an older database);
+    returns the revisions this call applied (empty: it was current)."""
     scripts = script()
     known = set(revisions())
     applied: list[str] = []
@@ -76,7 +77,7 @@ def migrate(db: Database) -> list[str]:
         if at is None and not db.postgres:
             _refuse_newer_legacy(conn, db)
         with EnvironmentContext(
-            Config(), scripts, fn=lambda rev, _ctx: scripts._upgrade_revs("head", rev), destination_rev="head"
+            Config(), scripts, fn=lambda rev, _ctx: scripts._upgrade_revs(target, rev), destination_rev=target
         ) as env:
             env.configure(
                 connection=conn,
@@ -87,7 +88,8 @@ def migrate(db: Database) -> list[str]:
             env.run_migrations()
         if not db.postgres:
             # An openft from before Alembic reads only this: it refuses a newer database.
-            conn.exec_driver_sql(f"PRAGMA user_version = {len(known)}")
+            reached = current(conn)
+            conn.exec_driver_sql(f"PRAGMA user_version = {revisions().index(reached) + 1 if reached else 0}")
 
     db.write(upgrade)
     return [r for r in applied if r]

@@ -138,6 +138,32 @@ def requeue_orphans(store: Store, *, stale_after_s: float | None = None) -> list
     return requeued
 
 
+def warn_unrunnable(store: Store) -> list[str]:
+    """Queued jobs that no live worker can run (too many ranks, GPUs it lacks) get
+    one warning event saying so; they stay queued, for a worker that can to join."""
+    alive = [m for m in store.fleet(since=time.time() - fleet.LOST_AFTER_S) if m["kind"] == "worker"]
+    caps = [m["capabilities"] or {} for m in alive]
+    if not caps:
+        return []
+    ranks, gpus = max(c.get("max_ranks", 1) for c in caps), max(c.get("gpus", 0) for c in caps)
+    warned = []
+    for job in store.unfit_queued_jobs(ranks, gpus) if ranks or gpus else []:
+        if any(c.get("max_ranks", 1) >= job["ranks"] and c.get("gpus", 0) >= job["gpus"] for c in caps):
+            continue
+        if any((e["data"] or {}).get("code") == "no_worker_fits" for e in store.list_events(job["id"], limit=1000)):
+            continue
+        store.add_event(
+            job["id"],
+            f"No worker can run this job yet: it needs {job['ranks']} rank(s) and {job['gpus']} GPU(s), and the "
+            f"{len(caps)} live worker(s) offer at most {ranks} rank(s) and {gpus} GPU(s). It stays queued until a "
+            "worker that can joins (openft worker --max-ranks N, or a machine with the GPUs).",
+            level="warn",
+            data={"code": "no_worker_fits", "ranks": job["ranks"], "gpus": job["gpus"]},
+        )
+        warned.append(job["id"])
+    return warned
+
+
 TakenOver = NotOwner  # this worker no longer owns its job (presumed dead, the job requeued)
 
 
@@ -613,6 +639,7 @@ def _work(store: Store, member: fleet.Member, *, poll_s: float, once: bool, pare
             return
         if time.monotonic() - last_sweep > SWEEP_S:
             requeue_orphans(store)
+            warn_unrunnable(store)
             last_sweep = time.monotonic()
         job = store.claim_next_job(member.id, member.pid, max_ranks=caps["max_ranks"], gpus=caps["gpus"])
         if job is None:
