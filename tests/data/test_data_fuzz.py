@@ -37,7 +37,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from openft.data.layouts import LAYOUTS
+from openft.data.layouts import LAYOUTS as ALL_LAYOUTS
+
+# The nested preference layouts (OpenAI's input/preferred_output, ShareGPT's chosen
+# objects) have no flat form for CSV and XML cells: tests/data/test_data_preference.py
+# reads them; TRL's flat `preference` layout is fuzzed with the rest.
+LAYOUTS = tuple(x for x in ALL_LAYOUTS if x not in ("openai_preference", "sharegpt_preference"))
 from openft.data.load import LoadResult, load_dataset
 from openft.data.readers import read_path
 from openft.data.types import ROLES, Problem
@@ -212,6 +217,8 @@ def samples(draw, layout: str) -> dict:
         user = s["instruction"] + (f"\n\n{inp}" if inp else "")
         return {**s, "messages": [("user", user), ("assistant", s["output"])]}
     a, b = draw(texts), draw(texts)
+    if layout == "preference":
+        return {"prompt": a, "chosen": b, "rejected": b + " (worse)", "messages": [("user", a), ("assistant", b)]}
     keys = ("prompt", "completion") if layout == "prompt_completion" else ("question", "answer")
     return {keys[0]: a, keys[1]: b, "messages": [("user", a), ("assistant", b)]}
 

@@ -15,6 +15,8 @@ Layouts (the names are the API, used by `--layout`):
 - `qa`: a question column and an answer column, found by common names or named
   with `columns={"question": ..., "answer": ..., "system": ...}`.
 - `text`: a `text` (or `content`) field, for continued pretraining.
+- `openai_preference`, `preference`, `sharegpt_preference`: preference pairs for
+  DPO (data/preference.py).
 
 The layout is decided once per dataset by majority, so one odd record is
 reported as that record's error instead of silently switching layouts. Every
@@ -27,11 +29,12 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from openft.data.preference import PREFERENCE_LAYOUTS, guess_preference, normalise_pair
 from openft.data.readers import json_loads, value_problem
 from openft.data.tools import check_calls, parse_openai_calls, parse_sharegpt_calls, parse_tools
 from openft.data.types import ROLES, Example, Location, Message, Problem
 
-LAYOUTS: tuple[str, ...] = ("messages", "sharegpt", "alpaca", "prompt_completion", "qa", "text")
+LAYOUTS: tuple[str, ...] = ("messages", "sharegpt", "alpaca", "prompt_completion", "qa", "text", *PREFERENCE_LAYOUTS)
 
 # The field names each layout reads; `columns` may rename any of them. Order
 # matters: a `columns` mapping picks the first layout that has all its keys.
@@ -42,6 +45,9 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "messages": ("messages",),
     "sharegpt": ("conversations", "system"),
+    "openai_preference": ("input", "preferred_output", "non_preferred_output"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "sharegpt_preference": ("conversations", "chosen", "rejected"),
 }
 
 # Question/answer column pairs recognised without a mapping (case-insensitive).
@@ -137,6 +143,8 @@ def _item_keys(value: Any) -> set[str]:
 def guess_layout(record: Mapping[str, Any]) -> str | None:
     """The layout one record looks like, or None."""
     keys = _keymap(record)
+    if pair := guess_preference(keys):  # before `conversations`: LLaMA-Factory's DPO files have one too
+        return pair
     if "messages" in keys:
         inner = _item_keys(record[keys["messages"]])
         return "sharegpt" if {"from", "value"} & inner and "role" not in inner else "messages"
@@ -380,6 +388,8 @@ def normalise(
         raise ValueError(f"unknown layout '{layout}': accepted are {', '.join(LAYOUTS)}")
     columns = columns or {}
     check = _Checker(where)
+    if layout in PREFERENCE_LAYOUTS:
+        return normalise_pair(record, where, layout, check), check.problems
     if layout == "text":
         key, value = _field(record, "text", columns)
         if value is None and "text" not in columns and _lookup(record, "content"):

@@ -145,8 +145,12 @@ def example_key(example: Example) -> tuple:
     """What makes two examples exact duplicates."""
     if example.messages is None:
         return ("text", example.text)
-    # Two conversations that differ only in a tool call's arguments are not copies.
-    return tuple((m.role, m.content, m.tool_calls) for m in example.messages)
+    # Two conversations that differ only in a tool call's arguments are not copies,
+    # nor two pairs that share a preferred answer but reject different ones.
+    turns = tuple((m.role, m.content, m.tool_calls) for m in example.messages)
+    if example.rejected is not None:
+        return turns + (("rejected",) + tuple((m.role, m.content, m.tool_calls) for m in example.rejected),)
+    return turns
 
 
 def _dataset_warnings(examples: list[Example], path: str) -> list[Problem]:

@@ -62,6 +62,19 @@ class Example:
     text: str | None = None
     where: Location = field(default_factory=lambda: Location(""))
     tools: list[dict] | None = None  # OpenAI tool definitions {"type": "function", "function": {...}}
+    # A preference pair (DPO): `messages` are the prompt and the preferred answer, whose
+    # last `completion_turns` messages are the answer; `rejected` is the other answer.
+    rejected: list[Message] | None = None
+    completion_turns: int = 0
+
+    @property
+    def is_pair(self) -> bool:
+        return self.rejected is not None
+
+    @property
+    def prompt(self) -> list[Message]:
+        """A pair's prompt (the conversation before its answers)."""
+        return (self.messages or [])[: len(self.messages or []) - self.completion_turns]
 
     @property
     def prompt_key(self) -> str:
