@@ -38,14 +38,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from openft.data.layouts import LAYOUTS as ALL_LAYOUTS
+from openft.data.load import LoadResult, load_dataset
+from openft.data.readers import read_path
+from openft.data.types import ROLES, Problem
 
 # The nested preference layouts (OpenAI's input/preferred_output, ShareGPT's chosen
 # objects) have no flat form for CSV and XML cells: tests/data/test_data_preference.py
 # reads them; TRL's flat `preference` layout is fuzzed with the rest.
 LAYOUTS = tuple(x for x in ALL_LAYOUTS if x not in ("openai_preference", "sharegpt_preference"))
-from openft.data.load import LoadResult, load_dataset
-from openft.data.readers import read_path
-from openft.data.types import ROLES, Problem
 
 READERS = ("json", "jsonl", "csv", "tsv", "xml", "parquet")
 TEXT_READERS = ("json", "jsonl", "csv", "tsv", "xml")
