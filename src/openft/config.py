@@ -160,6 +160,12 @@ class LoraConfig:
 @dataclass
 class TrainConfig:
     method: Literal["lora", "full"] = _f("lora", "lora or full fine-tuning")
+    objective: Literal["sft", "dpo"] = _f(
+        "sft",
+        "sft: learn the answers; dpo: prefer each pair's preferred answer over its rejected one (preference data)",
+    )
+    beta: FloatOrAuto = _f(AUTO, "DPO: how far the model may move from the reference; auto: 0.1")
+    rpo_alpha: float = _f(0.0, "DPO: weight of an added SFT loss on the preferred answers (RPO; 0 = none)")
     epochs: IntOrAuto = _f(AUTO, "passes over the data; auto: 3, raised for tiny sets, lowered for big ones")
     learning_rate: FloatOrAuto = _f(AUTO, "peak learning rate; auto: 5e-4 for LoRA, 2e-5 for full")
     batch_size: IntOrAuto = _f(AUTO, "examples per optimizer step; auto: 8 (fewer for tiny sets)")

@@ -22,3 +22,22 @@ def write_chat_jsonl(path: Path, n: int = 24) -> Path:
         rows.append({"messages": [{"role": "user", "content": f"{q} (#{i})"}, {"role": "assistant", "content": a}]})
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
+
+
+WRONG = ["I do not know.", "Ask someone else.", "No idea, sorry.", "Maybe Paris?", "It is a secret.", "Who knows."]
+
+
+def write_pairs_jsonl(path: Path, n: int = 24) -> Path:
+    """OpenAI preference lines: the fact preferred over a dodge."""
+    rows = []
+    for i in range(n):
+        q, a = FACTS[i % len(FACTS)]
+        rows.append(
+            {
+                "input": {"messages": [{"role": "user", "content": f"{q} (#{i})"}]},
+                "preferred_output": [{"role": "assistant", "content": a}],
+                "non_preferred_output": [{"role": "assistant", "content": WRONG[i % len(WRONG)]}],
+            }
+        )
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path

@@ -8,8 +8,10 @@ train. The adapter is written as `adapter_model.safetensors` +
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +70,11 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False  # the base alone (DPO's reference), see adapters_disabled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return out
         # Scale the rank-r activation, not the (tokens x out) product, and let one
         # matmul accumulate into the base output: no full-width temporary and no
@@ -87,6 +90,20 @@ class LoraLinear(nn.Module):
             with torch.no_grad():
                 self.base.weight += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """The model without its (unmerged) LoRA adapters while inside: the frozen base,
+    which is DPO's reference model, with no second copy in memory."""
+    layers = list(lora_layers(model).values()) if enabled else []
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def default_targets(model: nn.Module) -> list[str]:

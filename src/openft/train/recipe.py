@@ -39,7 +39,7 @@ from openft.fileio import atomic_dir, atomic_write, sha256_files
 from openft.heap import allocator_in_use, keep_freed_memory
 from openft.models.load import LoadedModel, hash_weights, load_model
 from openft.models.templates import ChatTemplate, check_template, resolve_template
-from openft.train import checkpoint, distributed, sharded
+from openft.train import checkpoint, distributed, dpo, sharded
 from openft.train.batching import MicroBatch, Step, collate, micro_batches, plan_steps
 from openft.train.distributed import World
 from openft.train.hparams import auto_max_seq_length, lr_at, resolve_lora, resolve_train
@@ -122,6 +122,8 @@ def prepare_data(spec: JobSpec, tokenizer, model_context: int, template: ChatTem
     train_res = load_checked(spec.data.path, spec)
     if template is not None:
         check_template(tokenizer, template, train_res.examples, train_on_prompt=spec.data.train_on_prompt)
+    if spec.train.objective == "dpo":
+        return prepare_pairs(spec, tokenizer, model_context, train_res)
     if spec.data.validation_path:
         train, valid = train_res.examples, load_checked(spec.data.validation_path, spec).examples
     else:
@@ -142,6 +144,46 @@ def prepare_data(spec: JobSpec, tokenizer, model_context: int, template: ChatTem
         max_len=max_len,
         truncated=truncated,
         fully_masked=len(train_enc) - len(kept),
+        data_hash=file_hash(spec.data.path),
+    )
+
+
+def _only_pairs(result: LoadResult, path: str) -> list[Example]:
+    if not all(e.is_pair for e in result.examples):
+        raise ValueError(
+            f"DPO trains on preference pairs, and {path} holds '{result.layout}' examples: give it pairs "
+            "(layouts openai_preference, preference, sharegpt_preference), or train it with --objective sft"
+        )
+    return result.examples
+
+
+def prepare_pairs(spec: JobSpec, tokenizer, model_context: int, train_res: LoadResult) -> Prepared:
+    """The DPO counterpart of prepare_data: pairs split by prompt, both sides encoded."""
+    examples = _only_pairs(train_res, spec.data.path)
+    if spec.data.validation_path:
+        train, valid = examples, _only_pairs(load_checked(spec.data.validation_path, spec), spec.data.validation_path)
+    else:
+        train, valid = split_examples(examples, spec.data.validation_split, spec.train.seed)
+    cap = min(model_context, 2048) if spec.train.max_seq_length == "auto" else int(spec.train.max_seq_length)
+    train_enc = dpo.encode_pairs(tokenizer, train, cap)
+    sides = [max(len(p.chosen), len(p.rejected)) for p in train_enc]
+    max_len = auto_max_seq_length(sides, model_context) if spec.train.max_seq_length == "auto" else cap
+    valid_enc = dpo.encode_pairs(tokenizer, valid, max_len)
+
+    def kept(xs, encs):  # a side truncated to no answer token teaches nothing; indices made contiguous again
+        pairs = [(x, e) for x, e in zip(xs, encs) if e.chosen.n_trained and e.rejected.n_trained]
+        return [x for x, _ in pairs], [dpo.PairEncoded(e.chosen, e.rejected, i) for i, (_, e) in enumerate(pairs)]
+
+    train_kept, train_pairs = kept(train, train_enc)
+    valid_kept, valid_pairs = kept(valid, valid_enc)
+    return Prepared(
+        train=train_kept,
+        valid=valid_kept,
+        train_enc=train_pairs,
+        valid_enc=valid_pairs,
+        max_len=max_len,
+        truncated=sum(e.truncated for e in train_enc),
+        fully_masked=len(train_enc) - len(train_pairs),
         data_hash=file_hash(spec.data.path),
     )
 
@@ -341,6 +383,7 @@ class StepOutcome:
     n_tokens: int  # trained tokens: the loss's denominator
     real: int  # real tokens in the micro-batches
     padded: int  # positions run, padding included
+    pairs: dpo.PairStats | None = None  # DPO: the step's pair metrics
 
 
 @dataclass
@@ -389,6 +432,7 @@ class Recipe:
     bar: ProgressBar | None = field(init=False, repr=False, default=None)
     world: World = field(default_factory=distributed.current)  # this rank among the run's ranks
     loss_fn: torch.nn.Module = field(init=False, repr=False)  # LossModule, wrapped by DDP/FSDP2 on several ranks
+    refs: dict[str, torch.Tensor] = field(init=False, repr=False, default_factory=dict)  # DPO: reference log-probs
 
     @property
     def model(self) -> torch.nn.Module:
@@ -410,6 +454,7 @@ class Recipe:
         self.setup_optimizer()
         self.setup_steps()
         self.write_run_files()
+        self.setup_reference()
         self.restore(resume)
         self.emit(
             "started",
@@ -438,6 +483,8 @@ class Recipe:
         self.data = prepare_data(self.spec, tok, context, template)
         if not self.data.train_enc:
             raise ValueError("no training example has a trained token left (all fully masked or truncated)")
+        if self.spec.train.objective == "dpo" and self.world.distributed:
+            raise ValueError("DPO trains on one rank for now: run it without --nproc-per-node/--nnodes")
         if self.world.distributed and torch.cuda.is_available():
             self.model.to(self.world.device())  # NCCL: each rank on its own GPU (untested without one)
         self.device = next(self.model.parameters()).device
@@ -499,6 +546,27 @@ class Recipe:
         """Every optimizer step of the run, planned up front (a resume replays the same plan)."""
         steps = plan_steps([len(e) for e in self.data.train_enc], self.cfg.batch_size, self.cfg.epochs, self.cfg.seed)
         self.steps = steps[: self.cfg.max_steps] if self.cfg.max_steps else steps
+
+    def setup_reference(self) -> None:
+        """DPO: every pair's reference log-probs, before any step. LoRA computes them
+        with its adapters off (so a resume computes the same); full fine-tuning keeps
+        the first computation in the run folder, since a resumed model has moved."""
+        if self.cfg.objective != "dpo":
+            return
+        path = self.run_dir / "reference_logps.pt"
+        if self.cfg.method == "full" and path.exists():
+            self.refs = torch.load(path, weights_only=True)
+            return
+        autocast, budget = self.precision.autocast, self.cfg.micro_batch_tokens
+        lora = self.lora is not None
+        self.refs = {
+            name: dpo.reference_logps(self.model, pairs, self.pad_id, budget, autocast, lora)
+            for name, pairs in (("train", self.data.train_enc), ("valid", self.data.valid_enc))
+        }
+        if self.cfg.method == "full":
+            with tempfile.NamedTemporaryFile(dir=self.run_dir, suffix=".tmp", delete=False) as fh:
+                torch.save(self.refs, fh)
+            Path(fh.name).replace(path)
 
     def write_run_files(self) -> None:
         """config.json (the spec with every `auto` resolved) and lineage.json."""
@@ -595,6 +663,8 @@ class Recipe:
     def forward_backward(self, items: list[Encoded]) -> StepOutcome:
         """The causal-LM loss over one step's examples, gradients accumulated; on
         several ranks each takes its share and the outcome is summed over all."""
+        if self.cfg.objective == "dpo":
+            return self.dpo_forward_backward(items)
         n_step = sum(e.n_trained for e in items)  # the whole step's, on every rank
         world = self.world
         # Divide by the whole step's trained tokens: the gradient is the same however
@@ -617,6 +687,29 @@ class Recipe:
             loss_sum=loss_total, n_correct=int(correct), n_tokens=n_step, real=int(real), padded=int(padded)
         )
 
+    def dpo_forward_backward(self, pairs: list[dpo.PairEncoded]) -> StepOutcome:
+        """The DPO loss, averaged over the step's pairs, both answers of a group of
+        pairs in one forward; gradients accumulate over the groups."""
+        stats, cfg = dpo.PairStats(), self.cfg
+        real = padded = 0
+        for group in dpo.groups(pairs, cfg.micro_batch_tokens):
+            with self.precision.autocast():
+                losses, terms, s = dpo.pair_losses(
+                    self.model, group, self.refs["train"], self.pad_id, cfg.beta, cfg.rpo_alpha
+                )
+            (losses.sum() / len(pairs)).backward()
+            stats.add(terms, s, losses)
+            width = max(max(len(p.chosen), len(p.rejected)) for p in group)
+            real, padded = real + sum(len(p) for p in group), padded + 2 * len(group) * width
+        return StepOutcome(
+            loss_sum=stats.loss,
+            n_correct=stats.chosen_correct,
+            n_tokens=stats.answer_tokens,
+            real=real,
+            padded=padded,
+            pairs=stats,
+        )
+
     def gradient_sync(self, last: bool):
         """Ranks exchange gradients once per optimizer step, in its last backward."""
         fn = self.loss_fn
@@ -633,6 +726,12 @@ class Recipe:
         self.optimizer.zero_grad(set_to_none=True)
 
     def metrics_row(self, out: StepOutcome, lr: float) -> dict:
+        row = self._metrics_row(out, lr)
+        if out.pairs is not None:  # DPO: the loss is per pair, and the rewards say how the preference moves
+            row.update(out.pairs.metrics("train"))
+        return row
+
+    def _metrics_row(self, out: StepOutcome, lr: float) -> dict:
         state, clock, total = self.state, self.clock, len(self.steps)
         return {
             "step": state.step,
@@ -675,13 +774,30 @@ class Recipe:
         # Interval checks use a fixed sample (as OpenAI's valid_loss does);
         # the whole validation set is scored once at the end (full_valid_loss).
         sample = self.data.valid_enc[:VALID_SAMPLE]
-        vl, va = evaluate(self.loss_fn, sample, self.pad_id, self.cfg.micro_batch_tokens, self.precision, self.world)
-        row["valid_loss"], row["valid_mean_token_accuracy"] = vl, va
+        if self.cfg.objective == "dpo":
+            row.update(self.pair_metrics(sample))
+        else:
+            vl, va = evaluate(
+                self.loss_fn, sample, self.pad_id, self.cfg.micro_batch_tokens, self.precision, self.world
+            )
+            row["valid_loss"], row["valid_mean_token_accuracy"] = vl, va
+        vl = row["valid_loss"]
         state = self.state
         if state.best_valid_loss is None or vl < state.best_valid_loss - 1e-4:
             state.best_valid_loss, state.evals_without_improvement = vl, 0
         else:
             state.evals_without_improvement += 1
+
+    def pair_metrics(self, pairs: list[dpo.PairEncoded]) -> dict:
+        return dpo.evaluate_pairs(
+            self.model,
+            pairs,
+            self.refs["valid"],
+            self.pad_id,
+            self.cfg.micro_batch_tokens,
+            self.precision.autocast,
+            self.cfg,
+        )
 
     def log_step(self, row: dict) -> None:
         self.state.history.append(row)
@@ -768,6 +884,8 @@ class Recipe:
         hist, valid = self.state.history, self.data.valid_enc
         if valid and len(valid) <= VALID_SAMPLE and hist and "valid_loss" in hist[-1]:
             return hist[-1]["valid_loss"]
+        if valid and self.cfg.objective == "dpo":
+            return self.pair_metrics(valid)["valid_loss"]
         if valid:
             return evaluate(self.loss_fn, valid, self.pad_id, self.cfg.micro_batch_tokens, self.precision, self.world)[
                 0

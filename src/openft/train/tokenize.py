@@ -97,6 +97,12 @@ def encode(tokenizer, example: Example, max_length: int, train_on_prompt: bool =
 
     _check_tools(tokenizer, example)
     text, spans = masked_spans(tokenizer, chat_messages(example.messages), example.tools)
+    return labelled(tokenizer, text, spans, max_length, train_all=train_on_prompt)
+
+
+def labelled(tokenizer, text: str, spans: list[tuple[int, int]], max_length: int, train_all: bool = False) -> Encoded:
+    """`text` tokenised, each token labelled when it starts inside one of `spans`
+    (character ranges, in order), or every token with `train_all`."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
     labels = [IGNORE] * len(ids)
@@ -104,7 +110,7 @@ def encode(tokenizer, example: Example, max_length: int, train_on_prompt: bool =
     for t, (start, _end) in enumerate(enc["offset_mapping"]):
         while si < len(spans) and start >= spans[si][1]:
             si += 1
-        if train_on_prompt or (si < len(spans) and spans[si][0] <= start < spans[si][1]):
+        if train_all or (si < len(spans) and spans[si][0] <= start < spans[si][1]):
             labels[t] = ids[t]
     truncated = len(ids) > max_length
     return Encoded(ids[:max_length], labels[:max_length], truncated)
