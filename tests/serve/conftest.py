@@ -96,6 +96,12 @@ def _nullable_to_json_schema(node):
     if not isinstance(node, dict):
         return node
     node = {k: _nullable_to_json_schema(v) for k, v in node.items()}
+    for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        # OpenAPI 3.0's boolean form (`minimum: 0, exclusiveMinimum: true`) is a number in JSON Schema.
+        if isinstance(node.get(bound), bool):
+            exclusive = node.pop(bound)
+            if exclusive and limit in node:
+                node[bound] = node.pop(limit)
     if node.pop("nullable", False) is True:
         return {"anyOf": [node, {"type": "null"}]}
     return node

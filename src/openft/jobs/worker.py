@@ -313,6 +313,8 @@ class JobRunner:
             "valid_mean_token_accuracy": m.get("valid_mean_token_accuracy"),
             "full_valid_loss": None,
             "full_valid_mean_token_accuracy": None,
+            # DPO: how the preference moved (rewards of each side, their margin, pairs ranked right)
+            **{k: v for k, v in m.items() if k.endswith(("_reward", "_reward_margin", "_reward_accuracy"))},
         }
         self.store.add_checkpoint(
             self.job["id"],

@@ -35,9 +35,22 @@ class Supervised(BaseModel):
     hyperparameters: Hyperparameters | None = None
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: Auto | float = Field(
+        "auto", description="how far the model may move from the reference, (0, 2], or auto (0.1)"
+    )
+
+
+class Dpo(BaseModel):
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(BaseModel):
-    type: Literal["supervised"] = "supervised"
+    """OpenAI's method: supervised (SFT) or dpo (preference pairs)."""
+
+    type: Literal["supervised", "dpo"] = "supervised"
     supervised: Supervised | None = None
+    dpo: Dpo | None = None
 
 
 class Resources(BaseModel):
@@ -88,9 +101,21 @@ class CreateJob(BaseModel):
 
 
 def _hyper(body: CreateJob) -> Hyperparameters:
-    if body.method and body.method.supervised and body.method.supervised.hyperparameters:
-        return body.method.supervised.hyperparameters
+    m = body.method
+    if m and m.type == "dpo":
+        return (m.dpo and m.dpo.hyperparameters) or DpoHyperparameters(
+            **(body.hyperparameters or Hyperparameters()).model_dump()
+        )
+    if m and m.supervised and m.supervised.hyperparameters:
+        return m.supervised.hyperparameters
     return body.hyperparameters or Hyperparameters()
+
+
+def method_type(body: CreateJob) -> str:
+    return body.method.type if body.method else "supervised"
+
+
+STANDARD_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 
 def _check_range(value: Any, lo: float, hi: float, param: str) -> None:
@@ -112,11 +137,19 @@ def build_spec(body: CreateJob, base_model: str) -> tuple[JobSpec, dict]:
     spec = JobSpec(model=base_model, suffix=body.suffix)
     t = spec.train
     t.method = "full" if body.full_finetune else "lora"
+    if method_type(body) == "dpo":
+        t.objective = "dpo"
+        beta = getattr(hp, "beta", "auto")
+        if beta != "auto" and not 0 < beta <= 2:
+            raise APIError(
+                400, "beta must be in (0, 2] or 'auto'", param="method.dpo.hyperparameters.beta", code="invalid_value"
+            )
+        t.beta = beta
     t.epochs, t.batch_size = hp.n_epochs, hp.batch_size
     if body.learning_rate is not None:
         t.learning_rate = body.learning_rate
     elif hp.learning_rate_multiplier != "auto":
-        t.learning_rate = auto_learning_rate(t.method) * float(hp.learning_rate_multiplier)
+        t.learning_rate = auto_learning_rate(t.method, t.objective) * float(hp.learning_rate_multiplier)
     t.seed = body.seed if body.seed is not None else 0
     for field, target in (
         ("max_seq_length", "max_seq_length"),
@@ -180,13 +213,13 @@ def job_object(row: dict) -> dict:
         "status": row["status"],
         "validation_file": row["validation_file"],
         "training_file": row["training_file"],
-        "hyperparameters": hp,
+        "hyperparameters": {k: hp[k] for k in STANDARD_HYPERPARAMETERS if k in hp},
         "trained_tokens": row["trained_tokens"],
         "error": row["error"],
         "integrations": [],
         "seed": row["seed"],
         "estimated_finish": row["estimated_finish"],
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        "method": {"type": row["method"], row["method"]: {"hyperparameters": hp}},  # as sent, `auto` kept
         "metadata": row["metadata"],
         "suffix": row["suffix"],
         # openft extensions
@@ -228,6 +261,21 @@ def _extra(body: CreateJob) -> dict:
     if body.resources is not None:  # only what was sent: an omitted count is the worker's to choose
         extra["resources"] = body.resources.model_dump(exclude_unset=True)
     return extra
+
+
+def _check_pairs(f: dict, file_id: str, param: str) -> None:
+    """A DPO job trains on preference pairs: refuse another layout before queueing."""
+    from openft.data.preference import PREFERENCE_LAYOUTS
+
+    layout = (f.get("validation") or {}).get("layout")
+    if layout is not None and layout not in PREFERENCE_LAYOUTS:
+        raise APIError(
+            400,
+            f"a dpo job trains on preference pairs, and {file_id} holds '{layout}' examples; give it pairs "
+            f"({', '.join(PREFERENCE_LAYOUTS)}: OpenAI's input / preferred_output / non_preferred_output lines)",
+            param=param,
+            code="invalid_training_file" if param == "training_file" else "invalid_validation_file",
+        )
 
 
 def validate_files(app, job_id: str) -> None:
@@ -284,6 +332,10 @@ def create(
             param="training_file",
             code="invalid_training_file",
         )
+    if method_type(body) == "dpo":
+        _check_pairs(tf, body.training_file, "training_file")
+        if body.validation_file:
+            _check_pairs(store.get_file(who, body.validation_file), body.validation_file, "validation_file")
     base = resolve_base(request, who, body.model)
     spec, hp = build_spec(body, base)
     values = {
@@ -296,7 +348,7 @@ def create(
         "validation_file": body.validation_file,
         "spec": spec.to_dict(),
         "hyperparameters": hp,
-        "method": "supervised",
+        "method": method_type(body),
         "suffix": body.suffix,
         "seed": spec.train.seed,
         "metadata": body.metadata,
