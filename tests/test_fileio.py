@@ -12,7 +12,7 @@ import pytest
 
 from openft.fileio import CHUNK_BYTES, atomic_dir, atomic_write, sha256_files
 from openft.models.load import hash_weights
-from openft.train.recipe import file_hash
+from openft.train.prepare import file_hash
 
 # A write that fails halfway, for real: the file-size limit (RLIMIT_FSIZE) lets the
 # first 1000 bytes reach the disk and refuses the rest with EFBIG.

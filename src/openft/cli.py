@@ -333,7 +333,7 @@ def launch_from_args(args):
 def cmd_finetune(args) -> int:
     from openft.pipeline import finetune_with_comparison
     from openft.train.launch import RankFailure
-    from openft.train.recipe import DataError
+    from openft.train.prepare import DataError
 
     try:
         spec = spec_from_args(args)

@@ -17,7 +17,8 @@ from openft.models.load import load_model
 from openft.train.distributed import Launch
 from openft.train.export import load_any
 from openft.train.launch import run_ranks
-from openft.train.recipe import ControlFn, EventFn, TrainResult, check_data_template, finetune
+from openft.train.prepare import check_data_template
+from openft.train.recipe import ControlFn, EventFn, TrainResult, finetune
 
 
 @dataclass

@@ -11,7 +11,8 @@ from openft.config import JobSpec
 from openft.models.load import load_model
 from openft.train import checkpoint
 from openft.train.export import export, load_run
-from openft.train.recipe import DataError, finetune
+from openft.train.prepare import DataError
+from openft.train.recipe import finetune
 
 from .helpers import write_chat_jsonl
 

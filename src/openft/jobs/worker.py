@@ -42,7 +42,8 @@ from openft.jobs.store import TERMINAL, Lease, NotOwner, Store, open_store
 from openft.models.templates import TemplateError
 from openft.train.distributed import Launch, LaunchError
 from openft.train.launch import RankFailure
-from openft.train.recipe import DataError, Interrupted
+from openft.train.prepare import DataError, NotPairs
+from openft.train.recipe import Interrupted
 
 MAX_ATTEMPTS = 3  # attempts in a row without a new checkpoint
 HEARTBEAT_S = 5.0
@@ -510,6 +511,8 @@ def run_one(store: Store, job: dict, parent_pid: int | None = None, launch: Laun
         _fail(store, lease, jid, "invalid_chat_template", str(e), "model")
     except DataFileMissing as e:
         _fail(store, lease, jid, "invalid_training_file", f"file {e} no longer exists", "training_file")
+    except NotPairs as e:  # a DPO job whose file passed the API's check by layout but holds no pairs
+        _fail(store, lease, jid, "invalid_training_file", str(e), "training_file")
     except LaunchError as e:  # the job's resources (over this worker's flags) cannot run: the job's fault
         _fail(store, lease, jid, "invalid_resources", f"The job's resources cannot run: {e}", "resources")
     except RankFailure as e:  # torchrun's restarts are spent: the worker's own retry comes next
