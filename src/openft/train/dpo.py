@@ -241,3 +241,20 @@ def evaluate_pairs(
             stats.add(terms, s, losses)
     model.train(was)
     return stats.metrics("valid")
+
+
+@torch.no_grad()
+def preference_accuracy(model: torch.nn.Module, pairs: list[PairEncoded], pad_id: int, token_budget: int) -> float:
+    """The share of pairs whose preferred answer the model itself finds likelier, by
+    mean log-probability per answer token (so a longer answer is not penalised for
+    its length): about 0.5 for a model indifferent to the preference."""
+    hits = 0
+    was = model.training
+    model.eval()
+    for g in groups(pairs, token_budget):
+        s = sequence_logps(model, g, pad_id)
+        k = len(g)
+        mean = s.logps / torch.tensor(s.n_tokens, dtype=s.logps.dtype, device=s.logps.device).clamp(min=1)
+        hits += int((mean[:k] > mean[k:]).sum())
+    model.train(was)
+    return hits / max(1, len(pairs))
