@@ -283,15 +283,15 @@ class Store:
             )
             if not row:
                 return None
-            c.execute(
+            taken = c.execute(
                 sa.text(
                     "UPDATE jobs SET status = 'running', worker_id = :w, worker_pid = :pid, heartbeat_at = :hb, "
                     "attempts = attempts + 1, stalls = stalls + 1, started_at = COALESCE(started_at, :now) "
                     "WHERE id = :id AND status = 'queued'"
                 ),
                 {"w": worker, "pid": pid, "hb": time.time(), "now": now(), "id": row["id"]},
-            )
-            return row["id"]
+            ).rowcount
+            return row["id"] if taken else None  # changed under us (cancelled): claim nothing this time
 
         job_id = self.db.write(claim)
         return self.get_job(None, job_id) if job_id else None
