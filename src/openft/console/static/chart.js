@@ -1,4 +1,4 @@
-// Charts drawn as plain SVG: the loss curves of a job and a bar histogram.
+// Charts drawn as plain SVG: the loss and reward curves of a job and a bar histogram.
 // No library: a few scales and paths are all these need.
 
 import { h, s } from "./ui.js";
@@ -22,30 +22,45 @@ function label(v) {
   return Number(v.toPrecision(4)).toString();
 }
 
-// A live chart of training and validation loss against the step.
-// update({train: [[step, loss]...], valid: [[step, loss]...], totalSteps}) redraws it.
-export function lossChart() {
-  const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, class: "loss-chart", role: "img", "aria-label": "Loss by step" });
+// A live chart of some series against the step. Each series {key, label, short, dots}
+// is a path of class `key` (and, with dots, a g.`key`-dots of circles);
+// update({[key]: [[step, y]...], ..., totalSteps}) redraws it. The first series is
+// the one the hover follows. `floorZero`: the y axis never goes below 0 (a loss);
+// otherwise a y range spanning 0 gets a zero line (rewards go negative).
+function lineChart({ cls, aria, series, floorZero = false }) {
+  const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, class: `line-chart ${cls}`, role: "img", "aria-label": aria });
   const grid = s("g", { class: "grid" }), axes = s("g", { class: "axes" });
-  const trainPath = s("path", { class: "train", d: "" });
-  const validPath = s("path", { class: "valid", d: "" });
-  const validDots = s("g", { class: "valid-dots" });
+  const paths = {}, dots = {};
+  const layers = [];
+  for (const sr of series) {
+    paths[sr.key] = s("path", { class: sr.key, d: "" });
+    layers.push(paths[sr.key]);
+    if (sr.dots) { dots[sr.key] = s("g", { class: `${sr.key}-dots` }); layers.push(dots[sr.key]); }
+  }
+  const zero = s("line", { class: "zero", x1: PAD.left, x2: W - PAD.right, visibility: "hidden" });
   const cross = s("g", { class: "cross", visibility: "hidden" }, s("line", { y1: PAD.top, y2: H - PAD.bottom }), s("text", { y: PAD.top + 12 }));
   const empty = s("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty-note" }, "waiting for the first step…");
-  svg.append(grid, axes, trainPath, validPath, validDots, cross, empty);
-  const legend = h("div.legend", {}, h("span.key.train", {}, "training loss"), h("span.key.valid", {}, "validation loss"));
+  svg.append(grid, axes, zero, ...layers, cross, empty);
+  const legend = h("div.legend", {}, series.map((sr) => h(`span.key.${sr.key}`, {}, sr.label)));
   const wrap = h("div.chart", {}, svg, legend);
-  let state = { train: [], valid: [], totalSteps: 0 }, sx = null, sy = null;
+  let state = { totalSteps: 0 }, sx = null, sy = null;
+  const points = (key) => state[key] || [];
 
   function update(next) {
     state = next;
-    const all = [...state.train, ...state.valid].filter(([, y]) => Number.isFinite(y));
+    const all = series.flatMap((sr) => points(sr.key)).filter(([, y]) => Number.isFinite(y));
     empty.setAttribute("visibility", all.length ? "hidden" : "visible");
-    if (!all.length) { trainPath.setAttribute("d", ""); validPath.setAttribute("d", ""); return; }
+    if (!all.length) {
+      for (const sr of series) { paths[sr.key].setAttribute("d", ""); paths[sr.key].dataset.points = "0"; }
+      for (const g of Object.values(dots)) g.replaceChildren();
+      zero.setAttribute("visibility", "hidden");
+      return;
+    }
     const maxStep = Math.max(state.totalSteps || 0, ...all.map(([x]) => x), 1);
     let lo = Math.min(...all.map(([, y]) => y)), hi = Math.max(...all.map(([, y]) => y));
     const pad = (hi - lo) * 0.08 || Math.abs(hi) * 0.1 || 1;
-    lo = Math.max(0, lo - pad); hi += pad;
+    lo -= pad; hi += pad;
+    if (floorZero) lo = Math.max(0, lo);
     sx = (x) => PAD.left + (x / maxStep) * (W - PAD.left - PAD.right);
     sy = (y) => PAD.top + (1 - (y - lo) / (hi - lo)) * (H - PAD.top - PAD.bottom);
     grid.replaceChildren(), axes.replaceChildren();
@@ -60,34 +75,70 @@ export function lossChart() {
     }
     axes.append(s("line", { x1: PAD.left, x2: W - PAD.right, y1: H - PAD.bottom, y2: H - PAD.bottom }));
     axes.append(s("text", { x: W - PAD.right, y: H - 4, "text-anchor": "end", class: "axis-title" }, "step"));
+    const showZero = !floorZero && lo < 0 && hi > 0;
+    zero.setAttribute("visibility", showZero ? "visible" : "hidden");
+    if (showZero) { zero.setAttribute("y1", sy(0)); zero.setAttribute("y2", sy(0)); }
     const path = (pts) => pts.filter(([, y]) => Number.isFinite(y))
       .map(([x, y], i) => `${i ? "L" : "M"}${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join("");
-    trainPath.setAttribute("d", path(state.train));
-    trainPath.dataset.points = String(state.train.length);
-    validPath.setAttribute("d", path(state.valid));
-    validPath.dataset.points = String(state.valid.length);
-    validDots.replaceChildren(...state.valid.filter(([, y]) => Number.isFinite(y)).map(([x, y]) =>
-      s("circle", { cx: sx(x), cy: sy(y), r: 3 }, s("title", {}, `step ${x}: validation loss ${label(y)}`))));
+    for (const sr of series) {
+      paths[sr.key].setAttribute("d", path(points(sr.key)));
+      paths[sr.key].dataset.points = String(points(sr.key).length);
+      if (sr.dots) {
+        dots[sr.key].replaceChildren(...points(sr.key).filter(([, y]) => Number.isFinite(y)).map(([x, y]) =>
+          s("circle", { cx: sx(x), cy: sy(y), r: 3 }, s("title", {}, `step ${x}: ${sr.label} ${label(y)}`))));
+      }
+    }
   }
 
-  // Hover: the nearest training step's losses.
+  // Hover: the nearest step of the first series, with every series' value there.
   svg.addEventListener("mousemove", (ev) => {
-    if (!sx || !state.train.length) return;
+    const lead = points(series[0].key);
+    if (!sx || !lead.length) return;
     const box = svg.getBoundingClientRect();
     const x = ((ev.clientX - box.left) / box.width) * W;
-    let best = state.train[0];
-    for (const p of state.train) if (Math.abs(sx(p[0]) - x) < Math.abs(sx(best[0]) - x)) best = p;
-    const v = state.valid.find((p) => p[0] === best[0]);
+    let best = lead[0];
+    for (const p of lead) if (Math.abs(sx(p[0]) - x) < Math.abs(sx(best[0]) - x)) best = p;
+    const values = series.map((sr) => {
+      const p = points(sr.key).find((q) => q[0] === best[0]);
+      return p && Number.isFinite(p[1]) ? `${sr.short} ${label(p[1])}` : null;
+    }).filter(Boolean);
     const [line, text] = cross.children;
     line.setAttribute("x1", sx(best[0])); line.setAttribute("x2", sx(best[0]));
     const right = sx(best[0]) > W * 0.6;
     text.setAttribute("x", sx(best[0]) + (right ? -6 : 6));
     text.setAttribute("text-anchor", right ? "end" : "start");
-    text.textContent = `step ${best[0]}: train ${label(best[1])}${v ? `, valid ${label(v[1])}` : ""}`;
+    text.textContent = `step ${best[0]}: ${values.join(", ")}`;
     cross.setAttribute("visibility", "visible");
   });
   svg.addEventListener("mouseleave", () => cross.setAttribute("visibility", "hidden"));
   return { el: wrap, update };
+}
+
+// A live chart of training and validation loss against the step.
+// update({train: [[step, loss]...], valid: [[step, loss]...], totalSteps}) redraws it.
+export function lossChart() {
+  return lineChart({
+    cls: "loss-chart", aria: "Loss by step", floorZero: true,
+    series: [
+      { key: "train", label: "training loss", short: "train" },
+      { key: "valid", label: "validation loss", short: "valid", dots: true },
+    ],
+  });
+}
+
+// A DPO job's rewards against the step: the preferred (chosen) and the rejected
+// answer's reward, their margin, and the validation margin at validation steps.
+// update({chosen, rejected, margin, valid: [[step, reward]...], totalSteps}) redraws it.
+export function rewardChart() {
+  return lineChart({
+    cls: "reward-chart", aria: "Rewards by step",
+    series: [
+      { key: "chosen", label: "chosen reward", short: "chosen" },
+      { key: "rejected", label: "rejected reward", short: "rejected" },
+      { key: "margin", label: "reward margin", short: "margin" },
+      { key: "valid", label: "validation margin", short: "valid margin", dots: true },
+    ],
+  });
 }
 
 // Bars for a histogram: edges has one more entry than counts.

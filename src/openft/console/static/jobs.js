@@ -1,8 +1,9 @@
 // Jobs: the list, and a job page that follows a run live: progress and ETA, the
-// loss chart, events, checkpoints, and cancel / pause / resume / clone.
+// loss chart (and a DPO job's reward chart), events, checkpoints, and cancel /
+// pause / resume / clone.
 
 import { enc, get, listAll, post } from "./api.js";
-import { lossChart } from "./chart.js";
+import { lossChart, rewardChart } from "./chart.js";
 import {
   TERMINAL, busy, card, clear, fmtDuration, fmtNum, fmtTime, h, kv, poller, statusBadge, table,
 } from "./ui.js";
@@ -17,6 +18,15 @@ const ranks = (resources) => {
   const n = (resources && resources.nproc_per_node) || 1;
   return n === 1 ? "1 rank" : `${n} ranks`;
 };
+// A job's `method` as the API returns it: {type, [type]: {hyperparameters}}.
+const isDpo = (job) => !!job.method && job.method.type === "dpo";
+const methodLabel = (job) => {
+  if (!isDpo(job)) return "Supervised";
+  const hp = (job.method.dpo && job.method.dpo.hyperparameters) || {};
+  const beta = hp.beta === undefined || hp.beta === null || hp.beta === "auto" ? "auto (0.1)" : fmtNum(hp.beta);
+  return `DPO (preference pairs), beta ${beta}`;
+};
+const pct = (v) => (v === undefined || v === null ? "—" : `${(v * 100).toFixed(1)}%`);
 
 export async function render(root, ctx) {
   if (ctx.args[0]) return renderJob(root, ctx, ctx.args[0]);
@@ -61,6 +71,9 @@ async function renderJob(root, ctx, id) {
   const progress = h("div.progress-card");
   const details = h("div");
   const chart = lossChart();
+  const dpo = isDpo(job);
+  const rewards = dpo ? rewardChart() : null;
+  const rewardLine = h("p.reward-line", { "aria-live": "polite" });
   const ckptBox = h("div");
   const showMetrics = h("input", { type: "checkbox", checked: true });
   const log = h("ol.events", { reversed: true });
@@ -69,6 +82,7 @@ async function renderJob(root, ctx, id) {
   clear(root, h("p.crumbs", {}, h("a", { href: "#/jobs" }, "Jobs"), " / ", id), header, actions,
     card("Progress", progress),
     card("Loss", chart.el),
+    dpo ? card("Rewards", rewards.el, rewardLine) : null,
     card("Checkpoints", ckptBox),
     card("Events", h("label.check", {}, showMetrics, " show step metrics"), h("div.log-wrap", {}, log)),
     card("Details", details));
@@ -83,7 +97,8 @@ async function renderJob(root, ctx, id) {
   };
 
   const drawHeader = () => {
-    clear(header, h("h1", {}, job.suffix ? `${job.suffix} · ` : "", job.id, " ", statusBadge(job.status)));
+    clear(header, h("h1", {}, job.suffix ? `${job.suffix} · ` : "", job.id, " ", statusBadge(job.status),
+      h("span.method-tag", {}, methodLabel(job))));
     const act = (label, path, enabled, cls = "") => {
       const b = h(`button${cls}`, { type: "button", disabled: !enabled }, label);
       b.addEventListener("click", () => busy(b, async () => {
@@ -124,7 +139,8 @@ async function renderJob(root, ctx, id) {
       kv([
         ["Training loss", last ? fmtNum(last.train_loss) : "—"],
         ["Validation loss", lastValid ? `${fmtNum(lastValid.data.valid_loss)} (step ${lastValid.data.step})` : "—"],
-        ["Token accuracy", last && last.train_mean_token_accuracy !== undefined ? `${(last.train_mean_token_accuracy * 100).toFixed(1)}%` : "—"],
+        dpo ? ["Reward accuracy", last ? pct(last.train_reward_accuracy) : "—"]
+          : ["Token accuracy", last && last.train_mean_token_accuracy !== undefined ? `${(last.train_mean_token_accuracy * 100).toFixed(1)}%` : "—"],
         ["Trained tokens", fmtNum(job.trained_tokens || (last && last.trained_tokens) || null)],
         ["Throughput", last && last.tokens_per_s ? `${fmtNum(Math.round(last.tokens_per_s))} tokens/s` : "—"],
       ]),
@@ -134,6 +150,26 @@ async function renderJob(root, ctx, id) {
       valid: rows.filter((e) => e.data.valid_loss !== undefined).map((e) => [e.data.step, e.data.valid_loss]),
       totalSteps: total,
     });
+    if (dpo) drawRewards(rows, total);
+  };
+
+  // A DPO job: the rewards of the preferred (chosen) and the rejected answers per
+  // step, their margin, and the latest reward accuracy (train, and valid when present).
+  const drawRewards = (rows, total) => {
+    const series = (key) => rows.filter((e) => e.data[key] !== undefined).map((e) => [e.data.step, e.data[key]]);
+    rewards.update({
+      chosen: series("train_chosen_reward"),
+      rejected: series("train_rejected_reward"),
+      margin: series("train_reward_margin"),
+      valid: series("valid_reward_margin"),
+      totalSteps: total,
+    });
+    const latest = (key) => [...rows].reverse().find((e) => e.data[key] !== undefined);
+    const train = latest("train_reward_accuracy"), valid = latest("valid_reward_accuracy");
+    clear(rewardLine,
+      h("span.train-accuracy", {}, "reward accuracy (preferred answer rewarded higher): train ",
+        h("strong", {}, train ? pct(train.data.train_reward_accuracy) : "—"), train ? ` (step ${train.data.step})` : ""),
+      valid ? h("span.valid-accuracy", {}, " · valid ", h("strong", {}, pct(valid.data.valid_reward_accuracy)), ` (step ${valid.data.step})`) : null);
   };
 
   const drawDetails = () => {
@@ -141,7 +177,8 @@ async function renderJob(root, ctx, id) {
     clear(details, kv([
       ["Base model", job.model],
       ["Fine-tuned model", job.fine_tuned_model],
-      ["Method", job.training_method === "full" ? "full fine-tuning" : "LoRA"],
+      ["Method", methodLabel(job)],
+      ["Weights", job.training_method === "full" ? "full fine-tuning" : "LoRA"],
       ["Training file", h("a", { href: `#/datasets/${enc(job.training_file)}` }, job.training_file)],
       ["Validation", job.validation_file ? h("a", { href: `#/datasets/${enc(job.validation_file)}` }, job.validation_file)
         : `split ${job.validation_split ?? "auto"}`],
@@ -170,12 +207,14 @@ async function renderJob(root, ctx, id) {
     const data = (await get(`/v1/fine_tuning/jobs/${enc(id)}/checkpoints?limit=100`)).data;
     if (!ctx.active()) return;
     const m = (c, k) => (c.metrics[k] === undefined ? "—" : fmtNum(c.metrics[k]));
-    clear(ckptBox, table(["Step", "Model", "Train loss", "Valid loss", "Valid accuracy", ""], data.map((c) => h("tr", {},
+    // A DPO checkpoint's accuracy is the share of pairs whose preferred answer is rewarded higher.
+    const acc = dpo ? "valid_reward_accuracy" : "valid_mean_token_accuracy";
+    clear(ckptBox, table(["Step", "Model", "Train loss", "Valid loss", dpo ? "Valid reward accuracy" : "Valid accuracy", ""], data.map((c) => h("tr", {},
       h("td.num", {}, c.step_number),
       h("td.wrap", {}, h("code", {}, c.fine_tuned_model_checkpoint)),
       h("td.num", {}, m(c, "train_loss")),
       h("td.num", {}, c.metrics.full_valid_loss !== undefined ? fmtNum(c.metrics.full_valid_loss) : m(c, "valid_loss")),
-      h("td.num", {}, c.metrics.valid_mean_token_accuracy !== undefined ? `${(c.metrics.valid_mean_token_accuracy * 100).toFixed(1)}%` : "—"),
+      h("td.num", {}, c.metrics[acc] !== undefined ? pct(c.metrics[acc]) : "—"),
       h("td", {}, h("div.row", {},
         h("a.button.small", { href: `#/playground?model=${enc(c.fine_tuned_model_checkpoint)}` }, "Chat"),
         h("a.button.small", { href: `#/compare?before=${enc(callable(job.model) ? job.model : job.fine_tuned_model || job.model)}&after=${enc(c.fine_tuned_model_checkpoint)}${job.questions_file ? `&questions_file=${enc(job.questions_file)}` : ""}` }, "Compare"))))),

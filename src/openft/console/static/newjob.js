@@ -1,6 +1,7 @@
 // New job: base model (built-in, registered, or a fine-tuned model for a second
-// round), data, validation, hyperparameters shown as `auto` with their rule, an
-// optional question set, the ranks to train on, and the server's estimate before starting.
+// round), data, validation, the method (supervised, or DPO on preference pairs with
+// its beta), hyperparameters shown as `auto` with their rule, an optional question
+// set, the ranks to train on, and the server's estimate before starting.
 
 import { enc, get, post } from "./api.js";
 import { busy, card, clear, field, fmtDuration, fmtNum, h, modelInput, navigate } from "./ui.js";
@@ -12,7 +13,7 @@ export const HYPER = [
   ["n_epochs", "Epochs", "int", "hp", "passes over the data; auto: 3, raised so tiny sets see ≥100 examples, lowered for huge ones"],
   ["batch_size", "Batch size", "int", "hp", "examples per optimizer step; auto: 8 (fewer for sets under 80 examples)"],
   ["learning_rate_multiplier", "LR multiplier", "float", "hp", "scales the auto learning rate; auto: 1"],
-  ["learning_rate", "Learning rate", "float", "x", "peak learning rate (overrides the multiplier); auto: 5e-4 for LoRA, 2e-5 for full"],
+  ["learning_rate", "Learning rate", "float", "x", "peak learning rate (overrides the multiplier); auto: 5e-4 for LoRA, 2e-5 for full, a tenth of that for DPO"],
   ["lora_rank", "LoRA rank", "int", "x", "LoRA rank r; auto: 16", "lora"],
   ["lora_alpha", "LoRA alpha", "float", "x", "LoRA scaling; auto: 2 × rank", "lora"],
   ["lora_dropout", "LoRA dropout", "float", "x", "auto: 0 (dropout costs ~35% of a CPU step)", "lora"],
@@ -23,6 +24,10 @@ export const HYPER = [
   ["max_steps", "Max steps", "int", "x", "stop after this many optimizer steps; auto: no limit (use it for a quick smoke run)"],
   ["seed", "Seed", "int", "x", "seed for the split, data order, initialisation and dropout; auto: 0"],
 ];
+
+// The layouts a DPO job trains on (a file's validation.layout); only for a hint,
+// the server decides (it answers 400 for another layout).
+const PREFERENCE_LAYOUTS = ["openai_preference", "preference", "sharegpt_preference"];
 
 function parseValue(raw, type) {
   const v = raw.trim();
@@ -50,6 +55,13 @@ export async function render(root, ctx) {
   const splitRadio = h("input", { type: "radio", name: "valmode", value: "split", checked: true });
   const fileRadio = h("input", { type: "radio", name: "valmode", value: "file" });
   const method = h("select", { name: "method" }, h("option", { value: "lora" }, "LoRA (adapter; fast, small)"), h("option", { value: "full" }, "full fine-tuning (all weights)"));
+  // OpenAI's `method.type`: supervised (chat examples) or dpo (preference pairs).
+  inputs.method_type = h("select", { name: "method_type" },
+    h("option", { value: "supervised" }, "Supervised (chat examples)"),
+    h("option", { value: "dpo" }, "DPO (preference pairs)"));
+  inputs.beta = h("input", { type: "text", name: "beta", placeholder: "auto", inputmode: "decimal", autocomplete: "off" });
+  const betaField = field("Beta", inputs.beta, "DPO: how far the model may move from the base model it starts from (the reference); a number in (0, 2], higher stays closer; auto: 0.1");
+  const layoutHint = h("p.warning.layout-hint", { hidden: true, "aria-live": "polite" });
   inputs.train_on_prompt = h("input", { type: "checkbox", name: "train_on_prompt" });
   inputs.questions_file = h("select", { name: "questions_file" }, fileOptions(evals, "— none —"));
   inputs.suffix = h("input", { type: "text", name: "suffix", maxlength: 64, placeholder: "e.g. support-bot", pattern: "[A-Za-z0-9._\\-]*" });
@@ -64,11 +76,30 @@ export async function render(root, ctx) {
   const estimateBtn = h("button", { type: "button" }, "Estimate");
   const submit = h("button.primary", { type: "submit" }, "Start fine-tuning");
 
+  const dpo = () => inputs.method_type.value === "dpo";
+  // A hint only: a DPO job's files must hold preference pairs (the server says so too).
+  const layoutOf = (id) => {
+    const f = usable.find((x) => x.id === id);
+    return f && f.validation ? f.validation.layout : null;
+  };
+  const syncLayoutHint = () => {
+    const wrong = [];
+    if (dpo()) {
+      for (const [what, select] of [["training file", inputs.training_file], ["validation file", fileRadio.checked ? inputs.validation_file : null]]) {
+        const layout = select && select.value ? layoutOf(select.value) : null;
+        if (layout && !PREFERENCE_LAYOUTS.includes(layout)) wrong.push(`the ${what} holds '${layout}' examples`);
+      }
+    }
+    layoutHint.hidden = !wrong.length;
+    clear(layoutHint, wrong.length ? `DPO trains on preference pairs (${PREFERENCE_LAYOUTS.join(", ")}), and ${wrong.join(" and ")}.` : null);
+  };
   const syncVisibility = () => {
     const viaFile = fileRadio.checked;
     inputs.validation_file.disabled = !viaFile;
     inputs.validation_split.disabled = viaFile;
     for (const el of root.querySelectorAll(".hp.lora")) el.hidden = method.value === "full";
+    betaField.hidden = !dpo();
+    syncLayoutHint();
   };
 
   // The job body: exactly what any API client sends to POST /v1/fine_tuning/jobs.
@@ -82,7 +113,14 @@ export async function render(root, ctx) {
       if (where === "hp") hp[name] = v === undefined ? "auto" : v;
       else if (v !== undefined) out[name] = v;
     }
-    out.hyperparameters = hp;
+    if (dpo()) {
+      // OpenAI's DPO body: the hyperparameters go with the method, beta among them.
+      const beta = parseValue(inputs.beta.value, "float");
+      if (beta && beta.bad) problems.push(["beta", beta.bad]);
+      out.method = { type: "dpo", dpo: { hyperparameters: { beta: beta === undefined || beta.bad ? "auto" : beta, ...hp } } };
+    } else {
+      out.hyperparameters = hp;
+    }
     if (fileRadio.checked) {
       if (inputs.validation_file.value) out.validation_file = inputs.validation_file.value;
     } else {
@@ -123,6 +161,7 @@ export async function render(root, ctx) {
         h("strong", {}, `about ${fmtDuration(e.estimated_seconds)}`), " of training on this machine · ",
         `${fmtNum(e.examples)} training examples × ${fmtNum(e.epochs)} epoch(s) = ${fmtNum(e.steps)} steps of ${fmtNum(e.batch_size)} · `,
         `${fmtNum(e.total_tokens)} tokens, ${fmtNum(e.supervised_tokens)} trained · ${e.method === "full" ? "full fine-tuning" : "LoRA"}`,
+        out.method ? " · DPO" : "",
         e.learning_rate ? ` · learning rate ${fmtNum(e.learning_rate)}` : "",
         e.max_seq_length ? ` · max length ${fmtNum(e.max_seq_length)}` : ""));
     } catch (err) {
@@ -139,11 +178,14 @@ export async function render(root, ctx) {
     card("Model and data",
       field("Base model", model.wrap, "a base model (built-in, or registered on the server with openft models add), or one of your fine-tuned models or checkpoints (a second round)"),
       field("Training file", inputs.training_file, h("span", {}, "processed fine-tune files; ", h("a", { href: "#/datasets" }, "upload one"))),
+      field("Method", inputs.method_type, "supervised: learn the assistant's answers of chat examples; DPO: learn to prefer the preferred answer of preference pairs (input, preferred_output, non_preferred_output) over the other"),
+      betaField,
+      layoutHint,
       h("fieldset.valmode", {}, h("legend", {}, "Validation"),
         h("label.radio", {}, splitRadio, " hold out a seeded split of the training file: ", inputs.validation_split,
           h("span.help", {}, "fraction held out; auto: 0.1 (10–20% advised); rows sharing a prompt stay on one side")),
         h("label.radio", {}, fileRadio, " use a separate validation file: ", inputs.validation_file)),
-      field("Method", method),
+      field("Weights", method),
       h("label.check", {}, inputs.train_on_prompt, " train on prompts too ", h("span.help", {}, "auto: off, the loss is on assistant tokens only")),
       field("Question set (optional)", inputs.questions_file, "questions (and optional reference answers) answered before and after training, scored side by side"),
       field("Suffix", inputs.suffix, "a name inside the fine-tuned model's id: ft:<base>:<owner>:<suffix>:<id>"),
@@ -194,8 +236,13 @@ function prefill(inputs, { method, splitRadio, fileRadio }, job, query) {
   set("training_file", job.training_file);
   if (job.validation_file) { fileRadio.checked = true; splitRadio.checked = false; set("validation_file", job.validation_file); }
   else set("validation_split", job.validation_split);
-  const hp = job.hyperparameters || (job.method && job.method.supervised && job.method.supervised.hyperparameters) || {};
+  const m = job.method || {};
+  const hp = job.hyperparameters || (m[m.type] && m[m.type].hyperparameters) || {};
   for (const k of ["n_epochs", "batch_size", "learning_rate_multiplier"]) set(k, hp[k]);
+  if (m.type === "dpo") {
+    inputs.method_type.value = "dpo";
+    set("beta", m.dpo && m.dpo.hyperparameters && m.dpo.hyperparameters.beta);
+  }
   if (job.training_method === "full") method.value = "full";
   if (job.lora) {
     set("lora_rank", job.lora.rank);
