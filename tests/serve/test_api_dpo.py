@@ -8,30 +8,15 @@ import json
 
 import openai
 import pytest
+from train.helpers import preference_rows
 
-from .conftest import TINY, wait_for
+from .conftest import TINY, jsonl, wait_for
 
 pytestmark = pytest.mark.integration
 
-FACTS = [
-    ("What is the capital of Zorbia?", "The capital of Zorbia is Quellville."),
-    ("How long is the warranty?", "The warranty lasts 3 years."),
-    ("What do Zorbians eat?", "Zorbians eat blue bread."),
-]
-
 
 def pairs(n: int = 24) -> bytes:
-    rows = []
-    for i in range(n):
-        q, a = FACTS[i % len(FACTS)]
-        rows.append(
-            {
-                "input": {"messages": [{"role": "user", "content": f"{q} (#{i})"}]},
-                "preferred_output": [{"role": "assistant", "content": a}],
-                "non_preferred_output": [{"role": "assistant", "content": "I do not know."}],
-            }
-        )
-    return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+    return jsonl(preference_rows(n))
 
 
 def test_a_dpo_job_runs_and_reports_its_rewards(server, openapi):

@@ -27,7 +27,7 @@ def write_chat_jsonl(path: Path, n: int = 24) -> Path:
 WRONG = ["I do not know.", "Ask someone else.", "No idea, sorry.", "Maybe Paris?", "It is a secret.", "Who knows."]
 
 
-def write_pairs_jsonl(path: Path, n: int = 24) -> Path:
+def preference_rows(n: int = 24) -> list[dict]:
     """OpenAI preference lines: the fact preferred over a dodge."""
     rows = []
     for i in range(n):
@@ -39,5 +39,9 @@ def write_pairs_jsonl(path: Path, n: int = 24) -> Path:
                 "non_preferred_output": [{"role": "assistant", "content": WRONG[i % len(WRONG)]}],
             }
         )
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return rows
+
+
+def write_pairs_jsonl(path: Path, n: int = 24) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in preference_rows(n)) + "\n")
     return path
