@@ -195,7 +195,7 @@ class _TooBig(Exception):
 
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:
-    from openft.serve import chat, files, fine_tuning, insights, keys, models, schemas
+    from openft.serve import chat, files, fine_tuning, graders, insights, keys, models, schemas
     from openft.serve import fleet as fleet_api
     from openft.serve.engine import Engine
     from openft.serve.fine_tuning import validate_files
@@ -245,6 +245,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         models.router,
         chat.router,
         fleet_api.router,
+        graders.router,
     ):
         app.include_router(r)
 

@@ -309,6 +309,47 @@ class Fleet(_Open):
     jobs: dict[str, int]  # queued, running
 
 
+# ------------------------------------------------------------------ graders
+
+
+class GraderErrors(_Open):
+    formula_parse_error: bool
+    sample_parse_error: bool
+    truncated_observation_error: bool
+    unresponsive_reward_error: bool
+    invalid_variable_error: bool
+    other_error: bool
+    python_grader_server_error: bool
+    python_grader_server_error_type: str | None
+    python_grader_runtime_error: bool
+    python_grader_runtime_error_details: str | None
+    model_grader_server_error: bool
+    model_grader_refusal_error: bool
+    model_grader_parse_error: bool
+    model_grader_server_error_details: str | None
+
+
+class GraderRunMetadata(_Open):
+    name: str
+    type: str
+    errors: GraderErrors
+    execution_time: float
+    scores: dict[str, Any]
+    token_usage: int | None
+    sampled_model_name: str | None
+
+
+class RunGraderResponse(_Open):
+    reward: float
+    metadata: GraderRunMetadata
+    sub_rewards: dict[str, Any]
+    model_grader_token_usage_per_model: dict[str, Any]
+
+
+class ValidateGraderResponse(_Open):
+    grader: dict[str, Any]
+
+
 class FileStats(_Open):
     object: Literal["file.stats"]
     file_id: str
