@@ -36,7 +36,7 @@ def _job(store: Store, jid: str, *, ranks: int = 1, gpus: int = 0, created_at: i
 
 def test_the_schema_is_created_once_and_reopening_changes_nothing(store_url):
     first = Store(store_url)
-    assert first.applied_migrations[-1] == "0003"
+    assert first.applied_migrations[-1] == "0004"
     assert Store(store_url).applied_migrations == []
 
 
@@ -52,7 +52,7 @@ def test_a_database_of_an_older_openft_is_upgraded_in_place(store_url):
             "seed) VALUES ('ftjob-old', 'o', 'm', 'queued', 1, 'f', '{}', '{}', 'supervised', 0)"
         )
     store = Store(store_url)
-    assert store.applied_migrations == ["0003"]
+    assert store.applied_migrations == ["0003", "0004"]
     job = store.get_job(None, "ftjob-old")
     assert job["ranks"] == 1 and job["gpus"] == 0 and job["worker_id"] is None  # kept, with the new defaults
     assert store.claim_next_job("wrk-new", 1)["id"] == "ftjob-old"

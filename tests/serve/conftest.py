@@ -120,7 +120,7 @@ def openapi():
 
     def validate(obj, schema_name: str) -> None:
         if hasattr(obj, "model_dump"):
-            obj = obj.model_dump(mode="json", exclude_unset=True)
+            obj = obj.model_dump(mode="json", exclude_unset=True, by_alias=True)  # the wire names
         schema = {"$ref": f"openapi#/components/schemas/{schema_name}"}
         errors = sorted(Draft202012Validator(schema, registry=registry).iter_errors(obj), key=lambda e: e.path)
         assert not errors, f"{schema_name}: " + "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:5])

@@ -148,7 +148,8 @@ def create_key(home: Path, owner: str) -> str:
 
 
 def real_objects(s: Server, key: str, model: str) -> dict[str, str]:
-    """A processed file, a finished one-step job and its model, owned by `key`."""
+    """A processed file, a finished one-step job and its model, an eval with a
+    completed run and its output item, owned by `key`."""
     c = s.client(key)
     rows = [json.loads(x) for x in (EXAMPLES / "lumen_train.jsonl").read_text().splitlines()[:12]]
     f = c.files.create(file=("train.jsonl", jsonl(rows)), purpose="fine-tune")
@@ -159,7 +160,30 @@ def real_objects(s: Server, key: str, model: str) -> dict[str, str]:
     assert done.status == "succeeded", done.error
     # Load the built-in model's tokenizer once, before the clock of the campaign starts.
     httpx.get(f"{s.url}/v1/files/{f.id}/preview", headers={"Authorization": f"Bearer {key}"}, timeout=300)
-    return {"file_id": f.id, "job_id": job.id, "model_id": done.fine_tuned_model}
+    ev = c.evals.create(
+        data_source_config={"type": "custom", "item_schema": {"type": "object"}},
+        testing_criteria=[
+            {
+                "type": "string_check",
+                "name": "s",
+                "input": "{{sample.output_text}}",
+                "reference": "{{item.a}}",
+                "operation": "eq",
+            }
+        ],
+    )
+    rows = [{"item": {"a": "x"}, "sample": {"output_text": "x"}}]
+    run = c.evals.runs.create(ev.id, data_source={"type": "jsonl", "source": {"type": "file_content", "content": rows}})
+    wait_for(lambda: c.evals.runs.retrieve(run.id, eval_id=ev.id).status == "completed", timeout=400)
+    item = c.evals.runs.output_items.list(run.id, eval_id=ev.id).data[0]
+    return {
+        "file_id": f.id,
+        "job_id": job.id,
+        "model_id": done.fine_tuned_model,
+        "eval_id": ev.id,
+        "run_id": run.id,
+        "output_item_id": item.id,
+    }
 
 
 @pytest.fixture(scope="module")

@@ -28,21 +28,10 @@ from sqlalchemy.engine import Connection
 
 from openft.jobs import schema
 from openft.jobs.db import Database, StoreUnavailable, redact
+from openft.jobs.evalstore import EvalStore
 from openft.jobs.schema import SchemaTooNew
+from openft.jobs.sql import _all, _enc, _insert, _one, new_id, now
 
-JSON_COLUMNS = {
-    "validation",
-    "spec",
-    "hyperparameters",
-    "metadata",
-    "error",
-    "result_files",
-    "comparison",
-    "data",
-    "metrics",
-    "extra",
-    "capabilities",
-}
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -59,40 +48,6 @@ class Lease:
         return cls(job["worker_id"], job["attempts"])
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(12)}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def _decode(row: sa.RowMapping) -> dict:
-    return {k: (json.loads(v) if k in JSON_COLUMNS and v is not None else v) for k, v in row.items()}
-
-
-def _enc(values: dict) -> dict:
-    return {
-        k: (json.dumps(v, ensure_ascii=False) if k in JSON_COLUMNS and v is not None else v) for k, v in values.items()
-    }
-
-
-def _one(conn: Connection, sql: str, **args: Any) -> dict | None:
-    row = conn.execute(sa.text(sql), args).mappings().first()
-    return _decode(row) if row else None
-
-
-def _all(conn: Connection, sql: str, **args: Any) -> list[dict]:
-    return [_decode(r) for r in conn.execute(sa.text(sql), args).mappings()]
-
-
-def _insert(conn: Connection, table: str, values: dict, *, on_conflict: str = "") -> int:
-    values = _enc(values)
-    cols = ", ".join(values)
-    params = ", ".join(f":{k}" for k in values)
-    return conn.execute(sa.text(f"INSERT INTO {table} ({cols}) VALUES ({params}){on_conflict}"), values).rowcount
-
-
 def _fence(lease: Lease | None) -> tuple[str, dict]:
     """The WHERE clause a fenced write adds."""
     if lease is None:
@@ -103,7 +58,7 @@ def _fence(lease: Lease | None) -> tuple[str, dict]:
     }
 
 
-class Store:
+class Store(EvalStore):
     def __init__(self, url: str | Path):
         """`url`: a database URL, or the path of a SQLite file."""
         self.url = url if isinstance(url, str) and "://" in url else f"sqlite:///{Path(url)}"

@@ -37,6 +37,7 @@ from openft.config import JobSpec
 from openft.faults import fault_point
 from openft.heap import release_free_memory
 from openft.jobs import fleet
+from openft.jobs.evalworker import EvalRunner, requeue_stale_runs
 from openft.jobs.naming import checkpoint_model_name
 from openft.jobs.store import TERMINAL, Lease, NotOwner, Store, open_store
 from openft.models.templates import TemplateError
@@ -89,6 +90,17 @@ def _worker_gone(store: Store, job: dict, stale_after_s: float) -> bool:
     if member is None:  # a job claimed before the fleet existed: by a worker of this machine
         return job["worker_pid"] != os.getpid() and not _pid_alive(job["worker_pid"])
     if member["stopped_at"] is not None:
+        return True
+    return member["machine"] == fleet.machine() and member["pid"] != os.getpid() and not _pid_alive(member["pid"])
+
+
+def member_gone(store: Store, worker_id: str | None, stale_after_s: float) -> bool:
+    """A worker of the fleet is gone: unknown, stopped, silent for `stale_after_s`,
+    or of this machine with its pid dead."""
+    member = store.fleet_member(worker_id) if worker_id else None
+    if member is None or member["stopped_at"] is not None:
+        return True
+    if time.time() - member["heartbeat_at"] > stale_after_s:
         return True
     return member["machine"] == fleet.machine() and member["pid"] != os.getpid() and not _pid_alive(member["pid"])
 
@@ -637,25 +649,38 @@ def run_worker(
 
 
 def _work(store: Store, member: fleet.Member, *, poll_s: float, once: bool, parent_pid: int | None, launch) -> None:
+    evals = EvalRunner(store)
+    try:
+        _loop(store, member, evals, poll_s=poll_s, once=once, parent_pid=parent_pid, launch=launch)
+    finally:
+        evals.stop()
+
+
+def _loop(store: Store, member: fleet.Member, evals: EvalRunner, *, poll_s, once, parent_pid, launch) -> None:
     caps = member.capabilities
     last_sweep = 0.0
+    stale = _env_seconds("OPENFT_WORKER_STALE_S", STALE_AFTER_S)
     while True:
         if parent_pid and os.getppid() != parent_pid:
             return
         if time.monotonic() - last_sweep > SWEEP_S:
             requeue_orphans(store)
+            requeue_stale_runs(store, lambda w: w != member.id and member_gone(store, w, stale))
             warn_unrunnable(store)
             last_sweep = time.monotonic()
         job = store.claim_next_job(member.id, member.pid, max_ranks=caps["max_ranks"], gpus=caps["gpus"])
-        if job is None:
-            if once:
-                return
+        if job is not None:
+            store.fleet_beat(member.id, job_id=job["id"])
+            run_one(store, job, parent_pid, launch)
+            store.fleet_beat(member.id, job_id=None)
+            release_memory()
+        elif (run := store.claim_next_eval_run(member.id)) is not None:
+            evals.run(run)  # between training jobs: an eval run is minutes, a job may be hours
+        elif once:
+            return
+        else:
             time.sleep(poll_s)
             continue
-        store.fleet_beat(member.id, job_id=job["id"])
-        run_one(store, job, parent_pid, launch)
-        store.fleet_beat(member.id, job_id=None)
-        release_memory()
         if once:
             return
 

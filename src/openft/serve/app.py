@@ -195,7 +195,7 @@ class _TooBig(Exception):
 
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:
-    from openft.serve import chat, files, fine_tuning, graders, insights, keys, models, schemas
+    from openft.serve import chat, evals, files, fine_tuning, graders, insights, keys, models, schemas
     from openft.serve import fleet as fleet_api
     from openft.serve.engine import Engine
     from openft.serve.fine_tuning import validate_files
@@ -246,6 +246,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         chat.router,
         fleet_api.router,
         graders.router,
+        evals.router,
     ):
         app.include_router(r)
 

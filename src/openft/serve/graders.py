@@ -62,6 +62,23 @@ def checked(grader: dict) -> Any:
         raise APIError(400, e.message, param=e.param, code="invalid_grader") from None
 
 
+def sampling_params(sampling: dict, default_max_tokens: int | None = None) -> SamplingParams:
+    """OpenAI's sampling_params (of a judge or an eval run) for the engine; greedy by default."""
+    return SamplingParams(
+        max_tokens=sampling.get("max_completions_tokens")
+        or sampling.get("max_completion_tokens")
+        or default_max_tokens,
+        temperature=float(sampling.get("temperature", 0.0)),
+        top_p=float(sampling.get("top_p", 1.0)) or 1.0,
+        seed=sampling.get("seed"),
+    )
+
+
+def reply_of(model: str, text: str, prompt_tokens: int, completion_tokens: int) -> JudgeReply:
+    _, answer = split_reasoning(text)  # a reasoning judge's verdict follows its <think> block
+    return JudgeReply(answer.strip(), model, prompt_tokens, completion_tokens)
+
+
 def engine_judge(request: Request, who: str):
     """A Judge over this server's engine; call it from a worker thread."""
     engine = request.app.state.engine
@@ -70,19 +87,12 @@ def engine_judge(request: Request, who: str):
         try:
             handle = handle_for(request, who, model)
             ids = engine.apply_chat_template(handle, messages)
-            params = SamplingParams(
-                max_tokens=sampling.get("max_completions_tokens"),
-                temperature=float(sampling.get("temperature", 0.0)),
-                top_p=float(sampling.get("top_p", 1.0)) or 1.0,
-                seed=sampling.get("seed"),
-            )
-            choices, usage = anyio.from_thread.run(engine.complete, handle, ids, params)
+            choices, usage = anyio.from_thread.run(engine.complete, handle, ids, sampling_params(sampling))
         except APIError as e:
             raise JudgeError(f"judge model {model!r}: {e.message}") from None
         except EngineError as e:
             raise JudgeError(f"judge model {model!r} failed: {e}") from None
-        _, answer = split_reasoning(choices[0][0])  # a reasoning judge's verdict follows its <think> block
-        return JudgeReply(answer.strip(), model, usage.prompt_tokens, usage.completion_tokens)
+        return reply_of(model, choices[0][0], usage.prompt_tokens, usage.completion_tokens)
 
     return judge
 

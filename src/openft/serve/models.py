@@ -179,9 +179,8 @@ def _base_of_run(run_dir: Path) -> Path:
     return Path(lineage["base_model_path"])
 
 
-def own_handle(request: Request, who: str, name: str) -> ModelHandle | None:
+def own_handle(store, who: str, name: str) -> ModelHandle | None:
     """The caller's own fine-tuned model or LoRA checkpoint by name, or None."""
-    store = request.app.state.store
     row = store.get_model(who, name)
     if row is not None:
         path = Path(row["path"])
@@ -196,11 +195,15 @@ def own_handle(request: Request, who: str, name: str) -> ModelHandle | None:
 
 
 def handle_for(request: Request, who: str, name: str, *, convert: bool = True) -> ModelHandle:
+    return resolve_handle(request.app.state.store, who, name, convert=convert)
+
+
+def resolve_handle(store, who: str, name: str, *, convert: bool = True) -> ModelHandle:
     """A model name the caller may use: its own model or checkpoint, or a base model
     (built-in or registered). Anything else is the same 404 (param 'model').
     `convert=False` (GET routes): a GGUF base not yet converted to safetensors answers
     409 model_not_ready instead of converting inside the request."""
-    own = own_handle(request, who, name)
+    own = own_handle(store, who, name)
     if own is not None:
         return own
     try:

@@ -350,6 +350,85 @@ class ValidateGraderResponse(_Open):
     grader: dict[str, Any]
 
 
+# ------------------------------------------------------------------ evals
+
+
+class EvalObject(_Open):
+    object: Literal["eval"]
+    id: str
+    name: str
+    data_source_config: dict[str, Any]
+    testing_criteria: list[dict[str, Any]]
+    created_at: int
+    metadata: dict[str, str] | None
+
+
+class EvalList(_Open):
+    object: Literal["list"]
+    data: list[EvalObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class EvalDeleted(_Open):
+    object: str
+    deleted: bool
+    eval_id: str
+
+
+class EvalRunObject(_Open):
+    object: Literal["eval.run"]
+    id: str
+    eval_id: str
+    status: str
+    model: str
+    name: str
+    created_at: int
+    report_url: str
+    result_counts: dict[str, int]
+    per_model_usage: list[dict[str, Any]]
+    per_testing_criteria_results: list[dict[str, Any]]
+    data_source: dict[str, Any]
+    metadata: dict[str, str] | None
+    error: dict[str, Any] | None
+
+
+class EvalRunList(_Open):
+    object: Literal["list"]
+    data: list[EvalRunObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class EvalRunDeleted(_Open):
+    object: str
+    deleted: bool
+    run_id: str
+
+
+class EvalOutputItem(_Open):
+    object: Literal["eval.run.output_item"]
+    id: str
+    run_id: str
+    eval_id: str
+    created_at: int
+    status: str
+    datasource_item_id: int
+    datasource_item: dict[str, Any]
+    results: list[dict[str, Any]]
+    sample: dict[str, Any] | None
+
+
+class EvalOutputItemList(_Open):
+    object: Literal["list"]
+    data: list[EvalOutputItem]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
 class FileStats(_Open):
     object: Literal["file.stats"]
     file_id: str
@@ -411,12 +490,15 @@ _EXTRA_ERRORS = {
     ("post", "/v1/chat/completions"): (422, 503),
     ("post", "/v1/completions"): (422, 503),
     ("post", "/v1/comparisons"): (422, 503),
+    ("post", "/v1/evals/{eval_id}/runs/{run_id}"): (409,),
+    ("post", "/v1/evals/{eval_id}/runs/{run_id}/cancel"): (409,),
 }
 _ERROR_TEXT = {
     400: "Bad request: the `param` names the field",
     401: "Missing or wrong API key",
     403: "Not allowed",
     404: "No such object (or not the caller's)",
+    409: "The object is not in a state that allows this (a finished run cannot be cancelled)",
     413: "Upload over the size limit",
     422: "The model's files are there but cannot be loaded (bad config, unreadable weights)",
     503: "The server is shutting down",
