@@ -25,8 +25,13 @@ CHUNK = 16  # items per batch of prompts, per write, and between checks for a ca
 class EngineSampler:
     """Samples and judges for one owner's run through one engine."""
 
-    def __init__(self, engine, store: Store, owner: str):
-        self.engine, self.store, self.owner = engine, store, owner
+    def __init__(self, engine_fn, store: Store, owner: str):
+        # the engine is made on first use: a jsonl run graded by string checks never loads a model
+        self._engine_fn, self.store, self.owner = engine_fn, store, owner
+
+    @property
+    def engine(self):
+        return self._engine_fn()
 
     def _handle(self, model: str):
         from openft.serve.errors import APIError
@@ -104,7 +109,7 @@ class EvalRunner:
         criteria = parse_criteria(ev["testing_criteria"])
         source = parse_run_source(run["data_source"])
         items = self._items(run, ev["data_source_config"]["schema"]["properties"]["item"], source)
-        sampler = EngineSampler(self.engine(), self.store, run["owner"])
+        sampler = EngineSampler(self.engine, self.store, run["owner"])
         from openft.eval.scores import Embedder
 
         ctx = GradeContext(judge=sampler.judge, embedder=Embedder())

@@ -186,6 +186,8 @@ def get_eval(request: Request, eval_id: str, who: str = Depends(owner)):
 def update_eval(request: Request, eval_id: str, body: UpdateEval, who: str = Depends(owner)):
     _eval(request, who, eval_id)
     values = body.model_dump(exclude_unset=True)
+    if values.get("name") is None:
+        values.pop("name", None)  # a null name leaves the name as it is; a null metadata clears it
     return eval_object(request.app.state.store.update_eval(who, eval_id, **values))
 
 
