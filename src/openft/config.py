@@ -199,6 +199,10 @@ class TrainConfig:
 class EvalConfig:
     questions: str | None = _f(None, "question set (JSONL/CSV: question, optional reference) answered before and after")
     max_new_tokens: int = _f(64, "answer length for the before/after comparison")
+    score_checkpoints: bool = _f(True, "answer the questions at every checkpoint and score each (needs references)")
+    select: Literal["last", "best"] = _f(
+        "last", "the model a job ends with: last (the final weights) or best (the best-scoring checkpoint)"
+    )
 
 
 @dataclass

@@ -42,13 +42,19 @@ def finetune_with_comparison(
     echo=print,
     control: ControlFn | None = None,
     launch: Launch | None = None,
+    criteria: list[dict] | None = None,
+    grader_judge=None,
 ) -> FinetuneOutcome:
     """Fine-tune `spec`, answering its questions before and after. With a `launch`
     of more than one rank, training runs on torchrun's ranks (`openft.train.launch`)
-    while this process relays their events and control requests."""
+    while this process relays their events and control requests. With questions
+    (and `spec.eval.score_checkpoints`), the base model and every checkpoint are
+    scored too, by `criteria` (an eval's testing criteria) or by the references;
+    `grader_judge` answers for the criteria's model graders."""
     loaded = load_model(spec.model, chat_template=spec.chat_template)
     questions = load_questions(spec.eval.questions) if spec.eval.questions else None
     before = None
+    scoring = None
     if questions:
         check_data_template(spec, loaded)  # a refused template fails now, not after the base model's answers
         echo(f"Answering {len(questions)} questions with the base model ...")
@@ -59,6 +65,7 @@ def finetune_with_comparison(
             max_new_tokens=spec.eval.max_new_tokens,
             tools=[q.tools for q in questions],
         )
+        scoring = _checkpoint_scoring(spec, questions, before, criteria, grader_judge, on_event, launch)
     if launch and launch.distributed:
         check_data_template(spec, loaded)  # bad data fails here, once, not on every rank
         loaded = None  # each rank loads its own copy; this one is not needed until the answers after
@@ -67,7 +74,15 @@ def finetune_with_comparison(
             return FinetuneOutcome(result, None, None)  # node 0 reports
         loaded = load_any(str(result.run_dir))  # the ranks trained their own copies
     else:
-        result = finetune(spec, resume=resume, on_event=on_event, progress=progress, loaded=loaded, control=control)
+        result = finetune(
+            spec,
+            resume=resume,
+            on_event=on_event,
+            progress=progress,
+            loaded=loaded,
+            control=control,
+            score_checkpoint=scoring,
+        )
     if not questions:
         verdict = judge(_signals(result))
         echo(verdict.summary)
@@ -87,6 +102,33 @@ def finetune_with_comparison(
     paths = write_report(comparison, result.run_dir)
     echo(format_terminal(comparison))
     return FinetuneOutcome(result, comparison, paths)
+
+
+def _checkpoint_scoring(spec: JobSpec, questions, before: list[str], criteria, grader_judge, on_event, launch):
+    """The callback that scores each checkpoint, after scoring the base model's
+    answers (already given) the same way; None when nothing is to be scored. One
+    process only: on several ranks the model in memory is not this process's."""
+    from openft.eval.checkpoints import Scorer
+    from openft.eval.graders import GradeContext
+
+    if not spec.eval.score_checkpoints or (launch and launch.distributed):
+        return None
+    scorer = Scorer.from_questions(
+        questions, criteria, max_new_tokens=spec.eval.max_new_tokens, ctx=GradeContext(judge=grader_judge)
+    )
+    if scorer is None:
+        return None
+    emit = on_event or (lambda kind, data: None)
+    base = scorer.grade_all(before)
+    emit("base_scored", {**base.metrics(), "rows": base.rows})
+
+    def score(model, tokenizer, step: int) -> dict:
+        result = scorer.score(model, tokenizer)
+        metrics = result.metrics() | {"eval_below_base": result.score < base.score, "eval_base_score": base.score}
+        emit("checkpoint_scored", {"step": step, **metrics, "rows": result.rows})
+        return metrics
+
+    return score
 
 
 def compare_models(

@@ -108,7 +108,8 @@ def test_the_comparison_prompt_offers_the_questions_tools(tool_tokenizer, tiny_t
     into the system turn); a template without tools renders the question alone."""
     from openft.eval.generate import _prompt_ids
 
-    with_tools = tool_tokenizer.decode(_prompt_ids(tool_tokenizer, "Weather in Paris?", None, TOOLS))
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    with_tools = tool_tokenizer.decode(_prompt_ids(tool_tokenizer, ask, TOOLS))
     assert "# Tools" in with_tools and '"name": "get_weather"' in with_tools
-    plain = tiny_tokenizer.decode(_prompt_ids(tiny_tokenizer, "Weather in Paris?", None, TOOLS))
-    assert plain == tiny_tokenizer.decode(_prompt_ids(tiny_tokenizer, "Weather in Paris?", None))
+    plain = tiny_tokenizer.decode(_prompt_ids(tiny_tokenizer, ask, TOOLS))
+    assert plain == tiny_tokenizer.decode(_prompt_ids(tiny_tokenizer, ask))

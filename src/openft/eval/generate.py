@@ -31,12 +31,29 @@ def answer_questions(
 ) -> list[str]:
     """One answer per question, in the questions' order (greedy, special tokens dropped).
     `tools[i]`: the tool definitions question i offers (rendered by the model's template)."""
+    head = [{"role": "system", "content": system}] if system else []
+    conversations = [head + [{"role": "user", "content": q}] for q in questions]
+    return answer_conversations(
+        model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size, tools=tools
+    )
+
+
+def answer_conversations(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    *,
+    max_new_tokens: int = 96,
+    batch_size: int = 8,
+    tools: list[list[dict] | None] | None = None,
+) -> list[str]:
+    """The assistant's next answer to each conversation, greedy, in their order."""
     from transformers import GenerationConfig
 
-    if not questions:
+    if not conversations:
         return []
-    tools = tools or [None] * len(questions)
-    prompts = [_prompt_ids(tokenizer, q, system, t) for q, t in zip(questions, tools)]
+    tools = tools or [None] * len(conversations)
+    prompts = [_prompt_ids(tokenizer, c, t) for c, t in zip(conversations, tools)]
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     config = GenerationConfig(
@@ -73,9 +90,7 @@ def answer_questions(
     return answers
 
 
-def _prompt_ids(tokenizer, question: str, system: str | None, tools: list[dict] | None = None) -> list[int]:
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": question})
+def _prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     kwargs = {"tools": tools} if tools else {}
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
     # The template already wrote every special token (BOS included where the

@@ -74,6 +74,24 @@ class EvalStore:
         self.db.write(lambda c: _insert(c, "eval_runs", values, on_conflict=" ON CONFLICT (id) DO NOTHING"))
         return self.get_eval_run(values["owner"], values["eval_id"], values["id"])
 
+    def add_finished_run(self, values: dict, rows: list[dict]) -> bool:
+        """A run graded elsewhere (a checkpoint scored during training), with its
+        items, in one transaction; a run of that id already there is kept as it was."""
+        values = {"created_at": now(), "finished_at": now()} | values
+        items = [
+            {"id": new_id("outputitem"), "created_at": now(), "run_id": values["id"], "eval_id": values["eval_id"]} | r
+            for r in rows
+        ]
+
+        def add(c: Connection) -> bool:
+            if not _insert(c, "eval_runs", values, on_conflict=" ON CONFLICT (id) DO NOTHING"):
+                return False
+            for r in items:
+                _insert(c, "eval_output_items", r, on_conflict=" ON CONFLICT (run_id, datasource_item_id) DO NOTHING")
+            return True
+
+        return self.db.write(add)
+
     def get_eval_run(self, owner: str | None, eval_id: str | None, run_id: str) -> dict | None:
         sql, args = "SELECT * FROM eval_runs WHERE id = :id", {"id": run_id}
         if owner is not None:

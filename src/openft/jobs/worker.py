@@ -213,6 +213,7 @@ class JobRunner:
     launch: Launch | None = None  # the worker's own --nproc-per-node / --max-restarts
     reported_step: int = 0  # metrics events up to this step exist (from earlier attempts)
     total_steps: int | None = None
+    judge_runner: EvalRunner | None = None  # the engine behind an eval's model graders, while the job runs
 
     @property
     def lease(self) -> Lease:
@@ -305,6 +306,8 @@ class JobRunner:
             )
         elif kind == "checkpoint":
             self._register_checkpoint(data["step"], data["metrics"], data["path"])
+        elif kind in ("base_scored", "checkpoint_scored"):
+            self._scored(kind, data)
         elif kind == "checkpoints_deleted":
             for step in data["steps"]:
                 self.store.delete_checkpoint(jid, step)
@@ -328,6 +331,8 @@ class JobRunner:
             "full_valid_mean_token_accuracy": None,
             # DPO: how the preference moved (rewards of each side, their margin, pairs ranked right)
             **{k: v for k, v in m.items() if k.endswith(("_reward", "_reward_margin", "_reward_accuracy"))},
+            # the eval at this checkpoint (openft.eval.checkpoints): score, pass rate, per criterion
+            **{k: v for k, v in m.items() if k.startswith("eval_")},
         }
         self.store.add_checkpoint(
             self.job["id"],
@@ -342,6 +347,61 @@ class JobRunner:
                 "data": {"step": step, "fine_tuned_model_checkpoint": name},
             },
         )
+
+    def _scored(self, kind: str, data: dict) -> None:
+        """An event for the score of the base model or of a checkpoint, and with the
+        job's eval, a completed run of that eval holding the graded answers."""
+        jid, step = self.job["id"], data.get("step")
+        what = "The base model" if kind == "base_scored" else f"The checkpoint at step {step}"
+        msg = f"{what} scores {data['eval_score']:.3f} on the eval (pass rate {data['eval_pass_rate']:.0%})"
+        if data.get("eval_below_base"):
+            msg += f": below the base model's {data['eval_base_score']:.3f}"
+        metrics = {k: v for k, v in data.items() if k != "rows"}
+        self.store.add_event(jid, msg, type="message", data={"step": step, **metrics}, expect_worker=self.lease)
+        eval_id = (self.job["extra"] or {}).get("eval_id")
+        if eval_id and self.store.get_eval(self.job["owner"], eval_id):
+            record_scored_run(self.store, self.job, eval_id, step, data)
+
+    def eval_criteria(self):
+        """The job's eval's testing criteria (None: the references' own), and a judge
+        for its model graders (the serving engine, loaded only if one asks)."""
+        eval_id = (self.job["extra"] or {}).get("eval_id")
+        ev = self.store.get_eval(self.job["owner"], eval_id) if eval_id else None
+        if ev is None:
+            return None, None
+        from openft.jobs.evalworker import EngineSampler, EvalRunner
+
+        self.judge_runner = EvalRunner(self.store)  # stopped when the job ends (run)
+        return ev["testing_criteria"], EngineSampler(self.judge_runner.engine, self.store, self.job["owner"]).judge
+
+    def selected_weights(self, spec: JobSpec, final: Path) -> Path:
+        """The final weights, or with `select: best` the best-scoring checkpoint's adapter."""
+        if spec.eval.select != "best":
+            return final
+        scored = [
+            (c["metrics"]["eval_score"], c["step"], c)
+            for c in self.store.list_checkpoints(self.job["id"], limit=1_000_000)
+            if (c["metrics"] or {}).get("eval_score") is not None
+        ]
+        if not scored:
+            self.store.add_event(
+                self.job["id"],
+                "select=best: no checkpoint was scored; the final weights are kept",
+                level="warn",
+                expect_worker=self.lease,
+            )
+            return final
+        score, step, best = max(scored, key=lambda t: (t[0], t[1]))
+        path = Path(best["path"])
+        if not (path / "adapter_config.json").exists():
+            return final  # a full fine-tune's checkpoint holds training state, not a servable model
+        self.store.add_event(
+            self.job["id"],
+            f"Selected the checkpoint at step {step} (eval score {score:.3f}) as the fine-tuned model",
+            data={"step": step, "eval_score": score},
+            expect_worker=self.lease,
+        )
+        return path
 
     def sync_checkpoints(self) -> None:
         """Make the store's checkpoints those complete on disk: an earlier attempt
@@ -373,20 +433,28 @@ class JobRunner:
         if resume:
             self.sync_checkpoints()
         self.reported_step = self.store.last_metrics_step(jid)
-        outcome = finetune_with_comparison(
-            spec,
-            resume=resume,
-            on_event=self.on_event,
-            progress=False,
-            echo=lambda *a: None,
-            control=self.control,
-            launch=launch,
-        )
+        criteria, judge = self.eval_criteria()
+        try:
+            outcome = finetune_with_comparison(
+                spec,
+                resume=resume,
+                on_event=self.on_event,
+                progress=False,
+                echo=lambda *a: None,
+                control=self.control,
+                launch=launch,
+                criteria=criteria,
+                grader_judge=judge,
+            )
+        finally:
+            if self.judge_runner is not None:
+                self.judge_runner.stop()
         r = outcome.result
         name = fine_tuned_model_name(self.job)
-        kind = "adapter" if (r.output_dir.name == "adapter") else "full"
+        path = self.selected_weights(spec, r.output_dir)
+        kind = "adapter" if (path.name == "adapter" or (path / "adapter_config.json").exists()) else "full"
         self.store.add_model(
-            id=name, owner=self.job["owner"], base=self.job["model"], job_id=jid, path=str(r.output_dir), kind=kind
+            id=name, owner=self.job["owner"], base=self.job["model"], job_id=jid, path=str(path), kind=kind
         )
         fault_point("register")
         comparison = None
@@ -425,6 +493,30 @@ class JobRunner:
             # Cancelled while training finished (the trainer does not stop on its last
             # step, nor while saving): the job stays cancelled, so take back its model.
             self.store.delete_model(self.job["owner"], name)
+
+
+def record_scored_run(store: Store, job: dict, eval_id: str, step: int | None, data: dict) -> None:
+    """A completed run of `eval_id` for the base model (step None) or a checkpoint,
+    under a fixed id: a resumed job that scores the same step again adds nothing."""
+    from openft.eval.evals import parse_criteria
+    from openft.eval.runs import summarise
+
+    ev = store.get_eval(job["owner"], eval_id)
+    rows = data["rows"]
+    store.add_finished_run(
+        {
+            "id": f"evalrun-{job['id'].removeprefix('ftjob-')}-{'base' if step is None else step}",
+            "eval_id": eval_id,
+            "owner": job["owner"],
+            "name": f"{job['id']} {'base model' if step is None else f'step {step}'}",
+            "model": job["model"] if step is None else checkpoint_model_name(job, step),
+            "status": "completed",
+            "data_source": {"type": "fine_tuning_job", "job_id": job["id"], "step": step},
+            "metadata": {"fine_tuning_job_id": job["id"], "step": "base" if step is None else str(step)},
+            **summarise(parse_criteria(ev["testing_criteria"]), rows, None),
+        },
+        rows,
+    )
 
 
 def merged_base(model: str) -> str:

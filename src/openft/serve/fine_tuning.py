@@ -97,6 +97,10 @@ class CreateJob(BaseModel):
     max_steps: int | None = Field(None, ge=1)
     train_on_prompt: bool = False
     questions_file: str | None = Field(None, description="a file of questions answered before and after training")
+    eval_id: str | None = Field(None, description="an eval whose criteria score the questions at every checkpoint")
+    select: Literal["last", "best"] | None = Field(
+        None, description="the job's model: the last weights, or the best-scoring checkpoint"
+    )
     resources: Resources | None = Field(None, description="ranks to train on; default: the worker's --nproc-per-node")
 
 
@@ -135,6 +139,7 @@ def build_spec(body: CreateJob, base_model: str) -> tuple[JobSpec, dict]:
             code="invalid_value",
         )
     spec = JobSpec(model=base_model, suffix=body.suffix)
+    spec.eval.select = body.select or "last"
     t = spec.train
     t.method = "full" if body.full_finetune else "lora"
     if method_type(body) == "dpo":
@@ -228,6 +233,7 @@ def job_object(row: dict) -> dict:
         "validation_split": None if row["validation_file"] else spec["data"]["validation_split"],
         "lora": None if spec["train"]["method"] == "full" else spec["lora"],
         "questions_file": (row["extra"] or {}).get("questions_file"),
+        "eval_id": (row["extra"] or {}).get("eval_id"),
         "resources": job_resources(row),
         # what was asked for (before `auto` is resolved), so a job can be cloned
         **{
@@ -257,10 +263,80 @@ def job_resources(row: dict) -> dict:
 
 
 def _extra(body: CreateJob) -> dict:
-    extra: dict = {"questions_file": body.questions_file}
+    extra: dict = {"questions_file": body.questions_file, "eval_id": body.eval_id}
     if body.resources is not None:  # only what was sent: an omitted count is the worker's to choose
         extra["resources"] = body.resources.model_dump(exclude_unset=True)
     return extra
+
+
+def _check_eval(store, who: str, body: CreateJob) -> None:
+    """An eval named by the job exists and its item schema takes the questions; and
+    `select: best` has questions to select by and a LoRA checkpoint to serve."""
+    if body.select == "best" and not body.questions_file:
+        raise APIError(
+            400,
+            "select=best picks the best-scoring checkpoint: it needs a questions_file",
+            param="select",
+            code="invalid_value",
+        )
+    if body.select == "best" and body.full_finetune:
+        raise APIError(
+            400,
+            "select=best serves a checkpoint's adapter: it needs LoRA, not full fine-tuning",
+            param="select",
+            code="invalid_value",
+        )
+    if not body.eval_id:
+        return
+    ev = store.get_eval(who, body.eval_id)
+    if ev is None:
+        raise not_found("eval", body.eval_id, "eval_id")
+    if not body.questions_file:
+        raise APIError(
+            400,
+            "eval_id scores the questions_file's questions at every checkpoint: give one",
+            param="questions_file",
+            code="invalid_value",
+        )
+    from openft.eval.evals import EvalSpecError, check_items
+    from openft.eval.questions import QuestionFileError, load_questions
+
+    try:
+        questions = load_questions(store.get_file(who, body.questions_file)["path"])
+        rows = [{"question": q.question, "reference": q.reference or ""} for q in questions]
+        check_items(rows, ev["data_source_config"]["schema"]["properties"]["item"], "questions_file")
+    except QuestionFileError as e:
+        raise APIError(400, str(e), param="questions_file", code="invalid_value") from None
+    except EvalSpecError as e:
+        raise APIError(400, e.message, param=e.param, code="invalid_value") from None
+
+
+def _questions_eval(store, row: dict) -> dict:
+    """The job's question set as an eval of the Evals API, with criteria built from
+    its references; each scored checkpoint becomes a run of it. A question set with
+    no reference (or that does not parse: the worker reports that) gets none."""
+    from openft.eval.checkpoints import ITEM_SCHEMA, criteria_from_references
+    from openft.eval.evals import check_data_source_config
+    from openft.eval.questions import QuestionFileError, load_questions
+
+    extra = row["extra"] or {}
+    f = store.get_file(row["owner"], extra["questions_file"])
+    try:
+        if not any(q.reference for q in load_questions(f["path"])):
+            return row
+    except QuestionFileError:
+        return row
+    ev = store.create_eval(
+        {
+            "owner": row["owner"],
+            "name": f"questions of {row['id']} ({f['filename']})",
+            "data_source_config": check_data_source_config({"type": "custom", "item_schema": ITEM_SCHEMA}),
+            "testing_criteria": criteria_from_references(),
+            "metadata": {"fine_tuning_job_id": row["id"]},
+        }
+    )
+    store.update_job(row["id"], extra={**extra, "eval_id": ev["id"]})
+    return store.get_job(row["owner"], row["id"])
 
 
 def _check_pairs(f: dict, file_id: str, param: str) -> None:
@@ -336,6 +412,7 @@ def create(
         _check_pairs(tf, body.training_file, "training_file")
         if body.validation_file:
             _check_pairs(store.get_file(who, body.validation_file), body.validation_file, "validation_file")
+    _check_eval(store, who, body)
     base = resolve_base(request, who, body.model)
     spec, hp = build_spec(body, base)
     values = {
@@ -360,6 +437,8 @@ def create(
     row, created = store.create_job(values, idempotency_key)
     if created:
         store.add_event(row["id"], f"Created fine-tuning job: {row['id']}", data={"status": "validating_files"})
+        if body.questions_file and not body.eval_id:
+            row = _questions_eval(store, row)
         background.add_task(validate_files, request.app, row["id"])
     return job_object(row)
 

@@ -178,15 +178,17 @@ def write_rng(tmp: Path, rngs: list[torch.Tensor]) -> None:
     (tmp / "python_rng.json").write_text(json.dumps([py_state[0], list(py_state[1]), py_state[2]]))
 
 
-def prune(run_dir: Path, keep: int) -> list[int]:
-    """Delete all but the `keep` latest complete checkpoints (and leftover temp
-    folders); returns the steps deleted. Each is renamed out of the `step-*`
+def prune(run_dir: Path, keep: int, keep_steps: set | None = None) -> list[int]:
+    """Delete all but the `keep` latest complete checkpoints and those of
+    `keep_steps` (the best-scoring one), and leftover temp folders; returns the steps deleted. Each is renamed out of the `step-*`
     namespace before its files go, so a crash mid-delete never leaves a
     half-deleted folder that looks like a checkpoint."""
     root = Path(run_dir) / "checkpoints"
     done = complete(run_dir)
     deleted = []
     for old in done[: max(0, len(done) - keep)]:
+        if step_of(old) in (keep_steps or ()):
+            continue
         gone = root / f".del-{old.name}"
         shutil.rmtree(gone, ignore_errors=True)
         os.replace(old, gone)

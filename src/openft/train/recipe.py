@@ -244,10 +244,18 @@ def finetune(
     progress: bool = True,
     loaded: LoadedModel | None = None,
     control: ControlFn | None = None,
+    score_checkpoint: Callable | None = None,
 ) -> TrainResult:
     keep_freed_memory()  # each micro-batch reuses the last one's buffers instead of faulting them in anew
     loaded = loaded or load_model(spec.model, chat_template=spec.chat_template)  # a run folder is merged first
-    run = Recipe(spec, loaded, emit=on_event or (lambda kind, data: None), progress=progress, control=control)
+    run = Recipe(
+        spec,
+        loaded,
+        emit=on_event or (lambda kind, data: None),
+        progress=progress,
+        control=control,
+        score_checkpoint=score_checkpoint,
+    )
     try:
         return run.run(resume=resume)
     finally:  # however training ends, the caller's model is left as loaded (fp32 base)
@@ -294,6 +302,8 @@ class Recipe:
     emit: EventFn
     progress: bool = True
     control: ControlFn | None = None
+    # Score the model as it is at each checkpoint (eval metrics to add to its row); rank 0 only.
+    score_checkpoint: Callable[[torch.nn.Module, object, int], dict] | None = None
     undo: list[Callable[[], None]] = field(default_factory=list)  # run in order by `teardown`
     data: Prepared = field(init=False, repr=False)
     cfg: TrainConfig = field(init=False, repr=False)
@@ -689,10 +699,21 @@ class Recipe:
         if self.bar:
             self.bar.update(row)
 
+    def best_scored_step(self) -> int | None:
+        """The step of the best-scoring checkpoint so far (the latest among equals)."""
+        scored = [(r["eval_score"], r["step"]) for r in self.state.history if r.get("eval_score") is not None]
+        return max(scored)[1] if scored else None
+
     def save_checkpoint(self, row: dict) -> None:
         # Each LoRA checkpoint also holds a servable adapter (PEFT format), so it can
         # be called as a model of its own.
         lora, model, world = self.lora, self.model, self.world
+        if self.score_checkpoint is not None and world.main and not sharded.is_sharded(model):
+            # Before the save: the scores go into the checkpoint's history, so a resumed
+            # run still knows them (and which checkpoint is best). Under the training's
+            # autocast: bf16 training keeps frozen weights in bf16 beside fp32 ones.
+            with self.precision.autocast():
+                row.update(self.score_checkpoint(model, self.loaded.tokenizer, self.state.step))
         if sharded.is_sharded(model):
             path = sharded.save(self.run_dir, model, self.optimizer, self.state, world)
         else:  # one rank, or LoRA's replicated weights: rank 0 writes every rank's RNG with them
@@ -705,7 +726,8 @@ class Recipe:
             )
         if world.main:
             self.emit("checkpoint", {"step": self.state.step, "path": str(path), "metrics": row})
-            deleted = checkpoint.prune(self.run_dir, max(1, self.cfg.keep_checkpoints))
+            best = self.best_scored_step() if self.spec.eval.select == "best" else None
+            deleted = checkpoint.prune(self.run_dir, max(1, self.cfg.keep_checkpoints), keep_steps={best})
             if deleted:
                 self.emit("checkpoints_deleted", {"steps": deleted})
         world.barrier()
