@@ -62,6 +62,22 @@ def test_each_checkpoint_is_scored_and_recorded_as_an_eval_run(server):
     assert all(r.status == "completed" and r.result_counts.total == 12 for r in runs)
     items = client.evals.runs.output_items.list(runs[0].id, eval_id=eval_id, limit=100).data
     assert len(items) == 12 and items[0].datasource_item["reference"] == "Pip"
+    # The same eval, run by the worker on the fine-tuned model (an adapter served by the engine).
+    rows = [json.loads(x) for x in (EXAMPLES / "lumen_questions.jsonl").read_text().splitlines()]
+    run = client.evals.runs.create(
+        eval_id,
+        data_source={
+            "type": "completions",
+            "model": job.fine_tuned_model,
+            "input_messages": {"type": "template", "template": [{"role": "user", "content": "{{item.question}}"}]},
+            "sampling_params": {"max_completion_tokens": 8},
+            "source": {"type": "file_content", "content": [{"item": r} for r in rows]},
+        },
+    )
+    done = wait_for(lambda: (r := client.evals.runs.retrieve(run.id, eval_id=eval_id)).status != "queued"
+                    and r.status != "in_progress" and r)
+    assert done.status == "completed" and done.result_counts.total == 12
+    assert {u.model_name for u in done.per_model_usage} == {job.fine_tuned_model}
 
 
 def test_a_job_names_its_own_eval_and_selects_the_best_checkpoint(server):
