@@ -251,6 +251,22 @@ ID_FIELDS = {
     "before_model",
     "after_model",
     "after",
+    "eval_id",
+    "run_id",
+    "output_item_id",
+}
+
+EVAL_SCHEMA = {
+    "type": "object",
+    "properties": {"q": {"type": "string"}, "a": {"type": "string"}},
+    "required": ["q", "a"],
+}
+EXACT = {
+    "type": "string_check",
+    "name": "exact",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.a}}",
+    "operation": "eq",
 }
 
 
@@ -328,6 +344,8 @@ def test_every_route_answers_for_another_owners_objects_as_for_missing_ones(keye
         timeout=400,
     )
     assert b_done["status"] == "succeeded", b_done["error"]
+    a_eval, a_run, a_item = _eval_with_run(s.url, a_h)
+    b_eval, b_run, _ = _eval_with_run(s.url, b_h)
     tiny, builtin = TINY, "smollm2-135m-instruct"
     miss = {
         "file": "file-" + secrets.token_hex(12),
@@ -335,6 +353,9 @@ def test_every_route_answers_for_another_owners_objects_as_for_missing_ones(keye
         "key": "key-" + secrets.token_hex(8),
         "event": "ftevent-" + secrets.token_hex(12),
         "ckpt_id": "ftckpt-" + secrets.token_hex(12),
+        "eval": "eval-" + secrets.token_hex(12),
+        "run": "evalrun-" + secrets.token_hex(12),
+        "item": "outputitem-" + secrets.token_hex(12),
     }
     miss["model"] = model.rsplit(":", 1)[0] + ":" + secrets.token_hex(12)
     miss["ckpt"] = miss["model"] + ":" + ckpt.rsplit(":", 1)[1]
@@ -358,6 +379,7 @@ def test_every_route_answers_for_another_owners_objects_as_for_missing_ones(keye
         (a_event, miss["event"]),
     )
     q = a_questions, miss["file"]
+    EV, RUN, ITEM = (a_eval, miss["eval"]), (a_run, miss["run"]), (a_item, miss["item"])
     walk = [  # (route, what, call(id), (A's id, a missing id))
         ("GET /v1/files", "list after A's file", call("GET", "/v1/files", params=lambda i: {"after": i}), F),
         ("GET /v1/files/{file_id}", "retrieve file", call("GET", "/v1/files/{i}"), F),
@@ -534,11 +556,25 @@ def test_every_route_answers_for_another_owners_objects_as_for_missing_ones(keye
             ),
             C,
         ),
+        (
+            "POST /v1/fine_tuning/jobs",
+            "A's eval on a job",
+            call(
+                "POST",
+                "/v1/fine_tuning/jobs",
+                json=lambda i: {"model": tiny, "training_file": b_file, "questions_file": b_questions, "eval_id": i},
+            ),
+            EV,
+        ),
+        *_eval_walk(call, b_eval, b_run, a_run, EV, RUN, ITEM),
         ("DELETE /v1/keys/{key_id}", "delete A's key", call("DELETE", "/v1/keys/{i}"), K),
         ("DELETE /v1/models/{model_id}", "delete checkpoint", call("DELETE", "/v1/models/{i}"), C),
         ("DELETE /v1/models/{model_id}", "delete model", call("DELETE", "/v1/models/{i}"), M),
     ]
     covered, n = set(), 0
+    for what, fn, (real, missing) in _nested_walk(call, b_eval, M):  # ids inside a body's objects
+        _same(what, fn(real), fn(missing), real, missing)
+        n += 1
     for route, what, fn, (real, missing) in walk:
         assert route in id_routes, (route, "not an id route of the app")
         got, want = fn(real), fn(missing)
@@ -554,6 +590,8 @@ def test_every_route_answers_for_another_owners_objects_as_for_missing_ones(keye
         ("/v1/fine_tuning/jobs?limit=100", {jid}),
         ("/v1/models", {model, ckpt}),
         ("/v1/keys", {a_key}),
+        ("/v1/evals?limit=100", {a_eval}),
+        (f"/v1/evals/{b_eval}/runs?limit=100", {a_run}),
     ):
         seen = {x["id"] for x in httpx.get(s.url + path, headers=b_h, timeout=30).json()["data"]}
         assert not seen & ids, (path, seen & ids)
@@ -567,4 +605,94 @@ def test_every_route_answers_for_another_owners_objects_as_for_missing_ones(keye
     assert a.files.retrieve(fid).status == "processed" and a.files.retrieve(a_questions).id == a_questions
     assert a.fine_tuning.jobs.retrieve(jid).status == "succeeded"
     assert {model, ckpt} <= {m.id for m in a.models.list().data}
+    assert httpx.get(f"{s.url}/v1/evals/{a_eval}/runs/{a_run}/output_items/{a_item}", headers=a_h).status_code == 200
     assert a_key in {k["id"] for k in httpx.get(s.url + "/v1/keys", headers=a_h, timeout=30).json()["data"]}
+
+
+def _eval_with_run(url: str, headers: dict) -> tuple[str, str, str]:
+    """An eval, a completed jsonl run of it and that run's output item."""
+    ev = httpx.post(
+        url + "/v1/evals",
+        headers=headers,
+        timeout=60,
+        json={"data_source_config": {"type": "custom", "item_schema": EVAL_SCHEMA}, "testing_criteria": [EXACT]},
+    )
+    assert ev.status_code == 200, ev.text
+    eval_id = ev.json()["id"]
+    rows = [{"item": {"q": "2+2?", "a": "4"}, "sample": {"output_text": "4"}}]
+    source = {"type": "jsonl", "source": {"type": "file_content", "content": rows}}
+    run = httpx.post(f"{url}/v1/evals/{eval_id}/runs", headers=headers, timeout=60, json={"data_source": source})
+    assert run.status_code == 200, run.text
+    run_id = run.json()["id"]
+    done = wait_for(
+        lambda: (
+            (r := httpx.get(f"{url}/v1/evals/{eval_id}/runs/{run_id}", headers=headers, timeout=30).json())["status"]
+            in ("completed", "failed", "canceled")
+            and r
+        ),
+        timeout=300,
+    )
+    assert done["status"] == "completed", done
+    items = httpx.get(f"{url}/v1/evals/{eval_id}/runs/{run_id}/output_items", headers=headers, timeout=30).json()
+    return eval_id, run_id, items["data"][0]["id"]
+
+
+def _eval_walk(call, b_eval, b_run, a_run, EV, RUN, ITEM) -> list:
+    """The eval routes: A's eval in the path, A's run under B's eval, A's item under
+    B's run, and A's ids as B's cursors. Deletes last, so a leak would still be seen."""
+    runs, run_path = f"/v1/evals/{b_eval}/runs", f"/v1/evals/{b_eval}/runs/{{i}}"
+    items = f"/v1/evals/{b_eval}/runs/{b_run}/output_items"
+    source = {"type": "jsonl", "source": {"type": "file_content", "content": [{"item": {"q": "x", "a": "y"}}]}}
+    R, ER = "/v1/evals/{eval_id}/runs/{run_id}", "/v1/evals/{i}/runs/" + a_run
+    return [
+        ("GET /v1/evals", "list after A's eval", call("GET", "/v1/evals", params=lambda i: {"after": i}), EV),
+        ("GET /v1/evals/{eval_id}", "retrieve eval", call("GET", "/v1/evals/{i}"), EV),
+        ("POST /v1/evals/{eval_id}", "rename eval", call("POST", "/v1/evals/{i}", json={"name": "mine"}), EV),
+        ("GET /v1/evals/{eval_id}/runs", "list runs of A's eval", call("GET", "/v1/evals/{i}/runs"), EV),
+        ("GET /v1/evals/{eval_id}/runs", "runs after A's run", call("GET", runs, params=lambda i: {"after": i}), RUN),
+        (
+            "POST /v1/evals/{eval_id}/runs",
+            "run A's eval",
+            call("POST", "/v1/evals/{i}/runs", json={"data_source": source}),
+            EV,
+        ),
+        ("GET " + R, "retrieve A's run in A's eval", call("GET", ER), EV),
+        ("GET " + R, "retrieve A's run", call("GET", run_path), RUN),
+        ("POST " + R, "cancel A's run", call("POST", run_path), RUN),
+        ("POST " + R + "/cancel", "cancel A's run (SDK path)", call("POST", run_path + "/cancel"), RUN),
+        ("POST " + R + "/cancel", "cancel in A's eval", call("POST", ER + "/cancel"), EV),
+        ("GET " + R + "/output_items", "items of A's run", call("GET", run_path + "/output_items"), RUN),
+        ("GET " + R + "/output_items", "items after A's item", call("GET", items, params=lambda i: {"after": i}), ITEM),
+        ("GET " + R + "/output_items/{output_item_id}", "A's item", call("GET", items + "/{i}"), ITEM),
+        ("DELETE " + R, "delete A's run", call("DELETE", run_path), RUN),
+        ("DELETE /v1/evals/{eval_id}", "delete A's eval", call("DELETE", "/v1/evals/{i}"), EV),
+    ]
+
+
+def _nested_walk(call, b_eval, M) -> list:
+    """Models named inside a body's objects: a judge, a run's model."""
+    judge = lambda i: {"type": "score_model", "name": "j", "model": i, "input": [{"role": "user", "content": "?"}]}  # noqa: E731
+    completions = lambda i: {  # noqa: E731
+        "type": "completions",
+        "model": i,
+        "input_messages": {"type": "template", "template": [{"role": "user", "content": "{{item.q}}"}]},
+        "source": {"type": "file_content", "content": [{"item": {"q": "x", "a": "y"}}]},
+    }
+    cfg = {"type": "custom", "item_schema": EVAL_SCHEMA}
+    return [
+        (
+            "A's model as a grader's judge",
+            call("POST", "/v1/fine_tuning/alpha/graders/run", json=lambda i: {"grader": judge(i), "model_sample": "x"}),
+            M,
+        ),  # fmt: skip
+        (
+            "A's model as an eval's judge",
+            call("POST", "/v1/evals", json=lambda i: {"data_source_config": cfg, "testing_criteria": [judge(i)]}),
+            M,
+        ),  # fmt: skip
+        (
+            "A's model sampled by B's run",
+            call("POST", f"/v1/evals/{b_eval}/runs", json=lambda i: {"data_source": completions(i)}),
+            M,
+        ),  # fmt: skip
+    ]

@@ -42,10 +42,26 @@ def prepare_run_dir(spec: JobSpec, launch: Launch, resume: bool) -> Path:
     if launch.nnodes > 1 and not spec.output_dir:
         raise ValueError("a run on more than one node needs --output: a run folder every node reaches (shared)")
     run_dir = Path(spec.output_dir) if spec.output_dir else default_run_dir(spec)
-    if launch.node_rank == 0 and run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    if launch.node_rank == 0 and holds_run(run_dir) and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output")
     (run_dir / rank_files.DIST_DIR).mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a run's files. The launchers of the other nodes may start
+    first and write their spec (under .dist) and log (under logs) before node 0 looks."""
+    return run_dir.exists() and any(p.name not in (rank_files.DIST_DIR, "logs") for p in run_dir.iterdir())
+
+
+def clear_logs(log_dir: Path, node_rank: int) -> None:
+    """A fresh run's logs start empty, but for the launcher logs other nodes already opened."""
+    if not log_dir.is_dir():
+        return
+    for p in log_dir.iterdir():
+        if re.fullmatch(r"torchrun-node\d+\.log", p.name) and p.name != f"torchrun-node{node_rank}.log":
+            continue
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def torchrun_command(launch: Launch, spec_file: Path, run_dir: Path, resume: bool) -> list[str]:
@@ -95,7 +111,7 @@ def run_ranks(
     spec_file = dist_dir / f"spec-node{launch.node_rank}.json"
     atomic_write(spec_file, json.dumps(replace(spec, output_dir=str(run_dir)).to_dict()))
     if reporter and not resume:
-        shutil.rmtree(run_dir / "logs", ignore_errors=True)
+        clear_logs(run_dir / "logs", launch.node_rank)
     (run_dir / "logs").mkdir(exist_ok=True)
     relay = Relay(dist_dir / rank_files.EVENTS, on_event, ProgressBar if progress else None)
     with open(run_dir / "logs" / f"torchrun-node{launch.node_rank}.log", "ab") as log:
