@@ -93,6 +93,15 @@ def test_prune_and_resave_leave_only_complete_checkpoints(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
 
 
+def test_prune_keeps_the_best_checkpoint_beside_the_latest(tmp_path):
+    model, opt = _tiny_training()
+    for step in (1, 2, 3, 4, 5):
+        checkpoint.save(tmp_path, model, opt, _state(step))
+    assert checkpoint.prune(tmp_path, 2, keep_steps={2, None}) == [1, 3]  # None: nothing scored yet
+    assert [checkpoint.step_of(p) for p in checkpoint.complete(tmp_path)] == [2, 4, 5]
+    assert checkpoint.prune(tmp_path, 1) == [2, 4]  # the best is no longer asked for: it goes
+
+
 def test_resume_trims_metrics_to_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)))  # an attempt got to step 7
