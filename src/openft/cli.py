@@ -357,7 +357,20 @@ def cmd_finetune(args) -> int:
     print(f"Trained {r.trained_tokens} supervised tokens in {r.elapsed_s:.0f}s ({r.tokens_per_s:.1f} tokens/s)")
     if outcome.report_paths:
         print(f"Comparison: {outcome.report_paths[0]}")
+    print_checkpoint_scores(r, spec.eval.select)
     return 0
+
+
+def print_checkpoint_scores(result, select: str) -> None:
+    """Each scored checkpoint's eval score; with select=best, which one to take."""
+    scored = [(row["step"], row["eval_score"]) for row in result.history if row.get("eval_score") is not None]
+    if not scored:
+        return
+    print("Checkpoint scores: " + ", ".join(f"step {step} {score:.3f}" for step, score in scored))
+    if select == "best":
+        step, score = max(scored, key=lambda t: (t[1], t[0]))
+        path = Path(result.run_dir) / "checkpoints" / f"step-{step:06d}"
+        print(f"Best checkpoint: step {step} (eval score {score:.3f}), kept at {path}")
 
 
 def cmd_compare(args) -> int:

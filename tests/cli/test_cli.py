@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,10 +165,16 @@ def test_finetune_compare_export_from_the_command_line(session_home, tiny_model_
         str(questions),
         "--max-new-tokens",
         "8",
+        "--select",
+        "best",
         home=session_home,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (run / "adapter" / "adapter_model.safetensors").exists()
+    # Each checkpoint was scored on the questions' references; the best one is named and kept.
+    assert "Checkpoint scores: step " in proc.stdout, proc.stdout
+    best = re.search(r"Best checkpoint: step (\d+) \(eval score [0-9.]+\), kept at (\S+)", proc.stdout)
+    assert best and Path(best[2]).is_dir() and Path(best[2]).name == f"step-{int(best[1]):06d}", proc.stdout
     report = json.loads((run / "comparison.json").read_text())
     assert len(report["rows"]) == 2 and {"before", "after"} <= set(report["rows"][0])
     assert "step 3/3" in proc.stderr  # the progress bar
