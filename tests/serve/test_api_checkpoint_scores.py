@@ -74,8 +74,13 @@ def test_each_checkpoint_is_scored_and_recorded_as_an_eval_run(server):
             "source": {"type": "file_content", "content": [{"item": r} for r in rows]},
         },
     )
-    done = wait_for(lambda: (r := client.evals.runs.retrieve(run.id, eval_id=eval_id)).status != "queued"
-                    and r.status != "in_progress" and r)
+    done = wait_for(
+        lambda: (
+            (r := client.evals.runs.retrieve(run.id, eval_id=eval_id)).status != "queued"
+            and r.status != "in_progress"
+            and r
+        )
+    )
     assert done.status == "completed" and done.result_counts.total == 12
     assert {u.model_name for u in done.per_model_usage} == {job.fine_tuned_model}
 
