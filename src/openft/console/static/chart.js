@@ -84,8 +84,10 @@ function lineChart({ cls, aria, series, floorZero = false }) {
       paths[sr.key].setAttribute("d", path(points(sr.key)));
       paths[sr.key].dataset.points = String(points(sr.key).length);
       if (sr.dots) {
-        dots[sr.key].replaceChildren(...points(sr.key).filter(([, y]) => Number.isFinite(y)).map(([x, y]) =>
-          s("circle", { cx: sx(x), cy: sy(y), r: 3 }, s("title", {}, `step ${x}: ${sr.label} ${label(y)}`))));
+        // A point's third element flags it (a checkpoint scoring below the base model).
+        dots[sr.key].replaceChildren(...points(sr.key).filter(([, y]) => Number.isFinite(y)).map(([x, y, flag]) =>
+          s("circle", { cx: sx(x), cy: sy(y), r: flag ? 4.5 : 3, class: flag ? "flagged" : null },
+            s("title", {}, `step ${x}: ${sr.label} ${label(y)}${flag ? ` (${sr.flag})` : ""}`))));
       }
     }
   }
@@ -137,6 +139,19 @@ export function rewardChart() {
       { key: "rejected", label: "rejected reward", short: "rejected" },
       { key: "margin", label: "reward margin", short: "margin" },
       { key: "valid", label: "validation margin", short: "valid margin", dots: true },
+    ],
+  });
+}
+
+// A job's eval score at each checkpoint against the base model's (a flat line);
+// a checkpoint below the base is a larger dot of class `flagged`.
+// update({score: [[step, score, below]...], base: [[0, b], [last, b]], totalSteps}) redraws it.
+export function scoreChart() {
+  return lineChart({
+    cls: "score-chart", aria: "Eval score by checkpoint",
+    series: [
+      { key: "score", label: "checkpoint eval score", short: "score", dots: true, flag: "below the base model" },
+      { key: "base", label: "base model", short: "base" },
     ],
   });
 }

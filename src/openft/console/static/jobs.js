@@ -3,7 +3,7 @@
 // pause / resume / clone.
 
 import { enc, get, listAll, post } from "./api.js";
-import { lossChart, rewardChart } from "./chart.js";
+import { lossChart, rewardChart, scoreChart } from "./chart.js";
 import {
   TERMINAL, busy, card, clear, fmtDuration, fmtNum, fmtTime, h, kv, poller, statusBadge, table,
 } from "./ui.js";
@@ -74,6 +74,9 @@ async function renderJob(root, ctx, id) {
   const dpo = isDpo(job);
   const rewards = dpo ? rewardChart() : null;
   const rewardLine = h("p.reward-line", { "aria-live": "polite" });
+  // A job with questions scores the base model and every checkpoint on them.
+  const scores = job.questions_file ? scoreChart() : null;
+  const scoreLine = h("p.score-line", { "aria-live": "polite" });
   const ckptBox = h("div");
   const showMetrics = h("input", { type: "checkbox", checked: true });
   const log = h("ol.events", { reversed: true });
@@ -83,6 +86,7 @@ async function renderJob(root, ctx, id) {
     card("Progress", progress),
     card("Loss", chart.el),
     dpo ? card("Rewards", rewards.el, rewardLine) : null,
+    scores ? card("Checkpoint scores", scores.el, scoreLine) : null,
     card("Checkpoints", ckptBox),
     card("Events", h("label.check", {}, showMetrics, " show step metrics"), h("div.log-wrap", {}, log)),
     card("Details", details));
@@ -151,6 +155,33 @@ async function renderJob(root, ctx, id) {
       totalSteps: total,
     });
     if (dpo) drawRewards(rows, total);
+    if (scores) drawScores(total);
+  };
+
+  // The events that carry a score: the base model's (no step) and each checkpoint's.
+  const scoreEvents = () => events.filter((e) => e.data && typeof e.data.eval_score === "number" && e.data.eval_pass_rate !== undefined);
+  const selectedStep = () => {
+    const e = [...events].reverse().find((x) => x.data && x.data.step !== undefined && /^Selected the checkpoint/.test(x.message));
+    return e ? e.data.step : null;
+  };
+  const drawScores = (total) => {
+    const scored = scoreEvents();
+    const base = scored.find((e) => e.data.step === null || e.data.step === undefined);
+    const ckpts = scored.filter((e) => e.data.step !== null && e.data.step !== undefined);
+    const last = Math.max(total || 0, ...ckpts.map((e) => e.data.step), 1);
+    scores.update({
+      score: ckpts.map((e) => [e.data.step, e.data.eval_score, Boolean(e.data.eval_below_base)]),
+      base: base ? [[0, base.data.eval_score], [last, base.data.eval_score]] : [],
+      totalSteps: total,
+    });
+    const best = ckpts.reduce((b, e) => (!b || e.data.eval_score >= b.data.eval_score ? e : b), null);
+    const below = ckpts.filter((e) => e.data.eval_below_base).length;
+    const chosen = selectedStep();
+    clear(scoreLine,
+      h("span.base-score", {}, "base model ", h("strong", {}, base ? fmtNum(base.data.eval_score) : "—")),
+      best ? h("span.best-score", {}, " · best checkpoint: step ", String(best.data.step), " ", h("strong", {}, fmtNum(best.data.eval_score))) : null,
+      below ? h("span.below-count", {}, ` · ${below} checkpoint${below > 1 ? "s" : ""} below the base model`) : null,
+      chosen !== null ? h("span.selected-step", {}, ` · serving the checkpoint at step ${chosen}`) : null);
   };
 
   // A DPO job: the rewards of the preferred (chosen) and the rejected answers per
@@ -209,12 +240,19 @@ async function renderJob(root, ctx, id) {
     const m = (c, k) => (c.metrics[k] === undefined ? "—" : fmtNum(c.metrics[k]));
     // A DPO checkpoint's accuracy is the share of pairs whose preferred answer is rewarded higher.
     const acc = dpo ? "valid_reward_accuracy" : "valid_mean_token_accuracy";
-    clear(ckptBox, table(["Step", "Model", "Train loss", "Valid loss", dpo ? "Valid reward accuracy" : "Valid accuracy", ""], data.map((c) => h("tr", {},
+    const withScores = data.some((c) => c.metrics.eval_score !== undefined);
+    const chosen = selectedStep();
+    const scoreCell = (c) => h("td.num.eval-score", {}, c.metrics.eval_score === undefined ? "—" : fmtNum(c.metrics.eval_score),
+      c.metrics.eval_below_base ? h("span.tag.below", { title: "scores below the base model" }, "below base") : null,
+      c.step_number === chosen ? h("span.tag.selected", { title: "the fine-tuned model serves this checkpoint" }, "selected") : null);
+    const heads = ["Step", "Model", "Train loss", "Valid loss", dpo ? "Valid reward accuracy" : "Valid accuracy", ...(withScores ? ["Eval score"] : []), ""];
+    clear(ckptBox, table(heads, data.map((c) => h("tr", {},
       h("td.num", {}, c.step_number),
       h("td.wrap", {}, h("code", {}, c.fine_tuned_model_checkpoint)),
       h("td.num", {}, m(c, "train_loss")),
       h("td.num", {}, c.metrics.full_valid_loss !== undefined ? fmtNum(c.metrics.full_valid_loss) : m(c, "valid_loss")),
       h("td.num", {}, c.metrics[acc] !== undefined ? pct(c.metrics[acc]) : "—"),
+      withScores ? scoreCell(c) : null,
       h("td", {}, h("div.row", {},
         h("a.button.small", { href: `#/playground?model=${enc(c.fine_tuned_model_checkpoint)}` }, "Chat"),
         h("a.button.small", { href: `#/compare?before=${enc(callable(job.model) ? job.model : job.fine_tuned_model || job.model)}&after=${enc(c.fine_tuned_model_checkpoint)}${job.questions_file ? `&questions_file=${enc(job.questions_file)}` : ""}` }, "Compare"))))),
