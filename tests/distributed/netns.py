@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,9 @@ class Host:
     name: str  # the namespace
     ip: str
     ifname: str  # its end of the veth
+    # What popen started here: teardown kills these too, as one may not have entered
+    # the namespace yet (`ip netns exec` still starting) when the namespace's pids are listed.
+    procs: list = field(default_factory=list, compare=False, repr=False)
 
     def argv(self, argv: Sequence[str]) -> list[str]:
         # exec all the way down: the command keeps the pid (and process group) of what popen starts
@@ -47,7 +50,9 @@ class Host:
 
     def popen(self, argv: Sequence[str], env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
         """`argv` inside this namespace, with GLOO_SOCKET_IFNAME/TP_SOCKET_IFNAME set to `ifname`."""
-        return subprocess.Popen(self.argv(argv), env=self.env(env), **kw)
+        proc = subprocess.Popen(self.argv(argv), env=self.env(env), **kw)
+        self.procs.append(proc)
+        return proc
 
     def run(self, argv: Sequence[str], env: dict[str, str] | None = None, timeout: float = 60, **kw):
         kw.setdefault("capture_output", True)
@@ -87,6 +92,9 @@ def _quiet_ip(*args: str) -> str:
 
 def _teardown(hosts: Hosts) -> None:
     for h in hosts:
+        for proc in h.procs:  # the pid is kept down the exec chain (see Host.argv)
+            if proc.poll() is None:
+                proc.kill()
         # `ip netns del` only drops the name: the namespace lives while a process holds it.
         for pid in _quiet_ip("netns", "pids", h.name).split():
             with contextlib.suppress(ProcessLookupError):
