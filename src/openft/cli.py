@@ -385,8 +385,27 @@ def cmd_compare(args) -> int:
 def cmd_export(args) -> int:
     from openft.train.export import export
 
-    out = export(args.run, args.out, adapter_only=args.adapter_only)
-    print(f"Exported {'adapter' if args.adapter_only else 'merged model'} to {out}")
+    if args.format == "vllm":
+        return export_for_vllm(args)
+    adapter_only = args.adapter_only or args.format == "adapter"
+    out = export(args.run, args.out, adapter_only=adapter_only)
+    print(f"Exported {'adapter' if adapter_only else 'merged model'} to {out}")
+    return 0
+
+
+def export_for_vllm(args) -> int:
+    from openft.export.vllm import AdapterRefused, export_vllm
+
+    try:
+        done = export_vllm(args.run, args.out, name=args.name, merge=args.merge)
+    except AdapterRefused as e:
+        print("error: vLLM would refuse this adapter:", file=sys.stderr)
+        for p in e.problems:
+            print(f"  - {p}", file=sys.stderr)
+        print("pass --merge to export the merged model instead (vLLM serves it without --enable-lora)", file=sys.stderr)
+        return 1
+    what = "merged model" if done.merged else f"adapter (rank {done.check.rank}, {', '.join(done.check.modules)})"
+    print(f"Exported the {what} for vLLM to {done.out}\nServe it with:\n  {done.command}")
     return 0
 
 
@@ -596,6 +615,17 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", help="run folder")
     ex.add_argument("--out", required=True, help="target folder")
     ex.add_argument("--adapter-only", action="store_true", help="export the LoRA adapter, not a merged model")
+    ex.add_argument(
+        "--format",
+        choices=("hf", "adapter", "vllm"),
+        default="hf",
+        help="hf: merged model (safetensors + tokenizer); adapter: the PEFT adapter; "
+        "vllm: the adapter checked against vLLM's rules, with its `vllm serve` line",
+    )
+    ex.add_argument(
+        "--merge", action="store_true", help="vllm: write the merged model when vLLM would refuse the adapter"
+    )
+    ex.add_argument("--name", help="vllm: the model name the server answers to (default: the run folder's name)")
     ex.set_defaults(fn=cmd_export)
 
     sub.add_parser("demo", help="the main job on built-in defaults").set_defaults(fn=cmd_demo)
