@@ -1,0 +1,267 @@
+"""A fine-tuned model as one GGUF file for llama.cpp (and Ollama, which runs it).
+
+The LoRA is merged into the base's unquantised weights (a base that came from a
+quantised GGUF was dequantised to fp32 when openft first loaded it: the export
+re-quantises from those weights, so a Q4 base exported as q8_0 carries the Q4
+rounding plus the q8_0 one). Written with the `gguf` package: tensor names from
+its map of the architecture, Q and K rows permuted as llama.cpp's converter does
+for Llama-style rotary layouts, the tokenizer's tokens and merges, the chat
+template openft trained with, and the stop token as end of turn.
+
+Which quantisations can be written is measured, not listed: a type whose code
+the installed `gguf` package lacks (today the K-quants) is named as unavailable
+before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+# The names users type, and the GGML type each writes its matrices in.
+QUANT_NAMES = {
+    "f32": "F32",
+    "f16": "F16",
+    "bf16": "BF16",
+    "q8_0": "Q8_0",
+    "q5_1": "Q5_1",
+    "q5_0": "Q5_0",
+    "q4_1": "Q4_1",
+    "q4_0": "Q4_0",
+    "q6_k": "Q6_K",
+    "q5_k_m": "Q5_K",
+    "q4_k_m": "Q4_K",
+    "q3_k_m": "Q3_K",
+    "q2_k": "Q2_K",
+}
+# llama.cpp's file types (LLAMA_FTYPE_*), the header's `general.file_type`.
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
+
+
+@dataclass(frozen=True)
+class Arch:
+    gguf_name: str  # gguf.MODEL_ARCH member
+    permute_qk: bool  # HF's rotate-half layout of Q and K rows, turned into llama.cpp's interleaved one
+
+
+ARCHS = {
+    "llama": Arch("LLAMA", True),
+    "mistral": Arch("LLAMA", True),
+    "qwen2": Arch("QWEN2", False),
+}
+
+
+class ExportError(ValueError):
+    """An export that cannot be written as asked (an architecture or quantisation it lacks)."""
+
+
+@cache
+def available_quants() -> tuple[str, ...]:
+    """The quantisations the installed gguf package can write, by trying each on one block."""
+    from gguf import GGMLQuantizationType, quants
+
+    out = []
+    sample = np.linspace(-1, 1, 256, dtype=np.float32).reshape(1, 256)
+    for name, ggml in QUANT_NAMES.items():
+        try:
+            quants.quantize(sample, GGMLQuantizationType[ggml])
+        except (NotImplementedError, quants.QuantError, KeyError):
+            continue
+        out.append(name)
+    return tuple(out)
+
+
+def check_quant(quant: str) -> None:
+    if quant not in QUANT_NAMES:
+        raise ExportError(f"unknown quantisation {quant!r}; available: {', '.join(available_quants())}")
+    if quant not in available_quants():
+        raise ExportError(
+            f"{quant} needs quantisation code the installed gguf package lacks; "
+            f"available: {', '.join(available_quants())}"
+        )
+
+
+def check_arch(model_type: str) -> Arch:
+    if model_type not in ARCHS:
+        raise ExportError(f"GGUF export of {model_type!r} models is not supported yet; supported: {', '.join(ARCHS)}")
+    return ARCHS[model_type]
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's Q/K rows (each head's two rotary halves apart) in llama.cpp's order (pairs side by side)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass
+class GgufExport:
+    path: Path
+    quant: str
+    n_tensors: int
+    bytes: int
+    kept_f16: list[str] = field(default_factory=list)  # matrices whose rows do not split into the type's blocks
+    notes: list[str] = field(default_factory=list)
+
+
+def tensor_type(name: str, array: np.ndarray, quant: str):
+    """The GGML type of one tensor: vectors (norms, biases) in F32, matrices as asked."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if array.ndim == 1 or quant == "f32":
+        return GGMLQuantizationType.F32
+    ggml = GGMLQuantizationType[QUANT_NAMES[quant]]
+    block = GGML_QUANT_SIZES[ggml][0]
+    if array.shape[-1] % block:
+        return None  # kept in F16: the row length is not a whole number of blocks
+    return ggml
+
+
+def encode(array: np.ndarray, ggml):
+    from gguf import GGMLQuantizationType, quants
+
+    if ggml == GGMLQuantizationType.F32:
+        return array.astype(np.float32)
+    if ggml == GGMLQuantizationType.F16:
+        return array.astype(np.float16)
+    return quants.quantize(array.astype(np.float32), ggml)
+
+
+def write_tensors(writer, model, config, arch: Arch, quant: str, result: GgufExport) -> None:
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_name], config.num_hidden_layers)
+    tied = getattr(config, "tie_word_embeddings", False)
+    for hf_name, tensor in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd when the file has no output.weight
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ExportError(f"no GGUF name for tensor {hf_name!r} of a {config.model_type} model")
+        array = tensor.detach().float().cpu().numpy()
+        if arch.permute_qk and hf_name.endswith("q_proj.weight"):
+            array = permute(array, config.num_attention_heads)
+        elif arch.permute_qk and hf_name.endswith("k_proj.weight"):
+            array = permute(array, config.num_key_value_heads)
+        ggml = tensor_type(name, array, quant)
+        if ggml is None:
+            ggml = gguf.GGMLQuantizationType.F16
+            result.kept_f16.append(name)
+        data = encode(array, ggml)
+        writer.add_tensor(name, data, raw_dtype=ggml if data.dtype == np.uint8 else None)
+        result.n_tensors += 1
+
+
+def write_header(writer, config, name: str, quant: str) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or 10000.0))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    if quant in FILE_TYPES:
+        writer.add_file_type(FILE_TYPES[quant])
+
+
+def source_gguf_metadata(model_dir: Path) -> dict:
+    """The tokenizer fields of the GGUF a converted base came from (its `SOURCE`), if any:
+    llama.cpp's pre-tokenizer name and token types are kept as the original file had them."""
+    source = model_dir / "SOURCE"
+    if not source.is_file():
+        return {}
+    path = Path(source.read_text().strip())
+    if not path.is_file():
+        return {}
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+
+    metadata, _ = read_gguf_metadata(str(path))
+    return {k: v for k, v in metadata.items() if k.startswith("tokenizer.ggml.")}
+
+
+def write_tokenizer(
+    writer, tokenizer, tokenizer_dir: Path, base_dir: Path, stops: list[int], template: str
+) -> list[str]:
+    """Tokens, merges and special ids of a BPE (gpt2-style) tokenizer; returns notes."""
+    from gguf.vocab import BpeVocab, SpecialVocab
+
+    notes = []
+    vocab = BpeVocab(tokenizer_dir)
+    tokens, types = [], []
+    for text, _score, toktype in vocab.all_tokens():
+        tokens.append(text)
+        types.append(int(toktype))
+    src = source_gguf_metadata(base_dir)
+    pre = src.get("tokenizer.ggml.pre")
+    if not pre:
+        pre = "default"
+        notes.append("the base has no GGUF of origin: llama.cpp's pre-tokenizer is 'default'")
+    src_types = src.get("tokenizer.ggml.token_type")
+    if isinstance(src_types, list) and len(src_types) == len(types):
+        types = [int(t) for t in src_types]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=len(tokens))
+    special.chat_template = template  # the template openft trained with, not the base's
+    special.add_to_gguf(writer)
+    writer.add_eot_token_id(stops[-1] if len(stops) > 1 else stops[0])
+    if "tokenizer.ggml.add_bos_token" in src:
+        writer.add_add_bos_token(bool(src["tokenizer.ggml.add_bos_token"]))
+    return notes
+
+
+def export_gguf(run_dir: str | Path, out: str | Path, *, quant: str = "f16", name: str | None = None) -> GgufExport:
+    """The run's merged model as one GGUF file at `out` (written whole, then renamed)."""
+    import gguf
+
+    from openft.models.stop import stop_token_ids
+    from openft.train.export import is_run_dir, load_run
+
+    run_dir, out = Path(run_dir), Path(out)
+    check_quant(quant)
+    if not is_run_dir(run_dir):
+        raise FileNotFoundError(f"{run_dir} is not a finished openft run (no lineage.json with adapter/ or model/)")
+    if out.exists():
+        raise FileExistsError(f"{out} exists")
+    lineage = json.loads((run_dir / "lineage.json").read_text())
+    loaded = load_run(run_dir, merged=True)
+    config = loaded.model.config
+    arch = check_arch(config.model_type)
+    tok = loaded.tokenizer
+    if getattr(tok, "backend_tokenizer", None) is None:
+        raise ExportError("GGUF export needs a fast (tokenizer.json) tokenizer")
+    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
+    result = GgufExport(out, quant, 0, 0)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tok_dir = out.with_name(f".{out.name}.tokenizer")
+    try:
+        tok.save_pretrained(tok_dir)
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_name]])
+        write_header(writer, config, name or run_dir.name, quant)
+        result.notes += write_tokenizer(
+            writer, tok, tok_dir, Path(lineage.get("base_model_path") or run_dir), stop_token_ids(tok), template
+        )
+        write_tensors(writer, loaded.model, config, arch, quant, result)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        import shutil
+
+        shutil.rmtree(tok_dir, ignore_errors=True)
+    result.bytes = out.stat().st_size
+    return result
