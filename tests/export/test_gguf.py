@@ -1,0 +1,104 @@
+"""The GGUF export: which quantisations can be written (measured), and a short
+fine-tune of each supported family exported and read back: by transformers' GGUF
+loader (which undoes llama.cpp's Q/K order) with the merged model's logits, and
+by the gguf reader for the header, the tokenizer, the trained template and the
+stop token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from openft.export.gguf import ARCHS, ExportError, available_quants, check_quant, export_gguf
+
+FAMILIES = ("llama", "qwen2", "mistral")  # those whose GGUF layout the export writes
+
+
+def test_the_quantisations_offered_are_those_that_can_be_written():
+    avail = available_quants()
+    assert {"f32", "f16", "bf16", "q8_0"} <= set(avail)
+    with pytest.raises(ExportError, match="unknown quantisation 'q9'; available: f32, f16"):
+        check_quant("q9")
+    for name in ("q4_k_m", "q6_k"):  # K-quants: only where the gguf package has their code
+        if name not in avail:
+            with pytest.raises(ExportError, match=f"{name} needs quantisation code .* available: .*q8_0"):
+                check_quant(name)
+
+
+def test_unsupported_architectures_are_named():
+    from openft.export.gguf import check_arch
+
+    assert set(FAMILIES) <= set(ARCHS)
+    with pytest.raises(ExportError, match="'gemma3_text' models is not supported yet; supported: llama"):
+        check_arch("gemma3_text")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def run(request, tiny_tokenizer, tmp_path_factory):
+    from train.families import build_family_model
+    from train.helpers import write_chat_jsonl
+
+    from openft.config import JobSpec
+    from openft.train.recipe import finetune
+
+    tmp = tmp_path_factory.mktemp(f"gguf-{request.param}")
+    spec = JobSpec(model=str(build_family_model(tmp / "base", request.param, tiny_tokenizer)))
+    spec.data.path = str(write_chat_jsonl(tmp / "train.jsonl", n=8))
+    spec.output_dir = str(tmp / "run")
+    spec.train.max_steps = 2
+    spec.train.learning_rate = 1e-2  # the adapter moves: the merge is visible in the logits
+    spec.train.precision = "fp32"
+    return finetune(spec, progress=False).run_dir
+
+
+@pytest.mark.integration
+def test_each_family_reads_back_with_the_merged_models_logits(run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from openft.train.export import load_run
+
+    merged = load_run(run, merged=True).model.eval()
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7, 2, 11, 40, 3]])
+    # quant -> largest logit difference allowed, against logits of magnitude ~4
+    for quant, tol in (("f32", 1e-4), ("f16", 2e-2), ("q8_0", 0.25)):
+        done = export_gguf(run, tmp_path / f"m-{quant}.gguf", quant=quant)
+        assert done.path.stat().st_size == done.bytes and not done.kept_f16
+        back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=done.path.name, dtype=torch.float32)
+        with torch.no_grad():
+            diff = (back.eval()(ids).logits - merged(ids).logits).abs().max().item()
+        assert diff <= tol, (quant, diff)
+    sizes = {q: (tmp_path / f"m-{q}.gguf").stat().st_size for q in ("f32", "f16", "q8_0")}
+    assert sizes["f32"] > sizes["f16"] > sizes["q8_0"]
+
+
+@pytest.mark.integration
+def test_the_header_holds_the_tokenizer_template_and_stop_token(run, tmp_path):
+    from gguf import GGUFReader
+
+    from openft.models.stop import stop_token_ids
+    from openft.train.export import load_run
+
+    loaded = load_run(run, merged=True)
+    done = export_gguf(run, tmp_path / "m.gguf", quant="f16", name="pip")
+    r = GGUFReader(str(done.path))
+
+    def field(key):
+        f = r.fields[key]
+        return f.contents()
+
+    arch = field("general.architecture")
+    assert arch == ARCHS[loaded.model.config.model_type].gguf_name.lower()
+    assert field("general.name") == "pip"
+    assert field(f"{arch}.block_count") == loaded.model.config.num_hidden_layers
+    assert field("tokenizer.ggml.model") == "gpt2"
+    assert len(field("tokenizer.ggml.tokens")) == len(loaded.tokenizer)
+    assert field("tokenizer.chat_template") == loaded.tokenizer.chat_template
+    assert field("tokenizer.ggml.eot_token_id") in stop_token_ids(loaded.tokenizer)
+    assert field("tokenizer.ggml.eos_token_id") == loaded.tokenizer.eos_token_id
+    assert len(field("tokenizer.ggml.merges")) > 0
+    names = {t.name for t in r.tensors}
+    assert {"token_embd.weight", "blk.0.attn_q.weight", "blk.1.ffn_down.weight", "output_norm.weight"} <= names
+    assert all(t.tensor_type.name == "F32" for t in r.tensors if t.name.endswith("norm.weight"))
+    assert not list(tmp_path.glob(".m.gguf*"))  # no temporary left
+    with pytest.raises(FileExistsError):
+        export_gguf(run, done.path, quant="f16")
