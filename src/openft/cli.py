@@ -387,9 +387,29 @@ def cmd_export(args) -> int:
 
     if args.format == "vllm":
         return export_for_vllm(args)
+    if args.format == "gguf":
+        return export_to_gguf(args)
     adapter_only = args.adapter_only or args.format == "adapter"
     out = export(args.run, args.out, adapter_only=adapter_only)
     print(f"Exported {'adapter' if adapter_only else 'merged model'} to {out}")
+    return 0
+
+
+def export_to_gguf(args) -> int:
+    from openft.export.gguf import ExportError, export_gguf
+
+    t0 = time.monotonic()
+    try:
+        done = export_gguf(args.run, args.out, quant=args.quant, name=args.name)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"Exported {done.path} ({done.quant}, {done.bytes / 2**20:.1f} MiB, {time.monotonic() - t0:.0f}s)")
+    for note in done.notes:
+        print(f"note: {note}")
+    if done.kept_f16:
+        print(f"note: {len(done.kept_f16)} matrices kept in f16 (rows not a whole number of {done.quant} blocks)")
+    print(f"Run it with:\n  llama-server -m {done.path}")
     return 0
 
 
@@ -617,15 +637,17 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--adapter-only", action="store_true", help="export the LoRA adapter, not a merged model")
     ex.add_argument(
         "--format",
-        choices=("hf", "adapter", "vllm"),
+        choices=("hf", "adapter", "vllm", "gguf"),
         default="hf",
         help="hf: merged model (safetensors + tokenizer); adapter: the PEFT adapter; "
-        "vllm: the adapter checked against vLLM's rules, with its `vllm serve` line",
+        "vllm: the adapter checked against vLLM's rules, with its `vllm serve` line; "
+        "gguf: the merged model as one GGUF file for llama.cpp (--out FILE.gguf)",
     )
+    ex.add_argument("--quant", default="f16", help="gguf: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default f16)")
     ex.add_argument(
         "--merge", action="store_true", help="vllm: write the merged model when vLLM would refuse the adapter"
     )
-    ex.add_argument("--name", help="vllm: the model name the server answers to (default: the run folder's name)")
+    ex.add_argument("--name", help="vllm, gguf: the model's name (default: the run folder's name)")
     ex.set_defaults(fn=cmd_export)
 
     sub.add_parser("demo", help="the main job on built-in defaults").set_defaults(fn=cmd_demo)
