@@ -389,6 +389,8 @@ def cmd_export(args) -> int:
         return export_for_vllm(args)
     if args.format == "gguf":
         return export_to_gguf(args)
+    if args.format == "ollama":
+        return export_to_ollama(args)
     adapter_only = args.adapter_only or args.format == "adapter"
     out = export(args.run, args.out, adapter_only=adapter_only)
     print(f"Exported {'adapter' if adapter_only else 'merged model'} to {out}")
@@ -410,6 +412,22 @@ def export_to_gguf(args) -> int:
     if done.kept_f16:
         print(f"note: {len(done.kept_f16)} matrices kept in f16 (rows not a whole number of {done.quant} blocks)")
     print(f"Run it with:\n  llama-server -m {done.path}")
+    return 0
+
+
+def export_to_ollama(args) -> int:
+    from openft.export.gguf import ExportError
+    from openft.export.ollama import TemplateNotPortable, export_ollama
+
+    try:
+        done = export_ollama(args.run, args.out, quant=args.quant, name=args.name)
+    except (ExportError, TemplateNotPortable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"Exported {done.gguf} and {done.modelfile}")
+    for note in done.notes:
+        print(f"note: {note}")
+    print(f"Create the Ollama model with:\n  {done.command}")
     return 0
 
 
@@ -637,17 +655,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--adapter-only", action="store_true", help="export the LoRA adapter, not a merged model")
     ex.add_argument(
         "--format",
-        choices=("hf", "adapter", "vllm", "gguf"),
+        choices=("hf", "adapter", "vllm", "gguf", "ollama"),
         default="hf",
         help="hf: merged model (safetensors + tokenizer); adapter: the PEFT adapter; "
         "vllm: the adapter checked against vLLM's rules, with its `vllm serve` line; "
-        "gguf: the merged model as one GGUF file for llama.cpp (--out FILE.gguf)",
+        "gguf: the merged model as one GGUF file for llama.cpp (--out FILE.gguf); "
+        "ollama: that GGUF with a Modelfile (--out DIR)",
     )
-    ex.add_argument("--quant", default="f16", help="gguf: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default f16)")
+    ex.add_argument(
+        "--quant", default="f16", help="gguf, ollama: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default f16)"
+    )
     ex.add_argument(
         "--merge", action="store_true", help="vllm: write the merged model when vLLM would refuse the adapter"
     )
-    ex.add_argument("--name", help="vllm, gguf: the model's name (default: the run folder's name)")
+    ex.add_argument("--name", help="vllm, gguf, ollama: the model's name (default: the run folder's name)")
     ex.set_defaults(fn=cmd_export)
 
     sub.add_parser("demo", help="the main job on built-in defaults").set_defaults(fn=cmd_demo)
