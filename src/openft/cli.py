@@ -383,67 +383,28 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from openft.train.export import export
+    from openft.export import ExportRefused
+    from openft.export.formats import export_as
+    from openft.export.vllm import AdapterRefused
 
-    if args.format == "vllm":
-        return export_for_vllm(args)
-    if args.format == "gguf":
-        return export_to_gguf(args)
-    if args.format == "ollama":
-        return export_to_ollama(args)
-    adapter_only = args.adapter_only or args.format == "adapter"
-    out = export(args.run, args.out, adapter_only=adapter_only)
-    print(f"Exported {'adapter' if adapter_only else 'merged model'} to {out}")
-    return 0
-
-
-def export_to_gguf(args) -> int:
-    from openft.export.gguf import ExportError, export_gguf
-
+    fmt = "adapter" if args.adapter_only else args.format
     t0 = time.monotonic()
     try:
-        done = export_gguf(args.run, args.out, quant=args.quant, name=args.name)
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"Exported {done.path} ({done.quant}, {done.bytes / 2**20:.1f} MiB, {time.monotonic() - t0:.0f}s)")
-    for note in done.notes:
-        print(f"note: {note}")
-    if done.kept_f16:
-        print(f"note: {len(done.kept_f16)} matrices kept in f16 (rows not a whole number of {done.quant} blocks)")
-    print(f"Run it with:\n  llama-server -m {done.path}")
-    return 0
-
-
-def export_to_ollama(args) -> int:
-    from openft.export.gguf import ExportError
-    from openft.export.ollama import TemplateNotPortable, export_ollama
-
-    try:
-        done = export_ollama(args.run, args.out, quant=args.quant, name=args.name)
-    except (ExportError, TemplateNotPortable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"Exported {done.gguf} and {done.modelfile}")
-    for note in done.notes:
-        print(f"note: {note}")
-    print(f"Create the Ollama model with:\n  {done.command}")
-    return 0
-
-
-def export_for_vllm(args) -> int:
-    from openft.export.vllm import AdapterRefused, export_vllm
-
-    try:
-        done = export_vllm(args.run, args.out, name=args.name, merge=args.merge)
-    except AdapterRefused as e:
-        print("error: vLLM would refuse this adapter:", file=sys.stderr)
+        done = export_as(fmt, args.run, args.out, quant=args.quant, name=args.name, merge=args.merge)
+    except ExportRefused as e:
+        print(f"error: {'vLLM would refuse this adapter' if isinstance(e, AdapterRefused) else 'cannot export'}:",
+              file=sys.stderr)  # fmt: skip
         for p in e.problems:
             print(f"  - {p}", file=sys.stderr)
-        print("pass --merge to export the merged model instead (vLLM serves it without --enable-lora)", file=sys.stderr)
+        if isinstance(e, AdapterRefused):
+            print("pass --merge to export the merged model instead (vLLM serves it without --enable-lora)",
+                  file=sys.stderr)  # fmt: skip
         return 1
-    what = "merged model" if done.merged else f"adapter (rank {done.check.rank}, {', '.join(done.check.modules)})"
-    print(f"Exported the {what} for vLLM to {done.out}\nServe it with:\n  {done.command}")
+    print(f"Exported the {done.summary} to {done.path} ({time.monotonic() - t0:.0f}s)")
+    for note in done.notes:
+        print(f"note: {note}")
+    if done.command:
+        print(f"Run it with:\n  {done.command}")
     return 0
 
 
@@ -655,11 +616,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--adapter-only", action="store_true", help="export the LoRA adapter, not a merged model")
     ex.add_argument(
         "--format",
-        choices=("hf", "adapter", "vllm", "gguf", "ollama"),
+        choices=("hf", "adapter", "vllm", "gguf", "gguf-lora", "ollama"),
         default="hf",
         help="hf: merged model (safetensors + tokenizer); adapter: the PEFT adapter; "
         "vllm: the adapter checked against vLLM's rules, with its `vllm serve` line; "
         "gguf: the merged model as one GGUF file for llama.cpp (--out FILE.gguf); "
+        "gguf-lora: the adapter alone as a llama.cpp LoRA GGUF (llama-server --lora FILE); "
         "ollama: that GGUF with a Modelfile (--out DIR)",
     )
     ex.add_argument(

@@ -16,11 +16,14 @@ before anything is loaded.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
 import numpy as np
+
+from openft.export import ExportRefused
 
 # The names users type, and the GGML type each writes its matrices in.
 QUANT_NAMES = {
@@ -55,7 +58,7 @@ ARCHS = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(ExportRefused):
     """An export that cannot be written as asked (an architecture or quantisation it lacks)."""
 
 
@@ -221,21 +224,23 @@ def write_tokenizer(
     return notes
 
 
-def export_gguf(run_dir: str | Path, out: str | Path, *, quant: str = "f16", name: str | None = None) -> GgufExport:
-    """The run's merged model as one GGUF file at `out` (written whole, then renamed)."""
+def export_gguf(
+    run_dir: str | Path, out: str | Path, *, quant: str = "f16", name: str | None = None, loaded=None
+) -> GgufExport:
+    """The run's merged model as one GGUF file at `out` (written whole, then renamed);
+    `loaded` is that merged model when the caller has it already (load_run(merged=True))."""
     import gguf
 
     from openft.models.stop import stop_token_ids
-    from openft.train.export import is_run_dir, load_run
+    from openft.train.export import check_source, default_name, load_run, run_and_adapter
 
     run_dir, out = Path(run_dir), Path(out)
     check_quant(quant)
-    if not is_run_dir(run_dir):
-        raise FileNotFoundError(f"{run_dir} is not a finished openft run (no lineage.json with adapter/ or model/)")
+    check_source(run_dir)
     if out.exists():
         raise FileExistsError(f"{out} exists")
-    lineage = json.loads((run_dir / "lineage.json").read_text())
-    loaded = load_run(run_dir, merged=True)
+    lineage = json.loads((run_and_adapter(run_dir)[0] / "lineage.json").read_text())
+    loaded = loaded or load_run(run_dir, merged=True)
     config = loaded.model.config
     arch = check_arch(config.model_type)
     tok = loaded.tokenizer
@@ -248,9 +253,14 @@ def export_gguf(run_dir: str | Path, out: str | Path, *, quant: str = "f16", nam
     try:
         tok.save_pretrained(tok_dir)
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_name]])
-        write_header(writer, config, name or run_dir.name, quant)
+        write_header(writer, config, name or default_name(run_dir), quant)
         result.notes += write_tokenizer(
-            writer, tok, tok_dir, Path(lineage.get("base_model_path") or run_dir), stop_token_ids(tok), template
+            writer,
+            tok,
+            tok_dir,
+            Path(lineage.get("base_model_path") or run_and_adapter(run_dir)[0]),
+            stop_token_ids(tok),
+            template,
         )
         write_tensors(writer, loaded.model, config, arch, quant, result)
         writer.write_header_to_file()
@@ -260,8 +270,6 @@ def export_gguf(run_dir: str | Path, out: str | Path, *, quant: str = "f16", nam
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
-        import shutil
-
         shutil.rmtree(tok_dir, ignore_errors=True)
     result.bytes = out.stat().st_size
     return result

@@ -20,10 +20,12 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from openft.export import ExportRefused
+
 ROLES = ("system", "user", "assistant")
 
 
-class TemplateNotPortable(ValueError):
+class TemplateNotPortable(ExportRefused):
     """A chat template whose rendering the role-by-role Go template cannot reproduce."""
 
 
@@ -151,14 +153,14 @@ def export_ollama(
     """`out/` with `model.gguf` and `Modelfile`; the template is checked before the GGUF is written."""
     from openft.export.gguf import export_gguf
     from openft.models.stop import stop_token_ids
-    from openft.train.export import is_run_dir, load_run
+    from openft.train.export import check_source, default_name, load_run
 
     run_dir, out = Path(run_dir), Path(out)
-    if not is_run_dir(run_dir):
-        raise FileNotFoundError(f"{run_dir} is not a finished openft run (no lineage.json with adapter/ or model/)")
+    check_source(run_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
-    tok = load_run(run_dir, merged=False).tokenizer
+    loaded = load_run(run_dir, merged=True)  # loaded once: its tokenizer is checked, then its weights written
+    tok = loaded.tokenizer
 
     def render(messages, generation):
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
@@ -167,10 +169,10 @@ def export_ollama(
     check(pieces, render)
     stops = [tok.convert_ids_to_tokens(i) for i in stop_token_ids(tok)]
     out.mkdir(parents=True, exist_ok=True)
-    gguf = export_gguf(run_dir, out / "model.gguf", quant=quant, name=name).path
+    gguf = export_gguf(run_dir, out / "model.gguf", quant=quant, name=name, loaded=loaded).path
     mf = out / "Modelfile"
     mf.write_text(modelfile(gguf.name, go_template(pieces), stops))
-    name = name or run_dir.name.lower()
+    name = name or default_name(run_dir).lower()
     notes = []
     if pieces.trims:
         notes.append(

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from openft.export import ExportRefused
 from openft.fileio import atomic_dir
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's choices of --max-lora-rank
@@ -29,12 +30,12 @@ TENSOR = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<ab>lora_A|lora_B)\.
 NOT_LINEAR = ("lm_head", "embed_tokens", "wte", "embed_out")  # vLLM serves LoRA on decoder linears only
 
 
-class AdapterRefused(ValueError):
+class AdapterRefused(ExportRefused):
     """An adapter vLLM would refuse; `problems` says why, one reason each."""
 
     def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("vLLM would refuse this adapter: " + "; ".join(problems))
+        super().__init__(problems)
+        self.args = ("vLLM would refuse this adapter: " + "; ".join(self.problems),)
 
 
 @dataclass
@@ -132,25 +133,24 @@ class VllmExport:
 def export_vllm(run_dir: str | Path, out: str | Path, *, name: str | None = None, merge: bool = False) -> VllmExport:
     """The run's adapter checked and copied to `out` with `vllm-serve.sh`; an adapter
     vLLM would refuse raises AdapterRefused, unless `merge` (then the merged model)."""
-    from openft.train.export import export, is_run_dir
+    from openft.train.export import ADAPTER_FILES, check_source, default_name, export, run_and_adapter
 
     run_dir, out = Path(run_dir), Path(out)
-    if not is_run_dir(run_dir):
-        raise FileNotFoundError(f"{run_dir} is not a finished openft run (no lineage.json with adapter/ or model/)")
-    lineage = json.loads((run_dir / "lineage.json").read_text())
-    adapter = run_dir / "adapter"
-    check = check_adapter(adapter) if adapter.is_dir() else VllmCheck(0, None, problems=["a full fine-tune"])
-    name = name or run_dir.name
+    check_source(run_dir)
+    run, adapter = run_and_adapter(run_dir)
+    lineage = json.loads((run / "lineage.json").read_text())
+    check = check_adapter(adapter) if adapter else VllmCheck(0, None, problems=["a full fine-tune"])
+    name = name or default_name(run_dir)
     if check.ok:
         if out.exists() and any(out.iterdir()):
             raise FileExistsError(f"{out} exists and is not empty")
         command = serve_command(lineage["base_model_path"], name, out, check.max_lora_rank)
         with atomic_dir(out) as tmp:
-            for f in ("adapter_config.json", "adapter_model.safetensors"):
+            for f in ADAPTER_FILES:
                 shutil.copy(adapter / f, tmp / f)
             (tmp / "vllm-serve.sh").write_text(f"#!/bin/sh\n# the adapter on its base model, as {name!r}\n{command}\n")
         return VllmExport(out, command, False, check)
-    if not merge and adapter.is_dir():
+    if not merge and adapter:
         raise AdapterRefused(check.problems)
     export(run_dir, out)  # merged weights and tokenizer: vLLM serves the folder as a model
     command = shlex.join(["vllm", "serve", str(out.resolve()), "--served-model-name", name])

@@ -521,40 +521,17 @@ def record_scored_run(store: Store, job: dict, eval_id: str, step: int | None, d
 
 def merged_base(model: str) -> str:
     """A second round trains on a fine-tuned model (its run folder) or on a LoRA
-    checkpoint of one: it is merged once into a plain model folder, which then serves
-    as the base (and is what the serving side loads under the new adapter)."""
-    from openft.train.export import export, is_run_dir
+    checkpoint of one (`<run>/checkpoints/step-N`): it is merged once into a plain
+    model folder, which then serves as the base (and is what the serving side loads
+    under the new adapter)."""
+    from openft.train.export import default_name, export, is_run_dir
 
-    path = Path(model)
-    if is_run_dir(model):
-        target = home.models_dir() / f"merged-{path.name}"
-        if not (target / "config.json").exists():
-            export(model, target)
-        return str(target)
-    if (path / "adapter_config.json").exists() and is_run_dir(path.parent.parent):  # <run>/checkpoints/step-N
-        target = home.models_dir() / f"merged-{path.parent.parent.name}-{path.name}"
-        if not (target / "config.json").exists():
-            _merge_checkpoint(path, target)
-        return str(target)
-    return model
-
-
-def _merge_checkpoint(ckpt: Path, target: Path) -> None:
-    """The run's base with the checkpoint's adapter folded in, written to `target` whole or not at all."""
-    import shutil
-
-    from openft.models.load import load_model
-    from openft.train.lora import load_adapter, merge_lora
-
-    lineage = json.loads((ckpt.parent.parent / "lineage.json").read_text())
-    loaded = load_model(lineage["base_model_path"])
-    load_adapter(loaded.model, ckpt)
-    merge_lora(loaded.model)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    loaded.model.save_pretrained(tmp)
-    loaded.tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)
+    if not is_run_dir(model):
+        return model
+    target = home.models_dir() / f"merged-{default_name(model)}"
+    if not (target / "config.json").exists():
+        export(model, target)  # written whole or not at all
+    return str(target)
 
 
 class DataFileMissing(Exception):

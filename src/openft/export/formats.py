@@ -1,0 +1,85 @@
+"""One entry for every export format, used by the CLI and the HTTP API alike: each
+returns what it wrote, the line that runs it and its notes, or raises
+ExportRefused with the reasons."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMATS = ("hf", "adapter", "vllm", "gguf", "gguf-lora", "ollama")
+FILE_FORMATS = ("gguf", "gguf-lora")  # one file; the others write a folder
+
+
+@dataclass
+class Exported:
+    format: str
+    path: Path  # the file or folder written
+    summary: str  # what was written, in a few words
+    command: str | None = None  # the line that runs it, where there is one
+    notes: list[str] = field(default_factory=list)
+    gguf: Path | None = None  # the GGUF file, for the formats that write one
+
+
+def export_as(
+    fmt: str, run_dir: str | Path, out: str | Path, *, quant: str = "f16", name: str | None = None, merge: bool = False
+) -> Exported:
+    """Write the run (or checkpoint) at `run_dir` to `out` in format `fmt`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
+    return _WRITERS[fmt](Path(run_dir), Path(out), quant=quant, name=name, merge=merge)
+
+
+def _hf(run_dir: Path, out: Path, **_) -> Exported:
+    from openft.train.export import export
+
+    path = export(run_dir, out)
+    return Exported("hf", path, "merged model (safetensors + tokenizer)")
+
+
+def _adapter(run_dir: Path, out: Path, **_) -> Exported:
+    from openft.train.export import export
+
+    path = export(run_dir, out, adapter_only=True)
+    return Exported("adapter", path, "PEFT adapter")
+
+
+def _vllm(run_dir: Path, out: Path, *, name, merge, **_) -> Exported:
+    from openft.export.vllm import export_vllm
+
+    done = export_vllm(run_dir, out, name=name, merge=merge)
+    what = "merged model" if done.merged else f"adapter (rank {done.check.rank}, {', '.join(done.check.modules)})"
+    return Exported("vllm", done.out, f"{what} for vLLM", done.command)
+
+
+def _gguf(run_dir: Path, out: Path, *, quant, name, **_) -> Exported:
+    from openft.export.gguf import export_gguf
+
+    done = export_gguf(run_dir, out, quant=quant, name=name)
+    notes = list(done.notes)
+    if done.kept_f16:
+        notes.append(f"{len(done.kept_f16)} matrices kept in f16 (rows not a whole number of {quant} blocks)")
+    summary = f"GGUF, {quant}, {done.bytes / 2**20:.1f} MiB"
+    return Exported("gguf", done.path, summary, shlex.join(["llama-server", "-m", str(done.path)]), notes, done.path)
+
+
+def _gguf_lora(run_dir: Path, out: Path, *, quant, name, **_) -> Exported:
+    from openft.export.gguf_lora import export_gguf_lora
+
+    done = export_gguf_lora(run_dir, out, quant=quant, name=name)
+    command = shlex.join(["llama-server", "-m", str(done.base_gguf or "BASE.gguf"), "--lora", str(done.path)])
+    summary = f"LoRA GGUF, {done.quant}, {done.bytes / 2**20:.1f} MiB, {done.n_tensors} tensors"
+    return Exported("gguf-lora", done.path, summary, command, done.notes, done.path)
+
+
+def _ollama(run_dir: Path, out: Path, *, quant, name, **_) -> Exported:
+    from openft.export.ollama import export_ollama
+
+    done = export_ollama(run_dir, out, quant=quant, name=name)
+    return Exported(
+        "ollama", done.out, f"{done.gguf.name} and {done.modelfile.name}", done.command, done.notes, done.gguf
+    )
+
+
+_WRITERS = {"hf": _hf, "adapter": _adapter, "vllm": _vllm, "gguf": _gguf, "gguf-lora": _gguf_lora, "ollama": _ollama}
