@@ -385,12 +385,15 @@ def cmd_compare(args) -> int:
 def cmd_export(args) -> int:
     from openft.export import ExportRefused
     from openft.export.formats import export_as
+    from openft.export.parity import questions_of
     from openft.export.vllm import AdapterRefused
 
     fmt = "adapter" if args.adapter_only else args.format
     t0 = time.monotonic()
     try:
-        done = export_as(fmt, args.run, args.out, quant=args.quant, name=args.name, merge=args.merge)
+        check = questions_of(Path(args.run), args.questions) if args.check else None
+        done = export_as(fmt, args.run, args.out, quant=args.quant, name=args.name, merge=args.merge, check=check,
+                         max_new_tokens=args.max_new_tokens)  # fmt: skip
     except ExportRefused as e:
         print(f"error: {'vLLM would refuse this adapter' if isinstance(e, AdapterRefused) else 'cannot export'}:",
               file=sys.stderr)  # fmt: skip
@@ -405,7 +408,19 @@ def cmd_export(args) -> int:
         print(f"note: {note}")
     if done.command:
         print(f"Run it with:\n  {done.command}")
+    if done.parity is not None:
+        print_parity(done.parity)
+        return 0 if done.parity.passed else 2
     return 0
+
+
+def print_parity(parity) -> None:
+    """Trained vs exported answers side by side, then the verdict."""
+    print("\nParity check: openft (trained, fp32) vs llama.cpp (exported), greedy")
+    for i, row in enumerate(parity.rows, 1):
+        mark = ("same start" if row.match else "DIFFERS") + ("" if row.stops else ", NEVER STOPS")
+        print(f"\n[{i}] {row.question}  ({mark})\n  openft:    {row.trained}\n  llama.cpp: {row.exported}")
+    print("\n" + parity.verdict())
 
 
 def cmd_demo(args) -> int:
@@ -631,6 +646,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--merge", action="store_true", help="vllm: write the merged model when vLLM would refuse the adapter"
     )
     ex.add_argument("--name", help="vllm, gguf, ollama: the model's name (default: the run folder's name)")
+    ex.add_argument(
+        "--check",
+        action="store_true",
+        help="gguf, ollama: answer the run's questions (or --questions) with the export in llama.cpp beside "
+        "the trained model; exit 2 when the answers part (pip install 'openft[llamacpp]')",
+    )
+    ex.add_argument("--questions", help="with --check: a question file instead of the run's question set")
+    ex.add_argument("--max-new-tokens", type=int, default=128, help="with --check: the longest answer")
     ex.set_defaults(fn=cmd_export)
 
     sub.add_parser("demo", help="the main job on built-in defaults").set_defaults(fn=cmd_demo)

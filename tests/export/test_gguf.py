@@ -9,9 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from export.conftest import FAMILIES
 from openft.export.gguf import ARCHS, ExportError, available_quants, check_quant, export_gguf
-
-FAMILIES = ("llama", "qwen2", "mistral")  # those whose GGUF layout the export writes
 
 
 def test_the_quantisations_offered_are_those_that_can_be_written():
@@ -31,24 +30,6 @@ def test_unsupported_architectures_are_named():
     assert set(FAMILIES) <= set(ARCHS)
     with pytest.raises(ExportError, match="'gemma3_text' models is not supported yet; supported: llama"):
         check_arch("gemma3_text")
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def run(request, tiny_tokenizer, tmp_path_factory):
-    from train.families import build_family_model
-    from train.helpers import write_chat_jsonl
-
-    from openft.config import JobSpec
-    from openft.train.recipe import finetune
-
-    tmp = tmp_path_factory.mktemp(f"gguf-{request.param}")
-    spec = JobSpec(model=str(build_family_model(tmp / "base", request.param, tiny_tokenizer)))
-    spec.data.path = str(write_chat_jsonl(tmp / "train.jsonl", n=8))
-    spec.output_dir = str(tmp / "run")
-    spec.train.max_steps = 2
-    spec.train.learning_rate = 1e-2  # the adapter moves: the merge is visible in the logits
-    spec.train.precision = "fp32"
-    return finetune(spec, progress=False).run_dir
 
 
 @pytest.mark.integration

@@ -13,6 +13,8 @@ The model is any `nn.Module` with a transformers-style `generate` (a plain
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from openft.models.padding import left_pad
@@ -48,6 +50,28 @@ def answer_conversations(
     tools: list[list[dict] | None] | None = None,
 ) -> list[str]:
     """The assistant's next answer to each conversation, greedy, in their order."""
+    answers = generate_answers(
+        model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size, tools=tools
+    )
+    return [a.text for a in answers]
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    stopped: bool  # ended at a stop token, not at max_new_tokens
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    *,
+    max_new_tokens: int = 96,
+    batch_size: int = 8,
+    tools: list[list[dict] | None] | None = None,
+) -> list[Answer]:
+    """answer_conversations, with whether each answer stopped by itself."""
     from transformers import GenerationConfig
 
     if not conversations:
@@ -68,7 +92,7 @@ def answer_conversations(
     # Longest first: prompts of similar length share a batch (little padding), and
     # a batch that does not fit in memory fails at once rather than at the end.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    answers: list[str] = [""] * len(prompts)
+    answers: list[Answer] = [Answer("", False)] * len(prompts)
     was_training = model.training
     model.eval()  # dropout on would make greedy decoding random
     try:
@@ -84,7 +108,7 @@ def answer_conversations(
                 # out: (batch, prompt_len + new) with the padded prompt in front.
                 new_tokens = out[:, input_ids.shape[1] :].tolist()
                 for i, tokens in zip(idx, new_tokens):
-                    answers[i] = _decode(tokenizer, tokens, eos_ids)
+                    answers[i] = Answer(_decode(tokenizer, tokens, eos_ids), any(t in eos_ids for t in tokens))
     finally:
         model.train(was_training)
     return answers

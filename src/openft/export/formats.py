@@ -8,8 +8,11 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from openft.export import ExportRefused
+
 FORMATS = ("hf", "adapter", "vllm", "gguf", "gguf-lora", "ollama")
 FILE_FORMATS = ("gguf", "gguf-lora")  # one file; the others write a folder
+CHECKED_FORMATS = ("gguf", "ollama")  # the merged GGUF, which the parity check runs in llama.cpp
 
 
 @dataclass
@@ -20,15 +23,40 @@ class Exported:
     command: str | None = None  # the line that runs it, where there is one
     notes: list[str] = field(default_factory=list)
     gguf: Path | None = None  # the GGUF file, for the formats that write one
+    parity: object | None = None  # openft.export.parity.Parity, when checked
 
 
 def export_as(
-    fmt: str, run_dir: str | Path, out: str | Path, *, quant: str = "f16", name: str | None = None, merge: bool = False
+    fmt: str,
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    quant: str = "f16",
+    name: str | None = None,
+    merge: bool = False,
+    check: list[str] | None = None,
+    max_new_tokens: int = 128,
 ) -> Exported:
-    """Write the run (or checkpoint) at `run_dir` to `out` in format `fmt`."""
+    """Write the run (or checkpoint) at `run_dir` to `out` in format `fmt`. With
+    `check` (questions), the written GGUF answers them in llama.cpp beside the
+    trained model (openft.export.parity); the model is loaded once for both."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
-    return _WRITERS[fmt](Path(run_dir), Path(out), quant=quant, name=name, merge=merge)
+    loaded = None
+    if check is not None:
+        from openft.export.llamacpp import llama_cpp
+        from openft.train.export import load_run
+
+        if fmt not in CHECKED_FORMATS:
+            raise ExportRefused(f"the parity check runs a merged GGUF: use it with {' or '.join(CHECKED_FORMATS)}")
+        llama_cpp()  # installed, or refused before anything is written
+        loaded = load_run(run_dir, merged=True)
+    done = _WRITERS[fmt](Path(run_dir), Path(out), quant=quant, name=name, merge=merge, loaded=loaded)
+    if check is not None:
+        from openft.export.parity import check_parity
+
+        done.parity = check_parity(loaded, done.gguf, quant, check, max_new_tokens=max_new_tokens)
+    return done
 
 
 def _hf(run_dir: Path, out: Path, **_) -> Exported:
@@ -53,10 +81,10 @@ def _vllm(run_dir: Path, out: Path, *, name, merge, **_) -> Exported:
     return Exported("vllm", done.out, f"{what} for vLLM", done.command)
 
 
-def _gguf(run_dir: Path, out: Path, *, quant, name, **_) -> Exported:
+def _gguf(run_dir: Path, out: Path, *, quant, name, loaded, **_) -> Exported:
     from openft.export.gguf import export_gguf
 
-    done = export_gguf(run_dir, out, quant=quant, name=name)
+    done = export_gguf(run_dir, out, quant=quant, name=name, loaded=loaded)
     notes = list(done.notes)
     if done.kept_f16:
         notes.append(f"{len(done.kept_f16)} matrices kept in f16 (rows not a whole number of {quant} blocks)")
@@ -73,10 +101,10 @@ def _gguf_lora(run_dir: Path, out: Path, *, quant, name, **_) -> Exported:
     return Exported("gguf-lora", done.path, summary, command, done.notes, done.path)
 
 
-def _ollama(run_dir: Path, out: Path, *, quant, name, **_) -> Exported:
+def _ollama(run_dir: Path, out: Path, *, quant, name, loaded, **_) -> Exported:
     from openft.export.ollama import export_ollama
 
-    done = export_ollama(run_dir, out, quant=quant, name=name)
+    done = export_ollama(run_dir, out, quant=quant, name=name, loaded=loaded)
     return Exported(
         "ollama", done.out, f"{done.gguf.name} and {done.modelfile.name}", done.command, done.notes, done.gguf
     )

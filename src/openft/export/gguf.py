@@ -191,6 +191,20 @@ def source_gguf_metadata(model_dir: Path) -> dict:
     return {k: v for k, v in metadata.items() if k.startswith("tokenizer.ggml.")}
 
 
+def token_types(tokenizer, n: int) -> list[int]:
+    """llama.cpp's type of each token, as its converter sets them: an added token the
+    tokenizer calls special is CONTROL (llama.cpp parses it as one token in a prompt
+    and hides it in output), another added token USER_DEFINED, the rest NORMAL.
+    Typed NORMAL, `<|im_start|>` would be split into text pieces by llama.cpp."""
+    from gguf import TokenType
+
+    types = [int(TokenType.NORMAL)] * n
+    for i, added in tokenizer.added_tokens_decoder.items():
+        if i < n:
+            types[i] = int(TokenType.CONTROL if added.special else TokenType.USER_DEFINED)
+    return types
+
+
 def write_tokenizer(
     writer, tokenizer, tokenizer_dir: Path, base_dir: Path, stops: list[int], template: str
 ) -> list[str]:
@@ -199,10 +213,8 @@ def write_tokenizer(
 
     notes = []
     vocab = BpeVocab(tokenizer_dir)
-    tokens, types = [], []
-    for text, _score, toktype in vocab.all_tokens():
-        tokens.append(text)
-        types.append(int(toktype))
+    tokens = [text for text, _score, _type in vocab.all_tokens()]
+    types = token_types(tokenizer, len(tokens))
     src = source_gguf_metadata(base_dir)
     pre = src.get("tokenizer.ggml.pre")
     if not pre:

@@ -148,7 +148,7 @@ class OllamaExport:
 
 
 def export_ollama(
-    run_dir: str | Path, out: str | Path, *, quant: str = "q8_0", name: str | None = None
+    run_dir: str | Path, out: str | Path, *, quant: str = "q8_0", name: str | None = None, loaded=None
 ) -> OllamaExport:
     """`out/` with `model.gguf` and `Modelfile`; the template is checked before the GGUF is written."""
     from openft.export.gguf import export_gguf
@@ -159,7 +159,7 @@ def export_ollama(
     check_source(run_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
-    loaded = load_run(run_dir, merged=True)  # loaded once: its tokenizer is checked, then its weights written
+    loaded = loaded or load_run(run_dir, merged=True)  # loaded once: its tokenizer is checked, then its weights written
     tok = loaded.tokenizer
 
     def render(messages, generation):

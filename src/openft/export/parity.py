@@ -1,0 +1,101 @@
+"""The parity check: a question set answered by the trained model (openft, fp32,
+greedy) and by the exported GGUF in llama.cpp (greedy), side by side.
+
+An answer matches when its first 10 words are the trained answer's first 10 (all
+of them for a shorter answer). Quantisation moves logits a little, and greedy
+decoding turns a near tie into another word, so the bar is per quantisation:
+f16 (and f32, bf16) at least 90% of questions, q8_0 75%; the coarser ones are
+reported without a bar. Every exported answer must stop by itself wherever the
+trained one did: a lost template or stop token shows as answers that never end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+BARS = {"f32": 0.9, "f16": 0.9, "bf16": 0.9, "q8_0": 0.75}
+WORDS = 10
+
+
+def first_words(text: str, n: int = WORDS) -> list[str]:
+    return text.split()[:n]
+
+
+@dataclass(frozen=True)
+class ParityRow:
+    question: str
+    trained: str
+    exported: str
+    trained_stopped: bool
+    exported_stopped: bool
+
+    @property
+    def match(self) -> bool:
+        return first_words(self.trained) == first_words(self.exported)
+
+    @property
+    def stops(self) -> bool:
+        return self.exported_stopped or not self.trained_stopped
+
+
+@dataclass
+class Parity:
+    quant: str
+    rows: list[ParityRow]
+
+    @property
+    def matches(self) -> int:
+        return sum(r.match for r in self.rows)
+
+    @property
+    def stops(self) -> int:
+        return sum(r.stops for r in self.rows)
+
+    @property
+    def bar(self) -> float | None:
+        return BARS.get(self.quant)
+
+    @property
+    def passed(self) -> bool:
+        n = len(self.rows)
+        return self.stops == n and (self.bar is None or self.matches >= self.bar * n)
+
+    def verdict(self) -> str:
+        n = len(self.rows)
+        bar = f" (bar: {self.bar:.0%})" if self.bar is not None else " (no bar for this quantisation)"
+        return (
+            f"{self.quant}: first {WORDS} words match on {self.matches}/{n}{bar}; "
+            f"{self.stops}/{n} answers stop where the trained model's do: {'PASS' if self.passed else 'FAIL'}"
+        )
+
+
+def check_parity(loaded, gguf_path: Path, quant: str, questions: list[str], *, max_new_tokens: int = 128) -> Parity:
+    """`loaded`: the trained model (merged, fp32) whose export is at `gguf_path`."""
+    from openft.eval.generate import generate_answers
+    from openft.export.llamacpp import chat, open_gguf
+
+    chats = [[{"role": "user", "content": q}] for q in questions]
+    trained = generate_answers(loaded.model, loaded.tokenizer, chats, max_new_tokens=max_new_tokens)
+    rows = []
+    with open_gguf(gguf_path) as llm:
+        for q, c, t in zip(questions, chats, trained):
+            e = chat(llm, c, max_new_tokens)
+            rows.append(ParityRow(q, t.text, e.text, t.stopped, e.stopped))
+    return Parity(quant, rows)
+
+
+def questions_of(run_dir: Path, questions: str | None) -> list[str]:
+    """`questions` (a question file), else the question set the run was compared on."""
+    import json
+
+    from openft.eval.questions import load_questions
+    from openft.export import ExportRefused
+    from openft.train.export import run_and_adapter
+
+    if questions is None:
+        config = json.loads((run_and_adapter(run_dir)[0] / "config.json").read_text())
+        questions = (config.get("eval") or {}).get("questions")
+        if not questions or not Path(questions).is_file():
+            raise ExportRefused("the run has no question set on disk to check with; pass --questions FILE")
+    return [q.question for q in load_questions(questions)]
