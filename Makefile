@@ -11,7 +11,7 @@ PIP     := $(PY) -m pip
 TORCH   ?= torch==2.13.0
 export OPENFT_HOME ?= $(HOME)/.openft
 
-.PHONY: install demo lint builtins test test-fast test-slow clean
+.PHONY: install demo lint builtins llamacpp test test-fast test-slow clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -41,8 +41,15 @@ SLOW_BUILTINS := qwen2.5-coder-0.5b-instruct gemma-3-270m
 builtins: install
 	for m in $(SLOW_BUILTINS); do $(VENV)/bin/openft models pull $$m || exit 1; done
 
+# llama.cpp, openft's optional dependency (pip install 'openft[llamacpp]'), for the GGUF
+# export's parity check and serve_bench's peer: built from PyPI's source once per CPU kind,
+# its wheel kept under ~/.cache/openft/wheels, so later installs do not rebuild it.
+LLAMACPP := llama-cpp-python==0.3.36
+llamacpp: install
+	scripts/install-llamacpp.sh $(PY) $(LLAMACPP)
+
 # Every tier the machine can run: unit, integration and slow (gpu skips itself).
-test: install lint builtins
+test: install lint builtins llamacpp
 	$(PY) -m pytest -q -m "not gpu" --timeout=1500
 
 test-fast: install

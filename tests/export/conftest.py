@@ -3,6 +3,8 @@ the export tests (built once per session per family)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 FAMILIES = ("llama", "qwen2", "mistral")
@@ -17,7 +19,13 @@ def run(request, tiny_tokenizer, tmp_path_factory):
     from openft.train.recipe import finetune
 
     tmp = tmp_path_factory.mktemp(f"gguf-{request.param}")
-    spec = JobSpec(model=str(build_family_model(tmp / "base", request.param, tiny_tokenizer)))
+    base = build_family_model(tmp / "base", request.param, tiny_tokenizer)
+    # Not the default rotary base (SmolLM2's is 1e5): an export that wrote the
+    # default instead would give other logits from the third position on.
+    config = json.loads((base / "config.json").read_text())
+    config.setdefault("rope_parameters", {"rope_type": "default"})["rope_theta"] = 50_000.0
+    (base / "config.json").write_text(json.dumps(config))
+    spec = JobSpec(model=str(base))
     spec.data.path = str(write_chat_jsonl(tmp / "train.jsonl", n=8))
     spec.output_dir = str(tmp / "run")
     spec.train.max_steps = 2

@@ -79,6 +79,34 @@ def test_persona_is_learned_on_held_out_prompts(shared_datasets, tmp_path):
     assert rate(before) <= 0.2
     assert rate(after) >= 0.8, report
     assert result.history[-1]["valid_loss"] < result.history[0]["train_loss"]
+    check_exports_in_llama_cpp(result.run_dir, held_out, tmp_path)
+
+
+def check_exports_in_llama_cpp(run_dir, questions, tmp_path):
+    """The persona fine-tune exported f16 and q8_0 answers the held-out prompts in
+    llama.cpp as openft does: f16 meets the parity check's bar; every answer stops;
+    where a q8_0 answer parts from the trained one, the trained model was itself
+    undecided there (a lead under half a logit: this short fine-tune words its
+    persona both "I'm" and "I am", and q8_0's rounding flips such ties)."""
+    import time
+
+    pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install 'openft[llamacpp]'")
+    from openft.export.formats import export_as
+
+    figures = {}
+    for quant in ("f16", "q8_0"):
+        t0 = time.monotonic()
+        done = export_as("gguf", run_dir, tmp_path / f"persona-{quant}.gguf", quant=quant, check=questions,
+                         max_new_tokens=40)  # fmt: skip
+        parity = done.parity
+        figures[quant] = {"matches": parity.matches, "stops": parity.stops, "n": len(parity.rows),
+                          "bytes": done.path.stat().st_size, "export_and_check_s": round(time.monotonic() - t0, 1),
+                          "rows": [r.__dict__ for r in parity.rows]}  # fmt: skip
+        assert parity.stops == len(parity.rows), parity.verdict()
+        assert all(r.match or (r.margin is not None and r.margin < 0.5) for r in parity.rows), parity.verdict()
+        assert parity.passed or quant != "f16", parity.verdict()
+    (tmp_path / "parity.json").write_text(json.dumps(figures, indent=1))
+    print(json.dumps({q: {k: v for k, v in f.items() if k != "rows"} for q, f in figures.items()}))
 
 
 @pytest.mark.parametrize("name", ["alpaca_en_demo.json", "alpaca_zh_demo.json"])

@@ -157,6 +157,20 @@ def write_tensors(writer, model, config, arch: Arch, quant: str, result: GgufExp
         result.n_tensors += 1
 
 
+def rope_theta(config) -> float:
+    """The rotary base: transformers 5 keeps it in `rope_parameters` (older configs at
+    the top level). A rotary scaling llama.cpp would need extra tensors for (Llama 3.1's
+    `llama3`, YaRN) is refused by name rather than written as plain RoPE."""
+    params = getattr(config, "rope_parameters", None) or {}
+    kind = params.get("rope_type", "default")
+    if kind != "default":
+        raise ExportError(f"GGUF export of RoPE scaling {kind!r} is not supported yet")
+    theta = params.get("rope_theta") or getattr(config, "rope_theta", None)
+    if not theta:
+        raise ExportError("the model's config names no rope_theta")
+    return float(theta)
+
+
 def write_header(writer, config, name: str, quant: str) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_name(name)
@@ -169,7 +183,7 @@ def write_header(writer, config, name: str, quant: str) -> None:
     writer.add_rope_dimension_count(head_dim)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or 10000.0))
+    writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     if quant in FILE_TYPES:

@@ -7,11 +7,16 @@ decoding turns a near tie into another word, so the bar is per quantisation:
 f16 (and f32, bf16) at least 90% of questions, q8_0 75%; the coarser ones are
 reported without a bar. Every exported answer must stop by itself wherever the
 trained one did: a lost template or stop token shows as answers that never end.
+
+Where two answers part, the check says by how much the trained model preferred
+its own token there (its logit minus the exported answer's token's): a fine-tune
+whose data words one thing two ways ("I'm" / "I am") leaves near ties, which any
+rounding of the weights can flip, while a broken export parts at once and by far.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 BARS = {"f32": 0.9, "f16": 0.9, "bf16": 0.9, "q8_0": 0.75}
@@ -29,6 +34,7 @@ class ParityRow:
     exported: str
     trained_stopped: bool
     exported_stopped: bool
+    margin: float | None = None  # where they part: the trained model's lead of its token, in logits
 
     @property
     def match(self) -> bool:
@@ -64,10 +70,18 @@ class Parity:
     def verdict(self) -> str:
         n = len(self.rows)
         bar = f" (bar: {self.bar:.0%})" if self.bar is not None else " (no bar for this quantisation)"
+        margins = sorted(r.margin for r in self.rows if not r.match and r.margin is not None)
+        parted = f"; the {len(margins)} that differ part where the trained model led by {fmt(margins)} logits" * bool(
+            margins
+        )
         return (
-            f"{self.quant}: first {WORDS} words match on {self.matches}/{n}{bar}; "
+            f"{self.quant}: first {WORDS} words match on {self.matches}/{n}{bar}{parted}; "
             f"{self.stops}/{n} answers stop where the trained model's do: {'PASS' if self.passed else 'FAIL'}"
         )
+
+
+def fmt(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
 
 
 def check_parity(loaded, gguf_path: Path, quant: str, questions: list[str], *, max_new_tokens: int = 128) -> Parity:
@@ -82,7 +96,26 @@ def check_parity(loaded, gguf_path: Path, quant: str, questions: list[str], *, m
         for q, c, t in zip(questions, chats, trained):
             e = chat(llm, c, max_new_tokens)
             rows.append(ParityRow(q, t.text, e.text, t.stopped, e.stopped))
+    rows = [r if r.match else replace(r, margin=parting_margin(loaded, r)) for r in rows]
     return Parity(quant, rows)
+
+
+def parting_margin(loaded, row: ParityRow) -> float | None:
+    """The trained model's logit for its own next token minus that for the exported
+    answer's, at the first token where the two answers part (None if one is a prefix)."""
+    import torch
+
+    tok = loaded.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": row.question}], tokenize=False,
+                                     add_generation_prompt=True)  # fmt: skip
+    head = tok(prompt, add_special_tokens=False)["input_ids"]
+    mine, theirs = (tok(a, add_special_tokens=False)["input_ids"] for a in (row.trained, row.exported))
+    k = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
+    if k is None:
+        return None
+    with torch.no_grad():
+        logits = loaded.model(torch.tensor([head + mine[:k]])).logits[0, -1]
+    return float(logits[mine[k]] - logits[theirs[k]])
 
 
 def questions_of(run_dir: Path, questions: str | None) -> list[str]:
