@@ -97,3 +97,20 @@ def test_a_run_exports_a_gguf_and_a_modelfile(tiny_model_dir, tmp_path, gorender
         assert gorender(template, messages) == tok.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
+
+
+def test_a_bos_the_template_writes_is_left_to_ollama():
+    """Llama 3's template writes <|begin_of_text|>; Ollama adds the GGUF's BOS itself,
+    so the Go template leaves it out and the GGUF asks for one (one BOS, not two)."""
+    from openft.export.ollama import without_bos
+
+    render = jinja(LLAMA3)
+    pieces, had = without_bos(derive(render), "<s>")
+    assert had
+    for messages in PROBES:
+        want = render(messages, True)
+        assert want.startswith("<s>") and pieces.render(messages) == want.removeprefix("<s>")
+    chatml = derive(jinja(CHATML))
+    assert without_bos(chatml, "<s>") == (chatml, False)
+    smollm2 = derive(jinja(SMOLLM2))  # its bos_token is <|im_start|>, which opens every turn: it stays
+    assert without_bos(smollm2, "<|im_start|>") == (smollm2, False)

@@ -220,9 +220,10 @@ def token_types(tokenizer, n: int) -> list[int]:
 
 
 def write_tokenizer(
-    writer, tokenizer, tokenizer_dir: Path, base_dir: Path, stops: list[int], template: str
+    writer, tokenizer, tokenizer_dir: Path, base_dir: Path, stops: list[int], template: str, add_bos: bool | None
 ) -> list[str]:
-    """Tokens, merges and special ids of a BPE (gpt2-style) tokenizer; returns notes."""
+    """Tokens, merges and special ids of a BPE (gpt2-style) tokenizer; returns notes.
+    `add_bos`: whether llama.cpp adds a BOS to a prompt (None: as the base says)."""
     from gguf.vocab import BpeVocab, SpecialVocab
 
     notes = []
@@ -243,18 +244,27 @@ def write_tokenizer(
     writer.add_token_types(types)
     special = SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=len(tokens))
     special.chat_template = template  # the template openft trained with, not the base's
+    if "tokenizer.ggml.add_bos_token" in src:
+        special.add_special_token["bos"] = bool(src["tokenizer.ggml.add_bos_token"])
+    if add_bos is not None:
+        special.add_special_token["bos"] = add_bos
     special.add_to_gguf(writer)
     writer.add_eot_token_id(stops[-1] if len(stops) > 1 else stops[0])
-    if "tokenizer.ggml.add_bos_token" in src:
-        writer.add_add_bos_token(bool(src["tokenizer.ggml.add_bos_token"]))
     return notes
 
 
 def export_gguf(
-    run_dir: str | Path, out: str | Path, *, quant: str = "f16", name: str | None = None, loaded=None
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    quant: str = "f16",
+    name: str | None = None,
+    loaded=None,
+    add_bos: bool | None = None,
 ) -> GgufExport:
     """The run's merged model as one GGUF file at `out` (written whole, then renamed);
-    `loaded` is that merged model when the caller has it already (load_run(merged=True))."""
+    `loaded` is that merged model when the caller has it already (load_run(merged=True));
+    `add_bos` overrides the base's `tokenizer.ggml.add_bos_token`."""
     import gguf
 
     from openft.models.stop import stop_token_ids
@@ -287,6 +297,7 @@ def export_gguf(
             Path(lineage.get("base_model_path") or run_and_adapter(run_dir)[0]),
             stop_token_ids(tok),
             template,
+            add_bos,
         )
         write_tensors(writer, loaded.model, config, arch, quant, result)
         writer.write_header_to_file()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from openft.export import ExportRefused
@@ -114,6 +114,18 @@ def check(pieces: Pieces, render, chats: list[list[dict]] = PROBES) -> None:
             )
 
 
+def without_bos(p: Pieces, bos: str | None) -> tuple[Pieces, bool]:
+    """The pieces without the BOS the template writes first (Llama 3's
+    `<|begin_of_text|>`), and whether there was one. Ollama tokenises the rendered
+    prompt adding the GGUF's BOS itself, so a template that writes one too would
+    give the model two. A BOS that also opens every turn (SmolLM2's is `<|im_start|>`)
+    is the template's own marker and stays."""
+    if not bos or not (p.default.startswith(bos) and p.before["system"].startswith(bos)) or bos in p.before["user"]:
+        return p, False
+    before = {**p.before, "system": p.before["system"][len(bos) :]}
+    return replace(p, default=p.default[len(bos) :], before=before), True
+
+
 def go_string(text: str) -> str:
     """A Go interpreted string literal (JSON's escapes are Go's, but for U+2028/9, kept as is)."""
     return json.dumps(text, ensure_ascii=False)
@@ -167,9 +179,14 @@ def export_ollama(
 
     pieces = derive(render)
     check(pieces, render)
+    pieces, bos = without_bos(pieces, tok.bos_token)
     stops = [tok.convert_ids_to_tokens(i) for i in stop_token_ids(tok)]
     out.mkdir(parents=True, exist_ok=True)
-    gguf = export_gguf(run_dir, out / "model.gguf", quant=quant, name=name, loaded=loaded).path
+    # Where the template wrote the BOS, the GGUF has Ollama add it (once) instead.
+    gguf = export_gguf(
+        run_dir, out / "model.gguf", quant=quant, name=name, loaded=loaded, add_bos=True if bos else None
+    )
+    gguf = gguf.path
     mf = out / "Modelfile"
     mf.write_text(modelfile(gguf.name, go_template(pieces), stops))
     name = name or default_name(run_dir).lower()
