@@ -40,20 +40,10 @@ def answer_questions(
     )
 
 
-def answer_conversations(
-    model,
-    tokenizer,
-    conversations: list[list[dict]],
-    *,
-    max_new_tokens: int = 96,
-    batch_size: int = 8,
-    tools: list[list[dict] | None] | None = None,
-) -> list[str]:
-    """The assistant's next answer to each conversation, greedy, in their order."""
-    answers = generate_answers(
-        model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size, tools=tools
-    )
-    return [a.text for a in answers]
+def answer_conversations(model, tokenizer, conversations: list[list[dict]], **options) -> list[str]:
+    """The assistant's next answer to each conversation, greedy, in their order
+    (`options` as generate_answers takes them)."""
+    return [a.text for a in generate_answers(model, tokenizer, conversations, **options)]
 
 
 @dataclass(frozen=True)
@@ -71,7 +61,8 @@ def generate_answers(
     batch_size: int = 8,
     tools: list[list[dict] | None] | None = None,
 ) -> list[Answer]:
-    """answer_conversations, with whether each answer stopped by itself."""
+    """The assistant's next answer to each conversation, greedy, in their order, with
+    whether each stopped by itself. `tools[i]`: the tool definitions conversation i offers."""
     from transformers import GenerationConfig
 
     if not conversations:

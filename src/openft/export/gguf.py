@@ -253,6 +253,15 @@ def write_tokenizer(
     return notes
 
 
+def commit(writer, tmp: Path, out: Path) -> None:
+    """Write the file at `tmp`, then rename it to `out`: a crash leaves no half file there."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(out)
+
+
 def export_gguf(
     run_dir: str | Path,
     out: str | Path,
@@ -300,11 +309,7 @@ def export_gguf(
             add_bos,
         )
         write_tensors(writer, loaded.model, config, arch, quant, result)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(out)
+        commit(writer, tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
         shutil.rmtree(tok_dir, ignore_errors=True)

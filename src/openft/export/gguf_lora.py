@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from openft.export.gguf import ExportError, check_arch, permute
+from openft.export.gguf import ExportError, check_arch, commit, permute
 
 LORA_QUANTS = ("f32", "f16", "bf16")  # A and B rows are r long: too short for block quantisations
 
@@ -101,11 +101,7 @@ def export_gguf_lora(
                 data, raw = encode(np.ascontiguousarray(array), quant)
                 writer.add_tensor(target + suffix, data, raw_dtype=raw)
                 result.n_tensors += 1
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(out)
+        commit(writer, tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     result.bytes = out.stat().st_size
