@@ -216,12 +216,15 @@ async def one_stream(client, model: str, messages: list[dict], max_tokens: int) 
         stream=True,
         stream_options={"include_usage": True},
     )
+    pieces = 0
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             last = time.perf_counter() - t0
             first = last if first is None else first
+            pieces += 1
         if chunk.usage:
             n = chunk.usage.completion_tokens
+    n = n or pieces  # llama_cpp.server sends no usage chunk: one content chunk per token
     end = time.perf_counter() - t0
     return (first if first is not None else end), (last if last is not None else end), n, t0
 
@@ -405,6 +408,65 @@ async def drive(
     return phases
 
 
+# --------------------------------------------------------------------------- llama.cpp peer
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def llamacpp_peer(run_dir: Path, prompts: list[list[dict]], max_tokens: int, n_serial: int, quant: str) -> dict:
+    """The adapter of `run_dir` merged into one GGUF (openft's export) and served by
+    llama.cpp's own OpenAI-compatible server (llama_cpp.server, one request at a
+    time as it serves them), driven by the same client code on the same prompts."""
+    from openft.export.formats import export_as
+
+    gguf = run_dir.parent / f"{run_dir.name}-{quant}.gguf"
+    export_as("gguf", run_dir, gguf, quant=quant)
+    port = free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "peer",
+           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", str(os.cpu_count())]  # fmt: skip
+    # Its load log goes to a file: a pipe nobody reads fills, and the server stalls on it.
+    errors = open(run_dir.parent / "llamacpp-server.log", "w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors, text=True)
+    try:
+        wait_listening(port, proc, errors)
+        return asyncio.run(drive_peer(f"http://127.0.0.1:{port}/v1", prompts, max_tokens, n_serial)) | {"quant": quant}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        errors.close()
+
+
+def wait_listening(port: int, proc: subprocess.Popen, log_file, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log_file.seek(0)
+            raise SystemExit(f"llama_cpp.server exited: {log_file.read()[-2000:]}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)  # a port coming up sends no event to wait on
+    raise SystemExit("llama_cpp.server did not listen within 300 s")
+
+
+async def drive_peer(url: str, prompts: list[list[dict]], max_tokens: int, n_serial: int) -> dict:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(api_key="none", base_url=url, max_retries=0, timeout=1200)
+    await one_stream(client, "peer", [{"role": "user", "content": "Hi"}], 2)  # warm up
+    res, wall = await run_phase(client, ["peer"] * n_serial, prompts[:n_serial], max_tokens, sequential=True)
+    one = summarise(1, 1, res, wall)
+    log(f"  llama.cpp, 1 client: {one}")
+    res, wall = await run_phase(client, ["peer"] * 16, prompts[:16], max_tokens)
+    sixteen = summarise(16, 1, res, wall)
+    log(f"  llama.cpp, 16 clients: {sixteen}")
+    return {"one": asdict(one), "sixteen": asdict(sixteen)}
+
+
 def bench_weights(model: str) -> Path:
     """The safetensors directory of `model` (a built-in, registered name or path,
     as openft.models.registry.resolve takes it), converted once where it is a GGUF."""
@@ -439,6 +501,11 @@ def main() -> None:
         choices=("auto", "fp32", "bf16"),
         default="auto",
         help="the server's --precision (auto: bf16 where it measured faster, openft.autoprecision)",
+    )
+    ap.add_argument(
+        "--llamacpp",
+        metavar="QUANT",
+        help="also serve the same model with llama.cpp (openft's GGUF export at QUANT, e.g. f16) as a peer",
     )
     args = ap.parse_args()
     max_tokens = args.max_tokens or (24 if args.quick else 128)
@@ -514,6 +581,9 @@ def main() -> None:
             baselines[precision] = baseline(
                 home / "runs" / "bench-0" / "adapter", prompts[:n_base], max_tokens, args.device, precision
             )
+        if args.llamacpp:
+            log(f"peer: llama.cpp's server on the {args.llamacpp} GGUF export ...")
+            result["llamacpp"] = llamacpp_peer(home / "runs" / "bench-0", prompts, max_tokens, n_base, args.llamacpp)
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
@@ -562,6 +632,8 @@ def main() -> None:
     ]
     for label, value, target in targets:
         print(f"  {label:58s} {value:7.2f}   target {target}", file=out)
+    if "llamacpp" in result:
+        print_peer(result, by, out)
     print(
         f"  (server's load from interpreter start {result['load_cold_s']:.2f} s; with transformers' classes "
         f"{result['load_transformers_s']:.2f} s after torch, {result['load_transformers_cold_s']:.2f} s cold; "
@@ -571,6 +643,24 @@ def main() -> None:
     )
     if args.json:
         print(json.dumps(result))
+
+
+def print_peer(result: dict, by: dict, out) -> None:
+    """openft against llama.cpp on the same prompts: one stream, 16 clients, TTFT."""
+    peer = result["llamacpp"]
+    one, sixteen = peer["one"], peer["sixteen"]
+    result["vs_llamacpp"] = {
+        "one_stream": by[1, 1].per_stream_tps / one["per_stream_tps"],
+        "sixteen_clients": by[16, 1].aggregate_tps / sixteen["aggregate_tps"],
+        "ttft": by[1, 1].ttft_p50_s / one["ttft_p50_s"],
+    }
+    print(f"  llama.cpp ({peer['quant']} GGUF, llama_cpp.server):", file=out)
+    for label, r in (("1 client", one), ("16 clients", sixteen)):
+        print(f"    {label:32s} {r['ttft_p50_s'] * 1000:7.0f}ms {r['ttft_p95_s'] * 1000:7.0f}ms "
+              f"{r['per_stream_tps']:17.1f} {r['aggregate_tps']:16.1f}", file=out)  # fmt: skip
+    v = result["vs_llamacpp"]
+    print(f"  openft / llama.cpp: one stream {v['one_stream']:.2f}x, 16 clients {v['sixteen_clients']:.2f}x, "
+          f"TTFT {v['ttft']:.2f}x (lower is better)", file=out)  # fmt: skip
 
 
 if __name__ == "__main__":
