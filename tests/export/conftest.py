@@ -32,5 +32,3 @@ def run(request, tiny_tokenizer, tmp_path_factory):
     spec.train.learning_rate = 1e-2  # the adapter moves: the merge is visible in the logits
     spec.train.precision = "fp32"
     return finetune(spec, progress=False).run_dir
-
-
