@@ -254,3 +254,91 @@ def test_a_second_round_on_an_own_checkpoint(srv, train_file):
     assert Path(lineage["base_model_path"]).name.startswith(f"merged-{first.id}-step-")
     reply = a.chat.completions.create(model=second.fine_tuned_model, messages=CHAT, max_tokens=4)
     assert reply.usage.completion_tokens >= 1
+
+
+@pytest.fixture(scope="module")
+def tuned(srv, train_file):
+    """One LoRA fine-tune of owner A, and its first checkpoint, for the export tests."""
+    a = srv.client(srv.keys["A"])
+    done = _job(a, TINY, train_file["A"])
+    ckpt = a.fine_tuning.jobs.checkpoints.list(done.id).data[0].fine_tuned_model_checkpoint
+    return {"model": done.fine_tuned_model, "checkpoint": ckpt}
+
+
+def _export(srv, model: str, **params) -> httpx.Response:
+    """GET .../export, and the server's temp folder holds nothing new afterwards."""
+    before = set(srv.tmp.iterdir())
+    r = httpx.get(
+        f"{srv.url}/v1/models/{model}/export",
+        params=params,
+        headers={"Authorization": f"Bearer {srv.keys['A']}"},
+        timeout=300,
+    )
+    # The background task removes the folder once the body is sent: give it a moment.
+    wait_for(lambda: set(srv.tmp.iterdir()) == before, timeout=10, every=0.1)
+    return r
+
+
+def _gguf_fields(content: bytes, tmp_path: Path) -> dict:
+    from gguf import GGUFReader
+
+    (tmp_path / "x.gguf").write_bytes(content)
+    r = GGUFReader(str(tmp_path / "x.gguf"))
+    return {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+
+
+def _zip_names(r: httpx.Response) -> set[str]:
+    import io
+    import zipfile
+
+    assert r.status_code == 200, r.text[:500]
+    assert r.headers["content-type"] == "application/zip"
+    return set(zipfile.ZipFile(io.BytesIO(r.content)).namelist())
+
+
+def test_export_as_gguf_and_gguf_lora_sends_the_file(srv, tuned, tmp_path):
+    r = _export(srv, tuned["model"], format="gguf", quant="q8_0")
+    assert r.status_code == 200, r.text[:500]
+    assert r.headers["content-type"] == "application/octet-stream"
+    assert r.headers["content-disposition"].endswith('-q8_0.gguf"') and r.content[:4] == b"GGUF"
+    fields = _gguf_fields(r.content, tmp_path)
+    assert fields["general.architecture"] == "llama" and fields["tokenizer.chat_template"]
+    assert fields["general.name"] == tuned["model"]
+    lora = _export(srv, tuned["model"], format="gguf-lora")  # f16 unless asked
+    assert lora.status_code == 200, lora.text[:500]
+    assert lora.headers["content-disposition"].endswith('-lora-f16.gguf"')
+    assert _gguf_fields(lora.content, tmp_path)["general.type"] == "adapter"
+
+
+def test_export_for_vllm_and_ollama_is_a_zip(srv, tuned):
+    vllm = _zip_names(_export(srv, tuned["model"], format="vllm"))
+    assert {"adapter_config.json", "adapter_model.safetensors", "vllm-serve.sh"} <= vllm
+    ollama = _export(srv, tuned["model"], format="ollama")
+    assert ollama.headers["content-disposition"].endswith('-ollama-q8_0.zip"')  # Ollama's default quantisation
+    assert {"Modelfile", "model.gguf"} <= _zip_names(ollama)
+
+
+def test_a_checkpoint_exports_in_every_format_too(srv, tuned, tmp_path):
+    r = _export(srv, tuned["checkpoint"], format="gguf-lora")
+    assert r.status_code == 200, r.text[:500]
+    assert _gguf_fields(r.content, tmp_path)["general.type"] == "adapter"
+    # as its adapter: the two adapter files, not the optimizer state beside them
+    assert _zip_names(_export(srv, tuned["checkpoint"])) == {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def test_export_refusals_name_what_is_offered(srv, tuned):
+    from openft.export.gguf import available_quants
+
+    r = _export(srv, tuned["model"], format="gguf", quant="q4_k_m")
+    assert r.status_code == 400, r.text[:500]
+    err = _error(r)
+    assert (err["code"], err["param"]) == ("export_refused", "quant")
+    assert "q4_k_m" in err["message"] and all(q in err["message"] for q in available_quants())
+    r = _export(srv, tuned["model"], format="gguf-lora", quant="q8_0")  # LoRA rows are too short to block-quantise
+    assert r.status_code == 400 and _error(r)["code"] == "export_refused"
+    r = _export(srv, tuned["model"], format="bogus")
+    assert r.status_code == 400, r.text[:500]
+    err = _error(r)
+    assert (err["code"], err["param"]) == ("invalid_value", "format") and "gguf-lora" in err["message"]
+    r = _export(srv, tuned["model"], format="adapter", quant="q8_0")  # no quantisation to apply
+    assert r.status_code == 400 and _error(r)["param"] == "quant"

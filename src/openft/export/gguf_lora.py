@@ -19,8 +19,14 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from openft.export.gguf import ExportError, check_arch, commit, permute
+from openft.models.registry import ModelNotFound
 
 LORA_QUANTS = ("f32", "f16", "bf16")  # A and B rows are r long: too short for block quantisations
+
+
+def check_lora_quant(quant: str) -> None:
+    if quant not in LORA_QUANTS:
+        raise ExportError(f"a LoRA GGUF is written in {', '.join(LORA_QUANTS)}, not {quant}")
 
 
 @dataclass
@@ -67,8 +73,7 @@ def export_gguf_lora(
     from openft.train.export import check_source, default_name, run_and_adapter
 
     run_dir, out = Path(run_dir), Path(out)
-    if quant not in LORA_QUANTS:
-        raise ExportError(f"a LoRA GGUF is written in {', '.join(LORA_QUANTS)}, not {quant}")
+    check_lora_quant(quant)
     check_source(run_dir)
     run, adapter = run_and_adapter(run_dir)
     if adapter is None:
@@ -76,6 +81,8 @@ def export_gguf_lora(
     if out.exists():
         raise FileExistsError(f"{out} exists")
     base = Path(json.loads((run / "lineage.json").read_text())["base_model_path"])
+    if not (base / "config.json").is_file():  # as the model loader says of a base that is gone
+        raise ModelNotFound(f"the base model this run was trained on is gone ({base})")
     config = json.loads((base / "config.json").read_text())
     arch = check_arch(config["model_type"])
     adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())

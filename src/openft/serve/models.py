@@ -15,10 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
+from openft.export import ExportRefused
+from openft.export.formats import FILE_FORMATS, FORMATS
 from openft.models.builtins import missing_packages
 from openft.models.load import is_materialised, materialise
 from openft.models.registry import BUILTINS, ModelNotFound, registered, resolve_name, unknown_name
@@ -107,56 +109,137 @@ def handle_path(request: Request, who: str, model_id: str) -> Path:
     return Path(h.full_model_path or h.adapter_path)
 
 
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+QUANT_FORMATS = ("gguf", "gguf-lora", "ollama")
+# Query choices are export_as's own, so a 400 for another one names them all.
+ExportFormat = Literal[FORMATS]
+
+
 @router.get(
     "/{model_id}/export",
     response_class=FileResponse,
-    responses={200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}}}},
+    responses={
+        200: {
+            "description": "gguf and gguf-lora: the GGUF file itself; the other formats: a zip of their folder",
+            "content": {"application/zip": BINARY, "application/octet-stream": BINARY},
+        },
+        409: {"model": S.Error, "description": "The base model the run was trained on is gone from this server"},
+    },
 )
 def export_model(
-    request: Request, model_id: str, what: Literal["adapter", "merged"] = "adapter", who: str = Depends(owner)
+    request: Request,
+    model_id: str,
+    fmt: ExportFormat | None = Query(None, alias="format"),
+    what: Literal["adapter", "merged"] | None = None,
+    quant: str | None = None,
+    merge: bool = False,
+    who: str = Depends(owner),
 ):
-    """A zip of the adapter (PEFT format + tokenizer) or of the merged model."""
+    """The model (or checkpoint) in `format`: hf (merged), adapter (the default), vllm,
+    gguf, gguf-lora or ollama; `what=merged|adapter` is the older spelling of
+    format=hf|adapter. `quant`: gguf, gguf-lora (default f16) and ollama (default
+    q8_0). `merge`: vllm writes the merged model when vLLM would refuse the adapter."""
     if model_id in BUILTINS or model_id in registered():
         raise APIError(
             400, "base models are not exported; export a fine-tuned model", param="model", code="model_not_exportable"
         )
     path = handle_path(request, who, model_id)
-    if what == "merged" and path.name not in ("adapter", "model"):
-        raise APIError(
-            400, "a checkpoint is exported as its adapter (what=adapter)", param="what", code="invalid_value"
-        )
+    # A checkpoint exports from its own folder (export_as takes it as a run); a model from its run.
+    run_dir = path.parent if path.name in ("adapter", "model") else path
+    fmt = _export_format(fmt, what, run_dir)
+    quant = _export_quant(fmt, quant, merge)
     tmp = Path(tempfile.mkdtemp(prefix="openft-export-"))
-    try:  # the temp folder goes with the response, or at once if building the zip fails
-        archive = _export_zip(path, what, tmp, re.sub(r"[^A-Za-z0-9._-]+", "_", model_id))
+    try:  # the temp folder goes with the response, or at once if the export fails
+        out, filename = _write_export(fmt, run_dir, tmp, model_id, quant, merge)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return FileResponse(
-        archive,
-        filename=f"{archive.stem}-{what}.zip",
-        media_type="application/zip",
+        out,
+        filename=filename,
+        media_type="application/octet-stream" if fmt in FILE_FORMATS else "application/zip",
         background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True),
     )
 
 
-def _export_zip(path: Path, what: str, tmp: Path, safe_name: str) -> Path:
-    """Write the model at `path` (merged, or its adapter) into `tmp` and zip it there."""
-    from openft.train.export import export
+def _export_format(fmt: str | None, what: str | None, run_dir: Path) -> str:
+    """`format`, or what the older `what` (or nothing) asks for."""
+    from openft.train.export import run_and_adapter
 
-    if what == "merged" or not (path / "adapter_config.json").exists():
-        try:
-            src = export(run_dir_of(path), tmp / "model")
-        except ModelNotFound:  # the base it was trained on is gone (the message would name its server path)
+    has_adapter = run_and_adapter(run_dir)[1] is not None
+    if fmt is None:
+        # The older spelling gave a full fine-tune's model for what=adapter: it has no adapter.
+        return "hf" if what == "merged" or not has_adapter else "adapter"
+    if fmt == "adapter" and not has_adapter:
+        raise APIError(
+            400,
+            "this model is a full fine-tune: it has no adapter; export format=hf",
+            param="format",
+            code="export_refused",
+        )
+    return fmt
+
+
+def _export_quant(fmt: str, quant: str | None, merge: bool) -> str:
+    """The quantisation to write, checked before any weights are loaded."""
+    if merge and fmt != "vllm":
+        raise APIError(400, f"merge applies to format=vllm, not {fmt}", param="merge", code="invalid_value")
+    if fmt not in QUANT_FORMATS:
+        if quant is not None:
             raise APIError(
-                409,
-                "cannot merge: the base model this run was trained on is no longer on this server; "
-                "export the adapter (what=adapter)",
-                param="model",
-                code="base_model_missing",
-            ) from None
+                400, f"quant applies to {', '.join(QUANT_FORMATS)}, not {fmt}", param="quant", code="invalid_value"
+            )
+        return "f16"  # unused by these formats
+    quant = quant or ("q8_0" if fmt == "ollama" else "f16")
+    from openft.export.gguf import check_quant
+    from openft.export.gguf_lora import check_lora_quant
+
+    try:
+        (check_lora_quant if fmt == "gguf-lora" else check_quant)(quant)  # names what this server can write
+    except ExportRefused as e:
+        raise APIError(400, str(e), param="quant", code="export_refused") from None
+    return quant
+
+
+def _base_missing() -> APIError:
+    # The exception's own message would name the base's path on this server.
+    return APIError(
+        409,
+        "cannot export: the base model this run was trained on is no longer on this server; "
+        "its adapter still exports (format=adapter)",
+        param="model",
+        code="base_model_missing",
+    )
+
+
+def _write_export(fmt: str, run_dir: Path, tmp: Path, model_id: str, quant: str, merge: bool) -> tuple[Path, str]:
+    """(the file to send, its download name): a GGUF file itself, another format zipped."""
+    from openft.export.formats import export_as
+    from openft.export.vllm import AdapterRefused
+
+    safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)
+    if fmt in FILE_FORMATS:
+        filename = f"{safe_name}-{'lora-' if fmt == 'gguf-lora' else ''}{quant}.gguf"
+        out = tmp / filename
     else:
-        src = shutil.copytree(path, tmp / "adapter")
-    return Path(shutil.make_archive(str(tmp / safe_name), "zip", src))
+        label = {"hf": "merged", "ollama": f"ollama-{quant}"}.get(fmt, fmt)
+        filename, out = f"{safe_name}-{label}.zip", tmp / "export"
+    # Named as the API names it (vLLM then serves it under the same model name), but for
+    # Ollama, whose names take no colons: it keeps its default, the run's.
+    name = None if fmt == "ollama" else model_id
+    try:
+        done = export_as(fmt, run_dir, out, quant=quant, name=name, merge=merge)
+    except ModelNotFound:  # the base is gone: loaded to merge, or read for its config (gguf-lora)
+        raise _base_missing() from None
+    except AdapterRefused as e:
+        raise APIError(
+            400, f"{e}; merge=true exports the merged model instead", param="format", code="export_refused"
+        ) from None
+    except ExportRefused as e:
+        raise APIError(400, str(e), param="format", code="export_refused") from None
+    if fmt in FILE_FORMATS:
+        return done.path, filename
+    return Path(shutil.make_archive(str(tmp / safe_name), "zip", done.path)), filename
 
 
 @router.delete("/{model_id}", responses=ok(S.Deleted))
