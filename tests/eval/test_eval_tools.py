@@ -106,10 +106,10 @@ def test_bad_tool_questions_are_named_by_line(tmp_path, row, words):
 def test_the_comparison_prompt_offers_the_questions_tools(tool_tokenizer, tiny_tokenizer):
     """Both models see the tools through their own template (Qwen2.5's writes them
     into the system turn); a template without tools renders the question alone."""
-    from openft.eval.generate import _prompt_ids
+    from openft.eval.generate import prompt_ids
 
     ask = [{"role": "user", "content": "Weather in Paris?"}]
-    with_tools = tool_tokenizer.decode(_prompt_ids(tool_tokenizer, ask, TOOLS))
+    with_tools = tool_tokenizer.decode(prompt_ids(tool_tokenizer, ask, TOOLS))
     assert "# Tools" in with_tools and '"name": "get_weather"' in with_tools
-    plain = tiny_tokenizer.decode(_prompt_ids(tiny_tokenizer, ask, TOOLS))
-    assert plain == tiny_tokenizer.decode(_prompt_ids(tiny_tokenizer, ask))
+    plain = tiny_tokenizer.decode(prompt_ids(tiny_tokenizer, ask, TOOLS))
+    assert plain == tiny_tokenizer.decode(prompt_ids(tiny_tokenizer, ask))

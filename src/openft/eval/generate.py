@@ -68,7 +68,7 @@ def generate_answers(
     if not conversations:
         return []
     tools = tools or [None] * len(conversations)
-    prompts = [_prompt_ids(tokenizer, c, t) for c, t in zip(conversations, tools)]
+    prompts = [prompt_ids(tokenizer, c, t) for c, t in zip(conversations, tools)]
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     config = GenerationConfig(
@@ -105,7 +105,7 @@ def generate_answers(
     return answers
 
 
-def _prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+def prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     kwargs = {"tools": tools} if tools else {}
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
     # The template already wrote every special token (BOS included where the

@@ -16,8 +16,11 @@ rounding of the weights can flip, while a broken export parts at once and by far
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from openft.export import ExportRefused
 
 BARS = {"f32": 0.9, "f16": 0.9, "bf16": 0.9, "q8_0": 0.75}
 WORDS = 10
@@ -105,10 +108,10 @@ def parting_margin(loaded, row: ParityRow) -> float | None:
     answer's, at the first token where the two answers part (None if one is a prefix)."""
     import torch
 
+    from openft.eval.generate import prompt_ids
+
     tok = loaded.tokenizer
-    prompt = tok.apply_chat_template([{"role": "user", "content": row.question}], tokenize=False,
-                                     add_generation_prompt=True)  # fmt: skip
-    head = tok(prompt, add_special_tokens=False)["input_ids"]
+    head = prompt_ids(tok, [{"role": "user", "content": row.question}])  # the prompt both answers came from
     mine, theirs = (tok(a, add_special_tokens=False)["input_ids"] for a in (row.trained, row.exported))
     k = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
     if k is None:
@@ -120,10 +123,7 @@ def parting_margin(loaded, row: ParityRow) -> float | None:
 
 def questions_of(run_dir: Path, questions: str | None) -> list[str]:
     """`questions` (a question file), else the question set the run was compared on."""
-    import json
-
     from openft.eval.questions import load_questions
-    from openft.export import ExportRefused
     from openft.train.export import run_and_adapter
 
     if questions is None:
