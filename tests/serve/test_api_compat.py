@@ -128,7 +128,8 @@ def test_completion_logprobs_have_the_legacy_shape(server, openapi):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
     for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
-        assert 1 <= len(top) <= 2 and max(top.values()) == logprob and top[token] == logprob
+        assert len(top) == 2, top  # logprobs=2: the two likeliest tokens (greedy: the chosen one first)
+        assert top[token] == logprob == max(top.values()) and min(top.values()) < logprob
 
 
 # ------------------------------------------------------------------ refused
