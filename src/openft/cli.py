@@ -640,7 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
         "ollama: that GGUF with a Modelfile (--out DIR)",
     )
     ex.add_argument(
-        "--quant", default="f16", help="gguf, ollama: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default f16)"
+        "--quant",
+        help="gguf, ollama: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default f16; ollama q8_0); "
+        "gguf-lora: f32, f16, bf16",
     )
     ex.add_argument(
         "--merge", action="store_true", help="vllm: write the merged model when vLLM would refuse the adapter"

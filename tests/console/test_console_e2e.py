@@ -15,6 +15,7 @@ import sqlite3
 import statistics
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -360,9 +361,29 @@ def test_models_lineage_export_clone_and_keys(console_server, page, artifacts, t
     page.wait_for_selector(".model-details")
     details = page.locator(".model-details").inner_text()
     assert "Lineage" in details and "trained tokens" in details
+    # Export: the formats and quantisations are the server's own list for this model.
+    row.locator("button:has-text('Export…')").click()
+    form = page.locator("form.export")
+    offered = httpx.get(f"{console_server.url}/v1/models/{flow['model']}", timeout=10).json()["exports"]
+    assert form.locator("select[name=format] option").evaluate_all("os => os.map(o => o.value)") == offered["formats"]
+    form.locator("select[name=format]").select_option("gguf")
+    quants = form.locator("select[name=quant] option").evaluate_all("os => os.map(o => o.value)")
+    assert quants == offered["quants"]["gguf"] and "q8_0" in quants
+    assert form.locator("select[name=quant]").input_value() == offered["default_quant"]["gguf"]
+    form.locator("select[name=quant]").select_option("q8_0")
     with page.expect_download() as dl:
-        row.locator("button:has-text('Export adapter')").click()
-    assert dl.value.suggested_filename.endswith(".zip")
+        form.locator("button:has-text('Download')").click()
+    assert dl.value.suggested_filename.endswith("-q8_0.gguf"), dl.value.suggested_filename
+    assert Path(dl.value.path()).read_bytes()[:4] == b"GGUF"
+    page.wait_for_selector("#banner:has-text('Downloaded')")
+    # A checkpoint's adapter: a zip with the PEFT files; no quantisation for it.
+    form.locator("select[name=source]").select_option(index=1)
+    form.locator("select[name=format]").select_option("adapter")
+    assert form.locator("select[name=quant]").is_hidden()
+    with page.expect_download() as dl:
+        form.locator("button:has-text('Download')").click()
+    assert "step" in dl.value.suggested_filename and dl.value.suggested_filename.endswith(".zip")
+    assert "adapter_config.json" in zipfile.ZipFile(dl.value.path()).namelist()
     shot(page, artifacts, "models")
 
     # Clone with changes: New job pre-filled from the job.

@@ -342,3 +342,18 @@ def test_export_refusals_name_what_is_offered(srv, tuned):
     assert (err["code"], err["param"]) == ("invalid_value", "format") and "gguf-lora" in err["message"]
     r = _export(srv, tuned["model"], format="adapter", quant="q8_0")  # no quantisation to apply
     assert r.status_code == 400 and _error(r)["param"] == "quant"
+
+
+def test_model_details_say_what_it_exports_as(srv, tuned, train_file):
+    from openft.export.gguf import available_quants
+
+    a = srv.client(srv.keys["A"])
+    lora = a.models.retrieve(tuned["model"]).model_extra["exports"]
+    assert lora["formats"] == ["hf", "adapter", "vllm", "gguf", "gguf-lora", "ollama"]
+    assert lora["quants"] == {"gguf": list(available_quants()), "ollama": list(available_quants()),
+                              "gguf-lora": ["f32", "f16", "bf16"]}  # fmt: skip
+    assert lora["default_quant"] == {"gguf": "f16", "gguf-lora": "f16", "ollama": "q8_0"}
+    assert a.models.retrieve(tuned["checkpoint"]).model_extra["exports"] == lora
+    full = _job(a, TINY, train_file["A"], full_finetune=True).fine_tuned_model
+    offered = a.models.retrieve(full).model_extra["exports"]
+    assert offered["formats"] == ["hf", "vllm", "gguf", "ollama"] and "gguf-lora" not in offered["quants"]

@@ -13,6 +13,41 @@ from openft.export import ExportRefused
 FORMATS = ("hf", "adapter", "vllm", "gguf", "gguf-lora", "ollama")
 FILE_FORMATS = ("gguf", "gguf-lora")  # one file; the others write a folder
 CHECKED_FORMATS = ("gguf", "ollama")  # the merged GGUF, which the parity check runs in llama.cpp
+QUANT_FORMATS = ("gguf", "gguf-lora", "ollama")  # the formats that take a quantisation
+ADAPTER_FORMATS = ("adapter", "gguf-lora")  # need an adapter: a full fine-tune has none
+
+
+def default_quant(fmt: str) -> str:
+    """Ollama's GGUF is q8_0 by default (half the f16 file, what Ollama's own library
+    ships); a plain GGUF and a LoRA GGUF stay f16, the lossless one."""
+    return "q8_0" if fmt == "ollama" else "f16"
+
+
+def quants_for(fmt: str) -> tuple[str, ...]:
+    """The quantisations this installation can write in `fmt` (none for the others)."""
+    if fmt not in QUANT_FORMATS:
+        return ()
+    if fmt == "gguf-lora":
+        from openft.export.gguf_lora import LORA_QUANTS
+
+        return LORA_QUANTS
+    from openft.export.gguf import available_quants
+
+    return available_quants()
+
+
+def export_options(run_dir: str | Path) -> dict:
+    """What a run (or checkpoint) can be exported as: its formats, each format's
+    quantisations and default, for the API's model details and the console."""
+    from openft.train.export import run_and_adapter
+
+    has_adapter = run_and_adapter(run_dir)[1] is not None
+    formats = [f for f in FORMATS if has_adapter or f not in ADAPTER_FORMATS]
+    return {
+        "formats": formats,
+        "quants": {f: list(quants_for(f)) for f in formats if f in QUANT_FORMATS},
+        "default_quant": {f: default_quant(f) for f in formats if f in QUANT_FORMATS},
+    }
 
 
 @dataclass
@@ -31,7 +66,7 @@ def export_as(
     run_dir: str | Path,
     out: str | Path,
     *,
-    quant: str = "f16",
+    quant: str | None = None,
     name: str | None = None,
     merge: bool = False,
     check: list[str] | None = None,
@@ -42,6 +77,7 @@ def export_as(
     trained model (openft.export.parity); the model is loaded once for both."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
+    quant = quant or default_quant(fmt)
     loaded = None
     if check is not None:
         from openft.export.llamacpp import llama_cpp

@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from openft.export import ExportRefused
-from openft.export.formats import FILE_FORMATS, FORMATS
+from openft.export.formats import FILE_FORMATS, FORMATS, QUANT_FORMATS, default_quant, export_options
 from openft.models.builtins import missing_packages
 from openft.models.load import is_materialised, materialise
 from openft.models.registry import BUILTINS, ModelNotFound, registered, resolve_name, unknown_name
@@ -84,10 +84,17 @@ def run_dir_of(path: Path) -> Path:
     return path.parent if path.name in ("adapter", "model") else path.parent.parent
 
 
+def export_source(path: Path) -> Path:
+    """What export_as takes for a model's weights: the run of a fine-tuned model, the
+    checkpoint's own folder for a checkpoint."""
+    return path.parent if path.name in ("adapter", "model") else path
+
+
 def _run_details(path: Path) -> dict:
-    """Lineage, resolved config and training summary of the run behind a model."""
+    """Lineage, resolved config and training summary of the run behind a model, and
+    what it can be exported as."""
     run = run_dir_of(path)
-    out = {}
+    out = {"exports": export_options(export_source(path))}
     for key, name in (("lineage", "lineage.json"), ("config", "config.json"), ("summary", "summary.json")):
         f = run / name
         out[key] = json.loads(f.read_text()) if f.exists() else None
@@ -110,7 +117,6 @@ def handle_path(request: Request, who: str, model_id: str) -> Path:
 
 
 BINARY = {"schema": {"type": "string", "format": "binary"}}
-QUANT_FORMATS = ("gguf", "gguf-lora", "ollama")
 # Query choices are export_as's own, so a 400 for another one names them all.
 ExportFormat = Literal[FORMATS]
 
@@ -144,8 +150,7 @@ def export_model(
             400, "base models are not exported; export a fine-tuned model", param="model", code="model_not_exportable"
         )
     path = handle_path(request, who, model_id)
-    # A checkpoint exports from its own folder (export_as takes it as a run); a model from its run.
-    run_dir = path.parent if path.name in ("adapter", "model") else path
+    run_dir = export_source(path)
     fmt = _export_format(fmt, what, run_dir)
     quant = _export_quant(fmt, quant, merge)
     tmp = Path(tempfile.mkdtemp(prefix="openft-export-"))
@@ -190,7 +195,7 @@ def _export_quant(fmt: str, quant: str | None, merge: bool) -> str:
                 400, f"quant applies to {', '.join(QUANT_FORMATS)}, not {fmt}", param="quant", code="invalid_value"
             )
         return "f16"  # unused by these formats
-    quant = quant or ("q8_0" if fmt == "ollama" else "f16")
+    quant = quant or default_quant(fmt)
     from openft.export.gguf import check_quant
     from openft.export.gguf_lora import check_lora_quant
 

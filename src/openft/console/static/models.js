@@ -1,8 +1,9 @@
 // Models & keys: fine-tuned models with their lineage, config and training
-// summary; export (zip) and delete; the caller's API keys.
+// summary; export in every format the server offers (of the model or one of its
+// checkpoints) and delete; the caller's API keys.
 
 import { del, download, enc, get, getKey, post, setKey } from "./api.js";
-import { banner, busy, card, clear, copyText, flash, fmtDuration, fmtNum, fmtTime, h, kv, table } from "./ui.js";
+import { banner, busy, card, clear, copyText, field, flash, fmtBytes, fmtDuration, fmtNum, fmtTime, h, kv, table } from "./ui.js";
 import { loadModels } from "./shared.js";
 
 export async function render(root, ctx) {
@@ -27,23 +28,20 @@ function tunedTable(tuned, ckpts, ctx) {
     const detail = h("td.detail", { colspan: 5 });
     const detailRow = h("tr.detail-row", { hidden: true }, detail);
     const more = h("button.small", { type: "button", "aria-expanded": "false" }, "Details");
-    more.addEventListener("click", () => busy(more, async () => {
-      if (!detailRow.hidden) { detailRow.hidden = true; more.setAttribute("aria-expanded", "false"); return; }
+    const open = async (focusExport) => {
       const full = await get(`/v1/models/${enc(m.id)}`);
       if (!ctx.active()) return;
       clear(detail, modelDetails(full, ckpts.filter((c) => c.parent === m.id)));
       detailRow.hidden = false;
       more.setAttribute("aria-expanded", "true");
-    }, "Could not load the model"));
-    const exportBtn = (what) => {
-      const b = h("button.small", { type: "button" }, what === "adapter" ? "Export adapter" : "Export merged");
-      b.addEventListener("click", () => busy(b, async () => {
-        banner(`Preparing the ${what} of ${m.id}…`, "info", { sticky: true });
-        const r = await download(`/v1/models/${enc(m.id)}/export?what=${what}`, `${m.id}-${what}.zip`);
-        banner(`Downloaded ${r.name} (${fmtNum(r.bytes)} bytes).`, "info");
-      }, "Export failed"));
-      return b;
+      if (focusExport) detail.querySelector("select[name=format]").focus();
     };
+    more.addEventListener("click", () => busy(more, async () => {
+      if (!detailRow.hidden) { detailRow.hidden = true; more.setAttribute("aria-expanded", "false"); return; }
+      await open(false);
+    }, "Could not load the model"));
+    const exportBtn = h("button.small", { type: "button" }, "Export…");
+    exportBtn.addEventListener("click", () => busy(exportBtn, () => open(true), "Could not load the model"));
     const delBtn = h("button.small.danger", { type: "button" }, "Delete");
     delBtn.addEventListener("click", () => {
       if (!confirm(`Delete ${m.id} and its checkpoints? Its job stays in the job list.`)) return;
@@ -59,7 +57,7 @@ function tunedTable(tuned, ckpts, ctx) {
       h("td", {}, m.fine_tuning_job_id ? h("a", { href: `#/jobs/${enc(m.fine_tuning_job_id)}` }, m.fine_tuning_job_id) : "—"),
       h("td", {}, fmtTime(m.created)),
       h("td", {}, h("div.row", {}, more, h("a.button.small", { href: `#/playground?model=${enc(m.id)}` }, "Chat"),
-        exportBtn("adapter"), exportBtn("merged"), delBtn))), detailRow);
+        exportBtn, delBtn))), detailRow);
   }
   return table(["Model", "Base", "Job", "Created", ""], rows, { empty: "No fine-tuned models yet." });
 }
@@ -85,7 +83,60 @@ function modelDetails(m, ckpts) {
     h("div.detail-col", {}, h("h3", {}, "Training config (resolved)"), config),
     h("div.detail-col", {}, h("h3", {}, "Training summary"), summary,
       ckpts.length ? [h("h3", {}, "Checkpoints"), h("ul.plain", {}, ckpts.map((c) => h("li", {}, h("code", {}, c.id), " ",
-        h("a", { href: `#/playground?model=${enc(c.id)}` }, "chat"))))] : null));
+        h("a", { href: `#/playground?model=${enc(c.id)}` }, "chat"))))] : null),
+    h("div.detail-col", {}, h("h3", {}, "Export"), exportForm(m, ckpts)));
+}
+
+const FORMAT_LABELS = {
+  hf: "Merged model (Hugging Face safetensors)",
+  adapter: "PEFT adapter",
+  vllm: "vLLM adapter (checked against vLLM's rules)",
+  gguf: "GGUF, merged (llama.cpp, LM Studio)",
+  "gguf-lora": "LoRA GGUF (llama-server --lora)",
+  ollama: "Ollama (GGUF + Modelfile)",
+};
+
+// Export the model or one of its checkpoints: the formats and quantisations come
+// from the server's own list for that source (a full fine-tune has no adapter).
+function exportForm(m, ckpts) {
+  const source = h("select", { name: "source", "aria-label": "export source" },
+    h("option", { value: m.id }, "the final model"),
+    ckpts.map((c) => h("option", { value: c.id }, `checkpoint at step ${fmtNum(c.step)}`)));
+  const format = h("select", { name: "format", "aria-label": "export format" });
+  const quant = h("select", { name: "quant", "aria-label": "quantisation" });
+  const merge = h("input", { type: "checkbox", name: "merge" });
+  const quantField = field("Quantisation", quant), mergeField = h("label.check", {}, merge, " merge when vLLM would refuse the adapter");
+  const options = { [m.id]: m.exports || { formats: ["hf"], quants: {}, default_quant: {} } };
+  const showFormats = () => {
+    const o = options[source.value], was = format.value;
+    clear(format, o.formats.map((f) => h("option", { value: f }, FORMAT_LABELS[f] || f)));
+    if (o.formats.includes(was)) format.value = was;
+    showQuants();
+  };
+  const showQuants = () => {
+    const o = options[source.value], qs = o.quants[format.value] || [];
+    clear(quant, qs.map((q) => h("option", { value: q }, q)));
+    if (qs.length) quant.value = o.default_quant[format.value];
+    quantField.hidden = !qs.length;
+    mergeField.hidden = format.value !== "vllm";
+  };
+  source.addEventListener("change", () => busy(source, async () => {
+    options[source.value] ||= (await get(`/v1/models/${enc(source.value)}`)).exports;
+    showFormats();
+  }, "Could not load the checkpoint"));
+  format.addEventListener("change", showQuants);
+  const go = h("button.primary.small", { type: "button" }, "Download");
+  go.addEventListener("click", () => busy(go, async () => {
+    const params = new URLSearchParams({ format: format.value });
+    if (!quantField.hidden) params.set("quant", quant.value);
+    if (!mergeField.hidden && merge.checked) params.set("merge", "true");
+    banner(`Exporting ${source.value} as ${format.value}${params.has("quant") ? " " + quant.value : ""}… (merging and converting can take a minute)`, "info", { sticky: true });
+    const r = await download(`/v1/models/${enc(source.value)}/export?${params}`, `${source.value}-${format.value}`);
+    banner(`Downloaded ${r.name} (${fmtBytes(r.bytes)}).`, "info");
+  }, "Export failed"));
+  showFormats();
+  return h("form.export", { onsubmit: (e) => e.preventDefault() },
+    ckpts.length ? field("Of", source) : null, field("Format", format), quantField, mergeField, go);
 }
 
 function short(v) {
