@@ -7,7 +7,10 @@ import json
 
 import pytest
 
-FAMILIES = ("llama", "qwen2", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
+# Gemma 3 as llama.cpp runs it: five sliding layers to one global (the family's
+# tiny default has two layers, one of each).
+LAYERS = {"gemma3_text": {"num_hidden_layers": 6, "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}}
 
 
 @pytest.fixture(scope="session", params=FAMILIES)
@@ -19,11 +22,12 @@ def run(request, tiny_tokenizer, tmp_path_factory):
     from openft.train.recipe import finetune
 
     tmp = tmp_path_factory.mktemp(f"gguf-{request.param}")
-    base = build_family_model(tmp / "base", request.param, tiny_tokenizer)
+    base = build_family_model(tmp / "base", request.param, tiny_tokenizer, **LAYERS.get(request.param, {}))
     # Not the default rotary base (SmolLM2's is 1e5): an export that wrote the
     # default instead would give other logits from the third position on.
     config = json.loads((base / "config.json").read_text())
-    config.setdefault("rope_parameters", {"rope_type": "default"})["rope_theta"] = 50_000.0
+    rope = config.setdefault("rope_parameters", {"rope_type": "default"})
+    (rope.get("full_attention") or rope)["rope_theta"] = 50_000.0
     (base / "config.json").write_text(json.dumps(config))
     spec = JobSpec(model=str(base))
     spec.data.path = str(write_chat_jsonl(tmp / "train.jsonl", n=8))

@@ -28,14 +28,40 @@ def test_unsupported_architectures_are_named():
     from openft.export.gguf import check_arch
 
     assert set(FAMILIES) <= set(ARCHS)
-    with pytest.raises(ExportError, match="'gemma3_text' models is not supported yet; supported: llama"):
-        check_arch("gemma3_text")
+    with pytest.raises(ExportError, match="'phi3' models is not supported yet; supported: llama"):
+        check_arch("phi3")
+
+
+def test_a_sentencepiece_style_vocabulary_is_refused_not_written_as_byte_level():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from openft.export.gguf import check_byte_level
+
+    spm = models.BPE(vocab={"<unk>": 0, "▁a": 1, "<0x41>": 2}, merges=[], unk_token="<unk>", byte_fallback=True)
+    with pytest.raises(ExportError, match="SentencePiece-style .* not supported yet .* format=hf"):
+        check_byte_level(PreTrainedTokenizerFast(tokenizer_object=Tokenizer(spm)))
+
+
+def test_a_gemma3_layout_llama_cpp_would_run_otherwise_is_refused(tiny_tokenizer):
+    from train.families import tiny_config
+
+    from openft.export.gguf import write_gemma3_header
+
+    config = tiny_config("gemma3_text", vocab_size=len(tiny_tokenizer), bos=None, eos=None, pad=None)
+    assert config.layer_types == ["sliding_attention", "full_attention"]  # llama.cpp: both sliding
+    with pytest.raises(ExportError, match="five sliding layers to one global") as e:
+        write_gemma3_header(None, config)  # refused before anything is written
+    config.rope_parameters["sliding_attention"]["rope_theta"] = 20_000.0
+    config.query_pre_attn_scalar = 32  # llama.cpp: 1/sqrt(head size), 16
+    with pytest.raises(ExportError) as e:
+        write_gemma3_header(None, config)
+    assert len(e.value.problems) == 3 and "rotary base of 10000" in str(e.value)
 
 
 @pytest.mark.integration
 def test_each_family_reads_back_with_the_merged_models_logits(run, tmp_path):
-    from transformers import AutoModelForCausalLM
-
+    from openft.models.load import load_model
     from openft.train.export import load_run
 
     merged = load_run(run, merged=True).model.eval()
@@ -44,7 +70,7 @@ def test_each_family_reads_back_with_the_merged_models_logits(run, tmp_path):
     for quant, tol in (("f32", 1e-4), ("f16", 2e-2), ("q8_0", 0.25)):
         done = export_gguf(run, tmp_path / f"m-{quant}.gguf", quant=quant)
         assert done.path.stat().st_size == done.bytes and not done.kept_f16
-        back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=done.path.name, dtype=torch.float32)
+        back = load_model(str(done.path)).model  # as openft reads a GGUF (Qwen3's head size kept)
         with torch.no_grad():
             diff = (back.eval()(ids).logits - merged(ids).logits).abs().max().item()
         assert diff <= tol, (quant, diff)

@@ -48,8 +48,9 @@ def tiny_config(family: str, *, vocab_size: int, bos: int | None, eos: int | Non
     raise ValueError(family)
 
 
-def build_family_model(out: Path, family: str, tokenizer, *, seed: int = 0) -> Path:
-    """Save a tiny random `family` model plus `tokenizer` into `out`; returns `out`."""
+def build_family_model(out: Path, family: str, tokenizer, *, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random `family` model plus `tokenizer` into `out`; returns `out`.
+    `overrides`: config fields to set otherwise (more layers, another layout)."""
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(
@@ -59,6 +60,8 @@ def build_family_model(out: Path, family: str, tokenizer, *, seed: int = 0) -> P
         eos=tokenizer.eos_token_id,
         pad=tokenizer.pad_token_id,
     )
+    for key, value in overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     out.mkdir(parents=True, exist_ok=True)

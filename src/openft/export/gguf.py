@@ -49,13 +49,20 @@ FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q
 class Arch:
     gguf_name: str  # gguf.MODEL_ARCH member
     permute_qk: bool  # HF's rotate-half layout of Q and K rows, turned into llama.cpp's interleaved one
+    norm_shift: float = 0.0  # added to every RMSNorm weight: Gemma's norm scales by (1 + w), llama.cpp's by w
 
 
 ARCHS = {
     "llama": Arch("LLAMA", True),
     "mistral": Arch("LLAMA", True),
     "qwen2": Arch("QWEN2", False),
+    "qwen3": Arch("QWEN3", False),  # its q/k norms map to attn_q_norm/attn_k_norm
+    "gemma3_text": Arch("GEMMA3", False, norm_shift=1.0),  # the embedding scale llama.cpp applies itself
 }
+# llama.cpp's Gemma 3 (llama-model.cpp) fixes what the HF config spells out: every
+# sixth layer global, the others sliding with a rotary base of 10000.
+GEMMA3_SWA_PATTERN = 6
+GEMMA3_LOCAL_ROPE_THETA = 10_000.0
 
 
 class ExportError(ExportRefused):
@@ -148,6 +155,8 @@ def write_tensors(writer, model, config, arch: Arch, quant: str, result: GgufExp
             array = permute(array, config.num_attention_heads)
         elif arch.permute_qk and hf_name.endswith("k_proj.weight"):
             array = permute(array, config.num_key_value_heads)
+        if arch.norm_shift and hf_name.endswith("norm.weight"):
+            array = array + np.float32(arch.norm_shift)
         ggml = tensor_type(name, array, quant)
         if ggml is None:
             ggml = gguf.GGMLQuantizationType.F16
@@ -157,11 +166,14 @@ def write_tensors(writer, model, config, arch: Arch, quant: str, result: GgufExp
         result.n_tensors += 1
 
 
-def rope_theta(config) -> float:
+def rope_theta(config, layer_type: str = "full_attention") -> float:
     """The rotary base: transformers 5 keeps it in `rope_parameters` (older configs at
-    the top level). A rotary scaling llama.cpp would need extra tensors for (Llama 3.1's
-    `llama3`, YaRN) is refused by name rather than written as plain RoPE."""
+    the top level), per layer type for models with sliding layers (Gemma 3). A rotary
+    scaling llama.cpp would need extra tensors for (Llama 3.1's `llama3`, YaRN) is
+    refused by name rather than written as plain RoPE."""
     params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params.get(layer_type), dict):
+        params = params[layer_type]
     kind = params.get("rope_type", "default")
     if kind != "default":
         raise ExportError(f"GGUF export of RoPE scaling {kind!r} is not supported yet")
@@ -169,6 +181,33 @@ def rope_theta(config) -> float:
     if not theta:
         raise ExportError("the model's config names no rope_theta")
     return float(theta)
+
+
+def write_gemma3_header(writer, config) -> None:
+    """Gemma 3's sliding window; a config whose layout llama.cpp's fixed one would
+    compute differently (another pattern of sliding layers, their rotary base, the
+    attention scale) is refused rather than written to answer otherwise."""
+    from openft.models.load import gemma3_attention_scalar
+
+    n = config.num_hidden_layers
+    fixed = [
+        "sliding_attention" if i % GEMMA3_SWA_PATTERN < GEMMA3_SWA_PATTERN - 1 else "full_attention" for i in range(n)
+    ]
+    layer_types = list(getattr(config, "layer_types", None) or fixed)
+    problems = []
+    if layer_types != fixed:
+        problems.append(f"its layers are {layer_types}; llama.cpp runs Gemma 3 as five sliding layers to one global")
+    if "sliding_attention" in layer_types and rope_theta(config, "sliding_attention") != GEMMA3_LOCAL_ROPE_THETA:
+        problems.append(f"llama.cpp's sliding layers use a rotary base of {GEMMA3_LOCAL_ROPE_THETA:g}")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    scalar = gemma3_attention_scalar(n, config.hidden_size, config.num_attention_heads, head_dim)
+    if getattr(config, "query_pre_attn_scalar", scalar) != scalar:
+        problems.append(f"llama.cpp scales its attention by 1/sqrt({scalar}), this model by query_pre_attn_scalar")
+    if problems:
+        raise ExportError([f"this Gemma 3 model would answer otherwise in llama.cpp: {p}" for p in problems])
+    writer.add_sliding_window(int(config.sliding_window))
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
 
 
 def write_header(writer, config, name: str, quant: str) -> None:
@@ -186,6 +225,8 @@ def write_header(writer, config, name: str, quant: str) -> None:
     writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
+    if config.model_type == "gemma3_text":
+        write_gemma3_header(writer, config)
     if quant in FILE_TYPES:
         writer.add_file_type(FILE_TYPES[quant])
 
@@ -217,6 +258,21 @@ def token_types(tokenizer, n: int) -> list[int]:
         if i < n:
             types[i] = int(TokenType.CONTROL if added.special else TokenType.USER_DEFINED)
     return types
+
+
+def check_byte_level(tokenizer) -> None:
+    """The vocabulary is written as llama.cpp's `gpt2` one, byte-level BPE. A
+    SentencePiece-style BPE (byte fallback, `▁` for a space: Gemma, Llama 2, Mistral
+    v0.1) would tokenise otherwise there, so it is refused by name, not written wrong."""
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise ExportError("GGUF export needs a fast (tokenizer.json) tokenizer")
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        kind = "SentencePiece-style (byte-fallback) BPE" if model.get("byte_fallback") else model.get("type")
+        raise ExportError(
+            f"GGUF export of a {kind} tokenizer is not supported yet (byte-level BPE is: Llama 3, Qwen, "
+            "SmolLM); export format=hf or adapter and convert it with llama.cpp's convert_hf_to_gguf.py"
+        )
 
 
 def write_tokenizer(
@@ -289,8 +345,7 @@ def export_gguf(
     config = loaded.model.config
     arch = check_arch(config.model_type)
     tok = loaded.tokenizer
-    if getattr(tok, "backend_tokenizer", None) is None:
-        raise ExportError("GGUF export needs a fast (tokenizer.json) tokenizer")
+    check_byte_level(tok)
     template = tok.chat_template if isinstance(tok.chat_template, str) else ""
     result = GgufExport(out, quant, 0, 0)
     tmp = out.with_name(f".{out.name}.tmp")

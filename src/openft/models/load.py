@@ -145,9 +145,16 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 HEAD_DIM_FROM_KEY_LENGTH = frozenset({"qwen3", "qwen3moe"})
 
 
+def gemma3_attention_scalar(n_layers: int, hidden: int, heads: int, head_dim: int) -> int:
+    """Gemma 3's query_pre_attn_scalar as llama.cpp computes it (a GGUF does not store
+    it): the head size, but hidden/heads for the 27B (62 layers)."""
+    return hidden // heads if n_layers == 62 else head_dim
+
+
 def gguf_config_overrides(gguf: Path) -> dict:
     """Config values a GGUF states that transformers' mapping would lose: head_dim for
-    Qwen3 files whose heads are not 128 wide."""
+    Qwen3 files whose heads are not 128 wide; Gemma 3's attention scale, which
+    transformers leaves at its 256 default whatever the heads are."""
     # transformers' own header reader takes ~0.1 s (it skips the vocabulary's arrays);
     # gguf.GGUFReader parses every token and took 20-30 s on the built-ins.
     try:
@@ -159,6 +166,10 @@ def gguf_config_overrides(gguf: Path) -> dict:
     key_length = metadata.get(f"{arch}.attention.key_length")
     if arch in HEAD_DIM_FROM_KEY_LENGTH and key_length is not None:
         return {"head_dim": int(key_length)}
+    if arch == "gemma3" and key_length is not None:
+        hidden, heads = metadata["gemma3.embedding_length"], metadata["gemma3.attention.head_count"]
+        n_layers = metadata["gemma3.block_count"]
+        return {"query_pre_attn_scalar": gemma3_attention_scalar(n_layers, hidden, heads, int(key_length))}
     return {}
 
 
