@@ -109,3 +109,35 @@ def test_the_header_holds_the_tokenizer_template_and_stop_token(run, tmp_path):
     assert not list(tmp_path.glob(".m.gguf*"))  # no temporary left
     with pytest.raises(FileExistsError):
         export_gguf(run, done.path, quant="f16")
+
+
+LAMP_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are Lamp.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.integration
+def test_a_run_with_its_own_template_exports_that_template(tiny_model_dir, tmp_path):
+    from gguf import GGUFReader
+    from train.helpers import write_chat_jsonl
+
+    from openft.config import JobSpec
+    from openft.train.export import load_run
+    from openft.train.recipe import finetune
+
+    template = tmp_path / "lamp.jinja"
+    template.write_text(LAMP_TEMPLATE)
+    spec = JobSpec(model=str(tiny_model_dir), chat_template=str(template))
+    spec.data.path = str(write_chat_jsonl(tmp_path / "train.jsonl", n=8))
+    spec.output_dir = str(tmp_path / "run")
+    spec.train.max_steps = 1
+    run = finetune(spec, progress=False).run_dir
+    template.unlink()  # the run's own copy is what the export takes
+    loaded = load_run(run, merged=True)
+    prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert "You are Lamp." in prompt
+    done = export_gguf(run, tmp_path / "m.gguf", quant="f16", loaded=loaded)
+    field = GGUFReader(str(done.path)).fields["tokenizer.chat_template"]
+    assert field.contents() == LAMP_TEMPLATE

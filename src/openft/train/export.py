@@ -8,7 +8,7 @@ from pathlib import Path
 
 from openft.fileio import atomic_dir
 from openft.models.load import LoadedModel, load_model
-from openft.models.registry import ModelSource
+from openft.models.registry import ModelNotFound, ModelSource
 from openft.train.lora import load_adapter, merge_lora
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -45,13 +45,29 @@ def load_run(run_dir: str | Path, *, merged: bool = False) -> LoadedModel:
     lineage = json.loads((run_dir / "lineage.json").read_text())
     # The weights the run trained on, as resolved then (serving loads the same):
     # `base_model` is the name or path the user typed, maybe relative to another cwd.
-    loaded = load_model(lineage["base_model_path"])
+    loaded = load_model(lineage["base_model_path"], chat_template=custom_template(run_dir))
     load_adapter(loaded.model, adapter)
     if merged:
         merge_lora(loaded.model)
     loaded.model.eval()
     loaded.source = ModelSource(name=default_name(source), kind="hf_dir", path=run_dir)
     return loaded
+
+
+def custom_template(run_dir: Path) -> Path | None:
+    """The template file a run trained with when it was given one (`--chat-template`):
+    the copy saved beside its adapter, else the file it named if it is still there.
+    None when the run used the base's own, which load_model resolves the same again."""
+    config = run_dir / "config.json"
+    named = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    if not named:
+        return None
+    saved = run_dir / "adapter" / "chat_template.jinja"
+    if saved.is_file():
+        return saved
+    if Path(named).is_file():
+        return Path(named)
+    raise ModelNotFound(f"the chat template this run trained with ({named}) is gone, and no copy was saved")
 
 
 def load_any(arg: str, *, merged: bool = True) -> LoadedModel:
