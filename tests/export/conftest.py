@@ -13,16 +13,15 @@ FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
 LAYERS = {"gemma3_text": {"num_hidden_layers": 6, "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}}
 
 
-@pytest.fixture(scope="session", params=FAMILIES)
-def run(request, tiny_tokenizer, tmp_path_factory):
+def tiny_run(tmp, family: str, tokenizer, **overrides):
+    """A two-step LoRA fine-tune of a tiny random `family` model under `tmp`."""
     from train.families import build_family_model
     from train.helpers import write_chat_jsonl
 
     from openft.config import JobSpec
     from openft.train.recipe import finetune
 
-    tmp = tmp_path_factory.mktemp(f"gguf-{request.param}")
-    base = build_family_model(tmp / "base", request.param, tiny_tokenizer, **LAYERS.get(request.param, {}))
+    base = build_family_model(tmp / "base", family, tokenizer, **overrides)
     # Not the default rotary base (SmolLM2's is 1e5): an export that wrote the
     # default instead would give other logits from the third position on.
     config = json.loads((base / "config.json").read_text())
@@ -36,3 +35,9 @@ def run(request, tiny_tokenizer, tmp_path_factory):
     spec.train.learning_rate = 1e-2  # the adapter moves: the merge is visible in the logits
     spec.train.precision = "fp32"
     return finetune(spec, progress=False).run_dir
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def run(request, tiny_tokenizer, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"gguf-{request.param}")
+    return tiny_run(tmp, request.param, tiny_tokenizer, **LAYERS.get(request.param, {}))

@@ -32,6 +32,17 @@ def test_unsupported_architectures_are_named():
         check_arch("phi3")
 
 
+@pytest.mark.parametrize("kind", ["yarn", "dynamic"])
+def test_a_rope_scaling_llama_cpp_would_compute_otherwise_is_refused(kind):
+    from transformers import LlamaConfig
+
+    from openft.export.gguf import rope_theta
+
+    config = LlamaConfig(rope_parameters={"rope_type": kind, "factor": 2.0, "rope_theta": 1e4})
+    with pytest.raises(ExportError, match=f"RoPE scaling '{kind}' is not supported yet"):
+        rope_theta(config)
+
+
 def test_a_sentencepiece_style_vocabulary_is_refused_not_written_as_byte_level():
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast

@@ -52,6 +52,41 @@ def test_each_family_runs_in_llama_cpp_with_the_merged_models_logits(run, tmp_pa
         assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64, "rope_theta": 50_000.0}  # fmt: skip
+
+
+LINEAR_ROPE = {"rope_type": "linear", "factor": 4.0, "rope_theta": 50_000.0}
+
+
+@pytest.mark.parametrize("rope", [LLAMA3_ROPE, LINEAR_ROPE], ids=["llama3", "linear"])
+def test_rope_scaling_is_written_as_llama_cpp_computes_it(rope, tiny_tokenizer, tmp_path):
+    import copy
+
+    from export.conftest import tiny_run
+    from openft.export.gguf import llama3_rope_factors
+    from openft.train.export import load_run
+
+    run = tiny_run(tmp_path / "rope", "llama", tiny_tokenizer, rope_parameters=dict(rope))
+    merged = load_run(run, merged=True)
+    factors = llama3_rope_factors(merged.model.config)
+    if rope is LLAMA3_ROPE:  # each regime: unscaled short wavelengths, scaled long ones, blended between
+        assert factors.min() == 1.0 and factors.max() == 8.0 and ((factors > 1) & (factors < 8)).any()
+    text = merged.tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    ids = merged.tokenizer(text, add_special_tokens=False)["input_ids"]
+    plain_config = copy.deepcopy(merged.model.config)
+    plain_config.rope_parameters = {"rope_type": "default", "rope_theta": 50_000.0}
+    plain = type(merged.model)(plain_config)
+    plain.load_state_dict(merged.model.state_dict())
+    with torch.no_grad():
+        want = merged.model(torch.tensor([ids])).logits[0].numpy()
+        unscaled = plain.eval()(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(unscaled - want).max() > 0.05  # the scaling shows in these logits
+    done = export_gguf(run, tmp_path / "m.gguf", quant="f32", loaded=merged)
+    got = llama_cpp_logits(done.path, text, ids)
+    assert np.abs(got - want).max() < 2e-2
+
+
 def test_the_lora_gguf_is_a_llama_cpp_adapter(run, tmp_path):
     from gguf import GGUFReader
 

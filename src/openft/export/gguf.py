@@ -164,23 +164,52 @@ def write_tensors(writer, model, config, arch: Arch, quant: str, result: GgufExp
         data = encode(array, ggml)
         writer.add_tensor(name, data, raw_dtype=ggml if data.dtype == np.uint8 else None)
         result.n_tensors += 1
+    factors = llama3_rope_factors(config)
+    if factors is not None:
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
+        result.n_tensors += 1
+
+
+def rope_params(config, layer_type: str = "full_attention") -> dict:
+    """The rotary settings: transformers 5 keeps them in `rope_parameters` (older
+    configs at the top level), per layer type for models with sliding layers (Gemma 3)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
+    params.setdefault("rope_type", "default")
+    params["rope_theta"] = params.get("rope_theta") or getattr(config, "rope_theta", None)
+    return params
 
 
 def rope_theta(config, layer_type: str = "full_attention") -> float:
-    """The rotary base: transformers 5 keeps it in `rope_parameters` (older configs at
-    the top level), per layer type for models with sliding layers (Gemma 3). A rotary
-    scaling llama.cpp would need extra tensors for (Llama 3.1's `llama3`, YaRN) is
-    refused by name rather than written as plain RoPE."""
-    params = getattr(config, "rope_parameters", None) or {}
-    if isinstance(params.get(layer_type), dict):
-        params = params[layer_type]
-    kind = params.get("rope_type", "default")
-    if kind != "default":
+    """The rotary base. Linear scaling is written as llama.cpp's scaling type and
+    factor, Llama 3.1's `llama3` as its per-frequency factors (`rope_freqs`); another
+    (YaRN, dynamic) is refused by name rather than written as plain RoPE."""
+    params = rope_params(config, layer_type)
+    kind = params["rope_type"]
+    if kind not in ("default", "linear", "llama3") or (kind == "llama3" and config.model_type != "llama"):
         raise ExportError(f"GGUF export of RoPE scaling {kind!r} is not supported yet")
-    theta = params.get("rope_theta") or getattr(config, "rope_theta", None)
-    if not theta:
+    if not params["rope_theta"]:
         raise ExportError("the model's config names no rope_theta")
-    return float(theta)
+    return float(params["rope_theta"])
+
+
+def llama3_rope_factors(config) -> np.ndarray | None:
+    """Llama 3.1's `llama3` scaling as llama.cpp takes it, one factor per rotary pair
+    that its frequency is divided by, computed as its converter does: 1 for short
+    wavelengths, `factor` for long ones, a smooth blend between. None without it."""
+    params = rope_params(config)
+    if params["rope_type"] != "llama3":
+        return None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (rope_theta(config) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    factor, low, high = params["factor"], params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+    old_context = params.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * np.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    out = 1 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < old_context / high, 1.0, np.where(wavelen > old_context / low, factor, out))
+    return out.astype(np.float32)
 
 
 def write_gemma3_header(writer, config) -> None:
@@ -223,6 +252,12 @@ def write_header(writer, config, name: str, quant: str) -> None:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_freq_base(rope_theta(config))
+    rope = rope_params(config)
+    if rope["rope_type"] == "linear":  # positions divided by the factor (on Gemma 3's global layers only)
+        from gguf import RopeScalingType
+
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     if config.model_type == "gemma3_text":
