@@ -43,15 +43,17 @@ def test_a_rope_scaling_llama_cpp_would_compute_otherwise_is_refused(kind):
         rope_theta(config)
 
 
-def test_a_sentencepiece_style_vocabulary_is_refused_not_written_as_byte_level():
+def test_a_sentencepiece_style_vocabulary_needs_the_scores_of_its_gguf():
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from openft.export.gguf import check_byte_level
+    from openft.export.gguf import vocab_kind
 
     spm = models.BPE(vocab={"<unk>": 0, "▁a": 1, "<0x41>": 2}, merges=[], unk_token="<unk>", byte_fallback=True)
-    with pytest.raises(ExportError, match="SentencePiece-style .* not supported yet .* format=hf"):
-        check_byte_level(PreTrainedTokenizerFast(tokenizer_object=Tokenizer(spm)))
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(spm))
+    with pytest.raises(ExportError, match="SentencePiece-style .* only for a base converted from a GGUF.* format=hf"):
+        vocab_kind(tok, {})  # a Hugging Face folder: no scores to write
+    assert vocab_kind(tok, {"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": [0.0, -1.0, -2.0]}) == "spm"
 
 
 def test_a_gemma3_layout_llama_cpp_would_run_otherwise_is_refused(tiny_tokenizer):

@@ -295,33 +295,33 @@ def token_types(tokenizer, n: int) -> list[int]:
     return types
 
 
-def check_byte_level(tokenizer) -> None:
-    """The vocabulary is written as llama.cpp's `gpt2` one, byte-level BPE. A
-    SentencePiece-style BPE (byte fallback, `▁` for a space: Gemma, Llama 2, Mistral
-    v0.1) would tokenise otherwise there, so it is refused by name, not written wrong."""
+def vocab_kind(tokenizer, src: dict) -> str:
+    """How llama.cpp is to tokenise: `gpt2` (byte-level BPE, written from the
+    tokenizer's own tokens and merges) or `spm` (SentencePiece: Gemma, Llama 2,
+    Mistral v0.1, whose merge order llama.cpp takes from per-token scores). A
+    SentencePiece-style vocabulary is written only from the GGUF its base came from,
+    which holds those scores; from a Hugging Face folder it is refused by name."""
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise ExportError("GGUF export needs a fast (tokenizer.json) tokenizer")
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        kind = "SentencePiece-style (byte-fallback) BPE" if model.get("byte_fallback") else model.get("type")
-        raise ExportError(
-            f"GGUF export of a {kind} tokenizer is not supported yet (byte-level BPE is: Llama 3, Qwen, "
-            "SmolLM); export format=hf or adapter and convert it with llama.cpp's convert_hf_to_gguf.py"
-        )
+    if model.get("type") == "BPE" and not model.get("byte_fallback"):
+        return "gpt2"
+    if src.get("tokenizer.ggml.model") == "llama" and len(src.get("tokenizer.ggml.scores") or ()) == len(tokenizer):
+        return "spm"
+    kind = "SentencePiece-style (byte-fallback) BPE" if model.get("byte_fallback") else model.get("type")
+    raise ExportError(
+        f"GGUF export of a {kind} tokenizer is supported only for a base converted from a GGUF "
+        "(which holds its scores), not from a Hugging Face folder yet; byte-level BPE (Llama 3, Qwen, "
+        "SmolLM) is; export format=hf or adapter and convert it with llama.cpp's convert_hf_to_gguf.py"
+    )
 
 
-def write_tokenizer(
-    writer, tokenizer, tokenizer_dir: Path, base_dir: Path, stops: list[int], template: str, add_bos: bool | None
-) -> list[str]:
-    """Tokens, merges and special ids of a BPE (gpt2-style) tokenizer; returns notes.
-    `add_bos`: whether llama.cpp adds a BOS to a prompt (None: as the base says)."""
-    from gguf.vocab import BpeVocab, SpecialVocab
+def write_bpe_vocab(writer, tokenizer, tokenizer_dir: Path, src: dict, notes: list[str]) -> int:
+    """Byte-level BPE tokens and types; the merges go in with the special ids."""
+    from gguf.vocab import BpeVocab
 
-    notes = []
-    vocab = BpeVocab(tokenizer_dir)
-    tokens = [text for text, _score, _type in vocab.all_tokens()]
+    tokens = [text for text, _score, _type in BpeVocab(tokenizer_dir).all_tokens()]
     types = token_types(tokenizer, len(tokens))
-    src = source_gguf_metadata(base_dir)
     pre = src.get("tokenizer.ggml.pre")
     if not pre:
         pre = "default"
@@ -333,7 +333,38 @@ def write_tokenizer(
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=len(tokens))
+    return len(tokens)
+
+
+def write_spm_vocab(writer, tokenizer, src: dict) -> int:
+    """A SentencePiece vocabulary as the base's GGUF had it: the tokenizer's pieces
+    (transformers built them from that file, in its order) with the file's scores
+    and types, and its space-prefix rule."""
+    n = len(tokenizer)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre(src.get("tokenizer.ggml.pre") or "default")
+    writer.add_token_list(tokenizer.convert_ids_to_tokens(list(range(n))))
+    writer.add_token_scores([float(x) for x in src["tokenizer.ggml.scores"]])
+    writer.add_token_types([int(t) for t in src["tokenizer.ggml.token_type"]])
+    if "tokenizer.ggml.add_space_prefix" in src:
+        writer.add_add_space_prefix(bool(src["tokenizer.ggml.add_space_prefix"]))
+    return n
+
+
+def write_tokenizer(
+    writer, tokenizer, tokenizer_dir: Path, src: dict, stops: list[int], template: str, add_bos: bool | None
+) -> list[str]:
+    """The vocabulary (vocab_kind), special ids and chat template; returns notes.
+    `src`: the tokenizer fields of the base's GGUF of origin (source_gguf_metadata);
+    `add_bos`: whether llama.cpp adds a BOS to a prompt (None: as the base says)."""
+    from gguf.vocab import SpecialVocab
+
+    notes = []
+    if vocab_kind(tokenizer, src) == "gpt2":
+        n, merges = write_bpe_vocab(writer, tokenizer, tokenizer_dir, src, notes), True
+    else:
+        n, merges = write_spm_vocab(writer, tokenizer, src), False
+    special = SpecialVocab(tokenizer_dir, load_merges=merges, n_vocab=n)
     special.chat_template = template  # the template openft trained with, not the base's
     if "tokenizer.ggml.add_bos_token" in src:
         special.add_special_token["bos"] = bool(src["tokenizer.ggml.add_bos_token"])
@@ -380,7 +411,8 @@ def export_gguf(
     config = loaded.model.config
     arch = check_arch(config.model_type)
     tok = loaded.tokenizer
-    check_byte_level(tok)
+    src = source_gguf_metadata(Path(lineage.get("base_model_path") or run_and_adapter(run_dir)[0]))
+    vocab_kind(tok, src)  # refused before anything is written
     template = tok.chat_template if isinstance(tok.chat_template, str) else ""
     result = GgufExport(out, quant, 0, 0)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -389,15 +421,7 @@ def export_gguf(
         tok.save_pretrained(tok_dir)
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_name]])
         write_header(writer, config, name or default_name(run_dir), quant)
-        result.notes += write_tokenizer(
-            writer,
-            tok,
-            tok_dir,
-            Path(lineage.get("base_model_path") or run_and_adapter(run_dir)[0]),
-            stop_token_ids(tok),
-            template,
-            add_bos,
-        )
+        result.notes += write_tokenizer(writer, tok, tok_dir, src, stop_token_ids(tok), template, add_bos)
         write_tensors(writer, loaded.model, config, arch, quant, result)
         commit(writer, tmp, out)
     finally:
