@@ -112,6 +112,21 @@ def test_two_ranks_end_with_the_weights_of_one(method, reference, tiny_model_dir
     assert sorted(p.name for p in (run / "logs").iterdir())  # the ranks' own output is in the run folder
 
 
+def test_an_untied_embedding_sharded_in_its_own_group_ends_as_one_rank(tiny_tokenizer, data, tmp_path):
+    """A model whose head is not its embedding (Mistral's family; Qwen 0.5B as
+    converted): FSDP2 shards the embedding in a group of its own, apart from the
+    root's head, and 2 ranks still end where 1 rank does."""
+    from .families import build_family_model
+
+    base = build_family_model(tmp_path / "base", "mistral", tiny_tokenizer)
+    one, two = tmp_path / "one", tmp_path / "two"
+    ok(finetune(base, data, one, "--method", "full"))
+    ok(finetune(base, data, two, "--method", "full", ranks=2))
+    start = load_file(str(next(base.glob("*.safetensors"))))
+    assert "lm_head.weight" in weights(two)  # untied: saved apart from the embedding
+    assert update_diff(weights(one), weights(two), start) <= TOL
+
+
 def test_full_resumes_on_two_ranks_from_one_and_on_one_from_two(reference, tiny_model_dir, data, tmp_path):
     # One rank, killed in step 5 (checkpoints at 2 and 4), resumed on two ranks.
     a = tmp_path / "one-then-two"
