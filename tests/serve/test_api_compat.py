@@ -129,7 +129,8 @@ def test_completion_logprobs_have_the_legacy_shape(server, openapi):
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
     for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
         assert len(top) == 2, top  # logprobs=2: the two likeliest tokens (greedy: the chosen one first)
-        assert top[token] == logprob == max(top.values()) and min(top.values()) < logprob
+        # Greedy takes a likeliest token; in bf16 serving two can tie exactly (seen: ' endless' and ' colors').
+        assert top[token] == logprob == max(top.values()) and min(top.values()) <= logprob
 
 
 # ------------------------------------------------------------------ refused
