@@ -378,6 +378,7 @@ def test_models_lineage_export_clone_and_keys(console_server, page, artifacts, t
     page.wait_for_selector("#banner:has-text('Downloaded')")
     # A checkpoint's adapter: a zip with the PEFT files; no quantisation for it.
     form.locator("select[name=source]").select_option(index=1)
+    page.wait_for_selector("form.export:not([aria-busy])")  # the checkpoint's own options have arrived
     form.locator("select[name=format]").select_option("adapter")
     assert form.locator("select[name=quant]").is_hidden()
     with page.expect_download() as dl:

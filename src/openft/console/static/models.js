@@ -107,25 +107,37 @@ function exportForm(m, ckpts) {
   const merge = h("input", { type: "checkbox", name: "merge" });
   const quantField = field("Quantisation", quant), mergeField = h("label.check", {}, merge, " merge when vLLM would refuse the adapter");
   const options = { [m.id]: m.exports || { formats: ["hf"], quants: {}, default_quant: {} } };
+  let current = options[m.id];  // what the selects show: the last source whose options have arrived
   const showFormats = () => {
-    const o = options[source.value], was = format.value;
-    clear(format, o.formats.map((f) => h("option", { value: f }, FORMAT_LABELS[f] || f)));
-    if (o.formats.includes(was)) format.value = was;
+    const was = format.value;
+    clear(format, current.formats.map((f) => h("option", { value: f }, FORMAT_LABELS[f] || f)));
+    if (current.formats.includes(was)) format.value = was;
     showQuants();
   };
   const showQuants = () => {
-    const o = options[source.value], qs = o.quants[format.value] || [];
+    const qs = current.quants[format.value] || [];
     clear(quant, qs.map((q) => h("option", { value: q }, q)));
-    if (qs.length) quant.value = o.default_quant[format.value];
+    if (qs.length) quant.value = current.default_quant[format.value];
     quantField.hidden = !qs.length;
     mergeField.hidden = format.value !== "vllm";
   };
+  const go = h("button.primary.small", { type: "button" }, "Download");
+  const form = h("form.export", { onsubmit: (e) => e.preventDefault() });
+  // While a checkpoint's options load, nothing else can be chosen: a format picked
+  // meanwhile would be one of the previous source's.
+  const loading = (on) => {
+    for (const el of [format, quant, merge, go]) el.disabled = on;
+    if (on) form.setAttribute("aria-busy", "true"); else form.removeAttribute("aria-busy");
+  };
   source.addEventListener("change", () => busy(source, async () => {
-    options[source.value] ||= (await get(`/v1/models/${enc(source.value)}`)).exports;
-    showFormats();
+    const id = source.value;
+    loading(true);
+    try {
+      options[id] ||= (await get(`/v1/models/${enc(id)}`)).exports;
+      if (source.value === id) { current = options[id]; showFormats(); }
+    } finally { loading(false); }
   }, "Could not load the checkpoint"));
   format.addEventListener("change", showQuants);
-  const go = h("button.primary.small", { type: "button" }, "Download");
   go.addEventListener("click", () => busy(go, async () => {
     const params = new URLSearchParams({ format: format.value });
     if (!quantField.hidden) params.set("quant", quant.value);
@@ -135,8 +147,7 @@ function exportForm(m, ckpts) {
     banner(`Downloaded ${r.name} (${fmtBytes(r.bytes)}).`, "info");
   }, "Export failed"));
   showFormats();
-  return h("form.export", { onsubmit: (e) => e.preventDefault() },
-    ckpts.length ? field("Of", source) : null, field("Format", format), quantField, mergeField, go);
+  return clear(form, ckpts.length ? field("Of", source) : null, field("Format", format), quantField, mergeField, go);
 }
 
 function short(v) {
