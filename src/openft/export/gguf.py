@@ -303,12 +303,15 @@ def vocab_kind(tokenizer, src: dict) -> str:
     which holds those scores; from a Hugging Face folder it is refused by name."""
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise ExportError("GGUF export needs a fast (tokenizer.json) tokenizer")
-    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    if model.get("type") == "BPE" and not model.get("byte_fallback"):
+    # The model object itself, not tokenizer.to_str(): that serialises the whole
+    # vocabulary (seconds for Gemma's 262k tokens) to read two fields.
+    model = tokenizer.backend_tokenizer.model
+    model_type, byte_fallback = type(model).__name__, bool(getattr(model, "byte_fallback", False))
+    if model_type == "BPE" and not byte_fallback:
         return "gpt2"
     if src.get("tokenizer.ggml.model") == "llama" and len(src.get("tokenizer.ggml.scores") or ()) == len(tokenizer):
         return "spm"
-    kind = "SentencePiece-style (byte-fallback) BPE" if model.get("byte_fallback") else model.get("type")
+    kind = "SentencePiece-style (byte-fallback) BPE" if byte_fallback else model_type
     raise ExportError(
         f"GGUF export of a {kind} tokenizer is supported only for a base converted from a GGUF "
         "(which holds its scores), not from a Hugging Face folder yet; byte-level BPE (Llama 3, Qwen, "
@@ -352,15 +355,15 @@ def write_spm_vocab(writer, tokenizer, src: dict) -> int:
 
 
 def write_tokenizer(
-    writer, tokenizer, tokenizer_dir: Path, src: dict, stops: list[int], template: str, add_bos: bool | None
+    writer, tokenizer, tokenizer_dir: Path, src: dict, kind: str, stops: list[int], template: str, add_bos: bool | None
 ) -> list[str]:
-    """The vocabulary (vocab_kind), special ids and chat template; returns notes.
-    `src`: the tokenizer fields of the base's GGUF of origin (source_gguf_metadata);
+    """The vocabulary (`kind`, from vocab_kind), special ids and chat template; returns
+    notes. `src`: the tokenizer fields of the base's GGUF of origin (source_gguf_metadata);
     `add_bos`: whether llama.cpp adds a BOS to a prompt (None: as the base says)."""
     from gguf.vocab import SpecialVocab
 
     notes = []
-    if vocab_kind(tokenizer, src) == "gpt2":
+    if kind == "gpt2":
         n, merges = write_bpe_vocab(writer, tokenizer, tokenizer_dir, src, notes), True
     else:
         n, merges = write_spm_vocab(writer, tokenizer, src), False
@@ -412,7 +415,7 @@ def export_gguf(
     arch = check_arch(config.model_type)
     tok = loaded.tokenizer
     src = source_gguf_metadata(Path(lineage.get("base_model_path") or run_and_adapter(run_dir)[0]))
-    vocab_kind(tok, src)  # refused before anything is written
+    kind = vocab_kind(tok, src)  # refused before anything is written
     template = tok.chat_template if isinstance(tok.chat_template, str) else ""
     result = GgufExport(out, quant, 0, 0)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -421,7 +424,7 @@ def export_gguf(
         tok.save_pretrained(tok_dir)
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_name]])
         write_header(writer, config, name or default_name(run_dir), quant)
-        result.notes += write_tokenizer(writer, tok, tok_dir, src, stop_token_ids(tok), template, add_bos)
+        result.notes += write_tokenizer(writer, tok, tok_dir, src, kind, stop_token_ids(tok), template, add_bos)
         write_tensors(writer, loaded.model, config, arch, quant, result)
         commit(writer, tmp, out)
     finally:
