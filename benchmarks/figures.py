@@ -15,7 +15,8 @@ from typing import Any
 
 
 def machine() -> dict[str, Any]:
-    """The CPU model (as lscpu names it) and the cores this process may use."""
+    """The CPU model (as lscpu names it), the cores this process may use, and the
+    instruction-set cap it runs under (`--cpu-isa`; "" for none)."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -23,7 +24,27 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model, "cores": cores}
+    return {"cpu": model, "cores": cores, "isa_cap": os.environ.get("OPENFT_BENCH_ISA", "native")}
+
+
+def add_isa_flag(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--cpu-isa",
+        default="native",
+        help="run as a CPU with fewer instructions: native, avx512_bf16 (no AMX) or avx2 (neither AMX nor "
+        "AVX512); the benchmark re-runs itself with oneDNN, MKL and ATen capped (openft.hardware.isa_env)",
+    )
+
+
+def cap_isa(isa: str) -> None:
+    """Re-run this benchmark under the `isa` cap unless it already runs under it: the
+    kernel libraries read the cap when they load, so it cannot be set in-process."""
+    from openft.hardware import isa_env
+
+    if os.environ.get("OPENFT_BENCH_ISA", "native") == isa:
+        return
+    env = isa_env(isa, os.environ) | {"OPENFT_BENCH_ISA": isa}
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def add_json_flag(ap: argparse.ArgumentParser) -> None:

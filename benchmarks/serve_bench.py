@@ -93,6 +93,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from figures import add_isa_flag, cap_isa, machine  # noqa: E402
 from serve.conftest import Server  # noqa: E402  (the same real-server helper the tests use)
 
 BUILTIN = "smollm2-135m-instruct"
@@ -509,7 +510,9 @@ def main() -> None:
         metavar="QUANT",
         help="also serve the same model with llama.cpp (openft's GGUF export at QUANT, e.g. f16) as a peer",
     )
+    add_isa_flag(ap)
     args = ap.parse_args()
+    cap_isa(args.cpu_isa)  # re-runs this benchmark capped (server and baseline alike)
     max_tokens = args.max_tokens or (24 if args.quick else 128)
     prompt_tokens = args.prompt_tokens or (120 if args.quick else 300)
     # The serial baseline runs the same prompts as the 16-client phase (the same
@@ -544,6 +547,7 @@ def main() -> None:
         "prompt_tokens_target": prompt_tokens,
         "cpus": os.cpu_count(),
         "quick": args.quick,
+        "machine": machine(),
     }
     try:
         log("start-up: load_for_serving and load_model in fresh processes ...")

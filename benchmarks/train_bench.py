@@ -527,10 +527,14 @@ def main(argv: list[str] | None = None) -> int:
         "--configs", default=",".join(CONFIGS), help="comma-separated, from " + ",".join(CONFIGS + EXTRA_CONFIGS)
     )
     ap.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
+    from figures import add_isa_flag, cap_isa
+
+    add_isa_flag(ap)
     a = ap.parse_args(argv)
-    if a._child:
+    if a._child:  # started by the parent, under its cap already
         run_child(*a._child)
         return 0
+    cap_isa(a.cpu_isa)  # every configuration then runs capped: they inherit the environment
     if a.device == "cuda":
         import torch
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -32,11 +33,39 @@ def cpu_bf16_features() -> list[str]:
     return sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
+# The instruction sets a CPU run can be capped to, to measure a kind of machine on one
+# that has more (an AMX Xeon run as an AVX512-BF16 Zen 4, or as a plain AVX2 CPU). Each
+# cap is the environment the three kernel libraries read when they load: oneDNN
+# (bf16 matmuls), MKL (fp32 GEMM) and ATen's vectorised kernels. Only a process started
+# with it is capped, so it applies to children (the benchmarks re-run themselves).
+CPU_ISAS = ("native", "avx512_bf16", "avx2")
+_ISA_ENV = {
+    "native": {},
+    "avx512_bf16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},  # no AMX
+    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+}
+ISA_VARS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
+
+def isa_env(isa: str, env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with the CPU capped to `isa` (one of CPU_ISAS; "native" lifts any cap)."""
+    if isa not in _ISA_ENV:
+        raise ValueError(f"CPU instruction set must be one of {', '.join(CPU_ISAS)}, not {isa!r}")
+    out = {k: v for k, v in env.items() if k not in ISA_VARS}
+    return out | _ISA_ENV[isa]
+
+
+def isa_cap(env: Mapping[str, str] = os.environ) -> str:
+    """The cap this process runs under ("" when none), as the caches and reports name it."""
+    return ",".join(f"{k}={env[k]}" for k in ISA_VARS if env.get(k))
+
+
 def device_name(device: torch.device) -> str:
     """The CPU model (/proc/cpuinfo's model name, else platform's) with a fingerprint
     of its feature flags, or the GPU's name. The measured caches key on it, and a
     virtual machine's model name says little: "AMD EPYC" has been seen over CPUs
-    with AVX2 only and over CPUs with AVX512-BF16, whose bf16 speed differs 40x."""
+    with AVX2 only and over CPUs with AVX512-BF16, whose bf16 speed differs 40x.
+    A process capped to fewer instructions (`isa_env`) is another machine to them."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model, flags = platform.processor() or platform.machine(), ""
@@ -49,7 +78,9 @@ def device_name(device: torch.device) -> str:
             model = line.split(":", 1)[1].strip()
         elif line.startswith("flags") and not flags:
             flags = " ".join(sorted(line.split(":", 1)[1].split()))
-    return f"{model} [flags {hashlib.sha256(flags.encode()).hexdigest()[:8]}]" if flags else model
+    name = f"{model} [flags {hashlib.sha256(flags.encode()).hexdigest()[:8]}]" if flags else model
+    cap = isa_cap()
+    return f"{name} [capped {cap}]" if cap else name
 
 
 def onednn_shapes(dtype: torch.dtype, device: torch.device) -> bool:

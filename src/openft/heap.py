@@ -169,7 +169,22 @@ def release_free_memory() -> None:
     A serving batch's KV cache, activations and widened adapter copies are
     thousands of tensors under the mmap threshold, so once freed they stay in
     the heap, counted in the server's resident memory until reused; the engine
-    calls this when its last running batch ends."""
+    calls this when its last running batch ends. Under tcmalloc (training's
+    allocator), its own call: glibc's trim does not reach tcmalloc's page heap,
+    which otherwise keeps every freed span resident."""
+    tc = _tcmalloc_release()
+    if tc is not None:
+        tc()
+        return
     lib = _libc()
     if lib is not None:
         lib.malloc_trim(0)
+
+
+@functools.cache
+def _tcmalloc_release():
+    """gperftools' MallocExtension_ReleaseFreeMemory when tcmalloc is preloaded, else None."""
+    try:
+        return ctypes.CDLL(None).MallocExtension_ReleaseFreeMemory
+    except (OSError, AttributeError):
+        return None

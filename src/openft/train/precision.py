@@ -29,6 +29,9 @@ from torch import nn
 
 from openft.hardware import shape_bucket
 from openft.heap import release_free_memory
+from openft.mapped import FileMaps
+
+RELEASE_EVERY = 256 << 20  # bytes of bf16 weights freed by `restore` between heap releases
 
 
 @dataclass(frozen=True)
@@ -74,9 +77,10 @@ class Precision:
         if self.name != "bf16":
             return []
         names = []
+        maps = FileMaps()  # a loaded base is a view of its file: read it without keeping its pages
         for name, p in model.named_parameters():
             if not p.requires_grad and p.dtype == torch.float32:
-                p.data = p.data.to(torch.bfloat16)
+                p.data = maps.copy(p.data, torch.bfloat16)
                 names.append(name)
         return names
 
@@ -87,11 +91,22 @@ class Precision:
         # return them first, so the fp32 weights do not stack on top of them.
         release_free_memory()
         params = dict(model.named_parameters())
+        maps: FileMaps | None = None
+        freed = 0
         for name in names:
             p = params[name]
             src = original(name)
-            # copy=True: an owned tensor, never a view of the file's mapping
-            p.data = src.to(p.device, torch.float32, copy=True) if src is not None else p.data.float()
+            if src is None:
+                p.data = p.data.float()
+                continue
+            maps = maps or FileMaps()  # once `original` has mapped its files
+            # An owned copy, never a view of the file's mapping, whose pages are handed back.
+            freed += p.data.nbytes
+            p.data = maps.copy(src, torch.float32).to(p.device)
+            if freed >= RELEASE_EVERY:  # the bf16 copies freed so far: back to the OS, not held for reuse
+                release_free_memory()
+                freed = 0
+        release_free_memory()
 
 
 def weights_on_disk(path: Path) -> Callable[[str], torch.Tensor | None]:
