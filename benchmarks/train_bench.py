@@ -318,7 +318,7 @@ def child_trl(spec: dict, name: str) -> dict:
     setup_torch()  # flush-to-zero: the same CPU setting openft runs with
     path = materialise(resolve(spec["model"]))
     cuda = spec["device"] == "cuda"
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = with_template(AutoTokenizer.from_pretrained(path), path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -492,7 +492,18 @@ def load_tokenizer(model: str):
     from openft.models.load import materialise
     from openft.models.registry import resolve
 
-    return AutoTokenizer.from_pretrained(materialise(resolve(model)))
+    path = materialise(resolve(model))
+    return with_template(AutoTokenizer.from_pretrained(path), path)
+
+
+def with_template(tok, path: Path):
+    """`tok` rendering with the chat template openft trains with: the model's own, or
+    for a base without one (Gemma 3 270M) its family's, as a careful TRL user would
+    set one; every side then computes the loss on the same tokens."""
+    from openft.models.templates import apply_template
+
+    apply_template(tok, json.loads((Path(path) / "config.json").read_text()))
+    return tok
 
 
 def machine_facts() -> dict:

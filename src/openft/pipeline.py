@@ -14,6 +14,7 @@ from openft.eval.questions import load_questions
 from openft.eval.scores import Embedder
 from openft.eval.verdict import TrainingSignals, judge
 from openft.models.load import load_model
+from openft.models.tools import model_tool_style
 from openft.train.distributed import Launch
 from openft.train.export import load_any
 from openft.train.launch import run_ranks
@@ -95,8 +96,15 @@ def finetune_with_comparison(
         max_new_tokens=spec.eval.max_new_tokens,
         tools=[q.tools for q in questions],
     )
+    style = model_tool_style(loaded.tokenizer)
     comparison = build_comparison(
-        questions, before, after, before_model=spec.model, after_model=str(result.run_dir), embedder=Embedder()
+        questions,
+        before,
+        after,
+        before_model=spec.model,
+        after_model=str(result.run_dir),
+        embedder=Embedder(),
+        tool_styles=(style, style),
     )
     comparison.verdict = judge(_signals(result), comparison.summary)
     paths = write_report(comparison, result.run_dir)
@@ -136,9 +144,10 @@ def compare_models(
 ) -> Comparison:
     questions = load_questions(questions_path)
     texts = [q.question for q in questions]
-    answers = []
+    answers, styles = [], []
     for arg in (before, after):
         loaded = load_any(arg)
+        styles.append(model_tool_style(loaded.tokenizer))
         echo(f"Answering {len(texts)} questions with {arg} ...")
         answers.append(
             answer_questions(
@@ -147,7 +156,13 @@ def compare_models(
         )
         del loaded
     comparison = build_comparison(
-        questions, answers[0], answers[1], before_model=before, after_model=after, embedder=Embedder()
+        questions,
+        answers[0],
+        answers[1],
+        before_model=before,
+        after_model=after,
+        embedder=Embedder(),
+        tool_styles=(styles[0], styles[1]),
     )
     signals_path = Path(after) / "summary.json"
     if signals_path.exists():

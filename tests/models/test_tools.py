@@ -4,17 +4,26 @@ tools, the messages templates take, and reading calls back out of model output."
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from openft.models.tools import (
+    HERMES,
+    LLAMA3,
+    MISTRAL,
     CallHoldBack,
     forced_call_prefill,
     parse_tool_calls,
-    reads_tool_call_blocks,
     supports_tools,
     template_message,
+    tool_style,
 )
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+LLAMA3_TEMPLATE = (FIXTURES / "llama3.1_tools_chat_template.jinja").read_text()
+MISTRAL_TEMPLATE = (FIXTURES / "mistral_tools_chat_template.jinja").read_text()
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}"
@@ -24,14 +33,15 @@ CHATML = (
 
 def test_supports_tools_by_template(qwen_tool_template):
     qwen = qwen_tool_template
-    assert supports_tools(qwen) and reads_tool_call_blocks(qwen)
-    assert not supports_tools(CHATML) and not reads_tool_call_blocks(CHATML)
+    assert supports_tools(qwen) and tool_style(qwen) is HERMES
+    assert not supports_tools(CHATML) and tool_style(CHATML) is None
     assert not supports_tools(None) and not supports_tools("")
-    # Llama 3.1 style: renders tools, but its calls are bare JSON, not <tool_call> blocks.
-    llama = (
+    assert tool_style(LLAMA3_TEMPLATE) is LLAMA3 and tool_style(MISTRAL_TEMPLATE) is MISTRAL
+    # Renders tools, but writes calls in no form openft reads back: not offered tools.
+    other = (
         "{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m.tool_calls | tojson }}{% endfor %}"
     )
-    assert supports_tools(llama) and not reads_tool_call_blocks(llama)
+    assert supports_tools(other) and tool_style(other) is None
 
 
 def test_template_message_decodes_arguments():
@@ -169,3 +179,89 @@ def test_hold_back_holds_an_answer_that_may_be_a_bare_call():
     assert hold.held == '\n{"name": "a"}'
     text = CallHoldBack(bare=True)
     assert text.push(" ") == "" and text.push("Hi {x}") == " Hi {x}"
+
+
+# --------------------------------------------------------------------------- Llama 3.1 and Mistral
+
+WEATHER = {"city": "Paris"}
+
+
+def rendered_call(template: str, tool_tokenizer, call_id: str = "abcDEF123") -> str:
+    """What `template` writes for an assistant turn that calls get_weather: the text
+    the model learns to answer with, which the parser must read back."""
+    call = {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(WEATHER)}}
+    messages = [template_message("user", "Weather?"), template_message("assistant", None, [call])]
+    text = tool_tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    return text
+
+
+def test_llama3_reads_back_the_call_its_template_writes(tool_tokenizer):
+    text = rendered_call(LLAMA3_TEMPLATE, tool_tokenizer)
+    answer = text.split("<|start_header_id|>assistant<|end_header_id|>\n\n", 1)[1].removesuffix("<|eot_id|>")
+    content, calls = parse_tool_calls(answer, {"get_weather"}, LLAMA3)
+    assert content == "" and [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert json.loads(calls[0]["function"]["arguments"]) == WEATHER
+    # After <|python_tag|> (where the model writes one) and without tools named, it is still the call.
+    assert parse_tool_calls("<|python_tag|>" + answer, None, LLAMA3)[1][0]["function"]["name"] == "get_weather"
+    # A bare object of an offered tool only: otherwise text.
+    assert parse_tool_calls(answer, None, LLAMA3) == (answer, [])
+    assert parse_tool_calls(answer, {"get_time"}, LLAMA3) == (answer, [])
+
+
+def test_llama3_reads_several_calls_and_leaves_other_json_as_text():
+    two = '{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {}}'
+    assert [c["function"]["name"] for c in parse_tool_calls(two, {"a", "b"}, LLAMA3)[1]] == ["a", "b"]
+    person = '{"name": "Ada", "age": 36}'
+    assert parse_tool_calls(person, {"get_weather"}, LLAMA3) == (person, [])
+    assert parse_tool_calls("It is sunny.", {"get_weather"}, LLAMA3) == ("It is sunny.", [])
+    broken = '<|python_tag|>{"name": "a", "parameters": {'
+    assert parse_tool_calls(broken, {"a"}, LLAMA3) == ('{"name": "a", "parameters": {', [])
+
+
+def test_mistral_reads_back_the_calls_its_template_writes(tool_tokenizer):
+    text = rendered_call(MISTRAL_TEMPLATE, tool_tokenizer)
+    answer = text[text.index("[TOOL_CALLS]") :].removesuffix(tool_tokenizer.eos_token)
+    content, calls = parse_tool_calls("Let me check. " + answer, {"get_weather"}, MISTRAL)
+    assert content == "Let me check."
+    assert json.loads(calls[0]["function"]["arguments"]) == WEATHER
+    # Its ids are what Mistral's templates take back in the next request.
+    assert re.fullmatch(r"[A-Za-z0-9]{9}", calls[0]["id"])
+    assert rendered_call(MISTRAL_TEMPLATE, tool_tokenizer, calls[0]["id"])
+    # The [TOOL_CALLS] token dropped by the decoder: a bare list of offered tools' calls.
+    bare = answer.removeprefix("[TOOL_CALLS]").strip()
+    assert parse_tool_calls(bare, {"get_weather"}, MISTRAL)[1][0]["function"]["name"] == "get_weather"
+    assert parse_tool_calls(bare, {"other"}, MISTRAL) == (bare, [])
+
+
+@pytest.mark.parametrize("style", [HERMES, LLAMA3, MISTRAL], ids=lambda s: s.name)
+def test_a_forced_prefill_in_each_style_parses_with_what_the_model_adds(style):
+    rest = {"hermes": "}\n</tool_call>", "llama3": "}", "mistral": "}]"}[style.name]
+    named = forced_call_prefill("get_weather", style) + json.dumps(WEATHER) + rest
+    (call,) = parse_tool_calls(named, {"get_weather"}, style)[1]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == WEATHER
+    whole = json.dumps({"name": "get_weather", style.args_key: WEATHER})
+    required = forced_call_prefill(None, style) + (whole.removeprefix('{"name": ') if style is LLAMA3 else whole)
+    required += {"hermes": "\n</tool_call>", "llama3": "", "mistral": "]"}[style.name]
+    assert parse_tool_calls(required, {"get_weather"}, style)[1][0]["function"]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize(
+    "style, pieces",
+    [
+        (LLAMA3, ["<|python", "_tag|>", '{"name": "get_weather", ', '"parameters": {"city": "Paris"}}']),
+        (LLAMA3, ["{", '"name": "get_weather", "parameters": {}}']),
+        (LLAMA3, ["Sunny ", "and {warm}"]),
+        (MISTRAL, ["Checking. ", "[TOOL", "_CALLS] [", '{"name": "get_weather", "arguments": {}}]']),
+        (MISTRAL, ["[", '{"name": "get_weather", "arguments": {}}]']),
+        (MISTRAL, ["A [list] of things"]),
+    ],
+)
+def test_hold_back_in_each_style_streams_what_parse_tool_calls_would_answer(style, pieces):
+    hold = CallHoldBack(bare=True, style=style)
+    sent = "".join(hold.push(p) for p in pieces)
+    names = {"get_weather"}
+    rest, calls = parse_tool_calls(hold.held, names, style)
+    whole_content, whole_calls = parse_tool_calls("".join(pieces), names, style)
+    assert style.opener not in sent
+    assert [c["function"] for c in calls] == [c["function"] for c in whole_calls]
+    assert (sent + rest).strip() == whole_content.strip()

@@ -19,6 +19,7 @@ from openft.eval.questions import Question
 from openft.eval.scores import Embedder, contains, exact_match, rouge_l, tool_call_scores
 from openft.eval.verdict import TrainingSignals, Verdict, judge
 from openft.fileio import atomic_write
+from openft.models.tools import HERMES, ToolStyle
 
 # A question counts as improved (or worse) when its score moved by more than this
 # (scores are 0..1): smaller moves are rewording, not better or worse answers.
@@ -69,8 +70,10 @@ def build_comparison(
     after_model: str,
     embedder: Embedder | None = None,
     signals: TrainingSignals | None = None,
+    tool_styles: tuple[ToolStyle, ToolStyle] = (HERMES, HERMES),
 ) -> Comparison:
-    """Score and summarise; with `signals`, also judge the run (`comparison.verdict`)."""
+    """Score and summarise; with `signals`, also judge the run (`comparison.verdict`).
+    `tool_styles`: how the before and after models write tool calls (their templates')."""
     if not (len(questions) == len(before_answers) == len(after_answers)):
         raise ValueError(
             f"{len(questions)} questions but {len(before_answers)} before and {len(after_answers)} after answers"
@@ -95,9 +98,11 @@ def build_comparison(
                 before=before_answers[i],
                 after=after_answers[i],
                 before_scores=_with_tools(
-                    _score(before_answers[i], q.reference, sims_before.get(i)), before_answers[i], q
+                    _score(before_answers[i], q.reference, sims_before.get(i)), before_answers[i], q, tool_styles[0]
                 ),
-                after_scores=_with_tools(_score(after_answers[i], q.reference, sims_after.get(i)), after_answers[i], q),
+                after_scores=_with_tools(
+                    _score(after_answers[i], q.reference, sims_after.get(i)), after_answers[i], q, tool_styles[1]
+                ),
             )
         )
     summary = summarise(rows)
@@ -111,10 +116,10 @@ def _score(answer: str, reference: str | None, similarity: float | None) -> Scor
     return Scores(exact_match(answer, reference), contains(answer, reference), rouge_l(answer, reference), similarity)
 
 
-def _with_tools(scores: Scores, answer: str, q: Question) -> Scores:
+def _with_tools(scores: Scores, answer: str, q: Question, style: ToolStyle) -> Scores:
     if q.tool_call is not None:
         scores.right_tool, scores.valid_arguments, scores.expected_arguments = tool_call_scores(
-            answer, q.tool_call, q.tools or []
+            answer, q.tool_call, q.tools or [], style
         )
     return scores
 

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from openft.data.tools import schema_problem
-from openft.models.tools import parse_tool_calls
+from openft.models.tools import HERMES, ToolStyle, parse_tool_calls
 
 # Ideographs, kana and hangul syllables: scripts scored one character at a time.
 _CJK_RANGES = (
@@ -102,11 +102,14 @@ def rouge_l(answer: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def tool_call_scores(answer: str, expected: dict, tools: list[dict]) -> tuple[bool, bool, bool | None]:
-    """(right tool, valid arguments, expected arguments) of the answer's first call;
-    an answer with no call gets (False, False, False), and the third is None when
-    the question gives no arguments to compare with."""
-    _, calls = parse_tool_calls(answer, {t["function"]["name"] for t in tools})  # as the server reads it
+def tool_call_scores(
+    answer: str, expected: dict, tools: list[dict], style: ToolStyle = HERMES
+) -> tuple[bool, bool, bool | None]:
+    """(right tool, valid arguments, expected arguments) of the answer's first call,
+    read in the answering model's `style`; an answer with no call gets (False,
+    False, False), and the third is None when the question gives no arguments to
+    compare with."""
+    _, calls = parse_tool_calls(answer, {t["function"]["name"] for t in tools}, style)  # as the server reads it
     want = expected.get("arguments")
     if not calls:
         return False, False, None if want is None else False

@@ -15,8 +15,18 @@ and served with, its end of turn stops generation.
 
 from __future__ import annotations
 
-# End-of-turn tokens of common chat templates; one counts when the template writes it.
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "</s>")
+# End-of-turn tokens of common chat templates; one counts when the template writes it
+# (Llama 3.1 ends a turn that calls a tool with <|eom_id|>).
+END_OF_TURN = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "</s>",
+)
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:

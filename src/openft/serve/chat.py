@@ -39,11 +39,13 @@ from starlette.concurrency import run_in_threadpool
 
 from openft.models.reasoning import THINK_OPEN, ReasoningStream, is_reasoning_model, prompt_opens_block, split_reasoning
 from openft.models.tools import (
+    HERMES,
     CallHoldBack,
+    ToolStyle,
     forced_call_prefill,
     parse_tool_calls,
-    reads_tool_call_blocks,
     template_message,
+    tool_style,
 )
 from openft.serve import schemas as S
 from openft.serve.auth import owner
@@ -352,11 +354,14 @@ def _total(usages: list[Usage]) -> Usage:
 class ToolUse:
     """What a chat request does with tools: `tools` rendered into the prompt (None:
     no tools in play, the answer is plain text), and `prefill`, the forced start of
-    the answer (tool_choice "required" or a named function)."""
+    the answer (tool_choice "required" or a named function), in the model's `style`
+    of writing calls, which is known once the model's template is (`_chat_ids`)."""
 
     tools: list[dict] | None = None
     prefill: str = ""
     parallel: bool = True  # parallel_tool_calls: false keeps the first call only
+    forced: str | None = None  # tool_choice: None (auto), "" ("required") or the named tool
+    style: ToolStyle = HERMES
 
 
 @dataclass
@@ -425,17 +430,16 @@ def _tool_use(body: ChatRequest) -> ToolUse:
         raise APIError(400, "tool_choice: needs a non-empty tools list", param="tool_choice", code="invalid_value")
     if not tools or choice == "none":
         return ToolUse()
-    prefill = ""
+    forced = None
     if choice == "required":
-        prefill = forced_call_prefill()
+        forced = ""
     elif isinstance(choice, NamedToolChoice):
-        name = choice.function.name
-        if name not in {t["function"]["name"] for t in tools}:
+        forced = choice.function.name
+        if forced not in {t["function"]["name"] for t in tools}:
             raise APIError(
-                400, f"tool_choice: no tool named {name[:64]!r} in tools", param="tool_choice", code="invalid_value"
+                400, f"tool_choice: no tool named {forced[:64]!r} in tools", param="tool_choice", code="invalid_value"
             )
-        prefill = forced_call_prefill(name)
-    return ToolUse(tools, prefill, body.parallel_tool_calls is not False)
+    return ToolUse(tools, parallel=body.parallel_tool_calls is not False, forced=forced)
 
 
 def _chat_ids(body: ChatRequest, use: ToolUse):
@@ -443,15 +447,20 @@ def _chat_ids(body: ChatRequest, use: ToolUse):
     history_calls = any(m.tool_calls for m in body.messages)
 
     def encode(engine, handle, tok) -> list[list[int]]:
-        if (use.tools is not None or history_calls) and not reads_tool_call_blocks(getattr(tok, "chat_template", None)):
+        style = tool_style(getattr(tok, "chat_template", None))
+        if (use.tools is not None or history_calls) and style is None:
             param = "tools" if body.tools else "messages"
             raise APIError(
                 400,
                 f"{param}: model {body.model} cannot use tools: its chat template does not render tool definitions "
-                "and <tool_call> blocks (Qwen2.5's does)",
+                "and calls in a form openft reads (Qwen2.5's <tool_call> blocks, Llama 3.1's JSON calls, "
+                "Mistral's [TOOL_CALLS])",
                 param=param,
                 code="unsupported_parameter",
             )
+        if style is not None:
+            use.style = style
+            use.prefill = "" if use.forced is None else forced_call_prefill(use.forced or None, style)
         from jinja2.exceptions import TemplateError
 
         try:
@@ -530,7 +539,7 @@ def assistant_message(
         message["content"] = text
     if use.tools is None:
         return message, finish
-    content, calls = parse_tool_calls(use.prefill + text, {t["function"]["name"] for t in use.tools})
+    content, calls = parse_tool_calls(use.prefill + text, {t["function"]["name"] for t in use.tools}, use.style)
     calls = calls if use.parallel else calls[:1]
     message["content"] = content or (None if calls else "")
     if calls:
@@ -639,7 +648,7 @@ async def _stream(prep: Prepared, params: SamplingParams, head: dict, chat: bool
     def tooled(index, item: Delta):
         """With tools in play: the content that can only be content now; at the end the
         held rest, with its calls in OpenAI's streamed shape (each call with its `index`)."""
-        hold = held.setdefault(index, CallHoldBack(prep.tools.prefill, bare=True))
+        hold = held.setdefault(index, CallHoldBack(prep.tools.prefill, bare=True, style=prep.tools.style))
         text = hold.push(item.text)
         if item.finish_reason is None:
             if not text and item.logprobs is None:
