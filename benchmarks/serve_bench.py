@@ -536,6 +536,8 @@ def main() -> None:
     weights = bench_weights(args.model)  # in the source home: a GGUF converts once, there
     home = Path(tempfile.mkdtemp(prefix="openft-bench-"))
     (home / "models").symlink_to((src_home / "models").resolve(), target_is_directory=True)
+    if (src_home / "builtins").is_dir():  # pulled built-ins' GGUFs: the conversions above were made from them
+        (home / "builtins").symlink_to((src_home / "builtins").resolve(), target_is_directory=True)
     env["OPENFT_HOME"] = os.environ["OPENFT_HOME"] = str(home)
     global MODEL
     MODEL = bench_model(args.model, weights)
@@ -557,7 +559,11 @@ def main() -> None:
         names = make_adapters(home, N_ADAPTERS)
         from transformers import AutoTokenizer
 
+        from openft.models.templates import apply_template
+
         tok = AutoTokenizer.from_pretrained(weights)
+        # The template the server renders with (a base without one, Gemma 3 270M: its family's).
+        apply_template(tok, json.loads((weights / "config.json").read_text()))
         prompts = make_prompts(tok, 16, prompt_tokens)
         lengths = [prompt_length(tok, p) for p in prompts]
         result["prompt_tokens_mean"] = statistics.mean(lengths)

@@ -199,3 +199,23 @@ def test_a_cached_conversion_of_another_gguf_is_not_reused(own_home, tmp_path):
     assert not is_materialised(src)
     (cache / "SOURCE").write_text(f"{tmp_path / 'b.gguf'}\n")
     assert is_materialised(src)
+
+
+def test_the_same_gguf_through_a_linked_folder_is_the_same_conversion(own_home, tmp_path):
+    """A second home whose builtins folder links to the first's names the same GGUF by
+    another path: its conversion is reused, not redone (before, two such homes
+    converted a shared cache back and forth, 60 s each time for the Qwen built-in)."""
+    real = tmp_path / "builtins"
+    real.mkdir()
+    (real / "b.gguf").write_bytes(b"GGUF")
+    (tmp_path / "linked").symlink_to(real, target_is_directory=True)
+    src = ModelSource(name="n", kind="gguf", path=tmp_path / "linked" / "b.gguf")
+    cache = src.cache_dir
+    cache.mkdir(parents=True)
+    (cache / "config.json").write_text("{}")
+    (cache / "model.safetensors").write_bytes(b"")
+    (cache / "SOURCE").write_text(f"{real / 'b.gguf'}\n")
+    assert is_materialised(src)
+    (real / "c.gguf").write_bytes(b"GGUF")
+    (cache / "SOURCE").write_text(f"{real / 'c.gguf'}\n")
+    assert not is_materialised(src)

@@ -107,7 +107,10 @@ def is_materialised(source: ModelSource) -> bool:
     if not ((target / "config.json").exists() and any(target.glob("*.safetensors"))):
         return False
     made_from = target / "SOURCE"
-    return not made_from.exists() or Path(made_from.read_text().strip()) == Path(source.path)
+    # The real files compared: a home whose builtins folder links to another's (the
+    # serving benchmark's scratch home) names the same GGUF by another path, and
+    # comparing the names made the two homes convert the shared cache back and forth.
+    return not made_from.exists() or Path(made_from.read_text().strip()).resolve() == Path(source.path).resolve()
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
