@@ -29,22 +29,25 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from openft.faults import fault_point
+from openft.heap import release_free_memory
+from openft.mapped import FileMaps
 from openft.train import checkpoint
 from openft.train.distributed import World
+from openft.train.loss import HEAD_METHOD, chunked_head_loss
 
 DCP_DIR = "dcp"  # inside a checkpoint folder: the sharded model and optimizer
 
 
 def shard(model: nn.Module, root: nn.Module) -> None:
     """FSDP2 over `model`: one group per decoder layer (its weights are gathered
-    just for its forward and backward), one for an untied input embedding, then
-    `root` (the loss module that holds `model`) for the rest: the final norm and
-    the head (the chunked loss reads the head's weight itself, so it stays with the
-    root; a tied embedding shares that weight and stays with it too). `root` is
-    what the recipe calls, so the root's hooks run. The root's weights stay
-    gathered from forward to backward with their whole gradient beside them: an
-    untied 151k-vocabulary embedding held there too (Qwen 0.5B, 545 MB in fp32)
-    kept each of 2 ranks at 0.935 of one rank's peak."""
+    just for its forward and backward), one each for an untied input embedding and
+    an untied head, then `root` (the loss module that holds `model`) for the rest:
+    the final norm, and a tied embedding with the head that shares its weight.
+    `root` is what the recipe calls, so the root's hooks run. The root's weights
+    stay gathered from forward to backward with their whole gradient beside them:
+    an untied 151k-vocabulary embedding held there too (Qwen 0.5B, 545 MB in fp32)
+    kept each of 2 ranks at 0.935 of one rank's peak. The chunked loss reads the
+    head's weight itself, so it runs as an FSDP forward method of the head."""
     from torch.distributed.fsdp import fully_shard
 
     layers = getattr(model.get_decoder(), "layers", None)
@@ -57,8 +60,25 @@ def shard(model: nn.Module, root: nn.Module) -> None:
     if head is None or head.weight is not emb.weight:
         own_memory(emb)
         fully_shard(emb)
+        if head is not None:
+            shard_head(head)
     own_memory(root)
     fully_shard(root)
+    # The whole weights each rank loaded are freed now, but the allocator would keep
+    # them (tcmalloc holds what is freed): back to the OS, which counts them per rank.
+    release_free_memory()
+
+
+def shard_head(head: nn.Module) -> None:
+    """An untied head in a group of its own, its loss a forward method of it."""
+    import types
+
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    own_memory(head)
+    setattr(head, HEAD_METHOD, types.MethodType(chunked_head_loss, head))
+    fully_shard(head)
+    register_fsdp_forward_method(head, HEAD_METHOD)
 
 
 @torch.no_grad()
@@ -67,10 +87,13 @@ def own_memory(module: nn.Module) -> None:
     from safetensors is a view of the memory-mapped file, and FSDP2's shards keep
     views of it: the whole file stayed mapped, its touched pages resident (382 MB
     per rank for the 135M built-in, more than its shard). Done a layer at a time,
-    so the copies never add up to a second model."""
+    so the copies never add up to a second model; each is copied a chunk at a time
+    with the file's pages handed back as it goes (`openft.mapped`), since pages
+    read from the mapping stay resident too."""
+    maps = FileMaps()
     for p in module.parameters():
         if not getattr(p, "_openft_owned", False):
-            p.data = p.data.clone()
+            p.data = maps.copy(p.data, p.dtype)
             p._openft_owned = True
 
 
