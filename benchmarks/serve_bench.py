@@ -13,6 +13,7 @@ built-in model, e.g. OPENFT_HOME=.openft-home):
   .venv/bin/python benchmarks/serve_bench.py --quick    # under 2 minutes
   .venv/bin/python benchmarks/serve_bench.py --json     # one JSON object on stdout (table on stderr)
   .venv/bin/python benchmarks/serve_bench.py --device cuda   # GPU: bf16 server and baseline
+  .venv/bin/python benchmarks/serve_bench.py --quick --cpu-isa avx2   # as a CPU without AVX512/AMX
 
 Workload. Prompts are chat conversations built from rows of
 ../shared/datasets/alpaca_en_demo.json: earlier rows as previous user/assistant

@@ -98,6 +98,9 @@ Commands (from the repo root; OPENFT_HOME must hold the converted built-in):
   OPENFT_HOME=.openft-home .venv/bin/python benchmarks/train_bench.py --quick
   OPENFT_HOME=.openft-home .venv/bin/python benchmarks/train_bench.py --json
   OPENFT_HOME=.openft-home .venv/bin/python benchmarks/train_bench.py --method full --json
+  # another built-in; another kind of CPU on this one (avx512_bf16: AMX off; avx2:
+  # AVX512 and AMX off), every configuration re-run with oneDNN, MKL and ATen capped:
+  OPENFT_HOME=... .venv/bin/python benchmarks/train_bench.py --quick --model gemma-3-270m --cpu-isa avx2
   # GPU (bf16; all four configurations in bf16 there):
   OPENFT_HOME=... python benchmarks/train_bench.py --device cuda --json
 --quick uses 16 short rows (<= 128 tokens) + 8 held-out rows, 1 epoch,
