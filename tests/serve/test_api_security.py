@@ -269,6 +269,24 @@ def test_sigterm_stops_the_worker_and_restarts_nothing(tmp_path_factory, session
     assert _workers_of(s.proc.pid) == []
 
 
+def test_the_worker_beside_the_api_yields_the_cpu_to_it(tmp_path_factory, session_home):
+    """The supervised worker (and so its training) runs at a lower CPU priority than
+    the server, whose requests come first; a worker restarted later does too."""
+    from openft.serve.app import WORKER_NICE
+
+    s = Server(_home(tmp_path_factory, session_home, "security-nice")).start()
+    try:
+        worker = s.health()["worker_pid"]
+        server_nice = os.getpriority(os.PRIO_PROCESS, s.proc.pid)
+        assert os.getpriority(os.PRIO_PROCESS, worker) == min(19, server_nice + WORKER_NICE)
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: s.health()["worker_pid"] not in (None, worker), timeout=60, every=0.2)
+        again = s.health()["worker_pid"]
+        assert os.getpriority(os.PRIO_PROCESS, again) == min(19, server_nice + WORKER_NICE)
+    finally:
+        s.stop()
+
+
 def test_restart_delays_grow_are_capped_and_reset():
     from openft.serve.app import RestartPolicy
 
