@@ -69,6 +69,12 @@ def safe_ranges(smaps: str) -> list[tuple[int, int]]:
     return out
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The addresses [start, end) of a contiguous tensor's elements."""
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
 class FileMaps:
     """This process's droppable file mappings, read once (/proc/self/smaps): valid
     while nothing writes into them, as while a loop converts a model's weights."""
@@ -84,8 +90,7 @@ class FileMaps:
     def covers(self, t: torch.Tensor) -> bool:
         if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0 or _madvise() is None:
             return False
-        start = t.data_ptr()
-        end = start + t.numel() * t.element_size()
+        start, end = _span(t)
         return any(lo <= start and end <= hi for lo, hi in self.ranges)
 
     def drop(self, t: torch.Tensor) -> int:
@@ -93,10 +98,9 @@ class FileMaps:
         handed back (0 when nothing was)."""
         if not self.covers(t):
             return 0
-        start = t.data_ptr()
+        start, end = _span(t)
         page = mmap.PAGESIZE
-        lo = -(-start // page) * page  # whole pages inside the tensor only
-        hi = (start + t.numel() * t.element_size()) // page * page
+        lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
         return hi - lo if hi > lo and _madvise()(lo, hi - lo, MADV_DONTNEED) == 0 else 0
 
     def copy(self, src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from .conftest import in_process_app, scripted_sampler
-from .test_api_tools import ASK, TOOLS, post, sse
+from .test_api_tools import ASK, TOOLS, post, streamed_call
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 STYLES = {
@@ -72,16 +72,8 @@ def test_the_models_call_comes_back_as_tool_calls_without_its_markup(app, openap
 @pytest.mark.parametrize("model", STYLES)
 def test_a_streamed_call_arrives_in_openais_delta_shape(app, openapi, script, model):
     script(STYLES[model][1])
-    r = post(app, {"model": model, "messages": ASK, "tools": TOOLS, "max_tokens": 64, "stream": True})
-    assert r.status_code == 200, r.text
-    chunks = sse(r)
-    for ch in chunks:
-        openapi(ch, "CreateChatCompletionStreamResponse")
-    deltas = [c["choices"][0] for c in chunks if c["choices"]]
-    assert deltas[-1]["finish_reason"] == "tool_calls"
-    calls = [tc for d in deltas for tc in d["delta"].get("tool_calls") or []]
+    _, calls, text = streamed_call(app, openapi, model)
     assert [tc["function"]["name"] for tc in calls] == ["get_weather"]
-    text = "".join(d["delta"].get("content") or "" for d in deltas)
     assert "[TOOL" not in text and "python_tag" not in text and "{" not in text
 
 

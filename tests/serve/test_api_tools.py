@@ -58,6 +58,21 @@ def sse(response: httpx.Response) -> list[dict]:
     return [json.loads(ln) for ln in lines[:-1]]
 
 
+def streamed_call(app, openapi, model: str) -> tuple[list[dict], list[dict], str]:
+    """Stream a tool request to `model` (its answer scripted to a call): the choice's
+    deltas, checked against the schema and ending in "tool_calls", the calls in
+    them, and the streamed content."""
+    r = post(app, {"model": model, "messages": ASK, "tools": TOOLS, "max_tokens": 64, "stream": True})
+    assert r.status_code == 200, r.text
+    chunks = sse(r)
+    for ch in chunks:
+        openapi(ch, "CreateChatCompletionStreamResponse")
+    deltas = [c["choices"][0] for c in chunks if c["choices"]]
+    assert deltas[-1]["finish_reason"] == "tool_calls"
+    calls = [tc for d in deltas for tc in d["delta"].get("tool_calls") or []]
+    return deltas, calls, "".join(d["delta"].get("content") or "" for d in deltas)
+
+
 def test_a_tool_request_to_a_tool_model_is_answered(app, openapi):
     r = post(app, {"model": TOOLY, "messages": ASK, "tools": TOOLS, "max_tokens": 8, "temperature": 0})
     assert r.status_code == 200, r.text
@@ -83,17 +98,9 @@ def test_the_models_call_comes_back_as_tool_calls(app, openapi, script):
 
 def test_streamed_tool_call_arrives_in_openais_delta_shape(app, openapi, script):
     script("Checking. " + CALL_TEXT)
-    r = post(app, {"model": TOOLY, "messages": ASK, "tools": TOOLS, "max_tokens": 64, "stream": True})
-    assert r.status_code == 200, r.text
-    chunks = sse(r)
-    for ch in chunks:
-        openapi(ch, "CreateChatCompletionStreamResponse")
-    deltas = [c["choices"][0] for c in chunks if c["choices"]]
-    assert deltas[-1]["finish_reason"] == "tool_calls"
-    calls = [tc for d in deltas for tc in d["delta"].get("tool_calls") or []]
+    deltas, calls, text = streamed_call(app, openapi, TOOLY)
     assert [(tc["index"], tc["function"]["name"]) for tc in calls] == [(0, "get_weather")]
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
-    text = "".join(d["delta"].get("content") or "" for d in deltas)
     assert text == "Checking." and "<tool_call>" not in text
 
 

@@ -35,11 +35,12 @@ class ToolStyle:
     opener: str  # what starts the calls in the model's output (may be a special token it drops)
     args_key: str  # the key of a call's arguments object
     blocks: bool  # each call its own <tool_call> block (else: the rest of the answer is the calls)
+    forced_start: str  # what a forced answer opens with, before the call's object
 
 
-HERMES = ToolStyle("hermes", TOOL_CALL_TAG, "arguments", True)
-LLAMA3 = ToolStyle("llama3", "<|python_tag|>", "parameters", False)
-MISTRAL = ToolStyle("mistral", "[TOOL_CALLS]", "arguments", False)
+HERMES = ToolStyle("hermes", TOOL_CALL_TAG, "arguments", True, TOOL_CALL_TAG + "\n")
+LLAMA3 = ToolStyle("llama3", "<|python_tag|>", "parameters", False, "")
+MISTRAL = ToolStyle("mistral", "[TOOL_CALLS]", "arguments", False, "[TOOL_CALLS][")
 MISTRAL_ID = 9  # Mistral's templates refuse a call id that is not 9 letters and digits
 _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 _TAGLESS = re.compile(r"\s*\{.*\}\s*$", re.DOTALL)  # a whole answer that is one JSON object
@@ -202,10 +203,9 @@ def _calls_of(body: str, style: ToolStyle) -> list[dict]:
 def forced_call_prefill(name: str | None = None, style: ToolStyle = HERMES) -> str:
     """The start of an answer that must be a tool call (`tool_choice` "required"), or
     a call of the tool `name`: the prompt ends with it, so the model can only go on."""
-    opener = {"hermes": TOOL_CALL_TAG + "\n", "llama3": "", "mistral": MISTRAL.opener + "["}[style.name]
-    if name is None:
-        return opener + ('{"name": ' if style is LLAMA3 else "")
-    return opener + '{"name": ' + json.dumps(name, ensure_ascii=False) + f', "{style.args_key}": '
+    if name is None:  # Llama 3 has no opener to force: the call's object is begun instead
+        return style.forced_start or '{"name": '
+    return style.forced_start + '{"name": ' + json.dumps(name, ensure_ascii=False) + f', "{style.args_key}": '
 
 
 class CallHoldBack:

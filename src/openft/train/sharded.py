@@ -53,36 +53,37 @@ def shard(model: nn.Module, root: nn.Module) -> None:
     layers = getattr(model.get_decoder(), "layers", None)
     if layers is None:
         raise ValueError(f"{type(model).__name__}: no decoder layers to shard (model.get_decoder().layers)")
+    maps = FileMaps()  # one snapshot: nothing writes into the model's file while it is sharded
     for layer in layers:
-        own_memory(layer)
+        own_memory(layer, maps)
         fully_shard(layer)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is None or head.weight is not emb.weight:
-        own_memory(emb)
+        own_memory(emb, maps)
         fully_shard(emb)
         if head is not None:
-            shard_head(head)
-    own_memory(root)
+            shard_head(head, maps)
+    own_memory(root, maps)
     fully_shard(root)
     # The whole weights each rank loaded are freed now, but the allocator would keep
     # them (tcmalloc holds what is freed): back to the OS, which counts them per rank.
     release_free_memory()
 
 
-def shard_head(head: nn.Module) -> None:
+def shard_head(head: nn.Module, maps: FileMaps) -> None:
     """An untied head in a group of its own, its loss a forward method of it."""
     import types
 
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    own_memory(head)
+    own_memory(head, maps)
     setattr(head, HEAD_METHOD, types.MethodType(chunked_head_loss, head))
     fully_shard(head)
     register_fsdp_forward_method(head, HEAD_METHOD)
 
 
 @torch.no_grad()
-def own_memory(module: nn.Module) -> None:
+def own_memory(module: nn.Module, maps: FileMaps) -> None:
     """Give `module`'s weights memory of their own before sharding. A base loaded
     from safetensors is a view of the memory-mapped file, and FSDP2's shards keep
     views of it: the whole file stayed mapped, its touched pages resident (382 MB
@@ -90,7 +91,6 @@ def own_memory(module: nn.Module) -> None:
     so the copies never add up to a second model; each is copied a chunk at a time
     with the file's pages handed back as it goes (`openft.mapped`), since pages
     read from the mapping stay resident too."""
-    maps = FileMaps()
     for p in module.parameters():
         if not getattr(p, "_openft_owned", False):
             p.data = maps.copy(p.data, p.dtype)
