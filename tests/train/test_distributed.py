@@ -112,10 +112,12 @@ def test_two_ranks_end_with_the_weights_of_one(method, reference, tiny_model_dir
     assert sorted(p.name for p in (run / "logs").iterdir())  # the ranks' own output is in the run folder
 
 
-def test_an_untied_embedding_sharded_in_its_own_group_ends_as_one_rank(tiny_tokenizer, data, tmp_path):
+def test_an_untied_embedding_and_head_split_by_rows_end_and_resume_as_one_rank(tiny_tokenizer, data, tmp_path):
     """A model whose head is not its embedding (Mistral's family; Qwen 0.5B as
-    converted): FSDP2 shards the embedding in a group of its own, apart from the
-    root's head, and 2 ranks still end where 1 rank does."""
+    converted): both are split by vocabulary rows across the ranks
+    (`openft.train.vocab_parallel`, not FSDP2 groups), and 2 ranks still end
+    where 1 rank does, also resumed across world sizes (a DCP checkpoint of the
+    split tables on one rank, a one-rank checkpoint split onto two)."""
     from .families import build_family_model
 
     base = build_family_model(tmp_path / "base", "mistral", tiny_tokenizer)
@@ -125,23 +127,31 @@ def test_an_untied_embedding_sharded_in_its_own_group_ends_as_one_rank(tiny_toke
     start = load_file(str(next(base.glob("*.safetensors"))))
     assert "lm_head.weight" in weights(two)  # untied: saved apart from the embedding
     assert update_diff(weights(one), weights(two), start) <= TOL
+    for run in resumed_across_world_sizes(base, data, tmp_path):
+        assert update_diff(weights(one), weights(run), start) <= TOL
 
 
 def test_full_resumes_on_two_ranks_from_one_and_on_one_from_two(reference, tiny_model_dir, data, tmp_path):
-    # One rank, killed in step 5 (checkpoints at 2 and 4), resumed on two ranks.
+    for run in resumed_across_world_sizes(tiny_model_dir, data, tmp_path):
+        assert apart("full", reference["full"], run, tiny_model_dir) <= TOL
+
+
+def resumed_across_world_sizes(model: Path, data: Path, tmp_path: Path) -> list[Path]:
+    """A full fine-tune killed in step 5 (checkpoints at 2 and 4) and resumed on the
+    other world size, both ways; returns the two finished runs."""
+    # One rank, killed, resumed on two ranks.
     a = tmp_path / "one-then-two"
-    died = finetune(tiny_model_dir, data, a, "--method", "full", env={"OPENFT_FAULTS": "step:5"})
+    died = finetune(model, data, a, "--method", "full", env={"OPENFT_FAULTS": "step:5"})
     assert died.returncode != 0 and not (a / "model").exists()
-    ok(finetune(tiny_model_dir, data, a, "--method", "full", "--resume", ranks=2))
-    assert apart("full", reference["full"], a, tiny_model_dir) <= TOL
-    # Two ranks, rank 1 killed in step 5 with no restarts: the run fails naming it; one rank resumes it.
+    ok(finetune(model, data, a, "--method", "full", "--resume", ranks=2))
+    # Two ranks, rank 1 killed with no restarts: the run fails naming it; one rank resumes it.
     b = tmp_path / "two-then-one"
     kill = {"OPENFT_FAULTS": "step:5", "OPENFT_FAULTS_RANK": "1"}
-    died = finetune(tiny_model_dir, data, b, "--method", "full", "--max-restarts", "0", ranks=2, env=kill)
+    died = finetune(model, data, b, "--method", "full", "--max-restarts", "0", ranks=2, env=kill)
     assert died.returncode == 1 and "rank 1" in died.stderr and "SIGKILL" in died.stderr, died.stderr[-2000:]
     assert (b / "checkpoints" / "step-000004" / "dcp").is_dir()
-    ok(finetune(tiny_model_dir, data, b, "--method", "full", "--resume"))
-    assert apart("full", reference["full"], b, tiny_model_dir) <= TOL
+    ok(finetune(model, data, b, "--method", "full", "--resume"))
+    return [a, b]
 
 
 def test_lora_resumes_on_two_ranks_from_one(reference, tiny_model_dir, data, tmp_path):

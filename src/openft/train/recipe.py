@@ -601,12 +601,14 @@ class Recipe:
         )
 
     def gradient_sync(self, last: bool):
-        """Ranks exchange gradients once per optimizer step, in its last backward."""
+        """DDP (LoRA) exchanges gradients once per optimizer step, in its last
+        backward. FSDP2 reduce-scatters after every micro-batch instead: skipping
+        the exchange would keep each layer's whole, unsharded gradient until the
+        step's last backward, the size of the model on every rank (2.5 GB for the
+        0.5B built-in in fp32), which is what sharding is there to avoid."""
         fn = self.loss_fn
         if isinstance(fn, torch.nn.parallel.DistributedDataParallel):
             return contextlib.nullcontext() if last else fn.no_sync()
-        if hasattr(fn, "set_requires_gradient_sync"):  # FSDP2
-            fn.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
     def optimizer_step(self) -> None:

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 from openft.faults import fault_point
 from openft.heap import release_free_memory
 from openft.mapped import FileMaps
-from openft.train import checkpoint
+from openft.train import checkpoint, vocab_parallel
 from openft.train.distributed import World
 from openft.train.loss import HEAD_METHOD, chunked_head_loss
 
@@ -40,37 +40,55 @@ DCP_DIR = "dcp"  # inside a checkpoint folder: the sharded model and optimizer
 
 def shard(model: nn.Module, root: nn.Module) -> None:
     """FSDP2 over `model`: one group per decoder layer (its weights are gathered
-    just for its forward and backward), one each for an untied input embedding and
-    an untied head, then `root` (the loss module that holds `model`) for the rest:
-    the final norm, and a tied embedding with the head that shares its weight.
-    `root` is what the recipe calls, so the root's hooks run. The root's weights
-    stay gathered from forward to backward with their whole gradient beside them:
-    an untied 151k-vocabulary embedding held there too (Qwen 0.5B, 545 MB in fp32)
-    kept each of 2 ranks at 0.935 of one rank's peak. The chunked loss reads the
+    just for its forward and backward), then `root` (the loss module that holds
+    `model`) for the rest: the final norm, and a tied embedding with the head
+    that shares its weight. `root` is what the recipe calls, so the root's hooks
+    run. An untied embedding and head are split by vocabulary rows instead
+    (`openft.train.vocab_parallel`): gathered whole, a 151k-vocabulary table
+    (Qwen 0.5B, 545 MB in fp32) and its gradient kept each of 2 ranks at 0.695 of
+    one rank's peak. One that does not fit that split (a scaled embedding, a head
+    with a bias) gets an FSDP2 group of its own; the chunked loss then reads the
     head's weight itself, so it runs as an FSDP forward method of the head."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     layers = getattr(model.get_decoder(), "layers", None)
     if layers is None:
         raise ValueError(f"{type(model).__name__}: no decoder layers to shard (model.get_decoder().layers)")
+    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
     maps = FileMaps()  # one snapshot: nothing writes into the model's file while it is sharded
     for layer in layers:
         own_memory(layer, maps)
-        fully_shard(layer)
+        fully_shard(layer, mesh=mesh)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    split: set[nn.Parameter] = set()  # split by rows here, left alone by FSDP2
     if head is None or head.weight is not emb.weight:
-        own_memory(emb, maps)
-        fully_shard(emb)
-        if head is not None:
-            shard_head(head, maps)
+        for module, fits, by_rows, own_group in (
+            (emb, vocab_parallel.fits_embedding, vocab_parallel.shard_embedding, _own_group),
+            (head, vocab_parallel.fits_head, vocab_parallel.shard_head, shard_head),
+        ):
+            if module is None:
+                continue
+            if fits(module):
+                by_rows(module, mesh, maps)
+                split.add(module.weight)
+            else:
+                own_group(module, mesh, maps)
     own_memory(root, maps)
-    fully_shard(root)
+    fully_shard(root, mesh=mesh, ignored_params=split)
     # The whole weights each rank loaded are freed now, but the allocator would keep
     # them (tcmalloc holds what is freed): back to the OS, which counts them per rank.
     release_free_memory()
 
 
-def shard_head(head: nn.Module, maps: FileMaps) -> None:
+def _own_group(module: nn.Module, mesh, maps: FileMaps) -> None:
+    own_memory(module, maps)
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(module, mesh=mesh)
+
+
+def shard_head(head: nn.Module, mesh, maps: FileMaps) -> None:
     """An untied head in a group of its own, its loss a forward method of it."""
     import types
 
@@ -78,7 +96,7 @@ def shard_head(head: nn.Module, maps: FileMaps) -> None:
 
     own_memory(head, maps)
     setattr(head, HEAD_METHOD, types.MethodType(chunked_head_loss, head))
-    fully_shard(head)
+    fully_shard(head, mesh=mesh)
     register_fsdp_forward_method(head, HEAD_METHOD)
 
 
