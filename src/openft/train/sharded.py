@@ -43,12 +43,13 @@ def shard(model: nn.Module, root: nn.Module) -> None:
     just for its forward and backward), then `root` (the loss module that holds
     `model`) for the rest: the final norm, and a tied embedding with the head
     that shares its weight. `root` is what the recipe calls, so the root's hooks
-    run. An untied embedding and head are split by vocabulary rows instead
+    run. The embedding and head, tied or not, are split by vocabulary rows instead
     (`openft.train.vocab_parallel`): gathered whole, a 151k-vocabulary table
     (Qwen 0.5B, 545 MB in fp32) and its gradient kept each of 2 ranks at 0.695 of
-    one rank's peak. One that does not fit that split (a scaled embedding, a head
-    with a bias) gets an FSDP2 group of its own; the chunked loss then reads the
-    head's weight itself, so it runs as an FSDP forward method of the head."""
+    one rank's peak. Untied tables that do not fit that split (an embedding with
+    a forward of its own, a head with a bias) get an FSDP2 group each; the chunked
+    loss then reads the head's weight itself, so it runs as an FSDP forward
+    method of the head."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -61,19 +62,18 @@ def shard(model: nn.Module, root: nn.Module) -> None:
         own_memory(layer, maps)
         fully_shard(layer, mesh=mesh)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
     split: set[nn.Parameter] = set()  # split by rows here, left alone by FSDP2
-    if head is None or head.weight is not emb.weight:
-        for module, fits, by_rows, own_group in (
-            (emb, vocab_parallel.fits_embedding, vocab_parallel.shard_embedding, _own_group),
-            (head, vocab_parallel.fits_head, vocab_parallel.shard_head, shard_head),
-        ):
-            if module is None:
-                continue
-            if fits(module):
-                by_rows(module, mesh, maps)
-                split.add(module.weight)
-            else:
-                own_group(module, mesh, maps)
+    if vocab_parallel.fits_embedding(emb) and (head is None or vocab_parallel.fits_head(head)):
+        vocab_parallel.shard_embedding(emb, mesh, maps)
+        split.add(emb.weight)
+        if head is not None:
+            vocab_parallel.shard_head(head, mesh, maps, tied_to=emb.weight if tied else None)
+            split.add(head.weight)
+    elif not tied:  # tied tables that do not split stay with the root
+        _own_group(emb, mesh, maps)
+        if head is not None:
+            shard_head(head, mesh, maps)
     own_memory(root, maps)
     fully_shard(root, mesh=mesh, ignored_params=split)
     # The whole weights each rank loaded are freed now, but the allocator would keep

@@ -1,4 +1,4 @@
-"""An untied embedding and head split by vocabulary rows across the ranks.
+"""The embedding and head (tied or not) split by vocabulary rows across the ranks.
 
 FSDP2 gathers a group's whole weight for its forward and again for its
 backward, and reduce-scatters its whole gradient through a buffer of its own:
@@ -21,7 +21,8 @@ the ranks is the tokens' ids, hidden rows and gradients, a few MB:
   rank's loss scale, 0 for a rank's spare batch) is only known then.
 
 Gradients follow FSDP2's convention, the mean over the ranks of each rank's
-gradient, so the weights end as on one rank.
+gradient, so the weights end as on one rank. A tied head reads the embedding's
+split weight, and autograd adds both uses' gradients into it.
 """
 
 from __future__ import annotations
@@ -37,8 +38,14 @@ from openft.train.loss import HEAD_METHOD, chunk_rows
 
 
 def fits_embedding(emb: nn.Module) -> bool:
-    """A plain nn.Embedding (a scaled one, as Gemma's, keeps its FSDP2 group)."""
-    return type(emb) is nn.Embedding and emb.max_norm is None and not emb.sparse
+    """An nn.Embedding, plain or scaled as Gemma's (its lookup times `embed_scale`);
+    any other subclass keeps an FSDP2 group, since its forward is its own."""
+    plain = type(emb) is nn.Embedding or (
+        isinstance(emb, nn.Embedding)
+        and type(emb).__name__.endswith("ScaledWordEmbedding")
+        and hasattr(emb, "embed_scale")
+    )
+    return plain and emb.max_norm is None and not emb.sparse
 
 
 def fits_head(head: nn.Module) -> bool:
@@ -69,8 +76,13 @@ def shard_embedding(emb: nn.Embedding, mesh, maps) -> None:
     emb.forward = types.MethodType(_embedding_forward, emb)
 
 
-def shard_head(head: nn.Linear, mesh, maps) -> None:
-    _distribute(head, mesh, maps)
+def shard_head(head: nn.Linear, mesh, maps, tied_to: nn.Parameter | None = None) -> None:
+    """The head's loss and forward over its rows; a head tied to an embedding that
+    is split already takes that weight (one parameter, both uses' gradients in it)."""
+    if tied_to is not None:
+        head.weight = tied_to
+    else:
+        _distribute(head, mesh, maps)
     setattr(head, HEAD_METHOD, types.MethodType(_head_loss, head))
     head.forward = types.MethodType(_head_forward, head)
 
@@ -82,7 +94,9 @@ def _where(weight) -> tuple[int, int, int]:
 
 def _embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     lo, world, rank = _where(self.weight)
-    return _Lookup.apply(ids, self.weight.to_local(), lo, world, rank, self.padding_idx)
+    out = _Lookup.apply(ids, self.weight.to_local(), lo, world, rank, self.padding_idx)
+    scale = getattr(self, "embed_scale", None)  # Gemma's: the lookup times sqrt(hidden)
+    return out if scale is None else out * scale.to(out.dtype)
 
 
 def _head_loss(self: nn.Linear, rows: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
