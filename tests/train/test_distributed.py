@@ -217,6 +217,10 @@ def test_launch_requests_are_checked_before_anything_starts(tiny_model_dir, data
     spec.data.path = str(data)
     with pytest.raises(ValueError, match="--output"):
         run_ranks(spec, Launch(nnodes=2, rdzv_endpoint="10.0.0.1:29500"), progress=False)
+    spec.train.objective, spec.output_dir = "dpo", str(tmp_path / "dpo")
+    with pytest.raises(LaunchError, match="DPO trains on one rank"):
+        run_ranks(spec, Launch(nproc_per_node=2), progress=False)
+    assert not (tmp_path / "dpo").exists()
     cmd = torchrun_command(Launch(nnodes=2, node_rank=1, rdzv_endpoint="h:1"), tmp_path / "s.json", tmp_path, False)
     assert "--rdzv-backend=c10d" in cmd and "--node-rank=1" in cmd and "--rdzv-endpoint=h:1" in cmd
     proc = finetune(tiny_model_dir, data, tmp_path / "bad", "--nnodes", "2")
