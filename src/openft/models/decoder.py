@@ -589,11 +589,9 @@ def load(path: Path, dtype: torch.dtype = torch.float32) -> DecoderLM | None:
         generation = json.loads((path / "generation_config.json").read_text())
     except (OSError, ValueError):
         generation = {}
-    from safetensors.torch import load_file
+    from openft.models import weightcache
 
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(f))
+    state = weightcache.load(files, dtype)  # cast once and kept on disk in a non-fp32 dtype
     model = DecoderLM(arch, config, generation)
     tied = arch.tie_word_embeddings
     if tied:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+from openft.models.fasttok import token_id
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # An empty block with the whitespace after it: what a template injects.
 EMPTY_THINK = re.compile(r"<think>\s*</think>\s*")
@@ -25,8 +27,7 @@ def is_reasoning_model(tokenizer) -> bool:
         template = "\n".join(t for t in template.values() if isinstance(t, str))
     if isinstance(template, str) and THINK_OPEN in template:
         return True
-    vocab = tokenizer.get_vocab()
-    return THINK_OPEN in vocab and THINK_CLOSE in vocab
+    return token_id(tokenizer, THINK_OPEN) is not None and token_id(tokenizer, THINK_CLOSE) is not None
 
 
 def split_reasoning(text: str) -> tuple[str | None, str]:

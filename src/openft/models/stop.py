@@ -15,6 +15,8 @@ and served with, its end of turn stops generation.
 
 from __future__ import annotations
 
+from openft.models.fasttok import token_id
+
 # End-of-turn tokens of common chat templates; one counts when the template writes it
 # (Llama 3.1 ends a turn that calls a tool with <|eom_id|>).
 END_OF_TURN = (
@@ -43,10 +45,9 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     for i in extra if isinstance(extra, (list, tuple)) else [extra]:
         add(i)
     template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else ""
-    vocab = tokenizer.get_vocab()
     for t in END_OF_TURN:
-        if t in template and t in vocab:
-            add(vocab[t])
+        if t in template:
+            add(token_id(tokenizer, t))
     if not ids:
         raise ValueError("the model's tokenizer has no end-of-sequence token, so answers would never stop")
     return ids

@@ -1,0 +1,80 @@
+"""The serving dtype's weights cached on disk (`openft.models.weightcache`): cast
+once, then mapped; a changed source is cast again, never served stale; a cache
+that cannot be written or read only costs the cast; fp32 and sources already in
+the dtype are never copied."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from openft.models import weightcache
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENFT_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _source(d, seed: int):
+    d.mkdir(exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"a.weight": torch.randn(64, 32, generator=g), "b.ids": torch.arange(5)}
+    save_file(tensors, d / "model.safetensors")
+    return [d / "model.safetensors"], tensors
+
+
+def test_cast_once_then_read_back_and_a_changed_source_is_cast_again(home, tmp_path):
+    files, tensors = _source(tmp_path / "m", seed=0)
+    first = weightcache.load(files, torch.bfloat16)
+    where = weightcache.cache_dir(files, torch.bfloat16)
+    assert (where / weightcache.WEIGHTS).is_file() and (where / weightcache.SOURCE).is_file()
+    assert torch.equal(first["a.weight"], tensors["a.weight"].to(torch.bfloat16))
+    assert first["b.ids"].dtype == torch.int64  # only floating tensors are cast
+    again = weightcache.load(files, torch.bfloat16)
+    assert torch.equal(again["a.weight"], first["a.weight"]) and torch.equal(again["b.ids"], tensors["b.ids"])
+    # The source rewritten (another model saved in the same folder): new weights, not the cached ones.
+    _, changed = _source(tmp_path / "m", seed=1)
+    os.utime(files[0], ns=(1, 1))  # even a file that kept its size and got an old mtime differs in SOURCE
+    got = weightcache.load(files, torch.bfloat16)
+    assert torch.equal(got["a.weight"], changed["a.weight"].to(torch.bfloat16))
+    assert torch.equal(weightcache.load(files, torch.bfloat16)["a.weight"], got["a.weight"])
+
+
+def test_a_corrupt_or_unwritable_cache_only_costs_the_cast(home, tmp_path):
+    files, tensors = _source(tmp_path / "m", seed=0)
+    want = tensors["a.weight"].to(torch.bfloat16)
+    weightcache.load(files, torch.bfloat16)
+    where = weightcache.cache_dir(files, torch.bfloat16)
+    (where / weightcache.WEIGHTS).write_bytes(b"not safetensors")  # SOURCE still says it is current
+    assert torch.equal(weightcache.load(files, torch.bfloat16)["a.weight"], want)
+    assert torch.equal(weightcache.load(files, torch.bfloat16)["a.weight"], want)  # and it was rewritten
+    other, t2 = _source(tmp_path / "n", seed=2)
+    blocked = weightcache.cache_dir(other, torch.bfloat16)
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("a file where the cache folder would go")
+    assert torch.equal(weightcache.load(other, torch.bfloat16)["a.weight"], t2["a.weight"].to(torch.bfloat16))
+
+
+def test_fp32_and_sources_already_in_the_dtype_are_not_copied(home, tmp_path):
+    files, tensors = _source(tmp_path / "m", seed=0)
+    assert torch.equal(weightcache.load(files, torch.float32)["a.weight"], tensors["a.weight"])
+    save_file({"a.weight": tensors["a.weight"].to(torch.bfloat16)}, tmp_path / "m" / "model.safetensors")
+    assert weightcache.load(files, torch.bfloat16)["a.weight"].dtype == torch.bfloat16
+    assert not (home / "cache").exists()
+
+
+def test_a_served_model_from_the_cache_gives_the_same_logits(home, tiny_model_dir):
+    from openft.models import decoder
+
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    cold = decoder.load(tiny_model_dir, torch.bfloat16)
+    assert any(weightcache.cache_dir(sorted(tiny_model_dir.glob("*.safetensors")), torch.bfloat16).iterdir())
+    warm = decoder.load(tiny_model_dir, torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(cold(ids, use_cache=False).logits, warm(ids, use_cache=False).logits)
+    assert next(warm.parameters()).dtype == torch.bfloat16
