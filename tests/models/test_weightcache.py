@@ -6,6 +6,7 @@ the dtype are never copied."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -58,6 +59,31 @@ def test_a_corrupt_or_unwritable_cache_only_costs_the_cast(home, tmp_path):
     blocked.parent.mkdir(parents=True, exist_ok=True)
     blocked.write_text("a file where the cache folder would go")
     assert torch.equal(weightcache.load(other, torch.bfloat16)["a.weight"], t2["a.weight"].to(torch.bfloat16))
+
+
+def test_a_write_that_fails_midway_leaves_no_cache_and_still_serves(home, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    files, tensors = _source(tmp_path / "m", seed=0)
+
+    def full_disk(state, path):
+        open(path, "wb").write(b"partial")
+        raise safetensors.SafetensorError("I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    got = weightcache.load(files, torch.bfloat16)
+    assert torch.equal(got["a.weight"], tensors["a.weight"].to(torch.bfloat16))
+    where = weightcache.cache_dir(files, torch.bfloat16)
+    assert sorted(p.name for p in where.iterdir()) == []  # no SOURCE, no half-written weights
+
+
+def test_no_cache_where_it_would_leave_the_disk_nearly_full(home, tmp_path, monkeypatch):
+    files, tensors = _source(tmp_path / "m", seed=0)
+    monkeypatch.setattr(weightcache, "room_for", lambda where, nbytes: False)
+    got = weightcache.load(files, torch.bfloat16)
+    assert torch.equal(got["a.weight"], tensors["a.weight"].to(torch.bfloat16))
+    assert not (weightcache.cache_dir(files, torch.bfloat16) / weightcache.WEIGHTS).exists()
+    assert not weightcache.room_for(tmp_path, shutil.disk_usage(tmp_path).total)  # no disk has that to spare
 
 
 def test_fp32_and_sources_already_in_the_dtype_are_not_copied(home, tmp_path):

@@ -11,7 +11,8 @@ cache and read as the first forward touches them).
 One cache file per source folder and dtype: its SOURCE records the source
 files' names, sizes and modification times, and a source that changed is cast
 again over the old copy. A cache that cannot be written (a full disk, a
-read-only home) only costs the cast; one that is unreadable is cast again.
+read-only home) only costs the cast; one that is unreadable is cast again. It
+is not written where it would leave the disk under 1 GiB or a tenth free.
 """
 
 from __future__ import annotations
@@ -67,6 +68,16 @@ def load(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return state
 
 
+def room_for(where: Path, nbytes: int) -> bool:
+    """Whether writing `nbytes` leaves the disk at least 1 GiB and a tenth of its
+    size free: the cache must never be what fills the disk that checkpoints and
+    the job store write to."""
+    import shutil
+
+    disk = shutil.disk_usage(where)
+    return disk.free - nbytes >= max(1 << 30, disk.total // 10)
+
+
 def _write(where: Path, state: dict[str, torch.Tensor], source: list[list]) -> None:
     """Write the cache atomically: the weights under a temp name, renamed, then SOURCE."""
     from safetensors.torch import save_file
@@ -74,6 +85,9 @@ def _write(where: Path, state: dict[str, torch.Tensor], source: list[list]) -> N
     tmp = None
     try:
         where.mkdir(parents=True, exist_ok=True)
+        if not room_for(where, sum(v.nbytes for v in state.values())):
+            log.info("not caching the weights in %s: the disk would be left with too little free space", where)
+            return
         (where / SOURCE).unlink(missing_ok=True)  # no SOURCE: the weights are never trusted half-written
         fd, tmp = tempfile.mkstemp(dir=where, prefix=".weights.", suffix=".tmp")
         os.close(fd)
@@ -81,7 +95,8 @@ def _write(where: Path, state: dict[str, torch.Tensor], source: list[list]) -> N
         os.replace(tmp, where / WEIGHTS)
         tmp = None
         (where / SOURCE).write_text(json.dumps(source))
-    except (OSError, RuntimeError, ValueError) as e:  # the cache is optional: serve uncached
+    except Exception as e:  # noqa: BLE001 - a full disk is safetensors' own error: serve uncached
+        # The cache is optional: whatever stops the write (ENOSPC, a read-only home) costs only the cast.
         log.warning("could not cache the weights in %s: %s", where, e)
     finally:
         if tmp is not None:
