@@ -70,7 +70,7 @@ def test_a_write_that_fails_midway_leaves_no_cache_and_still_serves(home, tmp_pa
         open(path, "wb").write(b"partial")
         raise safetensors.SafetensorError("I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(weightcache, "save_file", full_disk)
     got = weightcache.load(files, torch.bfloat16)
     assert torch.equal(got["a.weight"], tensors["a.weight"].to(torch.bfloat16))
     where = weightcache.cache_dir(files, torch.bfloat16)

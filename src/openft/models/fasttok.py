@@ -18,7 +18,7 @@ import json
 import threading
 from collections.abc import Mapping
 from datetime import datetime
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from types import MappingProxyType
 
@@ -67,7 +67,6 @@ def _compile(template: str):
 
 
 _BACKENDS: dict[str, object] = {}  # sha256 of a tokenizer.json -> its Tokenizer
-_VOCABS: dict[int, dict[str, int]] = {}  # id of a cached Tokenizer -> its vocabulary, built on first use
 _BACKENDS_LOCK = threading.Lock()
 
 
@@ -90,15 +89,12 @@ def shared_backend(tokenizer_json: Path):
         return _BACKENDS[key]
 
 
+@cache
 def _vocab_of(backend) -> dict[str, int]:
     """The whole vocabulary as a dict, made once per backend when first asked for:
     0.36 s for Gemma 3's 262k entries, which neither encoding nor the special
     tokens need."""
-    with _BACKENDS_LOCK:
-        vocab = _VOCABS.get(id(backend))
-        if vocab is None:
-            vocab = _VOCABS[id(backend)] = backend.get_vocab(with_added_tokens=True)
-        return vocab
+    return backend.get_vocab(with_added_tokens=True)
 
 
 class LightTokenizer:

@@ -21,10 +21,12 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from openft.home import home
 
@@ -50,8 +52,6 @@ def source_of(files: list[Path]) -> list[list]:
 
 def load(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The tensors of `files`, the floating ones in `dtype`."""
-    from safetensors.torch import load_file
-
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(f))  # mapped, not read: only the header is parsed here
@@ -72,16 +72,12 @@ def room_for(where: Path, nbytes: int) -> bool:
     """Whether writing `nbytes` leaves the disk at least 1 GiB and a tenth of its
     size free: the cache must never be what fills the disk that checkpoints and
     the job store write to."""
-    import shutil
-
     disk = shutil.disk_usage(where)
     return disk.free - nbytes >= max(1 << 30, disk.total // 10)
 
 
 def _write(where: Path, state: dict[str, torch.Tensor], source: list[list]) -> None:
     """Write the cache atomically: the weights under a temp name, renamed, then SOURCE."""
-    from safetensors.torch import save_file
-
     tmp = None
     try:
         where.mkdir(parents=True, exist_ok=True)

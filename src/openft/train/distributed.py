@@ -29,6 +29,12 @@ class LaunchError(ValueError):
     """A launch request that cannot run (bad counts, a missing rendezvous endpoint)."""
 
 
+def check_objective(objective: str) -> None:
+    """What several ranks cannot train yet (LaunchError): DPO."""
+    if objective == "dpo":
+        raise LaunchError("DPO trains on one rank for now: run it without --nproc-per-node/--nnodes")
+
+
 @dataclass(frozen=True)
 class Launch:
     """How many training processes, where: torchrun's `--nproc-per-node`,

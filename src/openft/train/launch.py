@@ -26,7 +26,7 @@ from pathlib import Path
 from openft.config import JobSpec
 from openft.fileio import atomic_write
 from openft.train import rank as rank_files
-from openft.train.distributed import Launch, LaunchError
+from openft.train.distributed import Launch, check_objective
 from openft.train.progress import ProgressBar
 from openft.train.recipe import ControlFn, EventFn, Interrupted, TrainResult, default_run_dir
 
@@ -100,8 +100,7 @@ def run_ranks(
     progress: bool = True,
 ) -> TrainResult:
     """Train `spec` on `launch`'s ranks; returns or raises as `finetune` does."""
-    if spec.train.objective == "dpo":  # refused before any rank loads the model
-        raise LaunchError("DPO trains on one rank for now: run it without --nproc-per-node/--nnodes")
+    check_objective(spec.train.objective)  # refused before any rank loads the model
     run_dir = prepare_run_dir(spec, launch, resume)
     dist_dir = run_dir / rank_files.DIST_DIR
     reporter = launch.node_rank == 0  # this node's process relays events and control

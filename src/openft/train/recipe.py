@@ -38,7 +38,7 @@ from openft.models.load import LoadedModel, hash_weights, load_model
 from openft.models.templates import resolve_template
 from openft.train import checkpoint, distributed, dpo, sharded
 from openft.train.batching import MicroBatch, Step, collate, micro_batches, plan_steps
-from openft.train.distributed import World
+from openft.train.distributed import World, check_objective
 from openft.train.hparams import lr_at, resolve_lora, resolve_train
 from openft.train.lora import LoraParams, apply_lora, default_targets, save_adapter
 from openft.train.loss import causal_lm_loss
@@ -373,8 +373,8 @@ class Recipe:
         self.data = prepare_data(self.spec, tok, context, template)
         if not self.data.train_enc:
             raise ValueError("no training example has a trained token left (all fully masked or truncated)")
-        if self.spec.train.objective == "dpo" and self.world.distributed:
-            raise ValueError("DPO trains on one rank for now: run it without --nproc-per-node/--nnodes")
+        if self.world.distributed:
+            check_objective(self.spec.train.objective)
         if self.world.distributed and torch.cuda.is_available():
             self.model.to(self.world.device())  # NCCL: each rank on its own GPU (untested without one)
         self.device = next(self.model.parameters()).device

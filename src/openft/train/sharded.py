@@ -41,8 +41,8 @@ DCP_DIR = "dcp"  # inside a checkpoint folder: the sharded model and optimizer
 def shard(model: nn.Module, root: nn.Module) -> None:
     """FSDP2 over `model`: one group per decoder layer (its weights are gathered
     just for its forward and backward), then `root` (the loss module that holds
-    `model`) for the rest: the final norm, and a tied embedding with the head
-    that shares its weight. `root` is what the recipe calls, so the root's hooks
+    `model`) for the rest: the final norm (and tied tables that cannot be split
+    by rows). `root` is what the recipe calls, so the root's hooks
     run. The embedding and head, tied or not, are split by vocabulary rows instead
     (`openft.train.vocab_parallel`): gathered whole, a 151k-vocabulary table
     (Qwen 0.5B, 545 MB in fp32) and its gradient kept each of 2 ranks at 0.695 of
@@ -59,8 +59,7 @@ def shard(model: nn.Module, root: nn.Module) -> None:
     mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
     maps = FileMaps()  # one snapshot: nothing writes into the model's file while it is sharded
     for layer in layers:
-        own_memory(layer, maps)
-        fully_shard(layer, mesh=mesh)
+        _own_group(layer, mesh, maps)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is emb.weight
     split: set[nn.Parameter] = set()  # split by rows here, left alone by FSDP2
@@ -82,9 +81,10 @@ def shard(model: nn.Module, root: nn.Module) -> None:
 
 
 def _own_group(module: nn.Module, mesh, maps: FileMaps) -> None:
-    own_memory(module, maps)
+    """`module` in an FSDP2 group of its own, its weights owned first."""
     from torch.distributed.fsdp import fully_shard
 
+    own_memory(module, maps)
     fully_shard(module, mesh=mesh)
 
 

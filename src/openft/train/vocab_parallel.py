@@ -60,13 +60,11 @@ def first_row(vocab: int, world: int, rank: int) -> int:
 def _distribute(module: nn.Module, mesh, maps) -> None:
     """The module's weight as this rank's rows only (every rank loaded the same
     weights: no communication), copied out of the model file's mapping."""
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     w = module.weight
     mine = distribute_tensor(w.detach(), mesh, [Shard(0)], src_data_rank=None)
     local = maps.copy(mine.to_local(), w.dtype)
-    from torch.distributed.tensor import DTensor
-
     param = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=w.shape, stride=w.stride())
     module.weight = nn.Parameter(param, requires_grad=w.requires_grad)
 
@@ -77,14 +75,13 @@ def shard_embedding(emb: nn.Embedding, mesh, maps) -> None:
 
 
 def shard_head(head: nn.Linear, mesh, maps, tied_to: nn.Parameter | None = None) -> None:
-    """The head's loss and forward over its rows; a head tied to an embedding that
+    """The head's loss over its rows; a head tied to an embedding that
     is split already takes that weight (one parameter, both uses' gradients in it)."""
     if tied_to is not None:
         head.weight = tied_to
     else:
         _distribute(head, mesh, maps)
     setattr(head, HEAD_METHOD, types.MethodType(_head_loss, head))
-    head.forward = types.MethodType(_head_forward, head)
 
 
 def _where(weight) -> tuple[int, int, int]:
@@ -105,21 +102,17 @@ def _head_loss(self: nn.Linear, rows: torch.Tensor, y: torch.Tensor) -> tuple[to
     return loss, int(correct)
 
 
-def _head_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Whole logits (DPO's per-sequence path): the weight gathered for the product."""
-    _, world, _ = _where(self.weight)
-    return _GatheredLinear.apply(x, self.weight.to_local(), self.weight.shape[0], world)
-
-
 # ---- collectives over rows of varying count ----------------------------------
 
 
-def gather_rows(x: torch.Tensor, world: int) -> tuple[torch.Tensor, list[int]]:
-    """Every rank's rows (dim 0), concatenated in rank order, and each rank's count."""
-    n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
-    counts = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(counts, n)
-    sizes = [int(c) for c in counts]
+def gather_rows(x: torch.Tensor, world: int, sizes: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Every rank's rows (dim 0), concatenated in rank order, and each rank's count
+    (exchanged first unless `sizes` already says them)."""
+    if sizes is None:
+        n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+        counts = [torch.zeros_like(n) for _ in range(world)]
+        dist.all_gather(counts, n)
+        sizes = [int(c) for c in counts]
     m = max(sizes)
     padded = x.new_zeros((m, *x.shape[1:]))
     padded[: x.shape[0]] = x
@@ -142,15 +135,6 @@ def scatter_sum(x_all: torch.Tensor, sizes: list[int], rank: int) -> torch.Tenso
     return out[: sizes[rank]]
 
 
-def _gather_weight(local: torch.Tensor, vocab: int, world: int) -> torch.Tensor:
-    rows = -(-vocab // world)
-    padded = local.new_zeros((rows, *local.shape[1:]))
-    padded[: local.shape[0]] = local
-    out = local.new_empty((world * rows, *local.shape[1:]))
-    dist.all_gather_into_tensor(out, padded)
-    return out[:vocab]
-
-
 # ---- the embedding --------------------------------------------------------------
 
 
@@ -159,22 +143,19 @@ class _Lookup(torch.autograd.Function):
     def forward(ctx, ids, local, lo, world, rank, padding_idx):  # noqa: D401 - autograd API
         all_ids, sizes = gather_rows(ids.reshape(-1), world)
         hit = (all_ids >= lo) & (all_ids < lo + local.shape[0])
-        if padding_idx is not None:  # nn.Embedding: that row's gradient stays zero
-            keep = hit & (all_ids != padding_idx)
-        else:
-            keep = hit
+        keep = hit if padding_idx is None else hit & (all_ids != padding_idx)  # nn.Embedding: no padding gradient
         out = local.new_zeros((all_ids.numel(), local.shape[1]))
         out[hit] = local[all_ids[hit] - lo]
         mine = scatter_sum(out, sizes, rank)
         ctx.save_for_backward(keep, all_ids[keep] - lo)
-        ctx.meta = (local.shape, world)
+        ctx.meta = (local.shape, world, sizes)
         return mine.view(*ids.shape, local.shape[1])
 
     @staticmethod
     def backward(ctx, grad):
         keep, rows = ctx.saved_tensors
-        shape, world = ctx.meta
-        g_all, _ = gather_rows(grad.reshape(-1, shape[1]).float(), world)
+        shape, world, sizes = ctx.meta
+        g_all, _ = gather_rows(grad.reshape(-1, shape[1]).float(), world, sizes)
         gw = torch.zeros(shape, dtype=torch.float32, device=grad.device)
         gw.index_add_(0, rows, g_all[keep])
         return None, gw.div_(world), None, None, None, None
@@ -183,13 +164,19 @@ class _Lookup(torch.autograd.Function):
 # ---- the head and its cross-entropy ----------------------------------------------
 
 
-def _label_logits(logits: torch.Tensor, y: torch.Tensor, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(where the label is in this slice, the label's logit there or 0)."""
+def _in_slice(y: torch.Tensor, lo: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(whether each label is in this rank's vocabulary slice, its column there)."""
     local = y - lo
-    inside = (local >= 0) & (local < logits.shape[1])
-    idx = local.clamp(0, max(0, logits.shape[1] - 1))[:, None]
-    picked = logits.gather(1, idx).squeeze(1) if logits.shape[1] else torch.zeros_like(y, dtype=logits.dtype)
-    return inside, torch.where(inside, picked, torch.zeros_like(picked))
+    return (local >= 0) & (local < width), local
+
+
+def _label_logits(logits: torch.Tensor, y: torch.Tensor, lo: int) -> torch.Tensor:
+    """The label's logit where the label is in this slice, else 0."""
+    inside, local = _in_slice(y, lo, logits.shape[1])
+    if not logits.shape[1]:
+        return torch.zeros_like(y, dtype=logits.dtype)
+    picked = logits.gather(1, local.clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)
+    return torch.where(inside, picked, torch.zeros_like(picked))
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -205,7 +192,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, rows, local, y, lo, world, rank):  # noqa: D401 - autograd API
         cdt = _compute_dtype(rows)
         rows_all, sizes = gather_rows(rows.float(), world)
-        y_all, _ = gather_rows(y, world)
+        y_all, _ = gather_rows(y, world, sizes)
         n, dev = rows_all.shape[0], rows.device
         lse = torch.full((n,), float("-inf"), device=dev)
         top = torch.full((n,), float("-inf"), device=dev)
@@ -215,7 +202,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         with torch.autocast(dev.type, enabled=False):
             for s in range(0, n if local.shape[0] else 0, chunk):
                 logits = F.linear(rows_all[s : s + chunk].to(w.dtype), w).float()  # (n, V / world)
-                _, picked[s : s + chunk] = _label_logits(logits, y_all[s : s + chunk], lo)
+                picked[s : s + chunk] = _label_logits(logits, y_all[s : s + chunk], lo)
                 mx = top[s : s + chunk] = logits.amax(-1)
                 lse[s : s + chunk] = mx + logits.sub_(mx[:, None]).exp_().sum(-1).log()
                 del logits
@@ -248,8 +235,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
         for s in range(0, rows_all.shape[0] if local.shape[0] else 0, chunk):
             r, t = rows_all[s : s + chunk], y_all[s : s + chunk]
             g = F.linear(r.to(w.dtype), w).float().sub_(lse[s : s + chunk, None]).exp_()  # softmax
-            inside, _ = _label_logits(g, t, lo)
-            g[inside.nonzero().squeeze(1), (t - lo)[inside]] -= 1.0  # - onehot
+            inside, col = _in_slice(t, lo, g.shape[1])
+            g[inside.nonzero().squeeze(1), col[inside]] -= 1.0  # - onehot
             g.mul_(row_scale[s : s + chunk, None])
             grad_rows[s : s + chunk] = (g.to(w.dtype) @ w).float()
             if grad_w is not None:  # in the weight's dtype, as the one-rank loss forms it
@@ -257,29 +244,3 @@ class _HeadCrossEntropy(torch.autograd.Function):
             del g
         mine = scatter_sum(grad_rows, sizes, rank).to(dtype)
         return mine, None if grad_w is None else grad_w.div_(world), None, None, None, None
-
-
-class _GatheredLinear(torch.autograd.Function):
-    """x W^T with W gathered whole; W's gradient reduce-scattered back to the rows."""
-
-    @staticmethod
-    def forward(ctx, x, local, vocab, world):  # noqa: D401 - autograd API
-        w = _gather_weight(local.detach(), vocab, world)
-        ctx.save_for_backward(x)
-        ctx.meta = (local, vocab, world)
-        return F.linear(x, w)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        local, vocab, world = ctx.meta
-        w = _gather_weight(local.detach(), vocab, world)
-        gx = (grad.to(w.dtype) @ w).to(x.dtype)
-        g2 = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
-        gw = g2.t() @ x.reshape(-1, x.shape[-1]).to(w.dtype)  # (V, H), whole
-        rows = -(-vocab // world)
-        padded = gw.new_zeros((world * rows, gw.shape[1]))
-        padded[:vocab] = gw
-        out = gw.new_empty((rows, gw.shape[1]))
-        dist.reduce_scatter_tensor(out, padded, op=dist.ReduceOp.SUM)
-        return gx, out[: local.shape[0]].div_(world), None, None
