@@ -18,6 +18,9 @@ from openft.models import weightcache
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENFT_HOME", str(tmp_path / "home"))
+    # Whether the test machine's disk has room is not what these tests are about
+    # (a CI disk can be nearly full): the rule has its own test below.
+    monkeypatch.setattr(weightcache, "room_for", lambda where, nbytes: True)
     return tmp_path / "home"
 
 
@@ -83,7 +86,27 @@ def test_no_cache_where_it_would_leave_the_disk_nearly_full(home, tmp_path, monk
     got = weightcache.load(files, torch.bfloat16)
     assert torch.equal(got["a.weight"], tensors["a.weight"].to(torch.bfloat16))
     assert not (weightcache.cache_dir(files, torch.bfloat16) / weightcache.WEIGHTS).exists()
-    assert not weightcache.room_for(tmp_path, shutil.disk_usage(tmp_path).total)  # no disk has that to spare
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "cache_gib", "room"),
+    [
+        (100, 1, True),
+        (10, 2, True),
+        (10, 2.5, False),
+        (2, 0.4, True),
+        (2, 0.5, False),
+        (1.2, 0.1, True),
+        (1.05, 0.1, False),
+    ],
+)
+def test_the_cache_takes_at_most_a_fifth_of_the_free_space_and_leaves_1_gib(
+    monkeypatch, tmp_path, free_gib, cache_gib, room
+):
+    gib = 1 << 30
+    usage = shutil.disk_usage(tmp_path)._replace(total=4000 * gib, free=int(free_gib * gib))
+    monkeypatch.setattr(weightcache.shutil, "disk_usage", lambda where: usage)
+    assert weightcache.room_for(tmp_path, int(cache_gib * gib)) is room
 
 
 def test_fp32_and_sources_already_in_the_dtype_are_not_copied(home, tmp_path):

@@ -12,7 +12,8 @@ One cache file per source folder and dtype: its SOURCE records the source
 files' names, sizes and modification times, and a source that changed is cast
 again over the old copy. A cache that cannot be written (a full disk, a
 read-only home) only costs the cast; one that is unreadable is cast again. It
-is not written where it would leave the disk under 1 GiB or a tenth free.
+is not written where it would take more than a fifth of the disk's free space
+or leave it under 1 GiB.
 """
 
 from __future__ import annotations
@@ -69,11 +70,12 @@ def load(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def room_for(where: Path, nbytes: int) -> bool:
-    """Whether writing `nbytes` leaves the disk at least 1 GiB and a tenth of its
-    size free: the cache must never be what fills the disk that checkpoints and
-    the job store write to."""
-    disk = shutil.disk_usage(where)
-    return disk.free - nbytes >= max(1 << 30, disk.total // 10)
+    """Whether `nbytes` is at most a fifth of the disk's free space and leaves it
+    1 GiB: the cache must never be what fills the disk that checkpoints and the
+    job store write to. Relative to what is free, not to the disk's size: a big
+    disk that is 95% full still has room for a small model's cache."""
+    free = shutil.disk_usage(where).free
+    return nbytes * 5 <= free and free - nbytes >= 1 << 30
 
 
 def _write(where: Path, state: dict[str, torch.Tensor], source: list[list]) -> None:
