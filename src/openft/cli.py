@@ -385,6 +385,7 @@ def cmd_compare(args) -> int:
 def cmd_export(args) -> int:
     from openft.export import ExportRefused
     from openft.export.formats import export_as
+    from openft.export.llamacpp import LlamaCppCrashed
     from openft.export.parity import questions_of
     from openft.export.vllm import AdapterRefused
 
@@ -395,8 +396,10 @@ def cmd_export(args) -> int:
         done = export_as(fmt, args.run, args.out, quant=args.quant, name=args.name, merge=args.merge, check=check,
                          max_new_tokens=args.max_new_tokens)  # fmt: skip
     except ExportRefused as e:
-        print(f"error: {'vLLM would refuse this adapter' if isinstance(e, AdapterRefused) else 'cannot export'}:",
-              file=sys.stderr)  # fmt: skip
+        what = "vLLM would refuse this adapter" if isinstance(e, AdapterRefused) else "cannot export"
+        if isinstance(e, LlamaCppCrashed):
+            what = f"the export is written to {args.out}, but it could not be checked"
+        print(f"error: {what}:", file=sys.stderr)
         for p in e.problems:
             print(f"  - {p}", file=sys.stderr)
         if isinstance(e, AdapterRefused):

@@ -131,3 +131,33 @@ def test_the_parity_verdict_counts_matches_and_answers_that_never_stop():
     nine = Parity("q8_0", [short] * 3 + [same])
     assert nine.matches == 3 and nine.passed and not Parity("f16", nine.rows).passed
     assert Parity("q4_0", [same]).passed and "no bar" in Parity("q4_0", [same]).verdict()
+
+
+def _segfault(*_):
+    """llama.cpp's own crash, as ggml's AMX kernels crash: a SIGSEGV in native code."""
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def test_a_llama_cpp_crash_ends_the_check_with_an_error_and_the_caller_lives(tmp_path):
+    from openft.export.llamacpp import LlamaCppCrashed, answer_all
+
+    with pytest.raises(LlamaCppCrashed, match=r"crashed \(SIGSEGV\).*could not run.*AMX"):
+        answer_all(tmp_path / "m.gguf", [[{"role": "user", "content": "hi"}]], 4, target=_segfault)
+
+
+def test_export_check_says_the_file_is_written_when_llama_cpp_crashes(run, tmp_path, capsys, monkeypatch):
+    from openft.cli import main
+    from openft.export import llamacpp
+
+    monkeypatch.setattr(llamacpp, "_answer_to_file", _segfault)  # the child runs it: the crash is real
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "Who are you?"}) + "\n")
+    out = tmp_path / "m.gguf"
+    code = main(["export", str(run), "--format", "gguf", "--quant", "f32", "--out", str(out),
+                 "--check", "--questions", str(questions), "--max-new-tokens", "4"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"the export is written to {out}, but it could not be checked" in err and "SIGSEGV" in err, err
+    assert out.read_bytes()[:4] == b"GGUF"

@@ -10,9 +10,13 @@ answers wrongly or runs to max_tokens here, as it would for a user.
 from __future__ import annotations
 
 import contextlib
+import json
+import multiprocessing
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+import signal
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from openft.export import ExportRefused
@@ -59,3 +63,46 @@ def chat(llm, messages: list[dict], max_tokens: int) -> Reply:
     )
     choice = out["choices"][0]
     return Reply((choice["message"]["content"] or "").strip(), choice["finish_reason"] == "stop")
+
+
+class LlamaCppCrashed(ExportRefused):
+    """llama.cpp died in native code (a signal, not a Python error) while answering."""
+
+
+def answer_all(path: Path, chats: list[list[dict]], max_tokens: int, *, target: Callable | None = None) -> list[Reply]:
+    """Each chat answered by the GGUF at `path`, in a child process: llama.cpp is
+    native code, and a crash there (ggml's AMX kernels segfault on some Xeons,
+    ggml-org/llama.cpp#20824) must end this check with an error that says so, not
+    take the caller's process, and a server's jobs, with it. `target` stands in for
+    the child's work (a test makes it crash)."""
+    llama_cpp()  # installed, or refused here rather than in the child
+    with tempfile.TemporaryDirectory(prefix="openft-llamacpp-") as tmp:
+        out = Path(tmp) / "answers.json"
+        child = multiprocessing.get_context("spawn").Process(
+            target=target or _answer_to_file, args=(str(path), chats, max_tokens, str(out)), daemon=True
+        )
+        child.start()
+        child.join()
+        if child.exitcode != 0 or not out.is_file():
+            raise LlamaCppCrashed(_crash_message(path, child.exitcode))
+        return [Reply(**r) for r in json.loads(out.read_text())]
+
+
+def _answer_to_file(path: str, chats: list[list[dict]], max_tokens: int, out: str) -> None:
+    with open_gguf(Path(path)) as llm:
+        replies = [asdict(chat(llm, c, max_tokens)) for c in chats]
+    Path(out).write_text(json.dumps(replies))
+
+
+def _crash_message(path: Path, exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        how = f"crashed ({signal.Signals(-exitcode).name})"
+        hint = (
+            "; on a CPU with AMX, ggml's AMX kernels are a known cause: rebuild llama-cpp-python without them "
+            "(CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
+            "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'\" pip install --no-cache-dir "
+            "--force-reinstall llama-cpp-python), or run `make llamacpp`"
+        )
+    else:
+        how, hint = f"failed (exit code {exitcode}; its error is printed above)", ""
+    return f"llama.cpp {how} while answering the questions with {path}, so the parity check could not run{hint}"

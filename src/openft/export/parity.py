@@ -90,15 +90,12 @@ def fmt(values: list[float]) -> str:
 def check_parity(loaded, gguf_path: Path, quant: str, questions: list[str], *, max_new_tokens: int = 128) -> Parity:
     """`loaded`: the trained model (merged, fp32) whose export is at `gguf_path`."""
     from openft.eval.generate import generate_answers
-    from openft.export.llamacpp import chat, open_gguf
+    from openft.export.llamacpp import answer_all
 
     chats = [[{"role": "user", "content": q}] for q in questions]
+    exported = answer_all(gguf_path, chats, max_new_tokens)  # first: a llama.cpp crash costs no generation
     trained = generate_answers(loaded.model, loaded.tokenizer, chats, max_new_tokens=max_new_tokens)
-    rows = []
-    with open_gguf(gguf_path) as llm:
-        for q, c, t in zip(questions, chats, trained):
-            e = chat(llm, c, max_new_tokens)
-            rows.append(ParityRow(q, t.text, e.text, t.stopped, e.stopped))
+    rows = [ParityRow(q, t.text, e.text, t.stopped, e.stopped) for q, t, e in zip(questions, trained, exported)]
     rows = [r if r.match else replace(r, margin=parting_margin(loaded, r)) for r in rows]
     return Parity(quant, rows)
 
