@@ -127,3 +127,18 @@ def test_a_served_model_from_the_cache_gives_the_same_logits(home, tiny_model_di
     with torch.no_grad():
         assert torch.equal(cold(ids, use_cache=False).logits, warm(ids, use_cache=False).logits)
     assert next(warm.parameters()).dtype == torch.bfloat16
+
+
+def test_a_removed_model_takes_its_cache_with_it_and_others_stay(home, tmp_path):
+    (tmp_path / "run").mkdir()
+    mine, _ = _source(tmp_path / "run" / "model", seed=0)
+    other, _ = _source(tmp_path / "other", seed=1)
+    gone, _ = _source(tmp_path / "gone", seed=2)
+    for files in (mine, other, gone):
+        weightcache.load(files, torch.bfloat16)
+    shutil.rmtree(tmp_path / "gone")  # a source deleted behind openft's back
+    (weightcache.cache_dir(other, torch.bfloat16).parent / "half-written").mkdir()  # no SOURCE
+    assert weightcache.drop_for(tmp_path / "run") == 3
+    left = list((home / "cache" / "weights").iterdir())
+    assert left == [weightcache.cache_dir(other, torch.bfloat16)]
+    assert weightcache.drop_for(None) == 0  # nothing stale left; the live cache stays

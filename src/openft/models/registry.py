@@ -195,12 +195,17 @@ def add(path: str | Path, name: str) -> RegisteredModel:
 
 
 def remove(name: str) -> RegisteredModel:
-    """Forget a registered name (its files are the operator's and stay where they are)."""
+    """Forget a registered name. Its files are the operator's and stay where they are;
+    openft's own cast copy of them (openft.models.weightcache) goes."""
+    from openft.models import weightcache
+
     models = registered()
     if name not in models:
         raise ModelNotFound(f"no registered model named {name!r}")
     gone = models.pop(name)
     _save(models)
+    source = Path(gone.path)
+    weightcache.drop_for(source if source.is_dir() else None)  # a GGUF's folder may hold others' files
     return gone
 
 

@@ -99,3 +99,25 @@ def _write(where: Path, state: dict[str, torch.Tensor], source: list[list]) -> N
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+def drop_for(folder: Path | None) -> int:
+    """Remove every cache made from files under `folder` (a deleted fine-tuned model's
+    run, a registered model's folder when its name is removed), and any whose sources
+    are all gone: the cache is openft's copy, and must not outlive what it copies.
+    Returns how many were removed."""
+    root = home() / "cache" / "weights"
+    if not root.is_dir():
+        return 0
+    folder = Path(folder).resolve() if folder is not None else None
+    removed = 0
+    for entry in root.iterdir():
+        try:
+            paths = [Path(p) for p, _size, _mtime in json.loads((entry / SOURCE).read_text())]
+        except Exception:  # noqa: BLE001 - no SOURCE (a write cut short) or unreadable: never trusted, so go
+            paths = []
+        mine = folder is not None and any(p.is_relative_to(folder) for p in paths)
+        if not paths or mine or not any(p.exists() for p in paths):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed

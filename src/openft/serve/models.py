@@ -21,6 +21,7 @@ from starlette.background import BackgroundTask
 
 from openft.export import ExportRefused
 from openft.export.formats import FILE_FORMATS, FORMATS, QUANT_FORMATS, default_quant, export_options
+from openft.models import weightcache
 from openft.models.builtins import missing_packages
 from openft.models.load import is_materialised, materialise
 from openft.models.registry import BUILTINS, ModelNotFound, registered, resolve_name, unknown_name
@@ -257,8 +258,11 @@ def delete(request: Request, model_id: str, who: str = Depends(owner)):
         raise model_not_found(model_id)
     store.delete_model(who, model_id)
     request.app.state.engine.forget(model_id)
-    # The whole run goes: weights, checkpoints (models of their own), lineage and metrics.
-    shutil.rmtree(run_dir_of(Path(row["path"])), ignore_errors=True)
+    # The whole run goes: weights, checkpoints (models of their own), lineage and metrics,
+    # and any serving-dtype copy of its weights (openft.models.weightcache).
+    run_dir = run_dir_of(Path(row["path"]))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    weightcache.drop_for(run_dir)
     return {"id": model_id, "object": "model", "deleted": True}
 
 
