@@ -165,6 +165,25 @@ def test_mixed_adapters_in_one_batch_match_each_alone(engine, base, adapters):
     engine.stats.max_rows = max(engine.stats.max_rows, rows_before)
 
 
+def test_an_adapter_on_the_head_matches_hf_and_mixes_with_others(engine, base, adapters, talkative_dir, tmp_path):
+    """A LoRA on the (tied) head, as openft trains where the data teaches control
+    tokens: greedy as transformers generates it, and in one batch with a decoder-only
+    adapter and the base, each row as it answers alone."""
+    head = make_adapter(talkative_dir, tmp_path / "head", seed=3, targets=("q_proj", "lm_head"))
+    handle = with_adapter(base, head)
+    ids = prompt(engine, handle)
+    (choice,), _ = run(engine.complete(handle, ids, GREEDY))
+    assert choice == hf_greedy(talkative_dir, ids, GREEDY.max_tokens, adapter=head)[:2]
+    handles = [handle, with_adapter(base, adapters[0]), base]
+    prompts = [prompt(engine, h, q) for h, q in zip(handles, ["Why?", "Tell me about the sea.", "Hi"])]
+    alone = [run(engine.complete(h, p, GREEDY))[0] for h, p in zip(handles, prompts)]
+
+    async def together():
+        return await asyncio.gather(*[engine.complete(h, p, GREEDY) for h, p in zip(handles, prompts)])
+
+    assert [r[0] for r in run(together())] == alone
+
+
 def test_request_joins_running_batch_mid_flight(engine, base, adapters):
     """Continuous batching: a request arriving while another decodes joins its
     batch at a step boundary, and both answers equal their solo answers."""

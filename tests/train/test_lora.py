@@ -65,3 +65,46 @@ def test_merged_layer_returns_base_output_with_delta_folded_in():
         before = _plain(layer, x)
         layer.merge()
         torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_the_head_trains_where_the_data_teaches_a_control_token(tiny_tokenizer):
+    """`<filename>` (an added token of the built-in's vocabulary, as `<tool_call>` is of
+    Qwen's) in a trained answer asks for the head; turn ends and plain text do not."""
+    from openft.data.types import Example, Message
+    from openft.train.lora import needs_head
+    from openft.train.tokenize import encode
+
+    def labels(answer: str) -> list[int]:
+        return encode(
+            tiny_tokenizer, Example(messages=[Message("user", "q"), Message("assistant", answer)]), 512
+        ).labels
+
+    assert needs_head(tiny_tokenizer, [labels("plain words")]) == []  # its <|im_end|> is a turn end
+    assert needs_head(tiny_tokenizer, [labels("plain"), labels("see <filename> a.py")]) == ["<filename>"]
+    prompt_only = encode(
+        tiny_tokenizer, Example(messages=[Message("user", "<filename> x"), Message("assistant", "ok")]), 512
+    )
+    assert needs_head(tiny_tokenizer, [prompt_only.labels]) == []  # in the prompt: read, never written
+
+
+def test_merging_a_lora_on_a_tied_head_unties_it_and_keeps_the_logits(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from openft.train.lora import HEAD, LoraParams, apply_lora, default_targets, merge_lora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    torch.manual_seed(0)
+    apply_lora(model, LoraParams(4, 8.0, 0.0, (*default_targets(model), HEAD)))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.05)
+    ids = torch.tensor([[1, 7, 42, 9, 3]])
+    with torch.no_grad():
+        want = model(ids).logits
+        merge_lora(model)
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(model.model.embed_tokens.weight, embedding)  # the embedding is as it was
+    assert not torch.equal(model.lm_head.weight, embedding) and not model.config.tie_word_embeddings

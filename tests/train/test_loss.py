@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -74,12 +75,19 @@ def test_fused_head_gradients_equal_full_logits_gradients(tiny_model_dir, tiny_t
         torch.testing.assert_close(fused[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_fused_head_lora_gradients_and_accuracy(tiny_model_dir, tiny_tokenizer):
-    from openft.train.lora import LoraParams, apply_lora, default_targets
+@pytest.mark.parametrize("head", [False, True], ids=["decoder", "decoder-and-head"])
+def test_fused_head_lora_gradients_and_accuracy(tiny_model_dir, tiny_tokenizer, monkeypatch, head):
+    """LoRA's gradients through the fused head loss equal the full-logits loss's; with
+    a LoRA on the (tied) head itself too, over several ragged head chunks."""
+    import openft.train.loss as loss_mod
+    from openft.train.lora import HEAD, LoraParams, apply_lora, default_targets
 
+    monkeypatch.setattr(loss_mod, "chunk_rows", lambda vocab: 7)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
-    apply_lora(model, LoraParams(rank=4, alpha=8.0, dropout=0.0, target_modules=tuple(default_targets(model))))
+    targets = tuple(default_targets(model)) + ((HEAD,) if head else ())
+    apply_lora(model, LoraParams(rank=4, alpha=8.0, dropout=0.0, target_modules=targets))
+    assert any(n.startswith("lm_head.lora_B") for n, _ in model.named_parameters()) is head
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)  # B = 0 at start would make A's gradient zero

@@ -96,7 +96,14 @@ def export_gguf_lora(
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter_cfg["lora_alpha"]))
         writer.add_name(name or default_name(run_dir))
-        for hf_name, (a, b) in sorted(lora_pairs(adapter).items()):
+        pairs = lora_pairs(adapter)
+        if "lm_head.weight" in pairs and config.get("tie_word_embeddings", False):
+            raise ExportError(
+                "this adapter trains the output head (openft does so where the data teaches control tokens such "
+                "as <tool_call>), and this base's head is its embedding (tied): the base GGUF has no output "
+                "tensor for llama.cpp to apply it to; export the merged model instead (--format gguf)"
+            )
+        for hf_name, (a, b) in sorted(pairs.items()):
             target = names.get_name(hf_name, try_suffixes=(".weight",))
             if target is None:
                 raise ExportError(f"no GGUF name for adapted weight {hf_name!r} of a {config['model_type']} model")

@@ -106,13 +106,13 @@ def sequence_logps(model: torch.nn.Module, group: list[PairEncoded], pad_id: int
     its summed token log-probs, the head run only on answer positions."""
     decoder, head = decoder_and_head(model)
     mb = collate([p.chosen for p in group] + [p.rejected for p in group], pad_id)
-    device = head.weight.device
+    device = next(head.parameters()).device
     ids, mask, labels = mb.input_ids.to(device), mb.attention_mask.to(device), mb.labels.to(device)
     hidden = decoder(input_ids=ids, attention_mask=None if bool(mask.all()) else mask, use_cache=False)
     hidden = hidden.last_hidden_state[:, :-1]  # position t predicts token t+1
     target = labels[:, 1:]
     logps, n_tokens, n_correct = [], [], []
-    head_trains = head.weight.requires_grad
+    head_trains = getattr(head, "weight", None) is not None and head.weight.requires_grad  # not a LoRA head
     for b in range(target.shape[0]):
         sel = target[b] != IGNORE
         rows, y = hidden[b][sel], target[b][sel]

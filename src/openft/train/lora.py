@@ -116,6 +116,26 @@ def default_targets(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+HEAD = "lm_head"
+
+
+def needs_head(tokenizer, labels: list[list[int]]) -> list[str]:
+    """The control tokens (added to the vocabulary, like Qwen's `<tool_call>` or a
+    distill's `<think>`) that the data trains the model to write, other than the
+    ones that end a turn. A base may never have learned to write them: Qwen2.5-Coder
+    0.5B's `<tool_call>` row sits at cosine 0.92 to `<|im_start|>`'s, and LoRA on the
+    decoder moves the hidden state towards both at once, so the head itself must
+    train (LoRA on `lm_head`). Turn ends are left out: every chat fine-tune trains
+    them, and the bases write them already."""
+    from openft.models.stop import END_OF_TURN, stop_token_ids
+
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    ends = set(stop_token_ids(tokenizer)) | {tokenizer.pad_token_id, tokenizer.bos_token_id}
+    ends |= {tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN if t in tokenizer.get_vocab()}
+    found = {t for row in labels for t in row if t in added} - ends
+    return tokenizer.convert_ids_to_tokens(sorted(found))
+
+
 def apply_lora(model: nn.Module, params: LoraParams) -> list[str]:
     """Wrap target linear layers in place; freeze everything else. Returns wrapped paths."""
     for p in model.parameters():
@@ -196,8 +216,14 @@ def load_adapter_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and unwrap, leaving a plain model."""
+    """Fold every adapter into its base weight and unwrap, leaving a plain model. A
+    LoRA on a head tied to the embedding unties it first: the merged head differs
+    from the embedding, which must stay as it was."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     for name, layer in list(lora_layers(model).items()):
+        if embedding is not None and layer.base.weight is embedding.weight:
+            layer.base.weight = nn.Parameter(layer.base.weight.detach().clone(), requires_grad=False)
+            model.config.tie_word_embeddings = False
         layer.merge()
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openft.train.lora import LoraLinear
 from openft.train.tokenize import IGNORE
 
 # The logits alive at a time: 256 rows x 49152 (the built-in's vocabulary) x 4 B = 50 MB.
@@ -55,17 +56,24 @@ class _HeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, y, chunk):  # noqa: D401 - autograd API
+    def forward(ctx, rows, weight, bias, low, lora_b, y, chunk):  # noqa: D401 - autograd API
+        """`low` (N, r) and `lora_b` (V, r), or both None: a LoRA on the head adds
+        low @ lora_b.T to the logits (low = scaling * A(rows), computed by autograd)."""
         need_rows, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
+        need_low, need_lb = low is not None and ctx.needs_input_grad[3], low is not None and ctx.needs_input_grad[4]
         grad_rows = torch.empty_like(rows) if need_rows else None
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros_like(bias) if need_b else None
+        grad_low = torch.empty_like(low) if need_low else None
+        grad_lb = torch.zeros_like(lora_b) if need_lb else None
         loss = torch.zeros((), dtype=torch.float32, device=rows.device)
         correct = torch.zeros((), dtype=torch.long, device=rows.device)
         for s in range(0, rows.shape[0], chunk):
             r, t = rows[s : s + chunk], y[s : s + chunk]
             logits = F.linear(r, weight, bias).float()  # (n, V): the one big buffer
+            if low is not None:
+                logits.addmm_(low[s : s + chunk].float(), lora_b.t().float())
             picked = logits.gather(1, t[:, None]).squeeze(1)
             top = logits.amax(-1, keepdim=True)
             # A hit is the label's logit being the largest: the max is needed for the
@@ -84,12 +92,17 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 grad_w.addmm_(g.t(), r)
             if need_b:
                 grad_b += g.sum(0)
+            if need_low:
+                grad_low[s : s + chunk] = g @ lora_b.to(g.dtype)
+            if need_lb:
+                grad_lb.addmm_(g.t().to(grad_lb.dtype), low[s : s + chunk].to(grad_lb.dtype))
             # Freed before the next chunk's logits exist: otherwise `logits = ...` keeps this
             # chunk alive while the next is built, two chunks at once (measured: 508 vs 254 MiB
             # for 256-row chunks of a 262k vocabulary).
             del logits, g
-        ctx.save_for_backward(*(x for x in (grad_rows, grad_w, grad_b) if x is not None))
-        ctx.which = (need_rows, need_w, need_b)
+        grads = (grad_rows, grad_w, grad_b, grad_low, grad_lb)
+        ctx.save_for_backward(*(x for x in grads if x is not None))
+        ctx.which = (need_rows, need_w, need_b, need_low, need_lb)
         ctx.mark_non_differentiable(correct)
         return loss, correct
 
@@ -99,7 +112,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         # In place: a second head-sized buffer here was 545 MB for the 0.5B built-in's
         # head. Each saved gradient is used once (no retain_graph in training).
         out = [next(saved).mul_(grad_loss) if need else None for need in ctx.which]  # 0-dim: keeps the grad's dtype
-        return out[0], out[1], out[2], None, None
+        return *out, None, None
 
 
 # Set on a head sharded with FSDP2 in a group of its own (`openft.train.sharded`): the
@@ -117,14 +130,21 @@ def head_loss(head: nn.Module, rows: torch.Tensor, y: torch.Tensor) -> tuple[tor
 
 
 def chunked_head_loss(head: nn.Module, rows: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """head_loss on a head whose weight is whole here (unsharded)."""
-    weight, bias = head.weight, getattr(head, "bias", None)
+    """head_loss on a head whose weight is whole here (unsharded), or a LoRA on it."""
+    low, lora_b = None, None
+    if isinstance(head, LoraLinear) and not (head.merged or head.disabled):
+        low, lora_b = head.lora_A(head.dropout(rows)) * head.scaling, head.lora_B.weight
+    base = head.base if isinstance(head, LoraLinear) else head
+    weight, bias = base.weight, getattr(base, "bias", None)
     chunk = chunk_rows(weight.shape[0])
     trains = torch.is_grad_enabled() and (
-        rows.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        rows.requires_grad
+        or weight.requires_grad
+        or (bias is not None and bias.requires_grad)
+        or (low is not None and (low.requires_grad or lora_b.requires_grad))
     )
     if trains:
-        loss, correct = _HeadCrossEntropy.apply(rows, weight, bias, y, chunk)
+        loss, correct = _HeadCrossEntropy.apply(rows, weight, bias, low, lora_b, y, chunk)
         return loss, int(correct)
     loss_sum, correct = rows.new_zeros((), dtype=torch.float32), 0
     for s in range(0, rows.shape[0], chunk):
@@ -144,7 +164,7 @@ def causal_lm_loss(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> LossOut:
     decoder, head = decoder_and_head(model)
-    device = head.weight.device  # batches are built on the CPU; the model may sit on a GPU
+    device = next(head.parameters()).device  # batches are built on the CPU; the model may sit on a GPU
     input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
     if bool(attention_mask.all()):
         attention_mask = None  # no padding: lets SDPA take its plain causal path

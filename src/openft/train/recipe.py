@@ -30,7 +30,7 @@ import torch
 from openft import __version__ as openft_version
 from openft import home
 from openft.autoprecision import Decision, decide
-from openft.config import JobSpec, TrainConfig
+from openft.config import AUTO, JobSpec, TrainConfig
 from openft.faults import fault_point
 from openft.fileio import atomic_dir, atomic_write
 from openft.heap import allocator_in_use, keep_freed_memory
@@ -40,7 +40,7 @@ from openft.train import checkpoint, distributed, dpo, sharded
 from openft.train.batching import MicroBatch, Step, collate, micro_batches, plan_steps
 from openft.train.distributed import World, check_objective
 from openft.train.hparams import lr_at, resolve_lora, resolve_train
-from openft.train.lora import LoraParams, apply_lora, default_targets, save_adapter
+from openft.train.lora import HEAD, LoraParams, apply_lora, default_targets, needs_head, save_adapter
 from openft.train.loss import causal_lm_loss
 from openft.train.precision import Precision, weights_on_disk
 from openft.train.prepare import Prepared, prepare_data
@@ -402,7 +402,7 @@ class Recipe:
         # and the data order have seeded generators of their own.
         torch.manual_seed(cfg.seed)
         if cfg.method == "lora":
-            self.lora = resolve_lora(self.spec.lora, default_targets(model))
+            self.lora = resolve_lora(self.spec.lora, self.lora_targets())
             apply_lora(model, self.lora)
         else:
             for p in model.parameters():
@@ -414,6 +414,18 @@ class Recipe:
         # bf16: matmul attention, no kept weight casts
         self.undo.append(precision.use_kernels(model, full=cfg.method == "full"))
         self.loss_fn = self.parallel(LossModule(model))
+
+    def lora_targets(self) -> list[str]:
+        """`auto` targets: the family's decoder linears, and the head where the data
+        teaches control tokens the base may not write (`needs_head`)."""
+        targets = default_targets(self.model)
+        encoded = [x for e in self.data.train_enc for x in ((e.chosen, e.rejected) if hasattr(e, "chosen") else (e,))]
+        tokens = needs_head(self.loaded.tokenizer, [x.labels for x in encoded])
+        if tokens and self.spec.lora.target_modules == AUTO:
+            if self.progress and self.world.main:
+                print(f"openft: LoRA on the head too: the data trains {', '.join(tokens[:4])}", file=sys.stderr)
+            targets = [*targets, HEAD]
+        return targets
 
     def parallel(self, loss_fn: LossModule) -> torch.nn.Module:
         """On several ranks, LoRA's trainable weights are replicated and DDP averages
