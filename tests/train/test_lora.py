@@ -80,7 +80,8 @@ def test_the_head_trains_where_the_data_teaches_a_control_token(tiny_tokenizer):
         ).labels
 
     assert needs_head(tiny_tokenizer, [labels("plain words")]) == []  # its <|im_end|> is a turn end
-    assert needs_head(tiny_tokenizer, [labels("plain"), labels("see <filename> a.py")]) == ["<filename>"]
+    filename = tiny_tokenizer.convert_tokens_to_ids("<filename>")
+    assert needs_head(tiny_tokenizer, [labels("plain"), labels("see <filename> a.py")]) == [filename]
     prompt_only = encode(
         tiny_tokenizer, Example(messages=[Message("user", "<filename> x"), Message("assistant", "ok")]), 512
     )

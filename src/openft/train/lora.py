@@ -55,6 +55,9 @@ class LoraParams:
     alpha: float
     dropout: float
     target_modules: tuple[str, ...]
+    # Token ids whose output-head rows train (`head_rows`): with "lm_head" among the
+    # targets, the head's adapter is those rows, not a rank-`rank` LoRA.
+    head_tokens: tuple[int, ...] = ()
 
 
 class LoraLinear(nn.Module):
@@ -119,21 +122,36 @@ def default_targets(model: nn.Module) -> list[str]:
 HEAD = "lm_head"
 
 
-def needs_head(tokenizer, labels: list[list[int]]) -> list[str]:
+def needs_head(tokenizer, labels: list[list[int]]) -> list[int]:
     """The control tokens (added to the vocabulary, like Qwen's `<tool_call>` or a
     distill's `<think>`) that the data trains the model to write, other than the
     ones that end a turn. A base may never have learned to write them: Qwen2.5-Coder
     0.5B's `<tool_call>` row sits at cosine 0.92 to `<|im_start|>`'s, and LoRA on the
-    decoder moves the hidden state towards both at once, so the head itself must
-    train (LoRA on `lm_head`). Turn ends are left out: every chat fine-tune trains
-    them, and the bases write them already."""
+    decoder moves the hidden state towards both at once, so the head's rows for
+    them train too (`head_rows`). Turn ends are left out: every chat fine-tune
+    trains them, and the bases write them already."""
     from openft.models.stop import END_OF_TURN, stop_token_ids
 
     added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     ends = set(stop_token_ids(tokenizer)) | {tokenizer.pad_token_id, tokenizer.bos_token_id}
     ends |= {tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN if t in tokenizer.get_vocab()}
-    found = {t for row in labels for t in row if t in added} - ends
-    return tokenizer.convert_ids_to_tokens(sorted(found))
+    return sorted({t for row in labels for t in row if t in added} - ends)
+
+
+def head_rows(base: nn.Linear, ids: tuple[int, ...]) -> LoraLinear:
+    """Training the head's rows of `ids`, written as a LoRA so that everything that
+    reads, serves, merges or exports a LoRA takes it as it is: rank k = len(ids),
+    scaling 1, B (V, k) a fixed one-hot that places row j at ids[j], A (k, H) the
+    trained rows, from zero. Why rows and not a low-rank head: an Adam step moves a
+    row's logit by about lr times the hidden state's L1 norm, while a rank-16 head
+    LoRA (B from zero, A small) moved `<tool_call>`'s by under 0.5 logits in an epoch."""
+    layer = LoraLinear(base, len(ids), float(len(ids)), 0.0)
+    with torch.no_grad():
+        layer.lora_A.weight.zero_()
+        layer.lora_B.weight.zero_()
+        layer.lora_B.weight[list(ids), torch.arange(len(ids))] = 1.0
+    layer.lora_B.weight.requires_grad_(False)
+    return layer
 
 
 def apply_lora(model: nn.Module, params: LoraParams) -> list[str]:
@@ -145,7 +163,11 @@ def apply_lora(model: nn.Module, params: LoraParams) -> list[str]:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear):
-                setattr(module, child_name, LoraLinear(child, params.rank, params.alpha, params.dropout))
+                if child_name == HEAD and params.head_tokens:
+                    layer = head_rows(child, params.head_tokens)
+                else:
+                    layer = LoraLinear(child, params.rank, params.alpha, params.dropout)
+                setattr(module, child_name, layer)
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
     if not wrapped:
         raise ValueError(f"no linear layer matched LoRA target modules {sorted(targets)}")
@@ -180,6 +202,9 @@ def save_adapter(model: nn.Module, params: LoraParams, out: Path, base_model: st
         "fan_in_fan_out": False,
         "inference_mode": True,
     }
+    if params.head_tokens:  # PEFT's per-module rank and alpha: the head's rows, at scaling 1
+        k = len(params.head_tokens)
+        config.update(rank_pattern={HEAD: k}, alpha_pattern={HEAD: k}, openft_head_tokens=list(params.head_tokens))
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -190,6 +215,7 @@ def read_adapter_params(adapter_dir: Path) -> LoraParams:
         alpha=float(c["lora_alpha"]),
         dropout=float(c.get("lora_dropout", 0.0)),
         target_modules=tuple(c["target_modules"]),
+        head_tokens=tuple(c.get("openft_head_tokens", ())),
     )
 
 

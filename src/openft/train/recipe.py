@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
@@ -402,7 +402,7 @@ class Recipe:
         # and the data order have seeded generators of their own.
         torch.manual_seed(cfg.seed)
         if cfg.method == "lora":
-            self.lora = resolve_lora(self.spec.lora, self.lora_targets())
+            self.lora = self.lora_params()
             apply_lora(model, self.lora)
         else:
             for p in model.parameters():
@@ -415,17 +415,20 @@ class Recipe:
         self.undo.append(precision.use_kernels(model, full=cfg.method == "full"))
         self.loss_fn = self.parallel(LossModule(model))
 
-    def lora_targets(self) -> list[str]:
-        """`auto` targets: the family's decoder linears, and the head where the data
-        teaches control tokens the base may not write (`needs_head`)."""
-        targets = default_targets(self.model)
+    def lora_params(self) -> LoraParams:
+        """`auto` targets: the family's decoder linears, and the head's rows of the
+        control tokens the data teaches that the base may not write (`needs_head`)."""
+        params = resolve_lora(self.spec.lora, default_targets(self.model))
+        if self.spec.lora.target_modules != AUTO:
+            return params
         encoded = [x for e in self.data.train_enc for x in ((e.chosen, e.rejected) if hasattr(e, "chosen") else (e,))]
-        tokens = needs_head(self.loaded.tokenizer, [x.labels for x in encoded])
-        if tokens and self.spec.lora.target_modules == AUTO:
-            if self.progress and self.world.main:
-                print(f"openft: LoRA on the head too: the data trains {', '.join(tokens[:4])}", file=sys.stderr)
-            targets = [*targets, HEAD]
-        return targets
+        tokens = tuple(needs_head(self.loaded.tokenizer, [x.labels for x in encoded]))
+        if not tokens:
+            return params
+        if self.progress and self.world.main:
+            names = ", ".join(self.loaded.tokenizer.convert_ids_to_tokens(list(tokens[:4])))
+            print(f"openft: the head's rows train too for what the data writes: {names}", file=sys.stderr)
+        return replace(params, target_modules=(*params.target_modules, HEAD), head_tokens=tokens)
 
     def parallel(self, loss_fn: LossModule) -> torch.nn.Module:
         """On several ranks, LoRA's trainable weights are replicated and DDP averages
