@@ -140,11 +140,12 @@ def _segfault(*_):
     ctypes.string_at(0)
 
 
-def test_a_llama_cpp_crash_ends_the_check_with_an_error_and_the_caller_lives(tmp_path):
-    from openft.export.llamacpp import LlamaCppCrashed, answer_all
+def test_a_llama_cpp_crash_ends_the_check_with_an_error_and_the_caller_lives(tmp_path, monkeypatch):
+    from openft.export import llamacpp
 
-    with pytest.raises(LlamaCppCrashed, match=r"crashed \(SIGSEGV\).*could not run.*AMX"):
-        answer_all(tmp_path / "m.gguf", [[{"role": "user", "content": "hi"}]], 4, target=_segfault)
+    monkeypatch.setattr(llamacpp, "_answer_to_file", _segfault)  # the child runs it: the crash is real
+    with pytest.raises(llamacpp.LlamaCppCrashed, match=r"crashed \(SIGSEGV\).*could not run.*AMX"):
+        llamacpp.answer_all(tmp_path / "m.gguf", [[{"role": "user", "content": "hi"}]], 4)
 
 
 def test_export_check_says_the_file_is_written_when_llama_cpp_crashes(run, tmp_path, capsys, monkeypatch):

@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import signal
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -69,17 +69,16 @@ class LlamaCppCrashed(ExportRefused):
     """llama.cpp died in native code (a signal, not a Python error) while answering."""
 
 
-def answer_all(path: Path, chats: list[list[dict]], max_tokens: int, *, target: Callable | None = None) -> list[Reply]:
+def answer_all(path: Path, chats: list[list[dict]], max_tokens: int) -> list[Reply]:
     """Each chat answered by the GGUF at `path`, in a child process: llama.cpp is
     native code, and a crash there (ggml's AMX kernels segfault on some Xeons,
     ggml-org/llama.cpp#20824) must end this check with an error that says so, not
-    take the caller's process, and a server's jobs, with it. `target` stands in for
-    the child's work (a test makes it crash)."""
+    take the caller's process, and a server's jobs, with it."""
     llama_cpp()  # installed, or refused here rather than in the child
     with tempfile.TemporaryDirectory(prefix="openft-llamacpp-") as tmp:
         out = Path(tmp) / "answers.json"
         child = multiprocessing.get_context("spawn").Process(
-            target=target or _answer_to_file, args=(str(path), chats, max_tokens, str(out)), daemon=True
+            target=_answer_to_file, args=(str(path), chats, max_tokens, str(out)), daemon=True
         )
         child.start()
         child.join()

@@ -129,12 +129,11 @@ def needs_head(tokenizer, labels: list[list[int]]) -> list[int]:
     0.5B's `<tool_call>` row sits at cosine 0.92 to `<|im_start|>`'s, and LoRA on the
     decoder moves the hidden state towards both at once, so the head's rows for
     them train too (`head_rows`). Turn ends are left out: every chat fine-tune
-    trains them, and the bases write them already."""
-    from openft.models.stop import END_OF_TURN, stop_token_ids
+    trains them, and the bases write them already (the stop tokens: one rule)."""
+    from openft.models.stop import stop_token_ids
 
     added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     ends = set(stop_token_ids(tokenizer)) | {tokenizer.pad_token_id, tokenizer.bos_token_id}
-    ends |= {tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN if t in tokenizer.get_vocab()}
     return sorted({t for row in labels for t in row if t in added} - ends)
 
 
