@@ -4,6 +4,7 @@ built-in's architecture (real tokenizer and chat template, 2 small layers)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,45 @@ import pytest
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 if not SHARED_DATASETS.exists():  # CI clones main into another folder, shared/ beside it
     SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+# Disk: a whole run's folders add up to ~8 GB, more than some CI disks have free. pytest
+# removes a passed test's tmp_path (pyproject: tmp_path_retention_policy = "failed"); these
+# hooks do the same for the folders a module- or class-scoped fixture makes with
+# tmp_path_factory.mktemp, once that fixture is torn down. Session fixtures keep theirs.
+_making: list[list[Path]] = []  # one list per fixture being set up, innermost last
+_made: dict[int, list[Path]] = {}  # id(fixturedef) -> folders it made
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    _making.append([])
+    try:
+        yield
+    finally:
+        made = _making.pop()
+        if fixturedef.scope in ("module", "class", "package") and made:
+            _made.setdefault(id(fixturedef), []).extend(made)
+
+
+def pytest_fixture_post_finalizer(fixturedef, request):
+    for path in _made.pop(id(fixturedef), []):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _track_mktemp(tmp_path_factory):
+    real = tmp_path_factory.mktemp
+
+    def mktemp(basename: str, numbered: bool = True) -> Path:
+        path = real(basename, numbered)
+        if _making:
+            _making[-1].append(path)
+        return path
+
+    tmp_path_factory.mktemp = mktemp
+    yield
+    tmp_path_factory.mktemp = real
 
 
 @pytest.fixture(autouse=True)
