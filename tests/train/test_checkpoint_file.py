@@ -1,4 +1,4 @@
-"""Checkpoint tensors are written by openft's streaming safetensors writer."""
+"""Checkpoints and the weight cache are written by openft's streaming safetensors writer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from openft.train.checkpoint import write_safetensors
+from openft.tensorfile import write_safetensors
 
 
 def test_streamed_file_loads_back_exactly_with_safetensors(tmp_path):
@@ -38,7 +38,7 @@ def test_writer_copies_nothing_already_contiguous(tmp_path, monkeypatch):
     # The point of the writer: a 1 GB optimizer state is not duplicated in memory
     # while it is written. Each tensor's own buffer is what reaches the file.
     seen: list[int] = []
-    import openft.train.checkpoint as ck
+    import openft.tensorfile as ck
 
     real = ck.raw_bytes
     monkeypatch.setattr(ck, "raw_bytes", lambda t: (seen.append(t.data_ptr()), real(t))[1])

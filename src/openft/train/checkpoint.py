@@ -14,7 +14,6 @@ import os
 import random
 import re
 import shutil
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors.torch import load_file
 
 from openft.faults import fault_point
 from openft.fileio import atomic_dir, atomic_write
+from openft.tensorfile import raw_bytes, write_safetensors  # noqa: F401 - raw_bytes: recipe's spill
 
 STATE_FILE = "trainer_state.json"
 
@@ -54,52 +54,6 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
         "param_groups": sd["param_groups"],
         "scalar_keys": sorted(k for k, v in tensors.items() if v.numel() == 1 and k.endswith(".step")),
     }
-
-
-_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a safetensors file tensor by tensor, straight from each tensor's memory.
-
-    `safetensors.torch.save_file` first turns every tensor into a bytes object
-    (and the state used to be cloned before that): for full fine-tuning's
-    AdamW state that was 1 GB more held at once, on top of a trained model,
-    at every checkpoint. Same format: an 8-byte header length, the JSON header
-    (padded to 8 bytes), then the tensors back to back, widest dtypes first so
-    each stays aligned."""
-    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
-    header: dict[str, dict] = {}
-    offset = 0
-    for n in names:
-        t = tensors[n]
-        size = t.numel() * t.element_size()
-        header[n] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head)
-        for n in names:
-            t = tensors[n].detach().cpu().contiguous()  # a copy only of a tensor that is not already so
-            if t.numel():
-                f.write(raw_bytes(t))
-
-
-def raw_bytes(t: torch.Tensor) -> memoryview:
-    """A contiguous CPU tensor's bytes, without a copy (any dtype, bf16 included)."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def save(
