@@ -462,7 +462,9 @@ def launch(name: str, spec_path: str, tmp: str, timeout: float) -> dict:
     out = Path(tmp) / f"{name}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", name, spec_path, str(out)]
     t = time.time()
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO / "src")}
+    # The repository's src first, what the caller had after it (a profiler's sitecustomize, say).
+    path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
     if name.startswith("openft"):
         from openft.heap import training_env
 
