@@ -75,6 +75,7 @@ def load(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     except Exception:  # noqa: BLE001 - absent, stale or unreadable (SafetensorError): cast again
         pass
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    log.info("caching the %s weights of %s in %s", dtype, source[0][0], where)
     _write_later(where, dict(state), source)  # a copy of the dict: the caller pops from its own
     return state
 
@@ -83,7 +84,6 @@ def _write_later(where: Path, state: dict[str, torch.Tensor], source: list[list]
     """Write the cache in a thread of its own. Not a daemon: a process that ends
     normally finishes the write first; one killed mid-write leaves a temp file,
     which the next write removes."""
-    log.info("caching the %s weights of %s in %s", next(iter(state.values())).dtype, source[0][0], where)
     # daemon=False said outright: a thread inherits daemon from the one starting it (the engine's is one).
     t = threading.Thread(target=_write, args=(where, state, source), name="weightcache-write", daemon=False)
     with _writes_lock:

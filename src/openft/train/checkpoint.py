@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from openft.faults import fault_point
 from openft.fileio import atomic_dir, atomic_write
-from openft.tensorfile import raw_bytes, write_safetensors  # noqa: F401 - raw_bytes: recipe's spill
+from openft.tensorfile import write_safetensors
 
 STATE_FILE = "trainer_state.json"
 

@@ -36,6 +36,7 @@ from openft.fileio import atomic_dir, atomic_write
 from openft.heap import allocator_in_use, keep_freed_memory
 from openft.models.load import LoadedModel, hash_weights, load_model
 from openft.models.templates import resolve_template
+from openft.tensorfile import raw_bytes
 from openft.train import checkpoint, distributed, dpo, sharded
 from openft.train.batching import MicroBatch, Step, collate, micro_batches, plan_steps
 from openft.train.distributed import World, check_objective
@@ -181,7 +182,7 @@ def snapshot_weights(params: list[torch.nn.Parameter], run_dir: Path, *, spill: 
         return [sharded.local(p).detach().clone() for p in params]
     f = tempfile.TemporaryFile(dir=run_dir)
     for p in params:  # a sharded run spills this rank's shard
-        f.write(checkpoint.raw_bytes(sharded.local(p).detach().cpu().contiguous()))
+        f.write(raw_bytes(sharded.local(p).detach().cpu().contiguous()))
     f.flush()
     return f
 
@@ -216,7 +217,7 @@ def _delta_squared(params: list[torch.nn.Parameter], initial: list[torch.Tensor]
             buf = torch.empty(min(SPILL_CHUNK, flat.numel()), dtype=flat.dtype)
             for s in range(0, flat.numel(), SPILL_CHUNK):
                 part = buf[: min(SPILL_CHUNK, flat.numel() - s)]
-                view = checkpoint.raw_bytes(part)
+                view = raw_bytes(part)
                 if initial.readinto(view) != len(view):
                     raise OSError("the spilled copy of the initial weights is shorter than the weights")
                 total += float((flat[s : s + len(part)].float() - part.float()).pow(2).sum())
