@@ -171,7 +171,7 @@ class TrainConfig:
     batch_size: IntOrAuto = _f(AUTO, "examples per optimizer step; auto: 8 (fewer for tiny sets)")
     micro_batch_tokens: IntOrAuto = _f(
         AUTO,
-        "padded tokens per forward pass (gradient accumulation splits a batch into these); auto: 512 on CPU (bounds activation memory), 4096 on a GPU",
+        "padded tokens per forward pass (gradient accumulation splits a batch into these); auto: on a CPU as many as keep the activations under 768 MiB (128 to 512), 4096 on a GPU",
     )
     max_seq_length: IntOrAuto = _f(
         AUTO,

@@ -80,3 +80,68 @@ def test_auto_micro_batch_tokens_bounds_memory_on_cpu():
     resolved = resolve_train(TrainConfig(), 100, 256)
     assert resolved.micro_batch_tokens == (4096 if torch.cuda.is_available() else 512)
     assert resolve_train(TrainConfig(micro_batch_tokens=999), 100, 256).micro_batch_tokens == 999
+
+
+def _qwen_like(layers: int, hidden: int, inner: int, heads: int, kv: int) -> dict:
+    return {
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "intermediate_size": inner,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+    }
+
+
+def test_the_cpu_micro_batch_keeps_a_bigger_models_activations_in_budget():
+    from openft.train.hparams import activation_bytes_per_token, auto_micro_batch_tokens
+
+    small = _qwen_like(30, 576, 1536, 9, 3)  # the 135M built-in's sizes
+    qwen = _qwen_like(24, 896, 4864, 14, 2)  # Qwen2.5 0.5B
+    big = _qwen_like(28, 3584, 18944, 28, 4)  # Qwen2.5 7B
+    cpu = [auto_micro_batch_tokens(False, activation_bytes_per_token(c, "fp32")) for c in (small, qwen, big)]
+    assert cpu == [512, 256, 128]  # shrinking with the model, a multiple of 64, never below 128
+    assert auto_micro_batch_tokens(False, activation_bytes_per_token(qwen, "bf16")) == 512  # half the bytes
+    assert auto_micro_batch_tokens(True, activation_bytes_per_token(big, "fp32")) == 4096
+    assert activation_bytes_per_token({"text_config": qwen}, "fp32") == activation_bytes_per_token(qwen, "fp32")
+    assert activation_bytes_per_token({"model_type": "unknown"}, "fp32") == 0
+    resolved = resolve_train(TrainConfig(precision="fp32"), 100, 256, model_config=qwen)
+    assert resolved.micro_batch_tokens == (4096 if _cuda() else 256)
+    chosen = TrainConfig(precision="fp32", micro_batch_tokens=999)
+    assert resolve_train(chosen, 100, 256, model_config=qwen).micro_batch_tokens == 999
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_the_activation_estimate_matches_what_autograd_keeps_in_a_lora_step():
+    """The estimate against the bytes autograd really saves for backward in a LoRA
+    forward of a random Qwen2 decoder (eager attention, fp32), per token."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from openft.train.hparams import activation_bytes_per_token
+    from openft.train.lora import DEFAULT_TARGETS, LoraParams, apply_lora
+
+    sizes = _qwen_like(2, 128, 512, 4, 2)
+    config = Qwen2Config(vocab_size=256, max_position_embeddings=256, **sizes)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    apply_lora(model, LoraParams(rank=4, alpha=8.0, dropout=0.0, target_modules=tuple(DEFAULT_TARGETS["qwen2"])))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:  # weights (and views of them) are kept anyway
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    tokens = 64
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model(torch.randint(0, 256, (1, tokens)))  # the decoder alone: the head runs chunked in openft
+    kept = sum(seen.values()) / tokens
+    estimate = activation_bytes_per_token(sizes, "fp32")
+    assert 0.8 * kept <= estimate <= 1.5 * kept, (kept, estimate)

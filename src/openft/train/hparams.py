@@ -43,16 +43,50 @@ def auto_learning_rate(method: str, objective: str = "sft") -> float:
     return rate / 10 if objective == "dpo" else rate
 
 
-def auto_micro_batch_tokens(cuda: bool | None = None) -> int:
-    """Padded tokens per forward pass. Without gradient checkpointing the decoder
-    keeps ~1.2 MB of activations per token for the 135M built-in (fp32), so the
-    budget bounds peak memory; on a CPU 512 tokens already keep the matmuls
-    efficient (more only costs memory), while a GPU wants bigger batches."""
+# Activation memory one micro-batch may keep for backward (no gradient
+# checkpointing). On a CPU, past a few hundred rows more tokens per pass buy no
+# matmul efficiency, only memory: the Qwen 0.5B built-in in fp32 kept 640 MB
+# fewer at 256 tokens than at 512 (peak RSS 3408 vs 4046 MB, machine D).
+ACTIVATION_BUDGET_BYTES = 768 * 2**20
+CPU_TOKENS = (128, 512)  # the CPU budget's range, in tokens
+
+
+def activation_bytes_per_token(config: dict, precision: str) -> int:
+    """Bytes a decoder keeps for backward per token, estimated from its config:
+    per layer ten values per attention-width channel (norm inputs and outputs, q,
+    k, v, the attention output, o_proj's input) and four per MLP channel (gate,
+    its activation, up, their product), in the compute dtype. Counted with
+    autograd's saved-tensor hooks in a LoRA forward at the Qwen 0.5B built-in's
+    sizes (fp32, SDPA): 25.3k values per token and layer kept, 28.4k estimated
+    (the 135M's: 10.2k and 11.9k); its peak RSS moved 2.5 MB per token between
+    micro-batches of 512 and 256. 0 where the config lacks the sizes."""
+    cfg = config.get("text_config") or config  # a multimodal config's decoder
+    layers, hidden = cfg.get("num_hidden_layers"), cfg.get("hidden_size")
+    if not layers or not hidden:
+        return 0
+    heads = int(cfg.get("num_attention_heads") or 1)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)  # Gemma's heads are wider than hidden / heads
+    width = max(int(hidden), heads * head_dim)
+    inner = int(cfg.get("intermediate_size") or 4 * hidden)
+    return int(layers) * (10 * width + 4 * inner) * (2 if precision == "bf16" else 4)
+
+
+def auto_micro_batch_tokens(cuda: bool | None = None, bytes_per_token: int = 0) -> int:
+    """Padded tokens per forward pass. Without gradient checkpointing the budget
+    bounds peak memory: on a CPU as many tokens as keep the activations within
+    ACTIVATION_BUDGET_BYTES (bytes_per_token from activation_bytes_per_token), a
+    multiple of 64 within CPU_TOKENS (512 where unknown: the 135M built-in keeps
+    ~1.2 MB per token in fp32); a GPU wants bigger batches."""
     if cuda is None:
         import torch
 
         cuda = torch.cuda.is_available()
-    return 4096 if cuda else 512
+    if cuda:
+        return 4096
+    low, high = CPU_TOKENS
+    if bytes_per_token <= 0:
+        return high
+    return int(min(high, max(low, ACTIVATION_BUDGET_BYTES // bytes_per_token // 64 * 64)))
 
 
 def auto_max_seq_length(lengths: list[int], model_context: int) -> int:
@@ -68,9 +102,16 @@ class Resolved:
     total_steps: int
 
 
-def resolve_train(cfg: TrainConfig, n_examples: int, max_len: int, device: torch.device | None = None) -> TrainConfig:
+def resolve_train(
+    cfg: TrainConfig,
+    n_examples: int,
+    max_len: int,
+    device: torch.device | None = None,
+    model_config: dict | None = None,
+) -> TrainConfig:
     """Every `auto` made concrete; `device` is where the model trains (default:
-    the GPU if there is one)."""
+    the GPU if there is one); `model_config` (the model's config.json as a dict)
+    sizes the micro-batch to the model's activations."""
     import torch
 
     from openft.autoprecision import resolve_precision
@@ -87,20 +128,22 @@ def resolve_train(cfg: TrainConfig, n_examples: int, max_len: int, device: torch
     if cfg.max_steps:
         steps = min(steps, cfg.max_steps)
     eval_every = int(pick(cfg.eval_every, max(1, math.ceil(steps / 8))))
+    precision = resolve_precision(cfg.precision, device)
+    per_token = activation_bytes_per_token(model_config or {}, precision)
     return replace(
         cfg,
         epochs=epochs,
         batch_size=batch,
         learning_rate=float(pick(cfg.learning_rate, auto_learning_rate(cfg.method, cfg.objective))),
         beta=float(pick(cfg.beta, 0.1)),
-        micro_batch_tokens=int(pick(cfg.micro_batch_tokens, auto_micro_batch_tokens(device.type == "cuda"))),
+        micro_batch_tokens=int(pick(cfg.micro_batch_tokens, auto_micro_batch_tokens(device.type == "cuda", per_token))),
         max_seq_length=int(max_len),
         warmup_ratio=float(pick(cfg.warmup_ratio, 0.05)),
         scheduler=pick(cfg.scheduler, "cosine"),
         weight_decay=float(pick(cfg.weight_decay, 0.0 if cfg.method == "lora" else 0.01)),
         eval_every=eval_every,
         save_every=int(pick(cfg.save_every, eval_every)),
-        precision=resolve_precision(cfg.precision, device),
+        precision=precision,
     )
 
 

@@ -379,7 +379,9 @@ class Recipe:
         if self.world.distributed and torch.cuda.is_available():
             self.model.to(self.world.device())  # NCCL: each rank on its own GPU (untested without one)
         self.device = next(self.model.parameters()).device
-        self.cfg = resolve_train(self.spec.train, len(self.data.train_enc), self.data.max_len, self.device)
+        self.cfg = resolve_train(
+            self.spec.train, len(self.data.train_enc), self.data.max_len, self.device, self.model.config.to_dict()
+        )
         # Why this precision (measured figures or what forced it); cached, so no second measurement.
         # Rank 0 decides for all: ranks measuring side by side could disagree.
         self.precision_decision = self.world.from_main(lambda: decide(self.spec.train.precision, self.device))
