@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from openft.autoprecision import decide, resolve_precision
+from openft.mapped import FileMaps
 from openft.models.load import load_model
 from openft.train.lora import LoraParams, apply_lora, lora_layers
 from openft.train.loss import causal_lm_loss
@@ -71,9 +72,12 @@ def test_bf16_loss_and_gradients_match_fp32(tiny_model_dir):
 
     bf16.restore(model, converted, weights_on_disk(loaded.path))
     fresh = dict(load_model(str(tiny_model_dir)).model.named_parameters())
+    maps = FileMaps()
     for name, p in model.named_parameters():
         if not p.requires_grad:  # bit for bit the weights on disk again
             assert p.dtype == torch.float32 and torch.equal(p, fresh[name.replace(".base.", ".")]), name
+    # ... and, as when loaded, views of the file's pages rather than a second fp32 copy
+    assert all(maps.covers(p) for p in model.parameters() if not p.requires_grad and p.dim() > 0)
 
 
 def test_bf16_run_trains_and_leaves_the_model_as_loaded(tiny_model_dir, tmp_path):

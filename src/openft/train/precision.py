@@ -86,7 +86,10 @@ class Precision:
 
     def restore(self, model: nn.Module, names: list[str], original: Callable[[str], torch.Tensor | None]) -> None:
         """Put the converted weights back in fp32: the tensor as loaded where
-        `original(name)` has it, else the upcast bf16 value."""
+        `original(name)` has it, else the upcast bf16 value. A tensor of a file
+        mapping goes back as that view, as the model was loaded: nothing of it is
+        resident until read, and its pages are the file's (clean, droppable), not
+        a second fp32 copy of the base made at the end of training."""
         # Training's freed activations are still held by the heap (openft.heap):
         # return them first, so the fp32 weights do not stack on top of them.
         release_free_memory()
@@ -100,9 +103,11 @@ class Precision:
                 p.data = p.data.float()
                 continue
             maps = maps or FileMaps()  # once `original` has mapped its files
-            # An owned copy, never a view of the file's mapping, whose pages are handed back.
             freed += p.data.nbytes
-            p.data = maps.copy(src, torch.float32).to(p.device)
+            if src.dtype == torch.float32 and p.device.type == "cpu" and maps.covers(src):
+                p.data = src
+            else:  # an owned copy, whose source pages are handed back as it is read
+                p.data = maps.copy(src, torch.float32).to(p.device)
             if freed >= RELEASE_EVERY:  # the bf16 copies freed so far: back to the OS, not held for reuse
                 release_free_memory()
                 freed = 0
