@@ -93,6 +93,8 @@ def _qwen_like(layers: int, hidden: int, inner: int, heads: int, kv: int) -> dic
 
 
 def test_the_cpu_micro_batch_keeps_a_bigger_models_activations_in_budget():
+    import torch
+
     from openft.train.hparams import activation_bytes_per_token, auto_micro_batch_tokens
 
     small = _qwen_like(30, 576, 1536, 9, 3)  # the 135M built-in's sizes
@@ -105,20 +107,14 @@ def test_the_cpu_micro_batch_keeps_a_bigger_models_activations_in_budget():
     assert activation_bytes_per_token({"text_config": qwen}, "fp32") == activation_bytes_per_token(qwen, "fp32")
     assert activation_bytes_per_token({"model_type": "unknown"}, "fp32") == 0
     resolved = resolve_train(TrainConfig(precision="fp32"), 100, 256, model_config=qwen)
-    assert resolved.micro_batch_tokens == (4096 if _cuda() else 256)
+    assert resolved.micro_batch_tokens == (4096 if torch.cuda.is_available() else 256)
     chosen = TrainConfig(precision="fp32", micro_batch_tokens=999)
     assert resolve_train(chosen, 100, 256, model_config=qwen).micro_batch_tokens == 999
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def test_the_activation_estimate_matches_what_autograd_keeps_in_a_lora_step():
     """The estimate against the bytes autograd really saves for backward in a LoRA
-    forward of a random Qwen2 decoder (eager attention, fp32), per token."""
+    forward of a random Qwen2 decoder (transformers' default SDPA attention, fp32), per token."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

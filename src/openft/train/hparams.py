@@ -46,7 +46,8 @@ def auto_learning_rate(method: str, objective: str = "sft") -> float:
 # Activation memory one micro-batch may keep for backward (no gradient
 # checkpointing). On a CPU, past a few hundred rows more tokens per pass buy no
 # matmul efficiency, only memory: the Qwen 0.5B built-in in fp32 kept 640 MB
-# fewer at 256 tokens than at 512 (peak RSS 3408 vs 4046 MB, machine D).
+# fewer at 256 tokens than at 512 at the same speed (peak RSS 3309 vs 3949 MB,
+# 0.99x the tokens/s, machine D capped to AVX2).
 ACTIVATION_BUDGET_BYTES = 768 * 2**20
 CPU_TOKENS = (128, 512)  # the CPU budget's range, in tokens
 
