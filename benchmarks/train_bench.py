@@ -29,6 +29,8 @@ Configurations:
   openft_fp32   the same with precision fp32 (only when named in --configs).
   openft_system_malloc  the same under the system's malloc (OPENFT_MALLOC=system;
                 only when named): with `openft` beside it, allocator_* ratios.
+  openft_eager  the same with no compiled kernels (OPENFT_COMPILE=0, openft.train.fused;
+                only when named): with `openft` beside it, compiled_* ratios.
   trl_packed    SFTTrainer + PEFT, bf16=False (fp32, the peer the targets were
                 first set against, which expected bf16 to be 10-50x slower on a
                 CPU; with AMX it is not),
@@ -127,8 +129,9 @@ CONFIGS = ("openft", "trl_packed", "trl_packed_bf16", "trl_best", "trl_unpacked"
 # The configurations the best-configured peer is chosen from (the fastest of them in the run).
 PEERS = ("trl_packed", "trl_packed_bf16", "trl_best", "trl_unpacked")
 # On request (--configs), for A/Bs: openft with precision fp32; openft under the
-# system's malloc instead of the training allocator (openft.heap).
-EXTRA_CONFIGS = ("openft_fp32", "openft_system_malloc")
+# system's malloc instead of the training allocator (openft.heap); openft with
+# its fused kernels eager (openft.train.fused).
+EXTRA_CONFIGS = ("openft_fp32", "openft_system_malloc", "openft_eager")
 LORA_R, LORA_ALPHA = 16, 32
 
 
@@ -174,10 +177,12 @@ def shared_val_loss(model, tok, rows: list[dict], device: str) -> float:
     return total / n
 
 
-def select_rows(tok, quick: bool, n_train: int, n_valid: int) -> tuple[list[dict], list[dict]]:
+def select_rows(tok, quick: bool, n_train: int, n_valid: int, min_length: int = 0) -> tuple[list[dict], list[dict]]:
     rows = [to_prompt_completion(r) for r in json.loads(DATASET.read_text())]
     if quick:  # short rows so the five trainings fit in about two minutes
         rows = [r for r in rows if len(render_ids(tok, r)[0]) <= 128]
+    if min_length:  # long rows only (--min-length)
+        rows = [r for r in rows if len(render_ids(tok, r)[0]) >= min_length]
     valid, train = rows[:n_valid], rows[n_valid : n_valid + n_train]
     return train, valid
 
@@ -470,6 +475,8 @@ def launch(name: str, spec_path: str, tmp: str, timeout: float) -> dict:
 
         if name == "openft_system_malloc":
             env["OPENFT_MALLOC"] = "system"
+        if name == "openft_eager":
+            env["OPENFT_COMPILE"] = "0"
         env = training_env(env)  # as `openft finetune` and the worker start
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, env=env)
     if proc.returncode != 0 or not out.exists():
@@ -536,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, help="training rows (default 160; quick 16)")
     ap.add_argument("--valid", type=int, help="held-out rows (default 32; quick 8)")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--min-length", type=int, default=0, help="only rows of at least this many tokens (long-row runs)")
     ap.add_argument("--max-length", type=int, help="default 1024; quick 512")
     ap.add_argument("--tokens-per-step", type=int, help="default 2048; quick 512")
     ap.add_argument("--defaults-steps", type=int, help="step cap for trl_defaults (default 6; quick 1)")
@@ -565,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     n_valid = a.valid or (8 if a.quick else 32)
     max_length = a.max_length or (512 if a.quick else 1024)
     tps = a.tokens_per_step or (512 if a.quick else 2048)
-    train, valid = select_rows(tok, a.quick, n_train, n_valid)
+    train, valid = select_rows(tok, a.quick, n_train, n_valid, a.min_length)
     mean_len = sum(len(render_ids(tok, r)[0]) for r in train) / len(train)
     hp = {
         "epochs": a.epochs,
@@ -655,6 +663,10 @@ def main(argv: list[str] | None = None) -> int:
     if o and sm:  # the training allocator's A/B, same run
         report["allocator_throughput_ratio"] = o["sup_tok_s"] / sm["sup_tok_s"]
         report["allocator_peak_rss_ratio"] = o["peak_rss_mb"] / sm["peak_rss_mb"]
+    ea = results.get("openft_eager")
+    if o and ea:  # the compiled kernels' A/B, same run
+        report["compiled_throughput_ratio"] = o["sup_tok_s"] / ea["sup_tok_s"]
+        report["compiled_peak_rss_ratio"] = o["peak_rss_mb"] / ea["peak_rss_mb"]
     if a.json:
         print(json.dumps(report, indent=2))
     else:
@@ -702,6 +714,8 @@ def print_table(r: dict) -> None:
         ("throughput_ratio_fp32_peer", "(vs trl_packed fp32)"),
         ("allocator_throughput_ratio", "(openft / openft_system_malloc)"),
         ("allocator_peak_rss_ratio", "(openft / openft_system_malloc)"),
+        ("compiled_throughput_ratio", "(openft / openft_eager)"),
+        ("compiled_peak_rss_ratio", "(openft / openft_eager)"),
     ]
     for key, target in targets:
         if key in r:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,25 @@ def test_matches_sdpa_forward_and_backward_in_fp32():
     torch.testing.assert_close(out * real_rows, ref * real_rows, atol=1e-5, rtol=1e-5)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_long_rows_run_the_compiled_softmax_and_match_sdpa():
+    from openft.train import fused
+
+    q, k, v, bias, allowed = _inputs(h=2, kv=1, t=fused.COMPILE_MIN_POSITIONS, d=4)
+    out = MatmulAttention.apply(q, k, v, bias, q.shape[-1] ** -0.5)
+    real_rows = allowed.any(-1, keepdim=True)  # as above: left-padding queries have no output
+    grad = torch.randn_like(out) * real_rows
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    q2, k2, v2 = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    ref = _reference(q2, k2, v2, allowed)
+    theirs = torch.autograd.grad(ref, (q2, k2, v2), grad)
+    torch.testing.assert_close(out * real_rows, ref * real_rows, atol=1e-5, rtol=1e-5)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        assert fused.softmax_bias.compiled is not None and not fused.softmax_bias.eager
+        assert fused.softmax_backward.compiled is not None and not fused.softmax_backward.eager
 
 
 def test_bf16_under_autocast_stays_close_to_fp32():

@@ -203,7 +203,11 @@ def load_model(
     with LOAD_LOCK:
         path = materialise(source)
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        # use_kernels=False: transformers would otherwise "kernelize" the model on
+        # every train()/eval(), fetching layer kernels from the Hugging Face Hub where
+        # it can (openft reaches no hub at run time) and swapping layers' forwards
+        # back to its own, undoing openft's training kernels (openft.train.fused).
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, use_kernels=False)
     _normalise_tokenizer(tok)
     template = apply_template(tok, model.config.to_dict(), chat_template)
     model.eval()

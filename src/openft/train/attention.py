@@ -17,6 +17,9 @@ Keeping only each row's log-sum-exp and recomputing the probabilities in
 backward (as flash attention does) saved 2 B per score but made it 0.81x of
 SDPA instead of 1.15x (the extra q k^T and exp on a CPU; attention_ab at ca1aad9, 2026-11-29).
 
+The softmax and its backward are compiled kernels (`openft.train.fused`): eager,
+they were a dozen fp32 passes over the scores per layer.
+
 Grouped-query heads read their shared K/V head through a broadcast, never a copy.
 """
 
@@ -26,6 +29,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from openft.train import fused
 
 NAME = "openft_matmul"  # the name it is registered under with transformers
 
@@ -44,10 +49,12 @@ class MatmulAttention(torch.autograd.Function):
         q5 = q.to(dtype).reshape(b, kv, h // kv, t, d)  # the g heads of one KV head together
         k5, v5 = k.to(dtype)[:, :, None], v.to(dtype)[:, :, None]  # (B, KV, 1, S, D)
         with torch.autocast("cpu", enabled=False):
-            scores = torch.matmul(q5, k5.transpose(-1, -2)).float().mul_(scale)  # (B, KV, g, T, S)
-            if bias is not None:
-                scores.add_(bias.float()[:, :, None])
-            p = torch.softmax(scores, -1).to(dtype)
+            scores = torch.matmul(q5, k5.transpose(-1, -2))  # (B, KV, g, T, S)
+            keys = scores.shape[-1]
+            if bias is None:
+                p = fused.for_width(fused.softmax, keys)(scores, scale)
+            else:
+                p = fused.for_width(fused.softmax_bias, keys)(scores, bias.float()[:, :, None], scale)
             del scores
             out = torch.matmul(p, v5).reshape(b, h, t, d)
         ctx.save_for_backward(q5, k5, v5, p)
@@ -61,9 +68,8 @@ class MatmulAttention(torch.autograd.Function):
         b, kv, g, t, d = q5.shape
         do = dout.to(p.dtype).reshape(b, kv, g, t, d)
         dv = torch.matmul(p.transpose(-1, -2), do).sum(2)  # (B, KV, S, D): summed over the group's heads
-        dp = torch.matmul(do, v5.transpose(-1, -2)).float()  # (B, KV, g, T, S)
-        pf = p.float()
-        ds = (pf * (dp - (dp * pf).sum(-1, keepdim=True))).mul_(ctx.scale).to(p.dtype)  # softmax backward
+        dp = torch.matmul(do, v5.transpose(-1, -2))  # (B, KV, g, T, S)
+        ds = fused.for_width(fused.softmax_backward, p.shape[-1])(p, dp, ctx.scale)
         dq = torch.matmul(ds, k5).reshape(b, kv * g, t, d)
         dk = torch.matmul(ds.transpose(-1, -2), q5).sum(2)
         qd, kd, vd = ctx.dtypes

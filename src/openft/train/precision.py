@@ -53,17 +53,17 @@ class Precision:
         """bf16's training kernels; returns the undo of all of them.
         - on a CPU, attention as matmuls with a hand-written backward
           (`openft.train.attention`; torch's CPU flash kernel is slow backward
-          in bf16);
+          in bf16), and RMSNorm as compiled kernels (`openft.train.fused`);
         - full fine-tuning: the fp32 weights are cast per use and not kept in
           bf16 between forward and backward (`openft.train.castlinear`; LoRA's
           adapters are too small for it to matter)."""
         if self.name != "bf16":
             return lambda: None
-        from openft.train import attention, castlinear
+        from openft.train import attention, castlinear, fused
 
         undos = [castlinear.use(model)] if full else []
         if self.device_type == "cpu":
-            undos.append(attention.use(model))
+            undos += [attention.use(model), fused.use(model)]
 
         def undo() -> None:
             for u in reversed(undos):
