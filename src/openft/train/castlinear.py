@@ -14,12 +14,13 @@ is stored in bf16 already and its adapters are small.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from openft.train.fused import patch_forward
 
 
 class CastLinear(torch.autograd.Function):
@@ -66,11 +67,4 @@ def use(model: nn.Module) -> Callable[[], None]:
         for m in model.modules()
         if type(m) is nn.Linear and m.weight.requires_grad and m.weight.dtype == torch.float32
     ]
-    for m in patched:
-        m.forward = types.MethodType(_forward, m)
-
-    def undo() -> None:
-        for m in patched:
-            del m.forward
-
-    return undo
+    return patch_forward(patched, _forward)

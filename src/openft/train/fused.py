@@ -180,15 +180,20 @@ def _rms_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return FusedRMSNorm.apply(x, self.weight, getattr(self, eps_attr), form)
 
 
+def patch_forward(modules: list[nn.Module], forward: Callable) -> Callable[[], None]:
+    """Give each of `modules` `forward` as its own forward; returns the undo (the
+    class's forward again), which tolerates a layer something else re-set."""
+    for m in modules:
+        m.forward = types.MethodType(forward, m)
+
+    def undo() -> None:
+        for m in modules:
+            m.__dict__.pop("forward", None)
+
+    return undo
+
+
 def use(model: nn.Module) -> Callable[[], None]:
     """Route `model`'s RMSNorm layers (of the classes above) through the fused
     kernels; returns the undo."""
-    patched = [m for m in model.modules() if type(m).__name__ in RMS_CLASSES]
-    for m in patched:
-        m.forward = types.MethodType(_rms_forward, m)
-
-    def undo() -> None:
-        for m in patched:
-            m.__dict__.pop("forward", None)  # gone already where something else re-set the layer
-
-    return undo
+    return patch_forward([m for m in model.modules() if type(m).__name__ in RMS_CLASSES], _rms_forward)
