@@ -61,7 +61,9 @@ def test_fused_head_gradients_equal_full_logits_gradients(tiny_model_dir, tiny_t
     gradient the plain full-logits loss gives; with several head chunks too."""
     import openft.train.loss as loss_mod
 
-    monkeypatch.setattr(loss_mod, "chunk_rows", lambda vocab: 7)  # several chunks, a ragged last one
+    monkeypatch.setattr(
+        loss_mod, "tile_shape", lambda rows, vocab, keep=False: (7, 5)
+    )  # several chunks, a ragged last one
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     exs = [
         Example(messages=[Message("user", "w" * (i + 2)), Message("assistant", "reply " * (i + 3))]) for i in range(3)
@@ -82,7 +84,7 @@ def test_fused_head_lora_gradients_and_accuracy(tiny_model_dir, tiny_tokenizer, 
     import openft.train.loss as loss_mod
     from openft.train.lora import HEAD, LoraParams, apply_lora, default_targets
 
-    monkeypatch.setattr(loss_mod, "chunk_rows", lambda vocab: 7)
+    monkeypatch.setattr(loss_mod, "tile_shape", lambda rows, vocab, keep=False: (7, 5))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
     targets = tuple(default_targets(model)) + ((HEAD,) if head else ())
@@ -134,3 +136,53 @@ def test_shape_buckets_bound_padding_and_reuse_widths(tiny_model_dir, tiny_token
             )
     # Padding is masked: the wider rows leave the loss as it was.
     assert abs(losses["exact"] - losses["bucketed"]) < 1e-5
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["frozen-bf16-head", "trained-fp32-head"])
+def test_tiled_head_loss_in_bf16_matches_the_full_logits_loss(monkeypatch, full):
+    """bf16 training: the head scanned in tiles of rows x vocabulary slices (online
+    softmax across slices, exp in bf16) gives the loss, the argmax hits and the
+    gradients of cross-entropy over the full bf16 logits, to bf16 rounding."""
+    import torch.nn.functional as F
+
+    import openft.train.loss as loss_mod
+
+    monkeypatch.setattr(
+        loss_mod, "tile_shape", lambda rows, vocab, keep=False: (16, 96)
+    )  # 3 row blocks, 11 ragged slices
+    torch.manual_seed(0)
+    vocab, hidden, n = 1000, 32, 40
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    torch.nn.init.normal_(head.weight, std=0.3)
+    if not full:  # LoRA's frozen base: stored in bf16
+        head.weight.data = head.weight.data.bfloat16()
+        head.weight.requires_grad_(False)
+    rows0 = torch.randn(n, hidden)
+    y = torch.randint(0, vocab, (n,))
+    y[:4] = torch.tensor([0, 95, 96, vocab - 1])  # labels on slice edges
+    y[n // 2 :] = F.linear(rows0[n // 2 :], head.weight.float()).argmax(-1)  # rows that score a hit
+
+    def run(fn):
+        rows = rows0.clone().requires_grad_(True)
+        head.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, correct = fn(rows)
+        loss.backward()
+        return float(loss.detach()), int(correct), rows.grad.clone(), None if not full else head.weight.grad.clone()
+
+    def reference(rows):
+        logits = F.linear(rows, head.weight).float()  # bf16 product, fp32 CE
+        # A hit is the label's logit being the largest (a bf16 tie counts), as in training.
+        return F.cross_entropy(logits, y, reduction="sum"), (
+            logits.gather(1, y[:, None])[:, 0] >= logits.amax(-1)
+        ).sum()
+
+    got, want = run(lambda rows: loss_mod.chunked_head_loss(head, rows, y)), run(reference)
+    assert abs(got[0] - want[0]) <= 2e-3 * abs(want[0])
+    assert got[1] == want[1] and want[1] >= n // 4
+    torch.testing.assert_close(got[2], want[2], rtol=0.02, atol=0.02 * float(want[2].abs().max()))
+    if full:
+        torch.testing.assert_close(got[3], want[3], rtol=0.02, atol=0.02 * float(want[3].abs().max()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the evaluation path
+        eval_loss, eval_correct = loss_mod.chunked_head_loss(head, rows0, y)
+    assert abs(float(eval_loss) - got[0]) <= 1e-4 * abs(got[0]) and eval_correct == got[1]

@@ -11,12 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from openft.train.loss import CHUNK_ELEMENTS, chunk_rows
+from openft.train.loss import KEPT_ELEMENTS, MIN_SLICE, TILE_ELEMENTS, tile_shape
 
 VOCAB, TOKENS, HIDDEN = 262144, 512, 64
 FULL_LOGITS_MIB = TOKENS * VOCAB * 4 / 2**20  # 512 MiB in fp32
-# One 48-row chunk's logits (48 MiB; measured 44 MiB trained, 48 evaluated) and small
-# temporaries. Two chunks alive at once (96 MiB) or a 256-row chunk (256 MiB) fail it.
+# One tile's logits (512 rows x 12288 columns: 24 MiB in fp32) and small temporaries.
+# Two tiles alive at once, or a tile of every row against the whole vocabulary, fail it.
 BOUND_MIB = 80
 
 SCRIPT = r"""
@@ -48,10 +48,18 @@ print(json.dumps({"train_mib": train, "train_and_eval_mib": both, "loss": float(
 """
 
 
-def test_chunks_of_a_large_vocabulary_stay_within_the_budget():
-    assert chunk_rows(49152) == 256  # the built-in's chunk as before
-    assert chunk_rows(VOCAB) == 48 and chunk_rows(VOCAB) * VOCAB <= CHUNK_ELEMENTS
-    assert chunk_rows(10**9) >= 8
+def test_tiles_of_a_large_vocabulary_stay_within_the_budget():
+    for n, vocab in ((512, VOCAB), (48, VOCAB), (4096, VOCAB), (7, 50), (512, 49152), (100_000, 151936)):
+        rows, cols = tile_shape(n, vocab)
+        assert 1 <= rows <= n and 1 <= cols <= vocab
+        assert rows * cols <= max(TILE_ELEMENTS, rows * min(vocab, MIN_SLICE)), (n, vocab)
+    assert tile_shape(512, VOCAB) == (512, 12288)  # every row at once: one pass over the weight
+    assert tile_shape(7, 50) == (7, 50)  # a tiny head: one tile
+    assert tile_shape(100_000, 151936)[1] == MIN_SLICE  # rows cut so slices stay MIN_SLICE wide
+    # A trained head keeps a block's tiles for its second pass: the block's rows are capped.
+    rows, _ = tile_shape(512, VOCAB, keep=True)
+    assert rows == 256 and rows * VOCAB <= KEPT_ELEMENTS
+    assert tile_shape(512, 49152, keep=True)[0] == 512
 
 
 def test_the_loss_on_a_262k_vocabulary_never_materialises_full_logits():
