@@ -55,7 +55,8 @@ def test_tiles_of_a_large_vocabulary_stay_within_the_budget():
         assert rows * cols <= max(TILE_ELEMENTS, rows * min(vocab, MIN_SLICE)), (n, vocab)
     assert tile_shape(512, VOCAB) == (512, 12288)  # every row at once: one pass over the weight
     assert tile_shape(7, 50) == (7, 50)  # a tiny head: one tile
-    assert tile_shape(100_000, 151936)[1] == MIN_SLICE  # rows cut so slices stay MIN_SLICE wide
+    assert tile_shape(100_000, 151936) == (512, 12288)  # more rows: more blocks, the same tiles
+    assert tile_shape(300, VOCAB)[1] == tile_shape(500, VOCAB)[1]  # the width is the vocabulary's alone
     # A trained head keeps a block's tiles for its second pass: the block's rows are capped.
     rows, _ = tile_shape(512, VOCAB, keep=True)
     assert rows == 256 and rows * VOCAB <= KEPT_ELEMENTS

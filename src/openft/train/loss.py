@@ -32,6 +32,7 @@ TILE_ELEMENTS = 128 * 49152
 # re-read the whole (V, H) weight once per block of rows, so few rows leave them bound
 # by that read (the 152k head at 82 rows ran at 0.8 TFLOP/s on AMX, against 1.5-2.5
 # at 400-512; benchmarks/RESULTS.md, "The LM head in tiles").
+TILE_ROWS = 512  # rows per tile of a large vocabulary: a micro-batch's trained rows at once
 MIN_SLICE = 2048  # vocabulary columns per tile at least, so a tile's products stay wide
 # Where the head trains (full fine-tuning) a block's tiles are kept for the second pass:
 # 128 MiB in bf16 at most (256 rows of Gemma's 262k vocabulary). Autocast's cached bf16
@@ -48,13 +49,14 @@ def chunk_rows(vocab: int) -> int:
 
 
 def tile_shape(n_rows: int, vocab: int, keep: bool = False) -> tuple[int, int]:
-    """(rows, vocabulary columns) of one tile of logits: every row at once where the
-    budget allows a slice of MIN_SLICE columns, the vocabulary cut in slices to fit.
-    `keep`: a block's tiles are all kept for the head's own gradients, so a block has
-    at most KEPT_ELEMENTS // vocab rows."""
+    """(rows, vocabulary columns) of one tile of logits. The slice width depends on the
+    vocabulary alone (TILE_ROWS rows' share of the budget, at least MIN_SLICE), so every
+    call allocates tiles of the same few sizes, which the allocator reuses; a block
+    then has as many of the call's rows as the budget allows. `keep`: a block's tiles
+    are all kept for the head's own gradients, so at most KEPT_ELEMENTS // vocab rows."""
+    cols = max(1, min(vocab, max(MIN_SLICE, TILE_ELEMENTS // TILE_ROWS)))
     cap = max(MIN_CHUNK_ROWS, KEPT_ELEMENTS // max(1, vocab)) if keep else n_rows
-    rows = max(1, min(n_rows, cap, TILE_ELEMENTS // min(vocab, MIN_SLICE)))
-    return rows, max(1, min(vocab, max(MIN_SLICE, TILE_ELEMENTS // rows)))
+    return max(1, min(n_rows, cap, TILE_ELEMENTS // cols)), cols
 
 
 @dataclass
