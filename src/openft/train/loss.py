@@ -170,9 +170,10 @@ class _HeadCrossEntropy(torch.autograd.Function):
     until backward: 196 KB per trained token for a 49k vocabulary, more than the
     whole decoder's activations for that token. Here only one tile's logits exist at
     a time; what is kept for backward is d loss / d rows (N x H) and, when the head
-    itself trains (full fine-tuning), d loss / d weight. d loss / d rows comes from
-    one pass over the vocabulary (online softmax); the head's own gradients need the
-    final log-sum-exp, so they take a second pass that recomputes each tile's logits.
+    itself trains (full fine-tuning), d loss / d weight. With a frozen head d loss /
+    d rows comes from one pass over the vocabulary (online softmax); the head's own
+    gradients need the final log-sum-exp, so a block's tiles are kept (bounded by
+    KEPT_ELEMENTS) for a second pass over them.
     """
 
     @staticmethod
