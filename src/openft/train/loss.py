@@ -33,7 +33,6 @@ TILE_ELEMENTS = 128 * 49152
 # by that read (the 152k head at 82 rows ran at 0.8 TFLOP/s on AMX, against 1.5-2.5
 # at 400-512; benchmarks/RESULTS.md, "The LM head in tiles").
 TILE_ROWS = 512  # rows per tile of a large vocabulary: a micro-batch's trained rows at once
-MIN_SLICE = 2048  # vocabulary columns per tile at least, so a tile's products stay wide
 # Where the head trains (full fine-tuning) a block's tiles are kept for the second pass:
 # 128 MiB in bf16 at most (256 rows of Gemma's 262k vocabulary). Autocast's cached bf16
 # copy of the whole head weight, which the row chunks held, was 335 MB there.
@@ -50,11 +49,11 @@ def chunk_rows(vocab: int) -> int:
 
 def tile_shape(n_rows: int, vocab: int, keep: bool = False) -> tuple[int, int]:
     """(rows, vocabulary columns) of one tile of logits. The slice width depends on the
-    vocabulary alone (TILE_ROWS rows' share of the budget, at least MIN_SLICE), so every
+    vocabulary alone (TILE_ROWS rows' share of the budget), so every
     call allocates tiles of the same few sizes, which the allocator reuses; a block
     then has as many of the call's rows as the budget allows. `keep`: a block's tiles
     are all kept for the head's own gradients, so at most KEPT_ELEMENTS // vocab rows."""
-    cols = max(1, min(vocab, max(MIN_SLICE, TILE_ELEMENTS // TILE_ROWS)))
+    cols = max(1, min(vocab, TILE_ELEMENTS // TILE_ROWS))
     cap = max(MIN_CHUNK_ROWS, KEPT_ELEMENTS // max(1, vocab)) if keep else n_rows
     return max(1, min(n_rows, cap, TILE_ELEMENTS // cols)), cols
 
@@ -177,7 +176,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, low, lora_b, y, tile):  # noqa: D401 - autograd API
+    def forward(ctx, rows, weight, bias, low, lora_b, y):  # noqa: D401 - autograd API
         """`low` (N, r) and `lora_b` (V, r), or both None: a LoRA on the head adds
         low @ lora_b.T to the logits (low = scaling * A(rows), computed by autograd)."""
         need = (
@@ -193,21 +192,21 @@ class _HeadCrossEntropy(torch.autograd.Function):
         grads += [torch.empty_like(low) if need[3] else None, torch.zeros_like(lora_b) if need[4] else None]
         loss = torch.zeros((), dtype=torch.float32, device=rows.device)
         correct = torch.zeros((), dtype=torch.long, device=rows.device)
-        block, cols = tile
+        # The head's own gradients need the final log-sum-exp: each tile's exp is kept
+        # for a second pass (R x V in bf16, in place of recomputing its product).
+        keep = need[1] or need[2] or need[4]
+        block, cols = tile_shape(rows.shape[0], weight.shape[0], keep=keep)
         for lo in range(0, rows.shape[0], block):
             r, t = rows[lo : lo + block], y[lo : lo + block]
-            # The head's own gradients need the final log-sum-exp: each tile's exp is
-            # kept for a second pass (R x V in bf16, in place of recomputing its product).
-            keep = need[1] or need[2] or need[4]
             sc = _scan(head, r, t, lo, cols, (need[0] and not keep, need[3] and not keep), keep)
             loss += (sc.lse - sc.picked).sum()
             # A hit is the label's logit being the largest; the max is the softmax's anyway.
             correct += (sc.picked >= sc.top).sum()
             if keep:
-                _tile_grads(head, r, t, lo, sc, need, grads)
-            if need[0] and sc.d_rows is not None:
+                _tile_grads(head, r, t, lo, sc, grads)
+            if sc.d_rows is not None:
                 grads[0][lo : lo + r.shape[0]] = sc.d_rows
-            if need[3] and sc.d_low is not None:
+            if sc.d_low is not None:
                 grads[3][lo : lo + r.shape[0]] = sc.d_low
         ctx.save_for_backward(*(x for x in grads if x is not None))
         ctx.which = need
@@ -220,15 +219,15 @@ class _HeadCrossEntropy(torch.autograd.Function):
         # In place: a second head-sized buffer here was 545 MB for the 0.5B built-in's
         # head. Each saved gradient is used once (no retain_graph in training).
         out = [next(saved).mul_(grad_loss) if need else None for need in ctx.which]  # 0-dim: keeps the grad's dtype
-        return *out, None, None
+        return *out, None
 
 
-def _tile_grads(head: _Head, r, t, lo: int, sc: _Scan, need: tuple, grads: list) -> None:
+def _tile_grads(head: _Head, r, t, lo: int, sc: _Scan, grads: list) -> None:
     """The second pass over a block's kept tiles: d CE / d logits = softmax - onehot,
-    then this block's share of every gradient `need` asks for, into `grads`."""
+    then this block's share of every gradient allocated in `grads` (None: not asked for)."""
     n = r.shape[0]
-    rows_acc = torch.zeros(n, r.shape[1], device=r.device) if need[0] else None
-    low_acc = torch.zeros(n, head.low.shape[1], device=r.device) if need[3] else None
+    rows_acc = torch.zeros(n, r.shape[1], device=r.device) if grads[0] is not None else None
+    low_acc = torch.zeros(n, head.low.shape[1], device=r.device) if grads[3] is not None else None
     low = None if head.low is None else head.low[lo : lo + n]
     while sc.tiles:
         s0, g, m = sc.tiles.pop(0)  # popped: each tile is freed once used
@@ -274,21 +273,20 @@ def chunked_head_loss(head: nn.Module, rows: torch.Tensor, y: torch.Tensor) -> t
         low, lora_b = head.lora_A(head.dropout(rows)) * head.scaling, head.lora_B.weight
     base = head.base if isinstance(head, LoraLinear) else head
     weight, bias = base.weight, getattr(base, "bias", None)
-    head_trains = torch.is_grad_enabled() and (
-        weight.requires_grad or (bias is not None and bias.requires_grad) or (low is not None and lora_b.requires_grad)
-    )
-    tile = tile_shape(rows.shape[0], weight.shape[0], keep=head_trains)
-    trains = head_trains or (
-        torch.is_grad_enabled() and (rows.requires_grad or (low is not None and low.requires_grad))
+    trains = torch.is_grad_enabled() and (
+        rows.requires_grad
+        or weight.requires_grad
+        or (bias is not None and bias.requires_grad)
+        or (low is not None and (low.requires_grad or lora_b.requires_grad))
     )
     if trains:
-        loss, correct = _HeadCrossEntropy.apply(rows, weight, bias, low, lora_b, y, tile)
+        loss, correct = _HeadCrossEntropy.apply(rows, weight, bias, low, lora_b, y)
         return loss, int(correct)
     with torch.no_grad():  # evaluation: the forward pass alone, tile by tile
-        loss_sum, correct, block = rows.new_zeros((), dtype=torch.float32), 0, tile[0]
+        parts, loss_sum, correct = _Head(weight, bias, low, lora_b), rows.new_zeros((), dtype=torch.float32), 0
+        block, cols = tile_shape(rows.shape[0], weight.shape[0])
         for lo in range(0, rows.shape[0], block):
-            r, t = rows[lo : lo + block], y[lo : lo + block]
-            sc = _scan(_Head(weight, bias, low, lora_b), r, t, lo, tile[1], (False, False), keep=False)
+            sc = _scan(parts, rows[lo : lo + block], y[lo : lo + block], lo, cols, (False, False), keep=False)
             loss_sum = loss_sum + (sc.lse - sc.picked).sum()
             correct += int((sc.picked >= sc.top).sum())
     return loss_sum, correct
